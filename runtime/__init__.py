@@ -1,0 +1,1 @@
+"""vdeploy.runtime: the sampling loop in numpy around the compiled denoiser. Never imports torch."""
