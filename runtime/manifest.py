@@ -29,6 +29,24 @@ The export stage writes it (``write``), the runtime reads it (``load``). Layout,
       "parity": {...},            # what export measured against PyTorch, per graph
       "files": {"denoiser.onnx": "<sha256>", ...}   # every file in the directory but this one
     }
+
+The graph contract the runtime relies on (``vdeploy.runtime.pipeline``):
+
+- inputs, in this order: ``x`` float32 ``(b, c, f, h, w)``; ``t`` int64 ``(b,)``; ``cond`` float32
+  ``(b, cond_dim)`` only when ``cond_dim`` is set; the ``cfg`` graph adds ``cond_scale`` float32 (shape
+  ``[]``, ``[1]`` or ``["batch"]``) and returns the guided eps in one call. The first output is eps.
+  Static dims of ``x`` must equal ``(channels, num_frames, image_size, image_size)`` of ``config``.
+- the unconditional prediction is the graph called with the learned null embedding as ``cond``
+  (``null_embedding``: a float32 ``.npy`` of shape ``(cond_dim,)`` or ``(1, cond_dim)``), which is what
+  upstream's ``null_cond_prob=1`` computes.
+- ``schedule.betas``: the float64 betas as the seed computes them (before its float32 cast);
+  ``len(betas) == timesteps``.
+- ``text_encoder``: a subdirectory holding ``model.onnx`` (int64 ``input_ids`` and ``attention_mask``
+  ``(b, n)`` -> float32 ``embedding`` ``(b, cond_dim)``, already pooled) and ``tokenizer.json`` (for the
+  ``tokenizers`` library); ``conditioning.max_length`` (optional) caps the token count.
+
+Every file the runtime loads (graphs, engines, null embedding, text encoder) must be listed in
+``files``; ``load`` refuses a manifest that references an unlisted file.
 """
 
 from __future__ import annotations
@@ -89,6 +107,19 @@ def write(model_dir: str | Path, manifest: dict) -> dict:
     return manifest
 
 
+def referenced_files(manifest: dict) -> list[str]:
+    """The files the runtime may load: graphs, engines, the null embedding, the text encoder's files."""
+    files = [g["file"] for g in manifest["graphs"].values()]
+    files += [e["file"] for e in manifest.get("engines", [])]
+    conditioning = manifest.get("conditioning") or {}
+    if conditioning.get("null_embedding"):
+        files.append(conditioning["null_embedding"])
+    if conditioning.get("text_encoder"):
+        encoder = conditioning["text_encoder"].rstrip("/")
+        files += [f"{encoder}/model.onnx", f"{encoder}/tokenizer.json"]
+    return files
+
+
 def load(model_dir: str | Path, verify: bool = True) -> dict:
     """Read and validate ``vdeploy.json``.
 
@@ -124,8 +155,7 @@ def load(model_dir: str | Path, verify: bool = True) -> dict:
     if "denoiser" not in manifest["graphs"]:
         raise ManifestError(f"{path} lists no 'denoiser' graph")
     listed = manifest["files"]
-    referenced = [g["file"] for g in manifest["graphs"].values()]
-    referenced += [e["file"] for e in manifest.get("engines", [])]
+    referenced = referenced_files(manifest)
     unlisted = [f for f in referenced if f not in listed]
     if unlisted:
         raise ManifestError(f"{path} references file(s) without a sha256: {', '.join(unlisted)}")
