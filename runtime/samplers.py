@@ -1,0 +1,265 @@
+"""Samplers as pure numpy functions over one denoiser contract, k-diffusion style.
+
+The contract: ``eps = denoise(x, t, cond)`` with ``x`` float32 ``(b, c, f, h, w)``, ``t`` int64 ``(b,)``
+(training timesteps, also for respaced samplers), ``cond`` float32 ``(b, D)`` or None; ``eps`` the
+predicted noise, shaped like ``x``. Every sampler returns the final x0 estimate (in [-1, 1] when the
+denoised prediction is clipped) as float32.
+
+Each sampler computes its per-step coefficients once, in float64, and casts them to float32 tables;
+the loop only indexes them. Randomness comes from explicit ``noise`` (an iterable of arrays, one per
+step, in loop order) or an injected ``numpy.random.Generator``. ``callback`` gets, after every step,
+``{"i": step index, "t": timestep, "x": the sample after the step, "x0": the denoised prediction,
+"eps": the denoiser output}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from .schedule import respace, respaced_betas, seed_buffers
+
+Denoise = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+def guided(denoise: Denoise, null_cond: np.ndarray, cond_scale: float) -> Denoise:
+    """Classifier-free guidance (Ho & Salimans 2022) as a denoiser, exactly upstream's ``forward_with_cond_scale``.
+
+    Two calls: with ``cond`` and with the learned null embedding, combined as
+    ``null + (cond - null) * cond_scale``. At ``cond_scale == 1`` it is the conditional call alone.
+    """
+    null_cond = np.asarray(null_cond, dtype=np.float32).reshape(1, -1)
+    cond_scale = float(cond_scale)  # a Python float keeps float32 arithmetic float32
+    if cond_scale == 1:
+        return denoise
+
+    def guided_denoise(x, t, cond):
+        if cond is None:
+            raise ValueError("classifier-free guidance needs a cond")
+        eps = denoise(x, t, cond)
+        null = denoise(x, t, np.broadcast_to(null_cond, cond.shape))
+        return null + (eps - null) * cond_scale
+
+    return guided_denoise
+
+
+def clip_x0(x0: np.ndarray, dynamic_thres_percentile: float | None = None) -> np.ndarray:
+    """The seed's ``clip_denoised``: clamp to [-1, 1], or its dynamic thresholding (Saharia et al. 2022).
+
+    Dynamic: ``s`` = the percentile of ``|x0|`` per sample (``np.quantile`` linear, as ``torch.quantile``),
+    at least 1; ``x0`` is clamped to ``[-s, s]`` and divided by ``s``. Works in place on ``x0``.
+    """
+    if dynamic_thres_percentile is None:
+        return np.clip(x0, -1.0, 1.0, out=x0)
+    b = x0.shape[0]
+    s = np.quantile(np.abs(x0).reshape(b, -1), dynamic_thres_percentile, axis=-1)
+    s = np.maximum(s, 1.0).astype(x0.dtype).reshape(b, *(1,) * (x0.ndim - 1))
+    np.clip(x0, -s, s, out=x0)
+    x0 /= s
+    return x0
+
+
+def _noise_source(noise: Iterable[np.ndarray] | None, rng: np.random.Generator | None, shape, what: str):
+    """A function returning the next per-step noise array: from ``noise`` if given, else from ``rng``."""
+    if noise is not None:
+        it = iter(noise)
+
+        def draw(i):
+            try:
+                z = next(it)
+            except StopIteration:
+                raise ValueError(f"{what}: `noise` ran out at step {i}; it needs one array per step") from None
+            z = np.asarray(z, dtype=np.float32)
+            if z.shape != shape:
+                raise ValueError(f"{what}: noise for step {i} has shape {z.shape}, expected {shape}")
+            return z
+
+        return draw
+    rng = rng if rng is not None else np.random.default_rng()
+    return lambda i: rng.standard_normal(shape, dtype=np.float32)
+
+
+def _start(x: np.ndarray, betas: np.ndarray, cond):
+    x = np.array(x, dtype=np.float32)  # a copy: the caller's starting noise stays untouched
+    if x.ndim != 5:
+        raise ValueError(f"x must be (b, c, f, h, w), got shape {x.shape}")
+    if cond is not None:
+        cond = np.asarray(cond, dtype=np.float32)
+    return x, np.asarray(betas, dtype=np.float64), cond
+
+
+def ddpm(
+    denoise: Denoise,
+    x: np.ndarray,
+    betas: np.ndarray,
+    *,
+    cond: np.ndarray | None = None,
+    steps: int | None = None,
+    spacing: str = "trailing",
+    noise: Iterable[np.ndarray] | None = None,
+    rng: np.random.Generator | None = None,
+    clip_denoised: bool = True,
+    dynamic_thres_percentile: float | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> np.ndarray:
+    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), the seed's ``p_sample_loop`` step for step.
+
+    Args:
+        denoise: ``eps = denoise(x, t, cond)``.
+        x: the starting noise x_T, float32 ``(b, c, f, h, w)``.
+        betas: the float64 training betas (length T).
+        cond: conditioning ``(b, D)`` passed to every call, or None.
+        steps: None runs all T steps as the seed does; fewer run DDPM on the respaced chain
+            (Nichol & Dhariwal 2021) over ``respace(T, steps, spacing)``.
+        noise: one array per step, in loop order; the seed draws one at every step, including the
+            last, where it is masked. Give the noise PyTorch drew to reproduce its run.
+        rng: the generator drawing that noise when ``noise`` is None.
+        clip_denoised: clamp the predicted x0 (the seed's default, True).
+        dynamic_thres_percentile: the seed's dynamic thresholding when not None (with clipping).
+        callback: called after every step with ``{"i", "t", "x", "x0", "eps"}``.
+
+    Returns:
+        The final sample x_0, float32.
+    """
+    x, betas, cond = _start(x, betas, cond)
+    T = len(betas)
+    if steps is None or steps == T:
+        timesteps = np.arange(T - 1, -1, -1, dtype=np.int64)
+    else:
+        timesteps = respace(T, steps, spacing)
+        betas = respaced_betas(betas, timesteps)
+    tab = seed_buffers(betas)
+    # q(x_{t-1} | x_t, x0) = N(coef1 * x0 + coef2 * x_t, exp(logvar)); x0 = sqrt(1/a_t) x_t - sqrt(1/a_t - 1) eps
+    recip, recipm1 = tab["sqrt_recip_alphas_cumprod"], tab["sqrt_recipm1_alphas_cumprod"]
+    coef1, coef2 = tab["posterior_mean_coef1"], tab["posterior_mean_coef2"]
+    std = np.exp(np.float32(0.5) * tab["posterior_log_variance_clipped"])
+    draw = _noise_source(noise, rng, x.shape, "ddpm")
+    b = x.shape[0]
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        j = n - 1 - i  # index into the (possibly respaced) chain's tables
+        eps = np.asarray(denoise(x, np.full((b,), t, dtype=np.int64), cond), dtype=np.float32)
+        x0 = recip[j] * x - recipm1[j] * eps
+        if clip_denoised:
+            clip_x0(x0, dynamic_thres_percentile)
+        mean = coef1[j] * x0 + coef2[j] * x
+        z = draw(i)
+        x = mean + std[j] * z if j > 0 else mean  # no noise at t = 0 (the seed's nonzero_mask)
+        if callback is not None:
+            callback({"i": i, "t": int(t), "x": x, "x0": x0, "eps": eps})
+    return x
+
+
+def ddim(
+    denoise: Denoise,
+    x: np.ndarray,
+    betas: np.ndarray,
+    *,
+    steps: int = 25,
+    eta: float = 0.0,
+    cond: np.ndarray | None = None,
+    spacing: str = "trailing",
+    noise: Iterable[np.ndarray] | None = None,
+    rng: np.random.Generator | None = None,
+    clip_denoised: bool = True,
+    dynamic_thres_percentile: float | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> np.ndarray:
+    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12) on respaced timesteps.
+
+    ``eta = 0`` is deterministic; ``eta = 1`` has DDPM's posterior variance. The last step goes to
+    ``alpha = 1`` and returns the clean x0 prediction. A clipped x0 re-derives eps from it (so the step
+    stays on the line from x0 to x_t, as diffusers' ``use_clipped_model_output=True``).
+
+    Args:
+        steps, spacing: the timesteps, ``respace(T, steps, spacing)``.
+        eta: the stochasticity; with ``eta > 0`` one noise array per step is drawn from ``noise``/``rng``.
+        The rest as in ``ddpm``.
+    """
+    x, betas, cond = _start(x, betas, cond)
+    timesteps = respace(len(betas), steps, spacing)
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    # paper notation: alpha_t here is the cumulative product (the paper's alpha_t), sigma_t its eq. 16
+    a_t = alphas_cumprod[timesteps]
+    a_prev = np.concatenate([alphas_cumprod[timesteps[1:]], [1.0]])
+    sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
+    recip, recipm1 = f32(np.sqrt(1 / a_t)), f32(np.sqrt(1 / a_t - 1))
+    eps_from_x, eps_from_x0 = f32(1 / np.sqrt(1 - a_t)), f32(np.sqrt(a_t / (1 - a_t)))
+    sqrt_a_prev, dir_coef, sigma32 = f32(np.sqrt(a_prev)), f32(np.sqrt(1 - a_prev - sigma**2)), f32(sigma)
+    draw = _noise_source(noise, rng, x.shape, "ddim") if eta > 0 else None
+    b = x.shape[0]
+    for i, t in enumerate(timesteps):
+        eps = np.asarray(denoise(x, np.full((b,), t, dtype=np.int64), cond), dtype=np.float32)
+        # "predicted x0" = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
+        x0 = recip[i] * x - recipm1[i] * eps
+        if clip_denoised:
+            clip_x0(x0, dynamic_thres_percentile)
+            eps = eps_from_x[i] * x - eps_from_x0[i] * x0
+        # x_{t-1} = sqrt(alpha_{t-1}) x0 + sqrt(1 - alpha_{t-1} - sigma_t^2) eps + sigma_t z
+        x = sqrt_a_prev[i] * x0 + dir_coef[i] * eps
+        if draw is not None:
+            x += sigma32[i] * draw(i)
+        if callback is not None:
+            callback({"i": i, "t": int(t), "x": x, "x0": x0, "eps": eps})
+    return x
+
+
+def dpmpp(
+    denoise: Denoise,
+    x: np.ndarray,
+    betas: np.ndarray,
+    *,
+    steps: int = 25,
+    cond: np.ndarray | None = None,
+    spacing: str = "trailing",
+    clip_denoised: bool = True,
+    dynamic_thres_percentile: float | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> np.ndarray:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep 2nd order, data prediction.
+
+    Deterministic. The first step and the last (to sigma = 0, which returns x0) are first order, as in
+    diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``. Clipping
+    applies to the data prediction x0 before the update.
+
+    Args:
+        steps, spacing: the timesteps, ``respace(T, steps, spacing)``. The rest as in ``ddpm``.
+    """
+    x, betas, cond = _start(x, betas, cond)
+    timesteps = respace(len(betas), steps, spacing)
+    alphas_cumprod = np.cumprod(1.0 - betas)[timesteps]
+    # paper notation: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t);
+    # the final point t_M has alpha = 1, sigma = 0, lambda = +inf.
+    alpha = np.concatenate([np.sqrt(alphas_cumprod), [1.0]])
+    sigma = np.concatenate([np.sqrt(1 - alphas_cumprod), [0.0]])
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)
+    h = lam[1:] - lam[:-1]  # h_i = lambda_{t_i} - lambda_{t_{i-1}}, +inf on the last step
+    n = len(timesteps)
+    f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
+    recip, recipm1 = f32(1 / alpha[:n]), f32(sigma[:n] / alpha[:n])  # x0 = (x - sigma eps) / alpha
+    ratio = f32(sigma[1:] / sigma[:n])  # sigma_{t_i} / sigma_{t_{i-1}}
+    phi = f32(-alpha[1:] * np.expm1(-h))  # alpha_{t_i} (1 - e^{-h_i})
+    # 2nd order: D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}, r_i = h_{i-1} / h_i
+    half_inv_r = np.zeros(n)
+    half_inv_r[1 : n - 1] = h[1 : n - 1] / (2 * h[: n - 2])
+    w_now, w_prev = f32(1 + half_inv_r), f32(-half_inv_r)
+    b = x.shape[0]
+    x0_prev = None  # the multistep history: the previous data prediction
+    for i, t in enumerate(timesteps):
+        eps = np.asarray(denoise(x, np.full((b,), t, dtype=np.int64), cond), dtype=np.float32)
+        x0 = recip[i] * x - recipm1[i] * eps
+        if clip_denoised:
+            clip_x0(x0, dynamic_thres_percentile)
+        d = x0 if x0_prev is None or w_prev[i] == 0 else w_now[i] * x0 + w_prev[i] * x0_prev
+        # x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
+        x = ratio[i] * x + phi[i] * d
+        x0_prev = x0
+        if callback is not None:
+            callback({"i": i, "t": int(t), "x": x, "x0": x0, "eps": eps})
+    return x
+
+
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp": dpmpp}

@@ -1,0 +1,54 @@
+"""Text conditioning without torch: a ``tokenizers`` tokenizer and an ONNX text encoder.
+
+The model directory's ``conditioning.text_encoder`` names a subdirectory holding ``tokenizer.json`` and
+``model.onnx`` (int64 ``input_ids``/``attention_mask`` ``(b, n)`` -> float32 ``embedding`` ``(b, D)``,
+already pooled), written by the export stage.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .backends import BackendUnavailable, OrtBackend
+
+
+class TextEncoder:
+    """Prompts -> float32 embeddings ``(b, D)``.
+
+    Args:
+        folder: the text encoder directory (``tokenizer.json``, ``model.onnx``).
+        kind: the onnxruntime kind to run it on (``"cpu"`` or ``"cuda"``).
+        max_length: the token cap when the tokenizer has no truncation of its own (default 512).
+        threads: CPU intra-op threads.
+    """
+
+    def __init__(self, folder: str | Path, kind: str = "cpu", *, max_length: int | None = None, threads=None):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise BackendUnavailable("tokenizers is not installed: pip install 'vdeploy[cpu]'") from None
+        folder = Path(folder)
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        if max_length is not None or self.tokenizer.truncation is None:
+            self.tokenizer.enable_truncation(max_length or 512)
+        if self.tokenizer.padding is None:
+            pad_token = "[PAD]" if self.tokenizer.token_to_id("[PAD]") is not None else None
+            pad_id = self.tokenizer.token_to_id(pad_token) if pad_token else 0
+            self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token or "[PAD]")
+        self.backend = OrtBackend(folder / "model.onnx", kind, threads=threads)
+        self._lock = threading.Lock()  # tokenizer settings are shared state; encoding is cheap
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        with self._lock:
+            encodings = self.tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        columns = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        feeds = {spec.name: columns[spec.name] for spec in self.backend.inputs if spec.name in columns}
+        missing = [spec.name for spec in self.backend.inputs if spec.name not in columns]
+        if missing:
+            raise ValueError(f"text encoder {self.backend.path} has unknown input(s): {', '.join(missing)}")
+        return np.asarray(self.backend.run(feeds)[0], dtype=np.float32)

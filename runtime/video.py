@@ -1,0 +1,105 @@
+"""Writing sampled videos: GIF with pillow (a batch becomes a grid, as the seed's trainer does), MP4 when an
+encoder library is installed (PyAV or imageio-ffmpeg)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def to_frames(video: np.ndarray, pad: int = 2) -> np.ndarray:
+    """``(c, f, h, w)`` or ``(b, c, f, h, w)`` floats in [0, 1] -> uint8 frames ``(f, H, W, c)``.
+
+    A batch is laid out as a grid, ``ceil(sqrt(b))`` videos a row, each padded by ``pad`` black pixels
+    (the seed's trainer: ``F.pad(videos, (2, 2, 2, 2))`` then ``'(i j) c f h w -> c f (i h) (j w)'``).
+    Values map to bytes as torchvision's ``ToPILImage`` does (``x * 255`` truncated).
+    """
+    video = np.asarray(video, dtype=np.float32)
+    if video.ndim == 4:
+        video = video[None]
+        pad = 0
+    if video.ndim != 5:
+        raise ValueError(f"video must be (c, f, h, w) or (b, c, f, h, w), got shape {video.shape}")
+    b, c, f, h, w = video.shape
+    if c not in _MODES:
+        raise ValueError(f"video has {c} channels; GIF/MP4 frames need 1, 3 or 4")
+    if b > 1 or pad:
+        video = np.pad(video, ((0, 0), (0, 0), (0, 0), (pad, pad), (pad, pad)))
+        cols = math.ceil(math.sqrt(b))
+        rows = math.ceil(b / cols)
+        if rows * cols > b:
+            video = np.concatenate([video, np.zeros((rows * cols - b, *video.shape[1:]), np.float32)])
+        hp, wp = video.shape[-2:]
+        # (i j) c f h w -> c f (i h) (j w)
+        video = video.reshape(rows, cols, c, f, hp, wp).transpose(2, 3, 0, 4, 1, 5).reshape(c, f, rows * hp, cols * wp)
+    else:
+        video = video[0]
+    frames = (np.clip(video, 0.0, 1.0) * 255).astype(np.uint8)  # c f H W
+    return np.ascontiguousarray(frames.transpose(1, 2, 3, 0))  # f H W c
+
+
+def save_gif(video: np.ndarray, path: str | Path, fps: float = 1000 / 120, loop: int = 0) -> Path:
+    """Write a video (or a batch, as a grid) as an animated GIF.
+
+    Args:
+        video: ``(c, f, h, w)`` or ``(b, c, f, h, w)`` floats in [0, 1], as ``Pipeline`` returns.
+        path: the ``.gif`` file.
+        fps: frames per second (default: the seed's 120 ms a frame).
+        loop: GIF loop count (0: forever).
+    """
+    from PIL import Image
+
+    frames = to_frames(video)
+    mode = _MODES[frames.shape[-1]]
+    images = [Image.fromarray(frame[..., 0] if mode == "L" else frame, mode=mode) for frame in frames]
+    path = Path(path)
+    images[0].save(
+        path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=loop, optimize=True
+    )
+    return path
+
+
+def save_mp4(video: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
+    """Write a video (or a batch, as a grid) as H.264 MP4, with PyAV or imageio-ffmpeg, whichever imports.
+
+    Raises:
+        RuntimeError: neither encoder library is installed (the message says what to install).
+    """
+    frames = to_frames(video)
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    frames = frames[..., :3]
+    # yuv420p needs even sizes
+    f, h, w, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    path = Path(path)
+    try:
+        import av
+    except ImportError:
+        av = None
+    if av is not None:
+        with av.open(str(path), mode="w") as container:
+            stream = container.add_stream("libx264", rate=round(fps))
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        return path
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise RuntimeError("writing MP4 needs an encoder library: pip install av (or imageio-ffmpeg)") from None
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+        macro_block_size=1,
+    )
+    writer.send(None)  # start the encoder
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+    return path
