@@ -33,7 +33,14 @@ _CACHE: dict = {}
 
 
 def upstream():
-    """The reference ``video_diffusion_pytorch`` module (torchvision stubbed: it is not installable here)."""
+    """The reference ``video_diffusion_pytorch`` module.
+
+    torchvision is not installable here: a stub stands in while the module imports and is removed
+    again, so that other packages (diffusers) do not mistake it for the real one.
+    """
+    if "video_diffusion_pytorch" in sys.modules:
+        return sys.modules["video_diffusion_pytorch"]
+    stubs = {}
     try:
         import torchvision  # noqa: F401
     except ImportError:
@@ -41,9 +48,15 @@ def upstream():
         tv.transforms = types.ModuleType("torchvision.transforms")
         tv.transforms.ToTensor = lambda: None
         tv.utils = types.ModuleType("torchvision.utils")
-        sys.modules.update({"torchvision": tv, "torchvision.transforms": tv.transforms, "torchvision.utils": tv.utils})
-    import video_diffusion_pytorch
-
+        stubs = {"torchvision": tv, "torchvision.transforms": tv.transforms, "torchvision.utils": tv.utils}
+        for name, module in stubs.items():
+            sys.modules.setdefault(name, module)
+    try:
+        import video_diffusion_pytorch
+    finally:
+        for name, module in stubs.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
     return video_diffusion_pytorch
 
 

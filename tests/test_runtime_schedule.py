@@ -1,0 +1,83 @@
+"""runtime.schedule: the seed's cosine betas and buffers in numpy; respacing as diffusers spaces timesteps."""
+
+import numpy as np
+import pytest
+
+from vdeploy.runtime import schedule
+
+from runtime_fixtures import upstream
+
+
+def test_cosine_betas_equal_the_seed_in_float64():
+    import torch
+
+    vdp = upstream()
+    ours = schedule.cosine_beta_schedule(1000)
+    theirs = vdp.video_diffusion_pytorch.cosine_beta_schedule(1000).numpy()
+    assert ours.dtype == np.float64 and theirs.dtype == np.float64
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)
+    assert ours.max() == pytest.approx(0.9999)
+    del torch
+
+
+def test_seed_buffers_equal_gaussian_diffusion_buffers():
+    vdp = upstream()
+    diffusion = vdp.GaussianDiffusion(lambda *a, **k: None, image_size=8, num_frames=2, timesteps=1000)
+    ours = schedule.seed_buffers(schedule.cosine_beta_schedule(1000))
+    for name, value in ours.items():
+        theirs = getattr(diffusion, name).numpy()
+        assert value.dtype == theirs.dtype == np.float32, name
+        # same float64 maths, same cast: equal up to one float32 ulp from libm differences
+        np.testing.assert_array_max_ulp(value, theirs, maxulp=1)
+
+
+def test_betas_from_spec_prefers_exact_cosine_over_rounded_storage():
+    exact = schedule.cosine_beta_schedule(100)
+    rounded = exact.astype(np.float32).astype(np.float64).tolist()
+    got = schedule.betas_from_spec({"name": "cosine", "s": 0.008, "timesteps": 100, "betas": rounded})
+    assert np.array_equal(got, exact)
+    other = np.linspace(1e-4, 0.02, 100)
+    got = schedule.betas_from_spec({"name": "linear", "timesteps": 100, "betas": other.tolist()})
+    assert np.array_equal(got, other)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": "cosine", "timesteps": 10, "betas": [0.1] * 9}, "9 betas but timesteps=10"),
+        ({"name": "linear", "timesteps": 2, "betas": [0.1, 1.5]}, r"\[0, 1\)"),
+        ({"name": "linear", "timesteps": 2}, "no betas"),
+        ({"name": "linear", "timesteps": 2, "betas": "nope"}, "not a list of numbers|non-empty list"),
+    ],
+)
+def test_betas_from_spec_rejects_bad_schedules(spec, message):
+    with pytest.raises(ValueError, match=message):
+        schedule.betas_from_spec(spec)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+@pytest.mark.parametrize("steps", [1, 10, 25, 50, 1000])
+def test_respace_matches_diffusers_ddim_spacing(spacing, steps):
+    from diffusers import DDIMScheduler
+
+    reference = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+    reference.set_timesteps(steps)
+    ours = schedule.respace(1000, steps, spacing)
+    assert ours.dtype == np.int64
+    np.testing.assert_array_equal(ours, reference.timesteps.numpy())
+
+
+def test_respace_errors():
+    with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 100\]"):
+        schedule.respace(100, 0)
+    with pytest.raises(ValueError, match="steps must be"):
+        schedule.respace(100, 101)
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        schedule.respace(100, 10, "karras")
+
+
+def test_respaced_betas_keep_alphas_cumprod_of_kept_steps():
+    betas = schedule.cosine_beta_schedule(1000)
+    kept = schedule.respace(1000, 20)
+    new = schedule.respaced_betas(betas, kept)
+    np.testing.assert_allclose(np.cumprod(1 - new), np.cumprod(1 - betas)[np.sort(kept)], rtol=1e-8)
