@@ -32,14 +32,396 @@ def main() -> None:
 
 # ---------------------------------------------------------------- data ----
 
+import time  # noqa: E402 (data/train sections)
+from pathlib import Path  # noqa: E402
+
+
+class OneLineErrors(click.Command):
+    """A command whose usage errors (missing or malformed options) are one line and exit code 2."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise BadInput(f"{e.format_message()} (see '{ctx.command_path} --help')") from None
+
+
+@main.group()
+def data() -> None:
+    """Datasets: folders of GIFs with optional captions (name.txt beside name.gif)."""
+
+
+@data.command("synth", cls=OneLineErrors)
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--num", default=64, show_default=True, type=click.IntRange(min=1), help="Number of clips.")
+@click.option("--frames", default=8, show_default=True, type=click.IntRange(min=1), help="Frames per clip.")
+@click.option("--size", default=32, show_default=True, type=click.IntRange(min=8), help="Frame width and height in pixels.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed: the same arguments write the same data.")
+def data_synth(out: Path, num: int, frames: int, size: int, seed: int) -> None:
+    """Write a synthetic dataset of moving coloured shapes to OUT.
+
+    Each clip is OUT/NNNNN.gif (one red/green/blue/yellow circle, square or triangle crossing
+    a black frame) with its caption in OUT/NNNNN.txt, e.g. "a red circle moving left".
+    """
+    from vdeploy.data import DataError, synth_dataset
+
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out} exists and is not a directory")
+    try:
+        paths = synth_dataset(out, num=num, frames=frames, size=size, seed=seed)
+    except (DataError, OSError) as e:
+        raise BadInput(str(e)) from None
+    click.echo(f"wrote {len(paths)} clips ({frames} frames, {size}x{size}) with captions to {out}")
+
+
 
 # --------------------------------------------------------------- train ----
+
+
+@main.command(cls=OneLineErrors)
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of GIFs (searched recursively); captions in name.txt beside name.gif.")
+@click.option("--results", default="results", show_default=True, type=click.Path(path_type=Path),
+              help="Output folder: model-N.pt checkpoints, model-last.pt, N.gif sample grids, log.jsonl.")
+@click.option("--config", "config_spec", default=None,
+              help="Model config: a preset (tiny, small, base) or a JSON file.  [default: tiny, or the "
+                   "checkpoint's with --resume]")
+@click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Train until this many optimizer steps in all (a resumed run continues to it).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Videos per micro-batch.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Adam learning rate (the seed's Trainer default is 1e-4, tuned for large models).")
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Micro-batches per optimizer step.")
+@click.option("--amp", is_flag=True, help="Mixed precision (fp16 on CUDA, bf16 on CPU).")
+@click.option("--save-every", default=250, show_default=True, type=click.IntRange(min=1),
+              help="Checkpoint and sample grid every this many steps (and at the end).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --results (exactly, on one process).")
+@click.option("--text-encoder", default=None, metavar="DIR|default",
+              help="Condition on captions through this local text encoder ('default': the bundled MiniLM). "
+                   "Sets the model's cond_dim to the encoder width.")
+@click.option("--sample-rows", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Milestone samples form a rows x rows grid (the seed's default is 4).")
+@click.option("--ema-decay", default=0.995, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--ema-start", default=2000, show_default=True, type=click.IntRange(min=0),
+              help="Step from which the EMA averages (before it, it copies the weights).")
+@click.option("--max-grad-norm", default=None, type=click.FloatRange(min=0, min_open=True), help="Clip gradients to this norm.")
+@click.option("--null-cond-prob", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+              help="Caption dropout for classifier-free guidance (conditional models only).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the weights, the data order and the noise.")
+@click.option("--cpu", is_flag=True, help="Train on the CPU even where CUDA is available.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, batch_size: int, lr: float,
+          grad_accum: int, amp: bool, save_every: int, resume: bool, text_encoder: str | None, sample_rows: int,
+          ema_decay: float, ema_start: int, max_grad_norm: float | None, null_cond_prob: float, seed: int,
+          cpu: bool, workers: int, quiet: bool) -> None:
+    """Train a video-diffusion U-Net on a folder of GIFs.
+
+    \b
+    Examples:
+      vdeploy train --data demo/data --results demo/results --config tiny
+      vdeploy train --data demo/data --results demo/results --text-encoder default
+      vdeploy train --data demo/data --results demo/results --steps 2000 --resume
+    """
+    import logging
+
+    from vdeploy import config as vconfig
+
+    # ---- everything that can be checked before torch is imported
+    if not data_dir.is_dir():
+        raise BadInput(f"data folder {data_dir} does not exist")
+    if results.exists() and not results.is_dir():
+        raise BadInput(f"--results {results} exists and is not a directory")
+    try:
+        config = vconfig.load(config_spec or "tiny") if (config_spec or not resume) else None
+    except vconfig.ConfigError as e:
+        raise BadInput(str(e)) from None
+    if save_every > steps:
+        save_every = steps
+
+    import torch
+
+    from vdeploy import checkpoint as ckpt_io
+    from vdeploy.data import DataError, Dataset, read_gif
+    from vdeploy.diffusion import GaussianDiffusion
+    from vdeploy.model import Unet3D
+    from vdeploy.text import TextEncoderError, load_text_encoder
+    from vdeploy.trainer import Trainer
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    resume_path, stored = None, None
+    if resume:
+        resume_path = ckpt_io.latest_checkpoint(results)
+        if resume_path is None:
+            raise BadInput(f"--resume: no checkpoint (model-*.pt) in {results}")
+        try:
+            stored = ckpt_io.load_checkpoint(resume_path)
+        except ckpt_io.CheckpointError as e:
+            raise BadInput(str(e)) from None
+        if stored.get("config") is None:
+            if config is None:
+                raise BadInput(f"{resume_path} carries no model config: pass --config")
+        elif config is not None and _config_core(config) != _config_core(vconfig.resolve(stored["config"])):
+            raise BadInput(f"--config {config_spec} differs from the config {resume_path} was trained with; "
+                           "leave out --config to resume")
+        else:
+            config = vconfig.resolve(stored["config"])
+        if text_encoder is None and stored.get("text_encoder"):
+            text_encoder = stored["text_encoder"]
+
+    # ---- the text encoder sets cond_dim
+    encoder = None
+    wants_cond = text_encoder is not None or config["cond_dim"] is not None or config["use_bert_text_cond"]
+    if wants_cond:
+        try:
+            encoder = load_text_encoder(None if text_encoder in (None, "default") else text_encoder)
+        except TextEncoderError as e:
+            raise BadInput(str(e)) from None
+        if config["use_bert_text_cond"]:
+            from vdeploy.model import BERT_MODEL_DIM
+
+            if encoder.dim != BERT_MODEL_DIM:
+                raise BadInput(f"use_bert_text_cond needs a {BERT_MODEL_DIM}-wide encoder (BERT-base); "
+                               f"{encoder.path} is {encoder.dim}-wide: set cond_dim instead")
+        elif config["cond_dim"] is None:
+            config = vconfig.resolve({**config, "cond_dim": encoder.dim})
+        elif config["cond_dim"] != encoder.dim:
+            raise BadInput(f"config cond_dim={config['cond_dim']} but the text encoder {encoder.path} is "
+                           f"{encoder.dim}-wide")
+
+    # ---- does the config fit the data?
+    try:
+        ds = Dataset(data_dir, config["image_size"], channels=config["channels"], num_frames=config["num_frames"])
+    except DataError as e:
+        raise BadInput(str(e)) from None
+    shortest = min(read_gif(p, config["channels"]).shape[0] for p in ds.paths[:16])
+    if shortest < config["num_frames"]:
+        raise BadInput(f"the config wants num_frames={config['num_frames']} but videos in {data_dir} have "
+                       f"{shortest} frames: use a config with num_frames <= {shortest}")
+    captioned = sum(c is not None for c in ds.captions)
+    if encoder is not None and captioned < len(ds):
+        raise BadInput(f"a conditional model needs a caption for every video; {len(ds) - captioned} of "
+                       f"{len(ds)} in {data_dir} have none")
+
+    torch.manual_seed(seed)
+    unet = Unet3D(**vconfig.unet_kwargs(config))
+    diffusion = GaussianDiffusion(unet, **vconfig.diffusion_kwargs(config), text_encoder=encoder)
+    trainer = Trainer(
+        diffusion, data_dir, train_batch_size=batch_size, train_lr=lr, train_num_steps=steps,
+        gradient_accumulate_every=grad_accum, amp=amp, save_and_sample_every=save_every, results_folder=results,
+        num_sample_rows=sample_rows, max_grad_norm=max_grad_norm, ema_decay=ema_decay, step_start_ema=ema_start,
+        config=config, seed=seed, null_cond_prob=null_cond_prob, num_workers=workers, progress=not quiet, cpu=cpu,
+    )
+    if resume_path is not None:
+        try:
+            trainer.load(resume_path)
+        except (ckpt_io.CheckpointError, RuntimeError) as e:
+            raise BadInput(f"cannot resume from {resume_path}: {str(e).splitlines()[0]}") from None
+    n_params = sum(p.numel() for p in unet.parameters())
+    cond_note = f", conditioned on captions via {encoder.path}" if encoder is not None else ""
+    click.echo(f"{len(ds)} videos ({captioned} captioned) in {data_dir}; model {n_params / 1e6:.2f}M params"
+               f"{cond_note}; device {trainer.device}; steps {trainer.step} -> {steps}")
+    if trainer.step >= steps:
+        click.echo(f"already at step {trainer.step} >= --steps {steps}: nothing to do")
+        return
+    start, first = time.perf_counter(), trainer.step
+    losses: list[float] = []
+    trainer.train(log_fn=lambda log: losses.append(log["loss"]))
+    secs = time.perf_counter() - start
+    tail = losses[-50:]
+    click.echo(f"trained {trainer.step - first} steps in {secs:.0f}s; final loss {losses[-1]:.4f} "
+               f"(mean of last {len(tail)}: {sum(tail) / len(tail):.4f})")
+    click.echo(f"checkpoint: {results / ckpt_io.LAST_NAME}")
+    if (results / "sample-last.gif").exists():
+        click.echo(f"samples:    {results / 'sample-last.gif'}")
+
+
+def _config_core(config: dict) -> dict:
+    """A config without cond_dim (which --text-encoder sets) for comparisons."""
+    return {k: v for k, v in config.items() if k != "cond_dim"}
+
 
 
 # -------------------------------------------------------------- export ----
 
 
+def _log_progress() -> None:
+    """Progress lines of the export/parity stage (logger ``vdeploy.export``) on stderr."""
+    import logging
+
+    logger = logging.getLogger("vdeploy.export")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+@main.command("export", cls=OneLineErrors)
+@click.option("--ckpt", required=True, type=click.Path(path_type=Path),
+              help="vdeploy checkpoint, or a video-diffusion-pytorch 0.6.3 model-N.pt.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Model directory to write (a previous one is replaced; written to a temp dir, renamed at the end).")
+@click.option("--config", "config_spec", default=None,
+              help="Architecture: preset (tiny|small|base) or JSON file; needed when the checkpoint holds none.")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Export the EMA weights or the raw ones.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 21), help="ONNX opset.")
+@click.option("--cfg", is_flag=True, help="Also export denoiser_cfg.onnx: cond and null in one call, cond_scale input.")
+@click.option("--fp16", is_flag=True, help="Also export denoiser_fp16.onnx (float16, fp32 I/O; softmax/norm stats fp32).")
+@click.option("--optimize", type=click.Choice(["auto", "none", "onnxslim"]), default="auto", show_default=True,
+              help="auto: keep the onnxslim graph only when it measurably runs faster (ORT CPU, 2 threads).")
+@click.option("--static-size", is_flag=True, help="Fix height/width to the config's image_size (batch stays dynamic).")
+@click.option("--atol", default=1e-4, show_default=True, type=float, help="fp32 tolerance against PyTorch.")
+@click.option("--fp16-atol", default=5e-2, show_default=True, type=float, help="fp16 tolerance against fp32 PyTorch.")
+@click.option("--text-encoder", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Local HF text encoder dir to export (default for text-conditioned models: the embedded MiniLM).")
+@click.option("--tensorrt", is_flag=True, help="Build a TensorRT engine (needs tensorrt and a CUDA GPU).")
+@click.option("--trt-fp32", is_flag=True, help="Build the TensorRT engine without the FP16 flag.")
+@click.option("--min-shapes", default=None, help="TensorRT profile, trtexec syntax: x:1x3x8x32x32,t:1,...")
+@click.option("--opt-shapes", default=None, help="TensorRT profile opt shapes (trtexec syntax).")
+@click.option("--max-shapes", default=None, help="TensorRT profile max shapes (trtexec syntax).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TensorRT timing cache file (read if present, written after the build).")
+@click.option("--workspace", default=4096, show_default=True, type=click.IntRange(min=64),
+              help="TensorRT workspace limit in MiB.")
+def export_cmd(ckpt: Path, out: Path, config_spec: str | None, ema: bool, opset: int, cfg: bool, fp16: bool,
+               optimize: str, static_size: bool, atol: float, fp16_atol: float, text_encoder: Path | None,
+               tensorrt: bool, trt_fp32: bool, min_shapes: str | None, opt_shapes: str | None, max_shapes: str | None,
+               timing_cache: Path | None, workspace: int) -> None:
+    """Export a checkpoint's denoiser to a checked model directory (ONNX, optional TensorRT).
+
+    \b
+    Writes OUT/denoiser.onnx (x, t[, cond] -> eps; batch, height and width dynamic, frames fixed),
+    optionally denoiser_cfg.onnx (--cfg), denoiser_fp16.onnx (--fp16), a TensorRT plan (--tensorrt),
+    null_cond_emb.npy and text_encoder/ for conditioned models, and vdeploy.json. Every graph is
+    checked (onnx.checker, names, shapes) and compared with PyTorch at batch 1 and 3; the export
+    fails, leaving nothing behind, when an error exceeds --atol.
+    """
+    _log_progress()
+    from vdeploy.export import ExportError, ValidationError, export_onnx
+    from vdeploy.export.tensorrt import TensorRTOptions, parse_shapes
+
+    try:
+        trt = None
+        if tensorrt:
+            trt = TensorRTOptions(
+                fp16=not trt_fp32,
+                min_shapes=parse_shapes(min_shapes),
+                opt_shapes=parse_shapes(opt_shapes),
+                max_shapes=parse_shapes(max_shapes),
+                workspace_mb=workspace,
+                timing_cache=str(timing_cache) if timing_cache else None,
+            )
+        t0 = time.perf_counter()
+        manifest = export_onnx(
+            ckpt, out, config=config_spec, ema=ema, opset=opset, cfg=cfg, fp16=fp16, optimize=optimize,
+            dynamic_size=not static_size, atol=atol, fp16_atol=fp16_atol, text_encoder=text_encoder, tensorrt=trt,
+        )
+    except ExportError as e:
+        raise BadInput(str(e)) from None
+    except ValidationError as e:
+        raise click.ClickException(f"export failed its checks, nothing written: {e}") from None
+    for graph, result in manifest["parity"].items():
+        worst = max(result["max_abs_err"].values())
+        click.echo(f"{graph}: max abs err vs PyTorch {worst:.2e} (atol {result['atol']:g}) over "
+                   + ", ".join(f"{k} {v:.1e}" for k, v in result["max_abs_err"].items()))
+    click.echo(f"wrote {out} ({', '.join(manifest['files'])}) in {time.perf_counter() - t0:.1f} s")
+
+
 # -------------------------------------------------------------- sample ----
+
+
+def _runtime_logging(quiet: bool) -> None:
+    """The runtime's lines (backend chosen, timing) on stderr, unless --quiet."""
+    import logging
+
+    logger = logging.getLogger("vdeploy.runtime")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+@main.command("sample", cls=OneLineErrors)
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Model directory written by `vdeploy export` (vdeploy.json is checked: version, sha256, shapes).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output .gif (or .mp4 with PyAV/imageio-ffmpeg installed); a batch becomes a grid.")
+@click.option("--sampler", type=click.Choice(["dpmpp", "ddim", "ddpm"]), default="dpmpp", show_default=True,
+              help="dpmpp: DPM-Solver++ 2M; ddim; ddpm: the seed's ancestral sampler.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Denoiser steps.  [default: 25; ddpm: every training timestep]")
+@click.option("--seed", type=int, default=None, help="Seed for the noise: the same seed gives the same video.")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Videos to sample (with --text/--cond: one per prompt/row).")
+@click.option("--cond-scale", default=1.0, show_default=True, type=float,
+              help="Classifier-free guidance scale (conditioned models; 1 = off).")
+@click.option("--text", multiple=True, help="Prompt for text-conditioned models; repeat for several.")
+@click.option("--cond", "cond_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Conditioning embeddings, a float .npy of shape (b, cond_dim).")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda", "tensorrt-ep", "tensorrt"]), default="auto",
+              show_default=True, help="auto: native TensorRT plan for this GPU > TensorRT EP > CUDA > CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: the fp16 graph (ORT), the fp16 flag (TensorRT EP) or an fp16 plan.")
+@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="DDIM stochasticity (0 = deterministic); --sampler ddim only.")
+@click.option("--fps", default=1000 / 120, type=click.FloatRange(min=0, min_open=True),
+              help="Frames per second of the written video.  [default: 8.3, the seed's 120 ms a frame]")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="onnxruntime CPU threads.  [default: physical cores]")
+@click.option("--quiet", is_flag=True, help="No progress bar, no timing lines.")
+def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: int | None, batch_size: int,
+           cond_scale: float, text: tuple[str, ...], cond_file: Path | None, backend: str, precision: str,
+           eta: float, fps: float, threads: int | None, quiet: bool) -> None:
+    """Sample videos from an exported model directory, without torch.
+
+    \b
+    The sampling loop runs in numpy around the compiled denoiser (onnxruntime or TensorRT); the
+    result, in [0, 1], is written to OUT. Examples:
+      vdeploy sample --model model/ --out sample.gif --seed 0
+      vdeploy sample --model model/ --out grid.gif --batch-size 4 --sampler ddim --steps 50
+      vdeploy sample --model model/ --out ball.gif --text "a red circle moving left" --cond-scale 3
+    """
+    import numpy as np
+
+    from vdeploy.runtime import BackendUnavailable, ManifestError, Pipeline, save_gif, save_mp4
+
+    suffix = out.suffix.lower()
+    if suffix not in (".gif", ".mp4"):
+        raise BadInput(f"--out must end in .gif or .mp4, got '{out.name}'")
+    if not out.parent.is_dir():
+        raise BadInput(f"the directory of --out, {out.parent}, does not exist")
+    if eta and sampler != "ddim":
+        raise BadInput("--eta applies to --sampler ddim only")
+    if text and cond_file:
+        raise BadInput("pass either --text or --cond, not both")
+    cond = None
+    if cond_file is not None:
+        try:
+            cond = np.load(cond_file, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BadInput(f"cannot read --cond {cond_file}: {e}") from None
+    _runtime_logging(quiet)
+    t0 = time.perf_counter()
+    try:
+        pipe = Pipeline.from_dir(model_dir, backend=backend, precision=precision, threads=threads)
+        video = pipe(batch_size=batch_size, cond=cond, text=list(text) or None, cond_scale=cond_scale,
+                     sampler=sampler, steps=steps, eta=eta, seed=seed, progress=not quiet)
+    except (ManifestError, BackendUnavailable, ValueError) as e:
+        raise BadInput(str(e)) from None
+    try:
+        (save_gif if suffix == ".gif" else save_mp4)(video, out, fps=fps)
+    except (OSError, RuntimeError) as e:
+        raise BadInput(f"cannot write {out}: {e}") from None
+    b, _, f, h, w = video.shape
+    click.echo(f"wrote {out} ({b} video{'s' if b > 1 else ''}, {f} frames, {h}x{w}) with {sampler} "
+               f"on {pipe.backend_name} in {time.perf_counter() - t0:.1f} s")
 
 
 # -------------------------------------------------------------- parity ----

@@ -1,0 +1,503 @@
+"""The trainer: the seed's ``Trainer`` on ``accelerate``, with checkpoints that resume exactly.
+
+Same constructor arguments and defaults as ``video-diffusion-pytorch`` 0.6.3 (EMA 0.995 from step
+2000 every 10 steps, Adam 1e-4, gradient accumulation, AMP, ``max_grad_norm``, a checkpoint and
+a sample GIF grid every ``save_and_sample_every`` steps). What it adds:
+
+* any device (CPU, CUDA) and multi-process launches through ``accelerate``;
+* atomic checkpoints with the optimizer, scaler, RNG states, data order and model config, so a
+  resumed run continues bit for bit where it stopped (single process, ``num_workers=0``);
+* a deterministic data order: a seeded permutation per epoch, resumable from a sample count;
+* caption conditioning through the diffusion model's text encoder, embeddings cached once;
+* ``model-last.pt`` (and ``sample-last.gif``) pointing at the newest milestone;
+* a tqdm bar with the loss and it/s, and ``log.jsonl`` with one line per step.
+
+Differences from the seed, on purpose: ``step`` in a checkpoint counts completed optimizer steps
+(the seed saved the index of the step in progress, so its resume repeated one step); the sample
+grid is drawn from a fixed generator (the same noise at every milestone, and training
+randomness untouched); horizontal flips (off by default) flip whole clips, not single frames.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vdeploy import checkpoint as ckpt_io
+from vdeploy.data import DataError, Dataset, video_tensor_to_gif
+from vdeploy.diffusion import GaussianDiffusion
+
+logger = logging.getLogger(__name__)
+
+
+def num_to_groups(num: int, divisor: int) -> list[int]:
+    """``num`` split into chunks of at most ``divisor`` (the seed's helper)."""
+    groups, remainder = divmod(num, divisor)
+    return [divisor] * groups + ([remainder] if remainder > 0 else [])
+
+
+class EMA:
+    """Exponential moving average of parameters: ``ma = beta * ma + (1 - beta) * current`` (the seed's)."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    @torch.no_grad()
+    def update_model_average(self, ma_model: nn.Module, current_model: nn.Module) -> None:
+        for current, ma in zip(current_model.parameters(), ma_model.parameters()):
+            ma.data = self.update_average(ma.data, current.data)
+
+    def update_average(self, old, new):
+        if old is None:
+            return new
+        return old * self.beta + (1 - self.beta) * new
+
+
+class DataOrder:
+    """An endless, deterministic stream of sample indices: a seeded permutation per epoch.
+
+    Its whole state is ``(seed, consumed)``, so a resumed run continues the same order. Each
+    step takes ``batch_size * num_processes`` indices; process ``rank`` keeps its slice.
+    """
+
+    def __init__(self, n: int, seed: int = 0, consumed: int = 0):
+        self.n, self.seed, self.consumed = n, int(seed), int(consumed)
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm
+
+    def take(self, count: int) -> list[int]:
+        out = []
+        for k in range(self.consumed, self.consumed + count):
+            out.append(int(self._permutation(k // self.n)[k % self.n]))
+        self.consumed += count
+        return out
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "consumed": self.consumed, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("n", self.n)) != self.n:
+            warnings.warn(
+                f"the dataset has {self.n} videos but the checkpoint's data order was for {state['n']}: "
+                "the order continues, but not the one the first run would have followed",
+                stacklevel=2,
+            )
+        self.seed, self.consumed = int(state["seed"]), int(state["consumed"])
+        self._epoch = -1
+
+
+class Trainer:
+    """Train a :class:`~vdeploy.diffusion.GaussianDiffusion` on a folder of GIFs.
+
+    The first arguments and their defaults are the seed's (``num_frames`` is accepted and, as
+    in the seed, the model's own frame count is used). vdeploy's additions are keyword-only:
+
+    Args:
+        config: the resolved flat model config (vdeploy.config) stored in checkpoints; when
+            given, it must agree with the diffusion model.
+        seed: seeds the data order and the milestone sample noise.
+        null_cond_prob: probability of dropping the caption (classifier-free guidance training).
+        cond_scale: guidance scale for the milestone samples of a conditional model.
+        horizontal_flip: flip whole clips left-right at random.
+        num_workers: DataLoader worker processes (0: load in the main process; exact resume
+            needs 0 when flips are on).
+        progress: show the tqdm bar.
+        accelerator: an ``accelerate.Accelerator`` to use instead of building one.
+        cpu: force the CPU even where CUDA is present.
+    """
+
+    def __init__(
+        self,
+        diffusion_model: GaussianDiffusion,
+        folder,
+        *,
+        ema_decay: float = 0.995,
+        num_frames: int = 16,
+        train_batch_size: int = 32,
+        train_lr: float = 1e-4,
+        train_num_steps: int = 100000,
+        gradient_accumulate_every: int = 2,
+        amp: bool = False,
+        step_start_ema: int = 2000,
+        update_ema_every: int = 10,
+        save_and_sample_every: int = 1000,
+        results_folder="./results",
+        num_sample_rows: int = 4,
+        max_grad_norm: float | None = None,
+        config: dict | None = None,
+        seed: int = 0,
+        null_cond_prob: float = 0.0,
+        cond_scale: float = 1.0,
+        horizontal_flip: bool = False,
+        num_workers: int = 0,
+        progress: bool = True,
+        accelerator=None,
+        cpu: bool = False,
+    ):
+        if train_batch_size < 1 or gradient_accumulate_every < 1 or save_and_sample_every < 1:
+            raise ValueError("train_batch_size, gradient_accumulate_every and save_and_sample_every must be >= 1")
+        self.accelerator = accelerator if accelerator is not None else _make_accelerator(amp, cpu)
+        self.device = self.accelerator.device
+
+        self.ema = EMA(ema_decay)
+        self.update_ema_every = update_ema_every
+        self.step_start_ema = step_start_ema
+        self.save_and_sample_every = save_and_sample_every
+        self.batch_size = train_batch_size
+        self.image_size = diffusion_model.image_size
+        self.gradient_accumulate_every = gradient_accumulate_every
+        self.train_num_steps = train_num_steps
+        self.amp = amp
+        self.max_grad_norm = max_grad_norm
+        self.num_sample_rows = num_sample_rows
+        self.null_cond_prob = null_cond_prob
+        self.cond_scale = cond_scale
+        self.seed = seed
+        self.progress = progress
+        self.config = dict(config) if config is not None else None
+        if self.config is not None:
+            _check_config_matches(self.config, diffusion_model)
+
+        self.ds = Dataset(
+            folder, diffusion_model.image_size, channels=diffusion_model.channels,
+            num_frames=diffusion_model.num_frames, horizontal_flip=horizontal_flip,
+        )
+        logger.info("found %d videos as gif files at %s", len(self.ds), folder)
+
+        unet = diffusion_model.denoise_fn
+        self.has_cond = bool(getattr(unet, "has_cond", False))
+        self.text_encoder = diffusion_model.text_encoder
+        self.cond_table = self._embed_captions(diffusion_model) if self.has_cond else None
+
+        self.data_order = DataOrder(len(self.ds), seed=seed)
+        self.num_workers = num_workers
+        self._batches = None
+
+        opt = torch.optim.Adam(diffusion_model.parameters(), lr=train_lr)
+        self.model, self.opt = self.accelerator.prepare(diffusion_model, opt)
+        self.ema_model = copy.deepcopy(self.unwrapped_model).requires_grad_(False)
+        self.step = 0
+
+        self.results_folder = Path(results_folder)
+        if self.accelerator.is_main_process:
+            self.results_folder.mkdir(exist_ok=True, parents=True)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------ parts ----
+
+    @property
+    def unwrapped_model(self) -> GaussianDiffusion:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _embed_captions(self, diffusion_model: GaussianDiffusion) -> torch.Tensor:
+        missing = [p for p, c in zip(self.ds.paths, self.ds.captions) if not c]
+        if missing:
+            raise DataError(
+                f"the model is conditional (cond_dim) but {len(missing)} of {len(self.ds)} videos have no caption "
+                f"(.txt beside the .gif), e.g. {missing[0]}"
+            )
+        if self.text_encoder is None:
+            raise ValueError("the model is conditional but the diffusion model has no text encoder attached")
+        unique = sorted(set(self.ds.captions))
+        embs = []
+        for i in range(0, len(unique), 256):
+            embs.append(diffusion_model.embed_text(unique[i : i + 256], torch.device("cpu")))
+        by_caption = dict(zip(unique, torch.cat(embs)))
+        logger.info("embedded %d distinct captions once", len(unique))
+        return torch.stack([by_caption[c] for c in self.ds.captions]).to(self.device)
+
+    def _batch_iter(self):
+        """Batches ``(video, index)`` for this process, following :attr:`data_order` from now on."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        order, b = self.data_order, self.batch_size
+
+        def index_batches():
+            while True:
+                yield order.take(b * world)[rank * b : (rank + 1) * b]
+
+        if self.num_workers == 0:
+            for idx in index_batches():
+                yield torch.stack([self.ds[i] for i in idx]), torch.tensor(idx)
+        else:
+            loader = torch.utils.data.DataLoader(
+                _Indexed(self.ds), batch_sampler=index_batches(), num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=True,
+            )
+            yield from loader
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next training batch on the device, with its caption embeddings (or None)."""
+        if self._batches is None:
+            self._batches = self._batch_iter()
+        video, idx = next(self._batches)
+        video = video.to(self.device, non_blocking=True)
+        cond = self.cond_table[idx.to(self.device)] if self.cond_table is not None else None
+        return video, cond
+
+    # -------------------------------------------------------------- EMA ----
+
+    def reset_parameters(self) -> None:
+        self.ema_model.load_state_dict(self.unwrapped_model.state_dict())
+
+    def step_ema(self) -> None:
+        if self.step < self.step_start_ema:
+            self.reset_parameters()
+            return
+        self.ema.update_model_average(self.ema_model, self.unwrapped_model)
+
+    # ------------------------------------------------------ checkpoints ----
+
+    def checkpoint_dict(self) -> dict:
+        """Everything a resume needs, in the layout of :mod:`vdeploy.checkpoint`."""
+        scaler = self.accelerator.scaler
+        return ckpt_io.make_checkpoint(
+            step=self.step,
+            model=self.unwrapped_model.state_dict(),
+            ema=self.ema_model.state_dict(),
+            optimizer=self.opt.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else {},
+            config=self.config,
+            data=self.data_order.state_dict(),
+            text_encoder=str(self.text_encoder.path) if self.text_encoder is not None else None,
+            trainer={
+                "ema_decay": self.ema.beta, "train_batch_size": self.batch_size,
+                "train_lr": self.opt.param_groups[0]["lr"], "train_num_steps": self.train_num_steps,
+                "gradient_accumulate_every": self.gradient_accumulate_every, "amp": self.amp,
+                "step_start_ema": self.step_start_ema, "update_ema_every": self.update_ema_every,
+                "save_and_sample_every": self.save_and_sample_every, "max_grad_norm": self.max_grad_norm,
+                "seed": self.seed, "null_cond_prob": self.null_cond_prob,
+                "num_processes": self.accelerator.num_processes,
+            },
+        )
+
+    def save(self, milestone) -> Path | None:
+        """Write ``model-{milestone}.pt`` atomically and point ``model-last.pt`` at it (main process)."""
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            path = ckpt_io.save_checkpoint(self.checkpoint_dict(), self.results_folder / f"model-{milestone}.pt")
+            if path.name != ckpt_io.LAST_NAME:
+                ckpt_io.link_atomic(path, self.results_folder / ckpt_io.LAST_NAME)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load(self, milestone=-1, **kwargs) -> Path:
+        """Resume from ``model-{milestone}.pt``, the newest checkpoint (``-1``, as in the seed), or a path.
+
+        vdeploy checkpoints restore everything (weights, EMA, optimizer, scaler, RNG states, data
+        order, step); the seed's ``model-N.pt`` restores weights, EMA, scaler and step, and the
+        optimizer starts afresh. ``kwargs`` go to ``load_state_dict`` (e.g. ``strict``).
+        """
+        if isinstance(milestone, int):
+            if milestone == -1:
+                path = ckpt_io.latest_checkpoint(self.results_folder)
+                if path is None:
+                    raise ckpt_io.CheckpointError(f"no checkpoint (model-*.pt) in {self.results_folder} to resume from")
+            else:
+                path = self.results_folder / f"model-{milestone}.pt"
+        else:
+            path = Path(milestone)
+        data = ckpt_io.load_checkpoint(path, map_location="cpu")
+        if data.get("config") is not None and self.config is not None:
+            stored = {k: v for k, v in data["config"].items()}
+            diff = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
+            if diff:
+                raise ckpt_io.CheckpointError(
+                    f"{path} was trained with a different model config ({', '.join(diff)} differ)"
+                )
+        self.unwrapped_model.load_state_dict(data["model"], **kwargs)
+        self.ema_model.load_state_dict(data["ema"] if data.get("ema") is not None else data["model"], **kwargs)
+        if data.get("optimizer"):
+            self.opt.load_state_dict(data["optimizer"])
+        elif data["format"] != "state_dict":
+            warnings.warn(f"{path} has no optimizer state (a video-diffusion-pytorch checkpoint?): "
+                          "Adam starts afresh", stacklevel=2)
+        scaler = self.accelerator.scaler
+        if scaler is not None and data.get("scaler"):
+            scaler.load_state_dict(data["scaler"])
+        if data.get("data"):
+            self.data_order.load_state_dict(data["data"])
+            self._batches = None
+        if data.get("rng"):
+            ckpt_io.set_rng_state(data["rng"])
+        self.step = int(data.get("step") or 0)
+        logger.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    # ---------------------------------------------------------- samples ----
+
+    def sample_captions(self, n: int) -> list[str]:
+        """``n`` captions for milestone samples: spread over the dataset's distinct captions."""
+        unique = sorted(set(self.ds.captions))
+        return [unique[(i * max(1, len(unique) // n)) % len(unique)] for i in range(n)]
+
+    @torch.inference_mode()
+    def sample_grid(self, path) -> Path:
+        """Sample ``num_sample_rows ** 2`` videos with the EMA model and write them as one GIF grid."""
+        rows = self.num_sample_rows
+        num_samples = rows**2
+        generator = torch.Generator().manual_seed(self.seed)
+        captions = self.sample_captions(num_samples) if self.has_cond else None
+        videos, start = [], 0
+        for n in num_to_groups(num_samples, self.batch_size):
+            cond = None
+            if captions is not None:  # the cached embeddings of these captions
+                cond = self.cond_table[[self.ds.captions.index(c) for c in captions[start : start + n]]]
+            videos.append(self.ema_model.sample(cond=cond, cond_scale=self.cond_scale, batch_size=n,
+                                                generator=generator, progress=self.progress).float().cpu())
+            start += n
+        v = torch.nn.functional.pad(torch.cat(videos), (2, 2, 2, 2))
+        _, c, f, h, w = v.shape
+        grid = v.reshape(rows, rows, c, f, h, w).permute(2, 3, 0, 4, 1, 5).reshape(c, f, rows * h, rows * w)
+        path = Path(path)
+        video_tensor_to_gif(grid, path)
+        if captions is not None:
+            path.with_suffix(".txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+        return path
+
+    # ------------------------------------------------------------- loop ----
+
+    def train(self, prob_focus_present: float = 0.0, focus_present_mask=None, log_fn: Callable = lambda log: None):
+        """Train until ``train_num_steps`` optimizer steps, saving and sampling at each milestone.
+
+        ``prob_focus_present``, ``focus_present_mask`` and ``log_fn(dict)`` as in the seed.
+        Returns the loss of the last step.
+        """
+        assert callable(log_fn)
+        acc = self.accelerator
+        main = acc.is_main_process
+        log_path = self.results_folder / "log.jsonl"
+        logfile = open(log_path, "a", encoding="utf-8") if main else None
+        bar = tqdm(total=self.train_num_steps, initial=self.step, desc="training", disable=not (self.progress and main),
+                   dynamic_ncols=True)
+        avg, loss_value = None, math.nan
+        t0 = time.perf_counter()
+        stop = _GracefulStop()
+        try:
+            while self.step < self.train_num_steps:
+                if stop.requested:
+                    log_fn({"step": self.step, "loss": loss_value, "checkpoint": str(self.save("last")), "stopped": True})
+                    logger.warning("interrupted: saved %s at step %d", self.results_folder / ckpt_io.LAST_NAME, self.step)
+                    break
+                self.model.train()
+                losses = []
+                for i in range(self.gradient_accumulate_every):
+                    data, cond = self.next_batch()
+                    kwargs = {"prob_focus_present": prob_focus_present, "focus_present_mask": focus_present_mask}
+                    if self.has_cond:
+                        kwargs.update(cond=cond, null_cond_prob=self.null_cond_prob)
+                    sync = i == self.gradient_accumulate_every - 1
+                    with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
+                        loss = self.model(data, **kwargs)
+                    acc.backward(loss / self.gradient_accumulate_every)
+                    losses.append(loss.detach())
+                loss_value = float(torch.stack(losses).float().mean())
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {self.step}: lower the learning rate or check the data")
+
+                if self.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+
+                if self.step % self.update_ema_every == 0:
+                    self.step_ema()
+                self.step += 1
+
+                avg = loss_value if avg is None else 0.98 * avg + 0.02 * loss_value
+                log = {"step": self.step, "loss": loss_value}
+                if self.step % self.save_and_sample_every == 0:
+                    milestone = self.step // self.save_and_sample_every
+                    if main:
+                        sample = self.sample_grid(self.results_folder / f"{milestone}.gif")
+                        ckpt_io.link_atomic(sample, self.results_folder / "sample-last.gif")
+                        log["sample"] = str(sample)
+                    log["checkpoint"] = str(self.save(milestone))
+                elif self.step == self.train_num_steps:
+                    log["checkpoint"] = str(self.save("last"))
+                if logfile is not None:
+                    logfile.write(json.dumps({**log, "time": round(time.perf_counter() - t0, 3)}) + "\n")
+                    logfile.flush()
+                bar.set_postfix(loss=f"{loss_value:.4f}", avg=f"{avg:.4f}")
+                bar.update(1)
+                log_fn(log)
+        finally:
+            stop.restore()
+            bar.close()
+            if logfile is not None:
+                logfile.close()
+        logger.info("training completed")
+        return loss_value
+
+
+class _GracefulStop:
+    """The first Ctrl-C asks the loop to stop at the next step boundary (and save); a second one
+    interrupts at once. Only in the main thread, where signal handlers can be set."""
+
+    def __init__(self):
+        self.requested = False
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving model-last.pt (Ctrl-C again to abort now)", file=sys.stderr)
+
+    def restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self._installed = False
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[i], i
+
+
+def _make_accelerator(amp: bool, cpu: bool):
+    """An ``Accelerator`` for this process: fp16 AMP on CUDA, bf16 on CPU, or full precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    use_cuda = torch.cuda.is_available() and not cpu
+    precision = ("fp16" if use_cuda else "bf16") if amp else "no"
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        # a second trainer in the same single process (tests, notebooks) may want other settings
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=precision, cpu=not use_cuda)
+
+
+def _check_config_matches(config: dict, model: GaussianDiffusion) -> None:
+    pairs = {"image_size": model.image_size, "num_frames": model.num_frames, "channels": model.channels,
+             "timesteps": model.num_timesteps, "loss_type": model.loss_type}
+    bad = [f"{k}={config[k]!r} vs model {v!r}" for k, v in pairs.items() if k in config and config[k] != v]
+    if bad:
+        raise ValueError(f"config does not match the diffusion model: {', '.join(bad)}")
