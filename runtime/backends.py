@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import subprocess
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -111,7 +113,7 @@ def physical_cores() -> int:
 
 
 def gpu_name(device_id: int = 0) -> str | None:
-    """The CUDA device's name, without torch: cuda-python if importable, else the NVIDIA driver's /proc entry."""
+    """The CUDA device's name, without torch: cuda-python, else the driver's /proc entry, else ``nvidia-smi``."""
     try:
         cudart = _import_cudart()
         err, props = cudart.cudaGetDeviceProperties(device_id)
@@ -125,6 +127,16 @@ def gpu_name(device_id: int = 0) -> str | None:
         for line in gpus[device_id].read_text().splitlines():
             if line.startswith("Model:"):
                 return line.split(":", 1)[1].strip()
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, f"--id={device_id}", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20, check=True,
+            )
+            return out.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
     return None
 
 
@@ -139,6 +151,23 @@ def cache_dir() -> Path:
         return Path(os.environ["VDEPLOY_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "vdeploy"
+
+
+def engine_cache_dir(stem: str, *, onnx_sha256: str, fp16: bool, profile, gpu, versions: dict) -> Path:
+    """Where a built engine is cached: a folder keyed by everything that changes the engine.
+
+    The key hashes the ONNX file's sha256, the precision, the shape profile, the GPU and the library
+    versions; a change of any of them selects another folder, so a stale engine is never reused.
+    """
+    key = {
+        "onnx_sha256": onnx_sha256,
+        "fp16": bool(fp16),
+        "profile": {k: [list(s) for s in v] for k, v in sorted((profile or {}).items())},
+        "gpu": gpu,
+        "versions": versions,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "ort-trt" / f"{stem}-{digest}"
 
 
 def _cast(spec: TensorSpec, value) -> np.ndarray:
@@ -229,16 +258,14 @@ class OrtBackend:
 
     def _trt_ep_options(self, ort, fp16, profile, onnx_sha256) -> dict:
         """TensorRT EP options with an engine cache keyed by what changes the engine."""
-        key = {
-            "onnx_sha256": onnx_sha256 or _sha256(self.path),
-            "fp16": bool(fp16),
-            "profile": {k: [list(s) for s in v] for k, v in sorted((profile or {}).items())},
-            "gpu": gpu_name(self._device_id),
-            "onnxruntime": ort.__version__,
-            "tensorrt": _tensorrt_version(),
-        }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        folder = cache_dir() / "ort-trt" / f"{self.path.stem}-{digest}"
+        folder = engine_cache_dir(
+            self.path.stem,
+            onnx_sha256=onnx_sha256 or _sha256(self.path),
+            fp16=fp16,
+            profile=profile,
+            gpu=gpu_name(self._device_id),
+            versions={"onnxruntime": ort.__version__, "tensorrt": _tensorrt_version()},
+        )
         folder.mkdir(parents=True, exist_ok=True)
         if any(folder.glob("*.engine")):
             log.info("TensorRT EP: found cached engine in %s", folder)

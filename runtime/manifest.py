@@ -30,7 +30,8 @@ The export stage writes it (``write``), the runtime reads it (``load``). Layout,
       "files": {"denoiser.onnx": "<sha256>", ...}   # every file in the directory but this one
     }
 
-The graph contract the runtime relies on (``vdeploy.runtime.pipeline``):
+The graph contract the runtime relies on (``vdeploy.runtime.pipeline``); it reads the graphs whose
+key starts with ``denoiser``:
 
 - inputs, in this order: ``x`` float32 ``(b, c, f, h, w)``; ``t`` int64 ``(b,)``; ``cond`` float32
   ``(b, cond_dim)`` only when ``cond_dim`` is set; the ``cfg`` graph adds ``cond_scale`` float32 (shape

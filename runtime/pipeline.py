@@ -16,6 +16,7 @@ from .backends import (
     OrtBackend,
     TensorRTBackend,
     auto_kinds,
+    import_tensorrt,
     matching_engine,
     ort_providers,
 )
@@ -96,7 +97,7 @@ class Pipeline:
         _video_shape(manifest["config"], where)
         _betas(manifest, where)
         cond_dim = (manifest.get("conditioning") or {}).get("cond_dim")
-        graphs = manifest["graphs"]
+        graphs = {name: g for name, g in manifest["graphs"].items() if name.startswith("denoiser")}
         for name, graph in graphs.items():
             _check_graph_entry(name, graph, manifest["config"], cond_dim, where)
         engines = manifest.get("engines") or []
@@ -426,6 +427,7 @@ def _open(model_dir, manifest, graph_name, kind, precision, threads, device_id, 
     """Open one graph of the model directory on one backend kind."""
     graphs, engines = manifest["graphs"], manifest.get("engines") or []
     if kind == "tensorrt":
+        import_tensorrt()  # names the extra to install when the bindings are missing
         entry = matching_engine(engines, graph_name, device_id, precision)
         if entry is None:
             listed = ", ".join(f"{e.get('file')} ({e.get('gpu')}, TensorRT {e.get('tensorrt_version')})" for e in engines)
