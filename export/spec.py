@@ -1,0 +1,139 @@
+"""The declarative export spec: which graph, which names, which dynamic axes, which tolerance.
+
+One small dataclass per exported graph (the denoiser, its CFG-fused variant, the text encoder); no
+registries. :func:`denoiser_spec` derives the denoiser's from a resolved model config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_OPSET = 17
+FP32_ATOL = 1e-4  # optimum's tolerance for exported U-Nets
+# fp16 graph (fp32 I/O) against fp32 PyTorch: float16 has an 11-bit mantissa (eps 9.8e-4) and the
+# error grows through ~20 normalised blocks; measured ~5e-3 on the tiny and small presets.
+FP16_ATOL = 5e-2
+
+
+class ExportError(ValueError):
+    """Bad input to the export (checkpoint, config, output directory): one line, exit code 2."""
+
+
+class ValidationError(RuntimeError):
+    """The exported graph does not compute what PyTorch computes; the message lists every number."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, dtype (numpy name) and shape (ints, or axis names when dynamic)."""
+
+    name: str
+    dtype: str
+    shape: tuple
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What one exported graph looks like and how it is checked.
+
+    Args:
+        name: the graph's key in the manifest (``denoiser``, ``denoiser_cfg``, ``text_encoder``).
+        file: file name inside the model directory.
+        inputs / outputs: tensor specs in graph order.
+        opset: ONNX opset of the default domain.
+        atol: max abs error against PyTorch that the export accepts (fp32).
+        cfg: the graph takes ``cond_scale`` and returns the guided eps (cond and null in one batch).
+    """
+
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int = DEFAULT_OPSET
+    atol: float = FP32_ATOL
+    cfg: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """``torch.onnx.export``'s form: ``{"x": {0: "batch", 3: "height"}, ...}``."""
+        out = {}
+        for t in self.inputs + self.outputs:
+            axes = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            if axes:
+                out[t.name] = axes
+        return out
+
+    def manifest_entry(self, precision: str = "fp32", file: str | None = None) -> dict:
+        """The graph's entry in ``vdeploy.json`` (dynamic axes with string keys, as JSON needs)."""
+        return {
+            "file": file or self.file,
+            "precision": precision,
+            "cfg": self.cfg,
+            "inputs": [t.as_dict() for t in self.inputs],
+            "outputs": [t.as_dict() for t in self.outputs],
+            "dynamic_axes": {k: {str(i): d for i, d in v.items()} for k, v in self.dynamic_axes.items()},
+            **self.extra,
+        }
+
+
+def denoiser_spec(
+    config: dict, cond_dim: int | None, *, cfg: bool = False, dynamic_size: bool = True, opset: int = DEFAULT_OPSET, atol: float = FP32_ATOL
+) -> ExportSpec:
+    """The spec of ``eps = denoiser(x, t[, cond][, cond_scale])`` for a resolved model config.
+
+    Batch is always dynamic; height and width are dynamic when ``dynamic_size`` (any multiple of
+    ``2 ** (len(dim_mults) - 1)``); frames are static: the temporal position tables are folded in.
+
+    Args:
+        config: resolved flat config (``vdeploy.config.resolve``).
+        cond_dim: width of the conditioning (the model's ``null_cond_emb``), None if unconditioned.
+        cfg: the classifier-free-guidance graph (needs a conditioned model).
+        dynamic_size: make height and width dynamic axes.
+    """
+    c, f, s = config["channels"], config["num_frames"], config["image_size"]
+    out_c = config.get("out_dim") or c
+    h, w = ("height", "width") if dynamic_size else (s, s)
+    inputs = [TensorSpec("x", "float32", ("batch", c, f, h, w)), TensorSpec("t", "int64", ("batch",))]
+    if cond_dim is not None:
+        inputs.append(TensorSpec("cond", "float32", ("batch", cond_dim)))
+    if cfg:
+        if cond_dim is None:
+            raise ExportError("--cfg needs a conditioned model (cond_dim or use_bert_text_cond); this one has none")
+        inputs.append(TensorSpec("cond_scale", "float32", (1,)))
+    return ExportSpec(
+        name="denoiser_cfg" if cfg else "denoiser",
+        file="denoiser_cfg.onnx" if cfg else "denoiser.onnx",
+        inputs=tuple(inputs),
+        outputs=(TensorSpec("eps", "float32", ("batch", out_c, f, h, w)),),
+        opset=opset,
+        atol=atol,
+        cfg=cfg,
+    )
+
+
+def text_encoder_spec(dim: int, opset: int = DEFAULT_OPSET, atol: float = FP32_ATOL) -> ExportSpec:
+    """The spec of ``embedding = text_encoder(input_ids, attention_mask)`` (pooled, ``(b, dim)``)."""
+    return ExportSpec(
+        name="text_encoder",
+        file="text_encoder/model.onnx",
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", "tokens")),
+            TensorSpec("attention_mask", "int64", ("batch", "tokens")),
+        ),
+        outputs=(TensorSpec("embedding", "float32", ("batch", dim)),),
+        opset=opset,
+        atol=atol,
+    )
+

@@ -1,0 +1,117 @@
+"""Export of the local text encoder (BERT/MiniLM + the seed's ``bert_embed`` pooling) to ONNX.
+
+Writes ``text_encoder/model.onnx`` (int64 ``input_ids``, ``attention_mask`` ``(b, n)`` -> float32
+``embedding`` ``(b, dim)``) and ``text_encoder/tokenizer.json``, so the torch-free runtime embeds captions
+with the ``tokenizers`` library and onnxruntime. Checked like the denoiser: checker, names, shapes, and
+onnxruntime against :class:`vdeploy.text.TextEncoder` on captions of different lengths (padding included).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .checks import Case, check_graph, check_parity
+from .spec import ExportError, text_encoder_spec
+
+log = logging.getLogger("vdeploy.export")
+
+PARITY_CAPTIONS = (
+    ["a red circle moving left"],
+    ["a small blue square moving up and to the right, slowly", "green", "a yellow triangle bouncing"],
+)
+
+
+def export_text_encoder(
+    out_dir: str | Path, path: str | Path | None, *, cls_repr: bool = False, cond_dim: int | None = None, opset: int = 17
+) -> dict:
+    """Export the encoder at ``path`` (default: the embedded MiniLM) into ``out_dir/text_encoder/``.
+
+    Args:
+        out_dir: the (staging) model directory.
+        path: local HF model directory; None for :func:`vdeploy.text.default_text_encoder_dir`.
+        cls_repr: pool as the [CLS] vector (``text_use_bert_cls``) instead of the masked mean.
+        cond_dim: the denoiser's conditioning width, which the encoder's width must equal.
+
+    Returns:
+        ``{"dir": "text_encoder", "dim": ..., "max_length": ..., "pooling": ..., "parity": {...},
+        "source": ...}`` for the manifest.
+
+    Raises:
+        ExportError: the directory does not load, has no ``tokenizer.json``, or its width is not ``cond_dim``.
+    """
+    import torch
+
+    from vdeploy.text import TextEncoder, TextEncoderError
+
+    from .wrapper import PooledTextEncoder
+
+    try:
+        encoder = TextEncoder(path)
+    except TextEncoderError as e:
+        raise ExportError(str(e)) from None
+    tokenizer_json = encoder.path / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise ExportError(f"text encoder directory {encoder.path} has no tokenizer.json (the runtime's tokenizers need it)")
+    if cond_dim is not None and encoder.dim != cond_dim:
+        raise ExportError(
+            f"text encoder {encoder.path} embeds to {encoder.dim} dims but the model's cond_dim is {cond_dim}"
+        )
+    spec = text_encoder_spec(encoder.dim, opset=opset)
+    target = Path(out_dir) / "text_encoder"
+    target.mkdir()
+    onnx_path = Path(out_dir) / spec.file
+
+    module = PooledTextEncoder(_eager_attention(encoder.model), cls_repr=cls_repr).eval()
+    sample = encoder.tokenize(["a trace caption", "a second, longer trace caption with padding"])
+    log.info("exporting the text encoder %s (%d dims) to %s", encoder.path, encoder.dim, spec.file)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (sample["input_ids"], sample["attention_mask"]),
+            str(onnx_path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes,
+        )
+    shutil.copyfile(tokenizer_json, target / "tokenizer.json")
+    check_graph(onnx_path, spec)
+    errors = check_parity(onnx_path, spec, _cases(encoder, cls_repr))
+    log.info("text encoder parity vs PyTorch: %s", ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    return {
+        "dir": "text_encoder",
+        "dim": encoder.dim,
+        "max_length": encoder.max_length,
+        "pooling": "cls" if cls_repr else "masked_mean_excluding_cls",
+        "source": str(encoder.path),
+        "spec": spec,
+        "parity": {"atol": spec.atol, "max_abs_err": errors},
+    }
+
+
+def _eager_attention(model):
+    """Trace with the plain (eager) attention: the SDPA/mask-builder paths do not trace cleanly."""
+    try:
+        model.set_attn_implementation("eager")
+    except (AttributeError, ValueError):
+        if hasattr(model.config, "_attn_implementation"):
+            model.config._attn_implementation = "eager"
+    return model
+
+
+def _cases(encoder, cls_repr: bool) -> list[Case]:
+    cases = []
+    for texts in PARITY_CAPTIONS:
+        tokens = encoder.tokenize(texts)
+        feed = {k: v.numpy().astype(np.int64) for k, v in tokens.items()}
+        ref = encoder(texts, return_cls_repr=cls_repr).cpu().numpy()
+        cases.append(Case(f"b{len(texts)}", feed, ref))
+    return cases
+
