@@ -1,0 +1,81 @@
+"""Shared test fixtures: the reference package ``video-diffusion-pytorch`` (0.6.3 and 0.7.0).
+
+Both versions install the module name ``video_diffusion_pytorch`` (0.7.0 under ``.venv/ref-0.7.0``), and
+both import torchvision at import time, which cannot be installed beside the CPU torch. The loader stubs
+torchvision only while the package imports and then restores ``sys.modules``, so other tests (and
+libraries probing for torchvision with ``importlib.util.find_spec``) never see the stub.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REF_070_DIR = Path(sys.prefix) / "ref-0.7.0"
+
+_cache: dict[str, types.ModuleType] = {}
+
+
+class _AnyAttr(types.ModuleType):
+    """A stand-in module whose every attribute is a do-nothing callable (``T.ToTensor()`` etc.)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def load_reference(version: str = "0.6.3") -> types.ModuleType:
+    """Import ``video_diffusion_pytorch`` of the given version and return its main module.
+
+    Skips the calling test when that version is not installed.
+    """
+    if version in _cache:
+        return _cache[version]
+    path = None
+    if version == "0.7.0":
+        if not (REF_070_DIR / "video_diffusion_pytorch").is_dir():
+            pytest.skip(f"video-diffusion-pytorch 0.7.0 is not installed in {REF_070_DIR}")
+        path = str(REF_070_DIR)
+    saved = {k: v for k, v in sys.modules.items() if k == "video_diffusion_pytorch" or k.startswith("video_diffusion_pytorch.")}
+    for k in saved:
+        del sys.modules[k]
+    had_tv = {k: sys.modules.get(k) for k in ("torchvision", "torchvision.transforms", "torchvision.utils")}
+    tv = types.ModuleType("torchvision")
+    tv.transforms, tv.utils = _AnyAttr("torchvision.transforms"), _AnyAttr("torchvision.utils")
+    sys.modules.update({"torchvision": tv, "torchvision.transforms": tv.transforms, "torchvision.utils": tv.utils})
+    if path:
+        sys.path.insert(0, path)
+    try:
+        module = importlib.import_module("video_diffusion_pytorch.video_diffusion_pytorch")
+    except ImportError as e:
+        pytest.skip(f"video-diffusion-pytorch {version} cannot be imported: {e}")
+    finally:
+        if path:
+            sys.path.remove(path)
+        for k, v in had_tv.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+        for k in [k for k in sys.modules if k == "video_diffusion_pytorch" or k.startswith("video_diffusion_pytorch.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    installed = getattr(module, "__file__", "")
+    assert (path is None) == ("ref-0.7.0" not in installed), f"loaded the wrong reference: {installed}"
+    _cache[version] = module
+    return module
+
+
+@pytest.fixture(scope="session")
+def ref_vdp() -> types.ModuleType:
+    """video_diffusion_pytorch 0.6.3 (GroupNorm), as installed from PyPI."""
+    return load_reference("0.6.3")
+
+
+@pytest.fixture(scope="session")
+def ref_vdp070() -> types.ModuleType:
+    """video_diffusion_pytorch 0.7.0 (RMSNorm in Block), from ``.venv/ref-0.7.0``."""
+    return load_reference("0.7.0")

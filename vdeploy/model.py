@@ -1,0 +1,680 @@
+"""Unet3D: the space-time factored U-Net of video-diffusion-pytorch (Ho et al. 2022, "Video Diffusion Models").
+
+Same modules, parameter names and shapes as ``video_diffusion_pytorch.Unet3D`` 0.6.3 (GroupNorm) and,
+with ``norm_type="rms"``, 0.7.0 (RMSNorm in ``Block``): state dicts load both ways with ``strict=True``
+and outputs agree to float32 round-off.
+
+The forward pass is written for export (ONNX opset 17, onnxruntime, TensorRT) rather than copied:
+
+* Every convolution of this network is purely spatial ((1,k,k) kernels), so the whole network runs in
+  the *folded* layout ``(b*f, c, h, w)`` with ``conv2d`` / ``conv_transpose2d`` over ``weight.squeeze(2)``
+  (same ``nn.Conv3d`` parameters). GroupNorm statistics span frames, so they are reduced over a
+  ``(b, f, g, c/g, h*w)`` view; LayerNorm/RMSNorm are per position and need no unfolding.
+* Attention works on tokens laid out ``(..., features, tokens)``: the projections are matmuls with the
+  weight on the left, ``sim = qᵀk``, ``out = v attnᵀ``. The mid spatial attention then needs no transpose
+  at all and the temporal attention one transpose of ``x`` in and one out (no per-head reshuffles).
+  No einsum; the query scale is folded into the query weights.
+* Rotary embedding uses precomputed cos/sin tables (sign of rotate_half folded into the sin table) and a
+  pair swap written as reshape + flip; the relative position bias is a ``(heads, f, f)`` table. Both come
+  from :meth:`Unet3D.position_tables` and can be passed in precomputed (``forward(..., tables=...)``), so an
+  export for a fixed frame count holds them as constants.
+* Training-only features cost nothing when off: ``null_cond_prob == 0`` adds no mask, no focus mask adds no
+  masking ops, and nothing calls ``.item()``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BERT_MODEL_DIM", "Unet3D", "RelativePositionBias", "RotaryEmbedding"]
+
+# Width of the BERT-base text embedding used by ``use_bert_text_cond=True`` (as upstream's text.py).
+BERT_MODEL_DIM = 768
+
+
+def exists(x) -> bool:
+    return x is not None
+
+
+def default(val, d):
+    if exists(val):
+        return val
+    return d() if callable(d) else d
+
+
+def is_odd(n: int) -> bool:
+    return (n % 2) == 1
+
+
+def prob_mask_like(shape, prob: float, device) -> Tensor:
+    """Bool mask, each entry True with probability ``prob`` (same RNG use as upstream)."""
+    if prob == 1:
+        return torch.ones(shape, device=device, dtype=torch.bool)
+    if prob == 0:
+        return torch.zeros(shape, device=device, dtype=torch.bool)
+    return torch.zeros(shape, device=device).float().uniform_(0, 1) < prob
+
+
+# ---------------------------------------------------------------------------------------------------
+# position encodings
+
+
+class RelativePositionBias(nn.Module):
+    """T5 relative position bias (Raffel et al. 2020): log-spaced distance buckets -> one bias per head."""
+
+    def __init__(self, heads: int = 8, num_buckets: int = 32, max_distance: int = 128):
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.relative_attention_bias = nn.Embedding(num_buckets, heads)
+
+    @staticmethod
+    def _relative_position_bucket(relative_position: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
+        # identical float32 arithmetic to upstream, so bucket boundaries match exactly
+        ret = 0
+        n = -relative_position
+        num_buckets //= 2
+        ret += (n < 0).long() * num_buckets
+        n = torch.abs(n)
+        max_exact = num_buckets // 2
+        is_small = n < max_exact
+        # clamp only avoids log(0) for entries that `is_small` discards anyway
+        val_if_large = max_exact + (
+            torch.log(n.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+        ).long()
+        val_if_large = torch.min(val_if_large, torch.full_like(val_if_large, num_buckets - 1))
+        ret += torch.where(is_small, n, val_if_large)
+        return ret
+
+    def forward(self, n: int, device=None) -> Tensor:
+        """The ``(heads, n, n)`` bias added to attention logits between frames i (query) and j (key)."""
+        device = default(device, self.relative_attention_bias.weight.device)
+        pos = torch.arange(int(n), dtype=torch.long, device=device)
+        rel_pos = pos[None, :] - pos[:, None]  # j - i
+        bucket = self._relative_position_bucket(rel_pos, num_buckets=self.num_buckets, max_distance=self.max_distance)
+        return self.relative_attention_bias(bucket).permute(2, 0, 1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer, Su et al. 2021) as rotary-embedding-torch defines it.
+
+    Feature pairs ``(2p, 2p+1)`` of the first ``2 * len(freqs)`` features rotate by ``pos * freqs[p]``;
+    ``freqs`` is a frozen parameter so that it sits in the state dict like upstream's.
+    """
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+        self.freqs = nn.Parameter(freqs, requires_grad=False)
+
+    def tables(self, n: int, dim_head: int, device=None) -> tuple[Tensor, Tensor]:
+        """cos and signed sin tables, each ``(dim_head, n)``, such that the rotated query is
+        ``q * cos + swap_pairs(q) * sin`` for ``q`` laid out ``(..., dim_head, n)``.
+
+        Features beyond the rotary width pass through (cos 1, sin 0).
+        """
+        freqs = self.freqs.detach()
+        device = default(device, freqs.device)
+        freqs = freqs.to(device=device, dtype=torch.float32)
+        rot = 2 * freqs.shape[0]
+        assert rot <= dim_head, f"rotary width {rot} exceeds the head dimension {dim_head}"
+        pos = torch.arange(int(n), device=device, dtype=torch.float32)
+        angles = (pos[:, None] * freqs[None, :]).repeat_interleave(2, dim=-1)  # (n, rot): '... (d r)', r=2
+        # rotate_half(x) = (-x[2p+1], x[2p]) = swap_pairs(x) * (-1, +1): fold the sign into sin
+        sign = torch.tensor([-1.0, 1.0], device=device).repeat(rot // 2)
+        cos, sin = angles.cos(), angles.sin() * sign
+        if rot < dim_head:
+            cos = torch.cat((cos, cos.new_ones(int(n), dim_head - rot)), dim=-1)
+            sin = torch.cat((sin, sin.new_zeros(int(n), dim_head - rot)), dim=-1)
+        return cos.t().contiguous(), sin.t().contiguous()
+
+
+def swap_pairs(x: Tensor) -> Tensor:
+    """Swap features 2p <-> 2p+1 along dim -2 of ``(..., d, n)`` (rotate_half without its sign)."""
+    *lead, d, n = x.shape
+    return x.reshape(*lead, d // 2, 2, n).flip(-2).reshape(*lead, d, n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# small modules
+
+
+class Residual(nn.Module):
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return self.fn(x, **kwargs) + x
+
+
+class SinusoidalPosEmb(nn.Module):
+    """Transformer sinusoidal embedding of the diffusion step (``sin`` half, then ``cos`` half)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        half_dim = self.dim // 2
+        emb = math.log(10000) / (half_dim - 1)
+        emb = torch.exp(torch.arange(half_dim, device=x.device) * -emb)
+        emb = x[:, None] * emb[None, :]
+        return torch.cat((emb.sin(), emb.cos()), dim=-1)
+
+
+class LayerNorm(nn.Module):
+    """Channel LayerNorm (no bias) over dim 1; ``gamma`` keeps upstream's ``(1, dim, 1, 1, 1)`` shape."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.ones(1, dim, 1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (b*f, c, h, w) folded or (b, c, f, h, w); statistics per position over channels
+        mean = x.mean(dim=1, keepdim=True)
+        d = x - mean
+        var = (d * d).mean(dim=1, keepdim=True)
+        gamma = self.gamma.reshape(1, -1, *([1] * (x.ndim - 2)))
+        return d / torch.sqrt(var + self.eps) * gamma
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.norm = LayerNorm(dim)
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return self.fn(self.norm(x), **kwargs)
+
+
+class RMSNorm(nn.Module):
+    """0.7.0's norm in ``Block``: ``F.normalize(x, dim=1) * sqrt(dim) * gamma``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1, 1))
+
+
+def _group_norm_film(x: Tensor, frames: int, norm: nn.GroupNorm, scale: Tensor | None, shift: Tensor | None) -> Tensor:
+    """GroupNorm of the unfolded ``(b, c, f, h, w)`` tensor, then FiLM ``* (scale + 1) + shift``.
+
+    Statistics per (sample, group) over ``(c/g, f, h, w)``, reduced on a ``(b, f, g, c/g, h*w)`` view of the
+    folded ``(b*f, c, h, w)`` input; the affine and FiLM terms fold into one per-channel multiply-add.
+    """
+    bf, c, h, w = x.shape
+    g = norm.num_groups
+    xg = x.reshape(-1, frames, g, c // g, h * w)
+    mean = xg.mean(dim=(1, 3, 4), keepdim=True)
+    d = xg - mean
+    var = (d * d).mean(dim=(1, 3, 4), keepdim=True)
+    a = norm.weight.reshape(1, 1, g, c // g, 1)
+    b = norm.bias.reshape(1, 1, g, c // g, 1)
+    if exists(scale):
+        s1 = (scale + 1).reshape(-1, 1, g, c // g, 1)
+        a, b = a * s1, b * s1 + shift.reshape(-1, 1, g, c // g, 1)
+    # a / sqrt rather than rsqrt * a: ORT's DivMulFusion mis-wires 1/x -> Mul(const) (seen with ORT 1.32)
+    y = d * (a / torch.sqrt(var + norm.eps)) + b
+    return y.reshape(bf, c, h, w)
+
+
+def _rms_norm_film(x: Tensor, frames: int, norm: RMSNorm, scale: Tensor | None, shift: Tensor | None) -> Tensor:
+    """RMSNorm over channels (``F.normalize`` semantics, eps 1e-12), then FiLM, on the folded layout."""
+    bf, c, h, w = x.shape
+    xv = x.reshape(-1, frames, c, h * w)
+    a = norm.gamma.reshape(1, 1, c, 1) * norm.scale
+    y = xv / torch.linalg.vector_norm(xv, dim=2, keepdim=True).clamp_min(1e-12)
+    if exists(scale):
+        y = y * (a * (scale + 1).reshape(-1, 1, c, 1)) + shift.reshape(-1, 1, c, 1)
+    else:
+        y = y * a
+    return y.reshape(bf, c, h, w)
+
+
+def _conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """A (1, k, k) ``Conv3d`` applied as ``conv2d`` over the folded ``(b*f, c, h, w)`` layout."""
+    assert conv.weight.shape[2] == 1 and conv.stride[0] == 1 and conv.padding[0] == 0, "only spatial kernels fold"
+    return F.conv2d(x, conv.weight.squeeze(2), conv.bias, stride=conv.stride[1:], padding=conv.padding[1:])
+
+
+def _conv_transpose(conv: nn.ConvTranspose3d, x: Tensor) -> Tensor:
+    return F.conv_transpose2d(x, conv.weight.squeeze(2), conv.bias, stride=conv.stride[1:], padding=conv.padding[1:])
+
+
+def Upsample(dim: int) -> nn.ConvTranspose3d:
+    return nn.ConvTranspose3d(dim, dim, (1, 4, 4), (1, 2, 2), (0, 1, 1))
+
+
+def Downsample(dim: int) -> nn.Conv3d:
+    return nn.Conv3d(dim, dim, (1, 4, 4), (1, 2, 2), (0, 1, 1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# building blocks
+
+
+class Block(nn.Module):
+    """(1,3,3) conv -> GroupNorm (or RMSNorm) -> optional FiLM -> SiLU."""
+
+    def __init__(self, dim: int, dim_out: int, groups: int = 8, norm_type: str = "group"):
+        super().__init__()
+        self.proj = nn.Conv3d(dim, dim_out, (1, 3, 3), padding=(0, 1, 1))
+        self.norm = nn.GroupNorm(groups, dim_out) if norm_type == "group" else RMSNorm(dim_out)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor, frames: int, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        x = _conv(self.proj, x)
+        if isinstance(self.norm, nn.GroupNorm):
+            x = _group_norm_film(x, frames, self.norm, scale, shift)
+        else:
+            x = _rms_norm_film(x, frames, self.norm, scale, shift)
+        return self.act(x)
+
+
+class ResnetBlock(nn.Module):
+    """Two Blocks with a residual; the (time [+ cond]) embedding modulates the first by FiLM."""
+
+    def __init__(self, dim: int, dim_out: int, *, time_emb_dim: int | None = None, groups: int = 8, norm_type: str = "group"):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2)) if exists(time_emb_dim) else None
+        self.block1 = Block(dim, dim_out, groups=groups, norm_type=norm_type)
+        self.block2 = Block(dim_out, dim_out, groups=groups, norm_type=norm_type)
+        self.res_conv = nn.Conv3d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x: Tensor, frames: int, time_emb: Tensor | None = None) -> Tensor:
+        scale = shift = None
+        if exists(self.mlp):
+            assert exists(time_emb), "time emb must be passed in"
+            scale, shift = self.mlp(time_emb).chunk(2, dim=1)
+        h = self.block1(x, frames, scale, shift)
+        h = self.block2(h, frames)
+        res = _conv(self.res_conv, x) if isinstance(self.res_conv, nn.Conv3d) else x
+        return h + res
+
+
+class SpatialLinearAttention(nn.Module):
+    """Linear attention over each frame's h*w positions (Shen et al. 2021, "Efficient Attention")."""
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32):
+        super().__init__()
+        self.scale = dim_head**-0.5
+        self.heads = heads
+        self.dim_head = dim_head
+        hidden_dim = dim_head * heads
+        self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden_dim, dim, 1)
+
+    def forward(self, x: Tensor, **_) -> Tensor:
+        bf, c, h, w = x.shape  # folded: this attention is per frame
+        qkv = F.conv2d(x, self.to_qkv.weight).reshape(bf, 3, self.heads, self.dim_head, h * w)
+        q, k, v = qkv.unbind(1)  # each (bf, heads, d, n)
+        q = q.softmax(dim=-2)
+        k = k.softmax(dim=-1)
+        context = torch.matmul(k, v.transpose(-1, -2))  # (bf, heads, d, e)
+        out = torch.matmul(context.transpose(-1, -2), q)  # (bf, heads, e, n)
+        out = out.reshape(bf, -1, h, w)
+        # upstream scales q; scaling the output projection is the same linear map
+        return F.conv2d(out, self.to_out.weight * self.scale, self.to_out.bias)
+
+
+class Attention(nn.Module):
+    """Multi-head softmax attention over tokens laid out ``(..., dim, n)`` (features, then tokens).
+
+    Same parameters as upstream's ``Attention`` (``to_qkv``/``to_out`` ``nn.Linear``); the projections run
+    as ``W @ x`` so no per-head transposes are needed.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, rotary_emb: RotaryEmbedding | None = None):
+        super().__init__()
+        self.scale = dim_head**-0.5
+        self.heads = heads
+        self.dim_head = dim_head
+        hidden_dim = dim_head * heads
+        self.rotary_emb = rotary_emb
+        self.to_qkv = nn.Linear(dim, hidden_dim * 3, bias=False)
+        self.to_out = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        pos_bias: Tensor | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
+        blocked: Tensor | None = None,
+        values_only: bool = False,
+    ) -> Tensor:
+        """Args:
+            x: ``(..., dim, n)`` normalized tokens.
+            pos_bias: ``(heads, n, n)`` logit bias, or None.
+            rotary: ``(cos, sin)`` tables ``(dim_head, n)`` from :meth:`RotaryEmbedding.tables`, or None.
+            blocked: bool mask broadcastable to the logits ``(..., heads, n, n)``; True = not attended.
+            values_only: upstream's all-present focus: return ``to_out(v)`` per token.
+        """
+        hidden = self.heads * self.dim_head
+        w_qkv = self.to_qkv.weight
+        if values_only:
+            return torch.matmul(self.to_out.weight, torch.matmul(w_qkv[2 * hidden :], x))
+        # pre-scale q through its weights: (s W_q) x = s (W_q x)
+        w_qkv = torch.cat((w_qkv[:hidden] * self.scale, w_qkv[hidden:]), dim=0)
+        lead, n = x.shape[:-2], x.shape[-1]
+        qkv = torch.matmul(w_qkv, x).reshape(*lead, 3, self.heads, self.dim_head, n)
+        q, k, v = qkv.unbind(-4)  # each (..., heads, d, n)
+        if exists(rotary):
+            cos, sin = rotary
+            q = q * cos + swap_pairs(q) * sin
+            k = k * cos + swap_pairs(k) * sin
+        sim = torch.matmul(q.transpose(-1, -2), k)  # (..., heads, i, j)
+        if exists(pos_bias):
+            sim = sim + pos_bias
+        if exists(blocked):
+            sim = sim.masked_fill(blocked, torch.finfo(sim.dtype).min)
+        sim = sim - sim.amax(dim=-1, keepdim=True).detach()  # as upstream: stable in fp16
+        attn = sim.softmax(dim=-1)
+        out = torch.matmul(v, attn.transpose(-1, -2))  # (..., heads, d, i)
+        return torch.matmul(self.to_out.weight, out.reshape(*lead, hidden, n))
+
+
+class TemporalAttention(nn.Module):
+    """Attention across frames at every spatial position: upstream's ``EinopsToAndFrom('b c f h w',
+    'b (h w) f c', Attention)``, taking and returning the folded ``(b*f, c, h, w)`` layout."""
+
+    def __init__(self, fn: Attention):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor, *, frames: int, pos_bias=None, rotary=None, blocked=None, values_only=False, **_) -> Tensor:
+        bf, c, h, w = x.shape
+        tokens = x.reshape(-1, frames, c, h * w).permute(0, 3, 2, 1)  # (b, h*w, c, f)
+        out = self.fn(tokens, pos_bias=pos_bias, rotary=rotary, blocked=blocked, values_only=values_only)
+        return out.permute(0, 3, 2, 1).reshape(bf, c, h, w)
+
+
+class SpatialAttention(nn.Module):
+    """Full attention over each frame's positions: upstream's ``EinopsToAndFrom('b c f h w',
+    'b f (h w) c', Attention)``, on the folded layout (a pure reshape, no transpose)."""
+
+    def __init__(self, fn: Attention):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor, **_) -> Tensor:
+        bf, c, h, w = x.shape
+        return self.fn(x.reshape(bf, c, h * w)).reshape(bf, c, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------
+# model
+
+
+class Unet3D(nn.Module):
+    """Space-time factored 3D U-Net denoiser (Ho et al. 2022), compatible with video-diffusion-pytorch.
+
+    Args:
+        dim: base channel width.
+        cond_dim: width of the conditioning vector (e.g. a text embedding); None for unconditional.
+        out_dim: output channels (default ``channels``).
+        dim_mults: width multiplier per resolution level.
+        channels: input channels.
+        attn_heads: heads of every attention.
+        attn_dim_head: head width of the temporal attentions (spatial ones use 32, as upstream).
+        use_bert_text_cond: condition on BERT-base embeddings (``cond_dim = BERT_MODEL_DIM``).
+        init_dim: width after the stem conv (default ``dim``; upstream's forward only works when it equals
+            ``dim``, so any other value is rejected here).
+        init_kernel_size: odd spatial kernel of the stem conv.
+        use_sparse_linear_attn: add spatial linear attention at every level.
+        block_type: accepted for compatibility; only 'resnet' exists (upstream ignores it too).
+        resnet_groups: GroupNorm groups (``norm_type='group'``).
+        norm_type: 'group' (0.6.3) or 'rms' (0.7.0: RMSNorm in ``Block``, no groups).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int | None = None,
+        out_dim: int | None = None,
+        dim_mults=(1, 2, 4, 8),
+        channels: int = 3,
+        attn_heads: int = 8,
+        attn_dim_head: int = 32,
+        use_bert_text_cond: bool = False,
+        init_dim: int | None = None,
+        init_kernel_size: int = 7,
+        use_sparse_linear_attn: bool = True,
+        block_type: str = "resnet",
+        resnet_groups: int = 8,
+        norm_type: str = "group",
+    ):
+        super().__init__()
+        if norm_type not in ("group", "rms"):
+            raise ValueError(f"norm_type must be 'group' or 'rms', got {norm_type!r}")
+        self.channels = channels
+        self.norm_type = norm_type
+        self.attn_heads = attn_heads
+        self.attn_dim_head = attn_dim_head
+
+        # temporal attention and its relative positional encoding; ONE rotary module shared by all of them
+        rotary_emb = RotaryEmbedding(min(32, attn_dim_head))
+
+        def temporal_attn(d: int) -> TemporalAttention:
+            return TemporalAttention(Attention(d, heads=attn_heads, dim_head=attn_dim_head, rotary_emb=rotary_emb))
+
+        self.time_rel_pos_bias = RelativePositionBias(heads=attn_heads, max_distance=32)
+
+        # initial conv
+        init_dim = default(init_dim, dim)
+        if init_dim != dim:
+            # upstream builds this but its forward fails: the final conv takes dim * 2 channels while the
+            # skip from the stem and the last up block carry init_dim each
+            raise ValueError(f"init_dim ({init_dim}) must equal dim ({dim}): the final conv takes dim * 2 channels")
+        assert is_odd(init_kernel_size)
+        init_padding = init_kernel_size // 2
+        self.init_conv = nn.Conv3d(
+            channels, init_dim, (1, init_kernel_size, init_kernel_size), padding=(0, init_padding, init_padding)
+        )
+        self.init_temporal_attn = Residual(PreNorm(init_dim, temporal_attn(init_dim)))
+
+        # dimensions
+        dims = [init_dim, *map(lambda m: dim * m, dim_mults)]
+        in_out = list(zip(dims[:-1], dims[1:]))
+
+        # time conditioning
+        time_dim = dim * 4
+        self.time_mlp = nn.Sequential(
+            SinusoidalPosEmb(dim), nn.Linear(dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)
+        )
+
+        # text conditioning (classifier-free guidance: a learned null embedding replaces dropped conds)
+        self.has_cond = exists(cond_dim) or use_bert_text_cond
+        cond_dim = BERT_MODEL_DIM if use_bert_text_cond else cond_dim
+        self.null_cond_emb = nn.Parameter(torch.randn(1, cond_dim)) if self.has_cond else None
+        cond_dim = time_dim + int(cond_dim or 0)
+
+        # layers
+        self.downs = nn.ModuleList([])
+        self.ups = nn.ModuleList([])
+        num_resolutions = len(in_out)
+        block_klass = partial(ResnetBlock, groups=resnet_groups, norm_type=norm_type)
+        block_klass_cond = partial(block_klass, time_emb_dim=cond_dim)
+
+        def linear_attn(d: int) -> nn.Module:
+            if not use_sparse_linear_attn:
+                return nn.Identity()
+            return Residual(PreNorm(d, SpatialLinearAttention(d, heads=attn_heads)))
+
+        for ind, (dim_in, dim_out) in enumerate(in_out):
+            is_last = ind >= (num_resolutions - 1)
+            self.downs.append(
+                nn.ModuleList(
+                    [
+                        block_klass_cond(dim_in, dim_out),
+                        block_klass_cond(dim_out, dim_out),
+                        linear_attn(dim_out),
+                        Residual(PreNorm(dim_out, temporal_attn(dim_out))),
+                        Downsample(dim_out) if not is_last else nn.Identity(),
+                    ]
+                )
+            )
+
+        mid_dim = dims[-1]
+        self.mid_block1 = block_klass_cond(mid_dim, mid_dim)
+        self.mid_spatial_attn = Residual(PreNorm(mid_dim, SpatialAttention(Attention(mid_dim, heads=attn_heads))))
+        self.mid_temporal_attn = Residual(PreNorm(mid_dim, temporal_attn(mid_dim)))
+        self.mid_block2 = block_klass_cond(mid_dim, mid_dim)
+
+        for ind, (dim_in, dim_out) in enumerate(reversed(in_out)):
+            is_last = ind >= (num_resolutions - 1)
+            self.ups.append(
+                nn.ModuleList(
+                    [
+                        block_klass_cond(dim_out * 2, dim_in),
+                        block_klass_cond(dim_in, dim_in),
+                        linear_attn(dim_in),
+                        Residual(PreNorm(dim_in, temporal_attn(dim_in))),
+                        Upsample(dim_in) if not is_last else nn.Identity(),
+                    ]
+                )
+            )
+
+        out_dim = default(out_dim, channels)
+        self.final_conv = nn.Sequential(block_klass(dim * 2, dim), nn.Conv3d(dim, out_dim, 1))
+
+    # -- position tables -----------------------------------------------------------------------------
+
+    def position_tables(self, num_frames: int, device=None) -> dict[str, Tensor]:
+        """Frame-position tables of the temporal attentions for ``num_frames`` frames.
+
+        Args:
+            num_frames: number of frames ``f`` the tables are for.
+            device: where to build them (default: the model's device).
+
+        Returns:
+            ``{"pos_bias": (heads, f, f), "rotary_cos": (attn_dim_head, f), "rotary_sin": (attn_dim_head, f)}``,
+            float32 (the bias in the parameters' dtype). ``pos_bias[h, i, j]`` is added to the logit of query
+            frame i and key frame j; the rotary tables rotate a query/key ``q`` laid out ``(dim_head, f)`` as
+            ``q * rotary_cos + swap_pairs(q) * rotary_sin`` (rotate_half's sign is folded into ``rotary_sin``).
+            Pass them to :meth:`forward` as ``tables=`` to skip recomputing; an export registers them as
+            buffers so they become graph constants.
+        """
+        device = default(device, self.init_conv.weight.device)
+        cos, sin = self._rotary().tables(num_frames, self.attn_dim_head, device)
+        return {"pos_bias": self.time_rel_pos_bias(num_frames, device=device), "rotary_cos": cos, "rotary_sin": sin}
+
+    def _rotary(self) -> RotaryEmbedding:
+        return self.init_temporal_attn.fn.fn.fn.rotary_emb
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    def forward_with_cond_scale(self, *args, cond_scale: float = 2.0, **kwargs) -> Tensor:
+        """Classifier-free guidance (Ho & Salimans 2022): ``null + (cond - null) * cond_scale``.
+
+        Args:
+            *args, **kwargs: as :meth:`forward` (without ``null_cond_prob``).
+            cond_scale: guidance scale; 1 (or an unconditional model) returns the conditional logits.
+        """
+        logits = self.forward(*args, null_cond_prob=0.0, **kwargs)
+        if cond_scale == 1 or not self.has_cond:
+            return logits
+        null_logits = self.forward(*args, null_cond_prob=1.0, **kwargs)
+        return null_logits + (logits - null_logits) * cond_scale
+
+    def forward(
+        self,
+        x: Tensor,
+        time: Tensor,
+        cond: Tensor | None = None,
+        null_cond_prob: float = 0.0,
+        focus_present_mask: Tensor | None = None,
+        prob_focus_present: float = 0.0,
+        tables: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Predict the noise (or whatever the model was trained on) of a video batch.
+
+        Args:
+            x: ``(b, channels, f, h, w)`` noisy videos.
+            time: ``(b,)`` diffusion steps (long).
+            cond: ``(b, cond_dim)`` conditioning; required when the model has one.
+            null_cond_prob: probability per sample of replacing ``cond`` by the null embedding (training).
+            focus_present_mask: ``(b,)`` bool; True samples attend only to their own frame in time.
+            prob_focus_present: probability per sample of focusing on the present when no mask is given.
+            tables: precomputed :meth:`position_tables` for ``f`` frames (computed here when None).
+
+        Returns:
+            ``(b, out_dim, f, h, w)``.
+        """
+        assert not (self.has_cond and not exists(cond)), "cond must be passed in if cond_dim specified"
+        b, c, f, h, w = x.shape
+        device = x.device
+
+        # focus on the present (upstream semantics): all True -> values pass through the temporal
+        # attentions; some True -> those samples attend only to their own frame; none -> plain attention
+        values_only, blocked = False, None
+        if not exists(focus_present_mask) and prob_focus_present > 0:
+            focus_present_mask = prob_mask_like((b,), prob_focus_present, device=device)
+        if exists(focus_present_mask):
+            if bool(focus_present_mask.all()):
+                values_only = True
+            elif bool(focus_present_mask.any()):
+                off_diag = ~torch.eye(f, device=device, dtype=torch.bool)
+                blocked = focus_present_mask.reshape(b, 1, 1, 1, 1) & off_diag  # (b, 1, 1, f, f)
+
+        if not exists(tables):
+            tables = self.position_tables(f, device=device)
+        assert tables["pos_bias"].shape[-1] == f, "position tables were built for another frame count"
+        dtype = self.init_conv.weight.dtype
+        pos_bias = tables["pos_bias"].to(dtype)
+        rotary = (tables["rotary_cos"].to(dtype), tables["rotary_sin"].to(dtype))
+        attn_kw = dict(frames=f, pos_bias=pos_bias, rotary=rotary)
+
+        # (b, c, f, h, w) -> (b*f, c, h, w): every conv of this network is spatial
+        x = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        x = _conv(self.init_conv, x)
+        x = self.init_temporal_attn(x, **attn_kw)  # upstream passes no focus mask here
+        r = x
+
+        t = self.time_mlp[1:](self.time_mlp[0](time).to(dtype))
+        if self.has_cond:
+            if null_cond_prob >= 1:
+                cond = self.null_cond_emb.expand(b, -1)
+            elif null_cond_prob > 0 or (self.training and torch.is_grad_enabled()):
+                # training keeps null_cond_emb in the graph even at probability 0 (zero gradient, as
+                # upstream), so that DDP and optimizers see the same parameters every step
+                mask = prob_mask_like((b,), null_cond_prob, device=device)
+                cond = torch.where(mask[:, None], self.null_cond_emb, cond)
+            t = torch.cat((t, cond.to(t.dtype)), dim=-1)
+
+        attn_kw.update(blocked=blocked, values_only=values_only)
+        hs = []
+        for block1, block2, spatial_attn, temporal_attn, downsample in self.downs:
+            x = block1(x, f, t)
+            x = block2(x, f, t)
+            x = spatial_attn(x)
+            x = temporal_attn(x, **attn_kw)
+            hs.append(x)
+            if isinstance(downsample, nn.Conv3d):
+                x = _conv(downsample, x)
+
+        x = self.mid_block1(x, f, t)
+        x = self.mid_spatial_attn(x)
+        x = self.mid_temporal_attn(x, **attn_kw)
+        x = self.mid_block2(x, f, t)
+
+        for block1, block2, spatial_attn, temporal_attn, upsample in self.ups:
+            x = torch.cat((x, hs.pop()), dim=1)
+            x = block1(x, f, t)
+            x = block2(x, f, t)
+            x = spatial_attn(x)
+            x = temporal_attn(x, **attn_kw)
+            if isinstance(upsample, nn.ConvTranspose3d):
+                x = _conv_transpose(upsample, x)
+
+        x = torch.cat((x, r), dim=1)
+        x = self.final_conv[0](x, f)
+        x = _conv(self.final_conv[1], x)
+        return x.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4).contiguous()
