@@ -9,7 +9,6 @@ onnxruntime against :class:`vdeploy.text.TextEncoder` on captions of different l
 from __future__ import annotations
 
 import logging
-import shutil
 import warnings
 from pathlib import Path
 
@@ -81,7 +80,7 @@ def export_text_encoder(
             output_names=spec.output_names,
             dynamic_axes=spec.dynamic_axes,
         )
-    shutil.copyfile(tokenizer_json, target / "tokenizer.json")
+    _write_tokenizer(tokenizer_json, target / "tokenizer.json", encoder.max_length)
     check_graph(onnx_path, spec)
     errors = check_parity(onnx_path, spec, _cases(encoder, cls_repr))
     log.info("text encoder parity vs PyTorch: %s", ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
@@ -94,6 +93,21 @@ def export_text_encoder(
         "spec": spec,
         "parity": {"atol": spec.atol, "max_abs_err": errors},
     }
+
+
+def _write_tokenizer(src: Path, dst: Path, max_length: int) -> None:
+    """Copy ``tokenizer.json`` with the padding/truncation :class:`vdeploy.text.TextEncoder` uses (pad to the
+    longest caption, cut at ``max_length``), so the runtime's ``tokenizers`` produce the same tokens; some
+    tokenizer.json files (MiniLM's) pad every caption to a fixed 128 tokens."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(src))
+    padding = tokenizer.padding or {}
+    pad_token = padding.get("pad_token", "[PAD]")
+    pad_id = padding.get("pad_id", tokenizer.token_to_id(pad_token) or 0)
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    tokenizer.enable_truncation(max_length)
+    tokenizer.save(str(dst))
 
 
 def _eager_attention(model):
