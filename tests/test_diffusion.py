@@ -6,10 +6,6 @@ loss, sampling loop), so these tests hold whatever state vdeploy.model is in.
 
 from __future__ import annotations
 
-import importlib.machinery
-import sys
-import types
-
 import pytest
 import torch
 
@@ -17,27 +13,6 @@ from vdeploy.diffusion import GaussianDiffusion, cosine_beta_schedule
 
 SHAPE = (2, 3, 4, 16, 16)  # b c f h w
 TIMESTEPS = 8
-
-
-def _reference():
-    """The reference package. It imports torchvision at import time: a stub stands in while it
-    imports and is removed after (transformers probes for a real torchvision)."""
-    if "video_diffusion_pytorch" in sys.modules:
-        return sys.modules["video_diffusion_pytorch"]
-    stubs = {}
-    if "torchvision" not in sys.modules:
-        for name in ("torchvision", "torchvision.transforms", "torchvision.utils"):
-            stubs[name] = types.ModuleType(name)
-            stubs[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
-        stubs["torchvision"].transforms = stubs["torchvision.transforms"]
-        stubs["torchvision"].utils = stubs["torchvision.utils"]
-        stubs["torchvision.transforms"].ToTensor = lambda: None
-        sys.modules.update(stubs)
-    try:
-        return pytest.importorskip("video_diffusion_pytorch")
-    finally:
-        for name in stubs:
-            sys.modules.pop(name, None)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,8 +25,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def ref():
-    return _reference()
+def ref(ref_vdp):
+    """The reference package's main module (conftest stubs torchvision while it imports)."""
+    return ref_vdp
 
 
 def _pair(ref, **kw):
@@ -63,7 +39,7 @@ def _pair(ref, **kw):
 
 
 def test_cosine_schedule_is_float64_and_matches_upstream(ref):
-    ours, theirs = cosine_beta_schedule(1000), ref.video_diffusion_pytorch.cosine_beta_schedule(1000)
+    ours, theirs = cosine_beta_schedule(1000), ref.cosine_beta_schedule(1000)
     assert ours.dtype == torch.float64
     assert torch.equal(ours, theirs)
     assert ours.min() >= 0 and ours.max() <= 0.9999
