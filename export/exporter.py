@@ -36,7 +36,7 @@ OPTIMIZE_CHOICES = ("auto", "none", "onnxslim")
 # ----------------------------------------------------------------- loading ----
 
 
-def load_unet(ckpt: str | os.PathLike, config=None, ema: bool = True):
+def load_unet(ckpt: str | os.PathLike, config=None, ema: bool = True, default_config: dict | None = None):
     """Load the denoiser of a vdeploy or ``video-diffusion-pytorch`` 0.6.3 checkpoint.
 
     Args:
@@ -44,6 +44,7 @@ def load_unet(ckpt: str | os.PathLike, config=None, ema: bool = True):
         config: a preset name, JSON path or dict giving the architecture; needed when the checkpoint
             holds none (upstream ``model-N.pt``), and it wins over the stored one when given.
         ema: the EMA weights (default) or the raw training weights.
+        default_config: used when neither ``config`` nor the checkpoint gives one (e.g. a manifest's).
 
     Returns:
         ``(unet, config, step)``: the ``vdeploy.model.Unet3D`` in eval mode, its resolved config, the step.
@@ -70,6 +71,8 @@ def load_unet(ckpt: str | os.PathLike, config=None, ema: bool = True):
             resolved = vconfig.load(config)
         elif stored_config is not None:
             resolved = vconfig.resolve(stored_config)
+        elif default_config is not None:
+            resolved = vconfig.resolve(dict(default_config))
         else:
             raise ExportError(
                 f"checkpoint {ckpt} holds no model config (an upstream model-N.pt?): pass --config "

@@ -427,6 +427,65 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
 # -------------------------------------------------------------- parity ----
 
 
+@main.command("parity", cls=OneLineErrors)
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Model directory written by `vdeploy export`.")
+@click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="The checkpoint it was exported from.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp"]), default="ddpm", show_default=True,
+              help="ddpm: the seed's p_sample_loop on the torch side; ddim/dpmpp: the numpy sampler around torch.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Sampler steps (default: every training step for ddpm, 25 for ddim/dpmpp).")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--cond-scale", default=1.0, show_default=True, type=float, help="Guidance scale (conditioned models).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the noise and the embeddings.")
+@click.option("--backend", default="cpu", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda", "tensorrt-ep", "tensorrt"]), help="Runtime backend.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--config", "config_spec", default=None,
+              help="Architecture, where the checkpoint holds none (default: the model directory's).")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Compare with the EMA or the raw weights.")
+@click.option("--atol", default=1e-3, show_default=True, type=float,
+              help="Tolerance on every per-call and on the final max abs error.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report (per_call_max_abs_err, final_max_abs_err, psnr_db, ...) here.")
+def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, batch_size: int, cond_scale: float,
+           seed: int, backend: str, precision: str, config_spec: str | None, ema: bool, atol: float,
+           json_path: Path | None) -> None:
+    """Sample with PyTorch and with the runtime from the same noise; compare every denoiser call.
+
+    Reports the max abs error of each call, of the final video and its PSNR; exits 1 when an error
+    exceeds --atol (the report is still written), 2 on bad input.
+    """
+    _log_progress()
+    import json
+
+    from vdeploy.export import ExportError
+    from vdeploy.export.parity import ParityError, run_parity
+    from vdeploy.runtime.backends import BackendUnavailable
+
+    failure = None
+    try:
+        report = run_parity(model_dir, ckpt, sampler=sampler, steps=steps, batch_size=batch_size,
+                            cond_scale=cond_scale, seed=seed, backend=backend, precision=precision, ema=ema,
+                            config=config_spec, atol=atol)
+    except (ExportError, BackendUnavailable) as e:
+        raise BadInput(str(e)) from None
+    except ParityError as e:
+        report, failure = e.report, str(e)
+    if json_path is not None:
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise BadInput(f"cannot write {json_path}: {e.strerror or e}") from None
+    psnr = "inf" if report["psnr_db"] is None else f"{report['psnr_db']:.1f}"
+    click.echo(f"{report['sampler']} {report['steps']} steps on {report['backend']}: per-call max abs err "
+               f"{report['max_per_call_abs_err']:.2e} (worst of {report['calls']}), final {report['final_max_abs_err']:.2e}, "
+               f"PSNR {psnr} dB; torch {report['seconds']['torch']} s, runtime {report['seconds']['runtime']} s")
+    if failure:
+        raise click.ClickException(failure)
+
+
 # --------------------------------------------------------------- bench ----
 
 

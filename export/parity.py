@@ -1,0 +1,224 @@
+"""``vdeploy parity``: PyTorch and the compiled runtime sampled from the same noise, compared call by call.
+
+* ``ddpm`` over all training steps: the torch side is the seed's loop itself,
+  ``vdeploy.diffusion.GaussianDiffusion.p_sample_loop`` with explicit noise (x_T, then one array per
+  step); the runtime side is ``vdeploy.runtime.Pipeline`` with the same ``noise``/``step_noise``.
+* ``ddim``, ``dpmpp`` (and a respaced ``ddpm``): the same numpy sampler (``vdeploy.runtime.samplers``)
+  around the torch denoiser (``Unet3D.forward_with_cond_scale``) and, through the Pipeline, around the
+  compiled one (including the fused ``--cfg`` graph when the model directory has it).
+
+Both runs follow their own trajectories, so the per-call error includes what earlier steps accumulated.
+Reported: the max abs error of every denoiser call (eps, after guidance), of the final video in [0, 1],
+and its PSNR.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .spec import ExportError
+
+log = logging.getLogger("vdeploy.export")
+
+DEFAULT_ATOL = 1e-3  # fp32 CPU over a full loop (issue: final max abs error <= 1e-3 for the tiny model)
+
+
+class ParityError(RuntimeError):
+    """A parity run exceeded its tolerance; ``report`` holds every number."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def _noise(seed: int, shape: tuple, count: int):
+    """x_T then ``count`` per-step arrays, the same sequence on every call (so each side gets its own copy)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count + 1):
+        yield rng.standard_normal(shape, dtype=np.float32)
+
+
+def run_parity(
+    model_dir: str | Path,
+    ckpt: str | Path,
+    *,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    batch_size: int = 1,
+    cond_scale: float = 1.0,
+    seed: int = 0,
+    backend: str = "cpu",
+    precision: str = "fp32",
+    ema: bool = True,
+    config=None,
+    atol: float = DEFAULT_ATOL,
+    raise_on_failure: bool = True,
+) -> dict:
+    """Sample with PyTorch and with the runtime from the same noise and compare.
+
+    Args:
+        model_dir: a model directory written by ``vdeploy export``.
+        ckpt: the checkpoint it was exported from (architecture: the checkpoint's config, else ``config``,
+            else the manifest's).
+        sampler: ``ddpm`` (default: every training step, the seed's loop), ``ddim`` (eta 0) or ``dpmpp``.
+        steps: sampler steps (default: all T for ddpm, 25 otherwise).
+        batch_size: videos per run; a conditioned model gets random (seeded) embeddings.
+        cond_scale: classifier-free guidance scale (conditioned models).
+        seed: seeds the noise and the embeddings.
+        backend, precision: what the runtime runs on (``Pipeline.from_dir``).
+        atol: tolerance on every per-call error and on the final error.
+        raise_on_failure: raise :class:`ParityError` when a tolerance is exceeded (else ``passed: false``).
+
+    Returns:
+        ``{"per_call_max_abs_err": [...], "final_max_abs_err": ..., "psnr_db": ..., "passed": ..., ...}``.
+
+    Raises:
+        ExportError: unusable model directory, checkpoint or arguments.
+        ParityError: a tolerance was exceeded (with ``raise_on_failure``).
+    """
+    import torch
+
+    from vdeploy.runtime import Pipeline
+    from vdeploy.runtime.manifest import ManifestError
+    from vdeploy.runtime.samplers import SAMPLERS
+
+    from .exporter import load_unet
+
+    if sampler not in SAMPLERS:
+        raise ExportError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    try:
+        pipe = Pipeline.from_dir(model_dir, backend=backend, precision=precision)
+    except (ManifestError, ValueError) as e:
+        raise ExportError(str(e)) from None
+    manifest_config = pipe.config
+    unet, unet_config, _ = load_unet(ckpt, config=config, ema=ema, default_config=manifest_config)
+    for key in ("channels", "num_frames", "image_size", "timesteps"):
+        if unet_config[key] != manifest_config.get(key):
+            raise ExportError(
+                f"checkpoint and model directory disagree on {key}: {unet_config[key]} vs {manifest_config.get(key)}"
+            )
+    T = len(pipe.betas)
+    n = steps if steps is not None else (T if sampler == "ddpm" else min(25, T))
+    if not 1 <= n <= T:
+        raise ExportError(f"steps must be between 1 and {T}, got {n}")
+    shape = (batch_size, *pipe.shape)
+    rng = np.random.default_rng(seed + 1)
+    cond = rng.standard_normal((batch_size, pipe.cond_dim), dtype=np.float32) if pipe.cond_dim else None
+    if cond is None and cond_scale != 1:
+        raise ExportError("cond_scale needs a conditioned model; this one has no cond_dim")
+    per_step_noise = sampler == "ddpm"
+
+    # runtime: the Pipeline (its backends, its guidance path), eps recorded per call
+    runtime_eps: list[np.ndarray] = []
+    noise = _noise(seed, shape, n if per_step_noise else 0)
+    x_T = next(noise)
+    log.info("parity: %s, %d steps, batch %d, runtime on %s", sampler, n, batch_size, pipe.backend_name)
+    t0 = time.perf_counter()
+    runtime_video = pipe(
+        batch_size=batch_size, cond=cond, cond_scale=cond_scale, sampler=sampler, steps=n, noise=x_T,
+        step_noise=noise if per_step_noise else None, callback=lambda info: runtime_eps.append(info["eps"].copy()),
+    )
+    runtime_seconds = time.perf_counter() - t0
+    log.info("parity: runtime done in %.1f s; running PyTorch", runtime_seconds)
+
+    # torch: the seed's p_sample_loop for full DDPM, else the same numpy sampler around the torch denoiser
+    torch_eps: list[np.ndarray] = []
+    noise = _noise(seed, shape, n if per_step_noise else 0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if sampler == "ddpm" and n == T:
+            torch_video = _torch_ddpm(unet, unet_config, shape, cond, cond_scale, noise, torch_eps)
+        else:
+            x_T = next(noise)
+            denoise = _torch_denoiser(unet, cond_scale)
+            kwargs = {"cond": cond, "clip_denoised": True, "steps": n}
+            if unet_config.get("use_dynamic_thres"):
+                kwargs["dynamic_thres_percentile"] = unet_config.get("dynamic_thres_percentile", 0.9)
+            if sampler == "ddpm":
+                kwargs["noise"] = noise
+            x0 = SAMPLERS[sampler](denoise, x_T, pipe.betas, callback=lambda i: torch_eps.append(i["eps"].copy()),
+                                   **kwargs)
+            torch_video = np.clip((x0 + 1) * 0.5, 0.0, 1.0)
+    torch_seconds = time.perf_counter() - t0
+
+    per_call = [float(np.abs(a - b).max()) for a, b in zip(torch_eps, runtime_eps)]
+    final = float(np.abs(torch_video - runtime_video).max())
+    mse = float(np.mean((torch_video.astype(np.float64) - runtime_video.astype(np.float64)) ** 2))
+    psnr = None if mse == 0 else 10 * math.log10(1.0 / mse)
+    worst_call = max(per_call) if per_call else 0.0
+    passed = len(torch_eps) == len(runtime_eps) == n and worst_call <= atol and final <= atol
+    report = {
+        "sampler": sampler,
+        "steps": n,
+        "calls": len(per_call),
+        "batch_size": batch_size,
+        "cond_scale": cond_scale,
+        "seed": seed,
+        "backend": pipe.backend_name,
+        "precision": precision,
+        "torch_reference": "GaussianDiffusion.p_sample_loop" if sampler == "ddpm" and n == T else
+        f"vdeploy.runtime.samplers.{sampler} around Unet3D.forward_with_cond_scale",
+        "per_call_max_abs_err": per_call,
+        "max_per_call_abs_err": worst_call,
+        "final_max_abs_err": final,
+        "psnr_db": psnr,
+        "atol": atol,
+        "passed": passed,
+        "seconds": {"torch": round(torch_seconds, 2), "runtime": round(runtime_seconds, 2)},
+        "model_dir": str(model_dir),
+        "ckpt": str(ckpt),
+    }
+    psnr_text = "inf" if psnr is None else f"{psnr:.1f}"
+    log.info("parity: worst per-call err %.2e, final err %.2e, PSNR %s dB (atol %g): %s",
+             worst_call, final, psnr_text, atol, "ok" if passed else "FAILED")
+    if not passed and raise_on_failure:
+        raise ParityError(
+            f"parity exceeded atol {atol:g}: worst per-call max abs err {worst_call:.3g} "
+            f"(call {int(np.argmax(per_call)) if per_call else '-'}), final max abs err {final:.3g}, "
+            f"PSNR {psnr_text} dB over {len(per_call)} calls",
+            report,
+        )
+    return report
+
+
+def _torch_denoiser(unet, cond_scale: float):
+    """``eps = denoise(x, t, cond)`` on numpy arrays through the torch model (with guidance)."""
+    import torch
+
+    def denoise(x, t, cond):
+        c = torch.from_numpy(np.ascontiguousarray(cond)) if cond is not None else None
+        out = unet.forward_with_cond_scale(torch.from_numpy(x), torch.from_numpy(t), cond=c, cond_scale=cond_scale)
+        return out.float().numpy()
+
+    return denoise
+
+
+def _torch_ddpm(unet, config: dict, shape, cond, cond_scale, noise, record: list) -> np.ndarray:
+    """The seed's ``p_sample_loop`` with explicit noise; every denoiser output recorded."""
+    import torch
+
+    from vdeploy import config as vconfig
+    from vdeploy.diffusion import GaussianDiffusion
+
+    diffusion = GaussianDiffusion(unet, **vconfig.diffusion_kwargs(config)).eval()
+    original = unet.forward_with_cond_scale
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        record.append(out.float().numpy().copy())
+        return out
+
+    unet.forward_with_cond_scale = recording  # instance attribute: shadows the method for this run only
+    try:
+        video = diffusion.p_sample_loop(
+            shape, cond=torch.from_numpy(cond) if cond is not None else None, cond_scale=cond_scale,
+            noise=(torch.from_numpy(z) for z in noise), progress=False,
+        )
+    finally:
+        del unet.forward_with_cond_scale
+    return np.clip(video.float().numpy(), 0.0, 1.0)
