@@ -2,7 +2,10 @@
 
 Model directories are built once per test session (cached here, removed at exit): the tiny upstream
 ``video_diffusion_pytorch`` 0.6.3 ``Unet3D`` exported with ``torch.onnx.export`` and written with
-``vdeploy.runtime.manifest.write``, plus a tiny ONNX text encoder and a ``tokenizers`` tokenizer.
+``vdeploy.runtime.manifest.write``, plus a tiny ONNX text encoder and a ``tokenizers`` tokenizer. They
+serve the tests that tamper with files or need a text encoder / an unconditioned graph; parity runs on
+the export stage's own fixture (``export_fixtures.exported_model``). ``write_model_dir(fused_cfg=True)``
+also writes a ``--cfg`` graph for manual checks.
 """
 
 from __future__ import annotations
@@ -10,9 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import shutil
-import sys
 import tempfile
-import types
 import warnings
 from pathlib import Path
 
@@ -33,31 +34,10 @@ _CACHE: dict = {}
 
 
 def upstream():
-    """The reference ``video_diffusion_pytorch`` module.
+    """The reference ``video_diffusion_pytorch`` 0.6.3 main module (conftest's loader stubs torchvision)."""
+    from conftest import load_reference
 
-    torchvision is not installable here: a stub stands in while the module imports and is removed
-    again, so that other packages (diffusers) do not mistake it for the real one.
-    """
-    if "video_diffusion_pytorch" in sys.modules:
-        return sys.modules["video_diffusion_pytorch"]
-    stubs = {}
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        tv = types.ModuleType("torchvision")
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        tv.transforms.ToTensor = lambda: None
-        tv.utils = types.ModuleType("torchvision.utils")
-        stubs = {"torchvision": tv, "torchvision.transforms": tv.transforms, "torchvision.utils": tv.utils}
-        for name, module in stubs.items():
-            sys.modules.setdefault(name, module)
-    try:
-        import video_diffusion_pytorch
-    finally:
-        for name, module in stubs.items():
-            if sys.modules.get(name) is module:
-                del sys.modules[name]
-    return video_diffusion_pytorch
+    return load_reference("0.6.3")
 
 
 @contextlib.contextmanager
@@ -221,7 +201,7 @@ def write_text_encoder(folder: Path, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def model_dir(kind: str) -> Path:
-    """A cached tiny model directory: ``"uncond"``, ``"cond"`` (with text encoder) or ``"cfg"`` (+ fused graph).
+    """A cached tiny model directory: ``"uncond"`` or ``"cond"`` (with null embedding and text encoder).
 
     Returns a fresh copy each call, so a test may tamper with it.
     """
@@ -231,8 +211,6 @@ def model_dir(kind: str) -> Path:
                 path = write_model_dir(_ROOT / kind, tiny_unet(), config())
             elif kind == "cond":
                 path = write_model_dir(_ROOT / kind, tiny_unet(COND_DIM), config(COND_DIM), text_encoder=True)
-            elif kind == "cfg":
-                path = write_model_dir(_ROOT / kind, tiny_unet(COND_DIM), config(COND_DIM), fused_cfg=True)
             else:
                 raise ValueError(kind)
         _CACHE[kind] = path
