@@ -87,12 +87,12 @@ class Pipeline:
             ManifestError: a missing, unreadable, tampered or inconsistent model directory.
             BackendUnavailable: the backend asked for cannot run here (the message says what to install).
         """
-        model_dir = Path(path)
-        manifest = manifest_lib.load(model_dir, verify=verify)
         if backend not in ("auto", *KINDS):
             raise ValueError(f"backend must be 'auto' or one of {', '.join(KINDS)}, got {backend!r}")
         if precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        model_dir = Path(path)
+        manifest = manifest_lib.load(model_dir, verify=verify)
         where = model_dir / manifest_lib.MANIFEST_NAME
         _video_shape(manifest["config"], where)
         _betas(manifest, where)
@@ -128,7 +128,10 @@ class Pipeline:
         for opened, name in ((plain, graph), (cfg, cfg_graph)):
             if opened is not None:
                 _check_backend_inputs(opened, graphs[name], name, where)
-        log.info("backend: %s (%s%s)", plain.name, plain.path.name, ", fused cfg graph" if cfg else "")
+        log.info(
+            "backend: %s (%s%s%s)", plain.name, plain.path.name, ", fused cfg graph" if cfg else "",
+            f"; auto: the fastest of {', '.join(kinds)}" if backend == "auto" else "",
+        )
 
         text_encoder = None
         conditioning = manifest.get("conditioning") or {}
@@ -405,8 +408,8 @@ def _profile(graph: dict, config: dict, cond_dim, max_batch: int) -> dict:
     profile = {}
     for index, spec in enumerate(graph["inputs"]):
         shape = spec.get("shape", [])
-        if not shape:
-            continue
+        if all(isinstance(d, int) for d in shape):
+            continue  # static inputs (cond_scale) need no profile
         dims = []
         for axis, dim in enumerate(shape):
             if isinstance(dim, int):

@@ -45,6 +45,7 @@ def test_cpu_session_is_set_up_for_speed_and_casts_inputs(tmp_path):
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert options.intra_op_num_threads == backends.physical_cores()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     # float64 x and int32 t are cast to what the graph declares
     (out,) = backend.run({"x": np.ones((3, 2), np.float64), "t": np.array([1, 2, 3], np.int32)})
     assert out.dtype == np.float32
