@@ -146,7 +146,7 @@ def slug(text: str) -> str:
 
 
 def cache_dir() -> Path:
-    """The user cache for built engines: ``$VDEPLOY_CACHE``, else ``$XDG_CACHE_HOME/vdeploy``, else ``~/.cache/vdeploy``."""
+    """The user cache for built engines: ``$VDEPLOY_CACHE``, ``$XDG_CACHE_HOME/vdeploy`` or ``~/.cache/vdeploy``."""
     if os.environ.get("VDEPLOY_CACHE"):
         return Path(os.environ["VDEPLOY_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -420,7 +420,7 @@ class TensorRTBackend:
             out = np.empty(tuple(context.get_tensor_shape(spec.name)), dtype=spec.dtype)
             context.set_tensor_address(spec.name, self._buffer(state, spec.name, out.nbytes))
             results.append(out)
-        if not context.execute_async_v3(stream):
+        if not context.execute_async_v3(int(stream)):  # the cudaStream_t handle as an integer
             raise RuntimeError(f"TensorRT execution of {self.path} failed")
         for spec, out in zip(self.outputs, results):
             ptr = state["buffers"][spec.name][0]

@@ -371,7 +371,9 @@ def _check_graph_entry(name: str, graph: dict, config: dict, cond_dim, where) ->
     expected = (None, *_video_shape(config, where))
     x_shape = inputs[0].get("shape", [])
     if len(x_shape) != 5:
-        raise ManifestError(f"{where}: graph {name!r} input {inputs[0].get('name')!r} has rank {len(x_shape)}, expected 5")
+        raise ManifestError(
+            f"{where}: graph {name!r} input {inputs[0].get('name')!r} has rank {len(x_shape)}, expected 5"
+        )
     for axis, (got, want) in enumerate(zip(x_shape, expected)):
         if isinstance(got, int) and want is not None and got != want:
             raise ManifestError(
@@ -403,7 +405,7 @@ def _check_backend_inputs(backend, graph: dict | None, name: str, where) -> None
 
 
 def _profile(graph: dict, config: dict, cond_dim, max_batch: int) -> dict:
-    """A TensorRT shape profile ``{input: (min, opt, max)}``: batch from 1 to ``max_batch``, the rest from the config."""
+    """A TensorRT shape profile ``{input: (min, opt, max)}``: batch 1 to ``max_batch``, the rest from the config."""
     concrete = {0: (None, *_video_shape(config)), 1: (None,), 2: (None, cond_dim)}
     profile = {}
     for index, spec in enumerate(graph["inputs"]):
@@ -433,14 +435,17 @@ def _open(model_dir, manifest, graph_name, kind, precision, threads, device_id, 
         import_tensorrt()  # names the extra to install when the bindings are missing
         entry = matching_engine(engines, graph_name, device_id, precision)
         if entry is None:
-            listed = ", ".join(f"{e.get('file')} ({e.get('gpu')}, TensorRT {e.get('tensorrt_version')})" for e in engines)
+            listed = ", ".join(
+                f"{e.get('file')} ({e.get('gpu')}, TensorRT {e.get('tensorrt_version')})" for e in engines
+            )
             raise BackendUnavailable(
                 f"no TensorRT plan of graph {graph_name!r} for this GPU and TensorRT version in {model_dir}"
                 + (f" (it has: {listed})" if listed else "")
                 + "; build one with `vdeploy export --tensorrt` or use backend='tensorrt-ep'"
             )
         if entry.get("precision", precision) != precision:
-            log.info("TensorRT: no %s plan of %r for this GPU; using the %s plan", precision, graph_name, entry["precision"])
+            log.info("TensorRT: no %s plan of %r for this GPU; using the %s plan",
+                     precision, graph_name, entry["precision"])
         return TensorRTBackend(model_dir / entry["file"], device_id=device_id)
     graph = graphs[graph_name]
     profile = None

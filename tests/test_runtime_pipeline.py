@@ -127,6 +127,21 @@ def test_pipeline_output_contract(uncond):
     assert [info["i"] for info in seen] == list(range(6))
 
 
+def test_pipeline_applies_the_configs_dynamic_thresholding():
+    from vdeploy.runtime import samplers
+
+    folder = model_dir("uncond")
+    edit_manifest(folder, lambda m: m["config"].update(use_dynamic_thres=True, dynamic_thres_percentile=0.8))
+    pipe = Pipeline.from_dir(folder)
+    noise = np.random.default_rng(0).standard_normal((1, 3, 4, 8, 8), dtype=np.float32)
+    for sampler in ("dpmpp", "ddim"):
+        expected = samplers.SAMPLERS[sampler](pipe.denoiser(), noise, pipe.betas, steps=5,
+                                              dynamic_thres_percentile=0.8)
+        np.testing.assert_array_equal(pipe(noise=noise, sampler=sampler, steps=5), np.clip((expected + 1) / 2, 0, 1))
+        static = samplers.SAMPLERS[sampler](pipe.denoiser(), noise, pipe.betas, steps=5)
+        assert not np.array_equal(expected, static)
+
+
 def test_cond_batching_and_null_conditioning(cond):
     pipe = Pipeline.from_dir(cond)
     one = np.ones(COND_DIM, np.float32)

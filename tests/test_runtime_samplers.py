@@ -165,7 +165,9 @@ def test_ddim_with_eta_matches_diffusers_given_the_same_noise(eta):
     x = start_noise()
     noise = np.random.default_rng(1).standard_normal((20, *SHAPE), dtype=np.float32)
     ours = samplers.ddim(dummy, x, betas, steps=20, eta=eta, noise=noise)
-    reference = DDIMScheduler(num_train_timesteps=1000, trained_betas=betas, timestep_spacing="trailing", clip_sample=True)
+    reference = DDIMScheduler(
+        num_train_timesteps=1000, trained_betas=betas, timestep_spacing="trailing", clip_sample=True
+    )
     theirs, _ = diffusers_loop(
         reference, x, 20, step_kwargs={"use_clipped_model_output": True, "eta": eta}, noise=noise
     )
