@@ -329,10 +329,12 @@ def _export(
         )
         parity["text_encoder"] = info["parity"]
 
-    # 6. TensorRT engine from the portable fp32 graph
+    # 6. TensorRT engines from the portable fp32 graphs (the plain one, and the CFG one with --cfg)
     engines = []
     if tensorrt is not None:
         engines.append(_build_engine(tmp, spec, config, tensorrt))
+        if cfg:
+            engines.append(_build_engine(tmp, cfg_spec, config, tensorrt))
 
     betas = cosine_beta_schedule(config["timesteps"]).tolist()
     manifest = {
@@ -485,9 +487,9 @@ def _build_engine(tmp: Path, spec: ExportSpec, config: dict, options) -> dict:
 
     trt = import_tensorrt()
     precision = "fp16" if options.fp16 else "fp32"
-    name = engine_file_name("denoiser", gpu_name(), trt.__version__, precision)
+    name = engine_file_name(spec.name, gpu_name(), trt.__version__, precision)
     entry = build_engine(tmp / spec.file, tmp / name, spec, config, options)
-    return {"file": name, "graph": "denoiser", "onnx_sha256": sha256_file(tmp / spec.file), **entry}
+    return {"file": name, "graph": spec.name, "onnx_sha256": sha256_file(tmp / spec.file), **entry}
 
 
 def _fmt(errors: dict) -> str:

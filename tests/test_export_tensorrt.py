@@ -181,15 +181,17 @@ def test_build_engine_drives_the_documented_api(exported_model, tmp_path, monkey
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"old")
     options = TensorRTOptions(fp16=True, max_batch=3, workspace_mb=256, timing_cache=str(cache))
-    manifest = export_onnx(exported_model.ckpt, tmp_path / "m", tensorrt=options, optimize="none")
-    (engine,) = manifest["engines"]
+    manifest = export_onnx(exported_model.ckpt, tmp_path / "m", tensorrt=options, optimize="none", cfg=True)
+    engine, cfg_engine = manifest["engines"]
+    assert cfg_engine["graph"] == "denoiser_cfg" and cfg_engine["file"].startswith("denoiser_cfg.nvidia-fake-gpu.")
+    assert cfg_engine["onnx_sha256"] == manifest["files"]["denoiser_cfg.onnx"]
     assert engine["file"] == "denoiser.nvidia-fake-gpu.trt10.99.0.fp16.plan"
     assert engine["graph"] == "denoiser" and engine["precision"] == "fp16" and engine["gpu"] == "NVIDIA Fake GPU"
     assert engine["onnx_sha256"] == manifest["files"]["denoiser.onnx"]
     assert (tmp_path / "m" / engine["file"]).read_bytes() == b"PLAN"
-    assert cache.read_bytes() == b"cache:old"
+    assert cache.read_bytes() == b"cache:cache:old"  # read and written back by each of the two builds
     assert ("flag", "FP16") in fake.calls and ("pool", "WORKSPACE", 256 << 20) in fake.calls
-    shapes = {c[1]: c[2:] for c in fake.calls if c[0] == "set_shape"}
+    shapes = {c[1]: c[2:] for c in fake.calls if c[0] == "set_shape"}  # both engines: the same profile
     assert shapes == {
         "x": ((1, 3, 4, 16, 16), (1, 3, 4, 16, 16), (3, 3, 4, 16, 16)),
         "t": ((1,), (1,), (3,)),
