@@ -23,6 +23,8 @@ CONFIGS = {
     "custom_dims_1ch": dict(TINY, init_dim=16, out_dim=2, channels=1, init_kernel_size=5),
     # head width above the rotary width (32): only the first 32 features of each head rotate
     "wide_heads": dict(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=48),
+    # odd head width: rotary-embedding-torch fails for odd widths <= 32, so 33 (rotary width 32, one left over)
+    "odd_heads": dict(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=33),
     "default_heads": dict(dim=16, dim_mults=(1, 2)),  # attn_heads=8, attn_dim_head=32, resnet_groups=8
 }
 SHAPES = [(2, 4, 16), (1, 7, 32)]  # (batch, frames, size): two frame counts, odd one included

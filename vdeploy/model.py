@@ -111,6 +111,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
         self.freqs = nn.Parameter(freqs, requires_grad=False)
+        self.rot_dim = 2 * freqs.shape[0]
 
     def tables(self, n: int, dim_head: int, device=None) -> tuple[Tensor, Tensor]:
         """cos and signed sin tables, each ``(dim_head, n)``, such that the rotated query is
@@ -134,10 +135,33 @@ class RotaryEmbedding(nn.Module):
         return cos.t().contiguous(), sin.t().contiguous()
 
 
-def swap_pairs(x: Tensor) -> Tensor:
-    """Swap features 2p <-> 2p+1 along dim -2 of ``(..., d, n)`` (rotate_half without its sign)."""
+def rotary_feature_order(dim_head: int, rot_dim: int) -> Tensor:
+    """A reordering of one head's features under which rotate_half's pair swap is a swap of halves.
+
+    Queries and keys may be permuted alike without changing ``q . k``. Ordered as ``[even rotary features,
+    first half of the rest, odd rotary features, second half of the rest]``, feature 2p lands half a head
+    away from its partner 2p+1, so the swap is one flip of a ``(2, d/2 * n)`` view (contiguous blocks)
+    instead of a strided pair shuffle. Returns the natural index of each reordered feature; an odd
+    ``dim_head`` (whose rest cannot be halved) keeps the natural order.
+    """
+    if dim_head % 2:
+        return torch.arange(dim_head)
+    rest = torch.arange(rot_dim, dim_head)
+    r1, r2 = rest[: len(rest) // 2], rest[len(rest) // 2 :]
+    return torch.cat((torch.arange(0, rot_dim, 2), r1, torch.arange(1, rot_dim, 2), r2))
+
+
+def swap_pairs(x: Tensor, reordered: bool) -> Tensor:
+    """rotate_half without its sign, along dim -2 of ``(..., d, n)``: features 2p <-> 2p+1.
+
+    ``reordered``: features are in :func:`rotary_feature_order` (swap the two halves); otherwise natural.
+    """
     *lead, d, n = x.shape
-    return x.reshape(*lead, d // 2, 2, n).flip(-2).reshape(*lead, d, n)
+    if reordered:
+        return x.reshape(*lead, 2, (d // 2) * n).flip(-2).reshape(*lead, d, n)
+    # natural order (odd head widths): the trailing unrotated feature stays (its sin is 0)
+    pairs = x[..., : d - d % 2, :].reshape(*lead, d // 2, 2, n).flip(-2).reshape(*lead, d - d % 2, n)
+    return torch.cat((pairs, x[..., d - d % 2 :, :]), dim=-2) if d % 2 else pairs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,9 +338,12 @@ class SpatialLinearAttention(nn.Module):
 
     def forward(self, x: Tensor, **_) -> Tensor:
         bf, c, h, w = x.shape  # folded: this attention is per frame
-        qkv = F.conv2d(x, self.to_qkv.weight).reshape(bf, 3, self.heads, self.dim_head, h * w)
-        q, k, v = qkv.unbind(1)  # each (bf, heads, d, n)
-        q = q.softmax(dim=-2)
+        # three 1x1 convs instead of one and a split: same weights, no copy of the (3 * hidden) tensor
+        q, k, v = (F.conv2d(x, wt).reshape(bf, self.heads, self.dim_head, h * w) for wt in self.to_qkv.weight.chunk(3))
+        # softmax over the head features (dim -2), written out: onnxruntime's Softmax transposes for a
+        # non-last axis, which costs more than these few elementwise ops
+        q = (q - q.amax(dim=-2, keepdim=True)).exp()
+        q = q / q.sum(dim=-2, keepdim=True)
         k = k.softmax(dim=-1)
         context = torch.matmul(k, v.transpose(-1, -2))  # (bf, heads, d, e)
         out = torch.matmul(context.transpose(-1, -2), q)  # (bf, heads, e, n)
@@ -329,7 +356,8 @@ class Attention(nn.Module):
     """Multi-head softmax attention over tokens laid out ``(..., dim, n)`` (features, then tokens).
 
     Same parameters as upstream's ``Attention`` (``to_qkv``/``to_out`` ``nn.Linear``); the projections run
-    as ``W @ x`` so no per-head transposes are needed.
+    as ``W @ x`` so no per-head transposes are needed. With a rotary embedding, query and key features are
+    kept in :func:`rotary_feature_order` (their weight rows are reordered; ``q . k`` is unchanged).
     """
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, rotary_emb: RotaryEmbedding | None = None):
@@ -341,6 +369,11 @@ class Attention(nn.Module):
         self.rotary_emb = rotary_emb
         self.to_qkv = nn.Linear(dim, hidden_dim * 3, bias=False)
         self.to_out = nn.Linear(hidden_dim, dim, bias=False)
+        if exists(rotary_emb):
+            order = rotary_feature_order(dim_head, rotary_emb.rot_dim)
+            rows = (torch.arange(heads)[:, None] * dim_head + order[None, :]).reshape(-1)
+            self.register_buffer("qk_rows", rows, persistent=False)  # not in the state dict
+            self.reordered = dim_head % 2 == 0
 
     def forward(
         self,
@@ -353,23 +386,26 @@ class Attention(nn.Module):
         """Args:
             x: ``(..., dim, n)`` normalized tokens.
             pos_bias: ``(heads, n, n)`` logit bias, or None.
-            rotary: ``(cos, sin)`` tables ``(dim_head, n)`` from :meth:`RotaryEmbedding.tables`, or None.
+            rotary: ``(cos, sin)`` tables ``(dim_head, n)`` in :func:`rotary_feature_order`, or None.
             blocked: bool mask broadcastable to the logits ``(..., heads, n, n)``; True = not attended.
             values_only: upstream's all-present focus: return ``to_out(v)`` per token.
         """
-        hidden = self.heads * self.dim_head
-        w_qkv = self.to_qkv.weight
-        if values_only:
-            return torch.matmul(self.to_out.weight, torch.matmul(w_qkv[2 * hidden :], x))
-        # pre-scale q through its weights: (s W_q) x = s (W_q x)
-        w_qkv = torch.cat((w_qkv[:hidden] * self.scale, w_qkv[hidden:]), dim=0)
         lead, n = x.shape[:-2], x.shape[-1]
-        qkv = torch.matmul(w_qkv, x).reshape(*lead, 3, self.heads, self.dim_head, n)
-        q, k, v = qkv.unbind(-4)  # each (..., heads, d, n)
+        w_q, w_k, w_v = self.to_qkv.weight.chunk(3)
+        v = torch.matmul(w_v, x)
+        if values_only:
+            return torch.matmul(self.to_out.weight, v)
+        w_q = w_q * self.scale  # pre-scaled queries: (s W_q) x = s (W_q x)
         if exists(rotary):
+            w_q, w_k = w_q[self.qk_rows], w_k[self.qk_rows]
+        # separate projections rather than one and a split: no copy of the (3 * hidden) tensor
+        q = torch.matmul(w_q, x).reshape(*lead, self.heads, self.dim_head, n)
+        k = torch.matmul(w_k, x).reshape(*lead, self.heads, self.dim_head, n)
+        v = v.reshape(*lead, self.heads, self.dim_head, n)
+        if exists(rotary):  # RoFormer: x * cos + rotate_half(x) * sin, the sign folded into sin
             cos, sin = rotary
-            q = q * cos + swap_pairs(q) * sin
-            k = k * cos + swap_pairs(k) * sin
+            q = q * cos + swap_pairs(q, self.reordered) * sin
+            k = k * cos + swap_pairs(k, self.reordered) * sin
         sim = torch.matmul(q.transpose(-1, -2), k)  # (..., heads, i, j)
         if exists(pos_bias):
             sim = sim + pos_bias
@@ -378,7 +414,7 @@ class Attention(nn.Module):
         sim = sim - sim.amax(dim=-1, keepdim=True).detach()  # as upstream: stable in fp16
         attn = sim.softmax(dim=-1)
         out = torch.matmul(v, attn.transpose(-1, -2))  # (..., heads, d, i)
-        return torch.matmul(self.to_out.weight, out.reshape(*lead, hidden, n))
+        return torch.matmul(self.to_out.weight, out.reshape(*lead, self.heads * self.dim_head, n))
 
 
 class TemporalAttention(nn.Module):
@@ -466,6 +502,7 @@ class Unet3D(nn.Module):
             return TemporalAttention(Attention(d, heads=attn_heads, dim_head=attn_dim_head, rotary_emb=rotary_emb))
 
         self.time_rel_pos_bias = RelativePositionBias(heads=attn_heads, max_distance=32)
+        self.register_buffer("_rotary_order", rotary_feature_order(attn_dim_head, rotary_emb.rot_dim), persistent=False)
 
         # initial conv
         init_dim = default(init_dim, dim)
@@ -629,7 +666,8 @@ class Unet3D(nn.Module):
         assert tables["pos_bias"].shape[-1] == f, "position tables were built for another frame count"
         dtype = self.init_conv.weight.dtype
         pos_bias = tables["pos_bias"].to(dtype)
-        rotary = (tables["rotary_cos"].to(dtype), tables["rotary_sin"].to(dtype))
+        rows = self._rotary_order  # the attentions keep q/k features in rotary_feature_order
+        rotary = (tables["rotary_cos"][rows].to(dtype), tables["rotary_sin"][rows].to(dtype))
         attn_kw = dict(frames=f, pos_bias=pos_bias, rotary=rotary)
 
         # (b, c, f, h, w) -> (b*f, c, h, w): every conv of this network is spatial
