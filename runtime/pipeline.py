@@ -147,6 +147,12 @@ class Pipeline:
             )
         return cls(model_dir, manifest, plain, cfg, text_encoder)
 
+    def close(self) -> None:
+        """Release device memory held by native TensorRT backends (onnxruntime sessions free themselves)."""
+        for backend in (self.backend, self.cfg_backend):
+            if hasattr(backend, "close"):
+                backend.close()
+
     def denoiser(self, backend=None) -> Callable:
         """The plain denoiser as the samplers' contract ``eps = denoise(x, t, cond)`` (one graph call)."""
         backend = backend or self.backend
@@ -202,7 +208,8 @@ class Pipeline:
         """Sample videos.
 
         Args:
-            batch_size: videos to sample (a ``cond``/``text`` of b rows samples b; one row is repeated).
+            batch_size: videos to sample (a ``cond``/``text``/``noise`` of b rows samples b; one cond row
+                is repeated).
             cond: conditioning embeddings ``(b, cond_dim)`` (or ``(cond_dim,)``). A conditional model
                 called without ``cond``/``text`` samples unconditionally with its learned null embedding.
             text: prompt(s), encoded by the model directory's text encoder.
@@ -226,6 +233,10 @@ class Pipeline:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if text is not None and cond is not None:
             raise ValueError("pass either `cond` or `text`, not both")
+        if noise is not None:
+            noise = np.asarray(noise, dtype=np.float32)
+            if batch_size == 1 and noise.ndim == 5:
+                batch_size = noise.shape[0]  # the noise's batch, as cond's rows give theirs
         if text is not None:
             cond = self.encode_text(text)
         cond, batch_size = self._resolve_cond(cond, batch_size)
@@ -234,7 +245,7 @@ class Pipeline:
         if noise is None:
             x = rng.standard_normal(shape, dtype=np.float32)
         else:
-            x = np.asarray(noise, dtype=np.float32)
+            x = noise
             if x.shape != shape:
                 raise ValueError(f"noise has shape {x.shape}, expected {shape}")
         if not np.isfinite(cond_scale):

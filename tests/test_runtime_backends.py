@@ -158,3 +158,232 @@ def test_native_tensorrt_engine_matches_onnxruntime(tmp_path):
     with pytest.raises(ValueError, match="outside the engine's profile"):
         engine.run({"x": np.zeros((5, 2)), "t": np.zeros(5)})
     engine.close()
+
+
+# ---------------------------------------------------------------- fake TensorRT --
+# A stand-in for the ``tensorrt`` and ``cuda-python`` modules that drives TensorRTBackend through the
+# TensorRT 10 name-based API: "device memory" is host memory and the "engine" computes eps = x * t /
+# (t + 1) with x (batch, 2) within a batch profile 1..4. It checks the call sequence (shapes set per
+# call, addresses bound, per-thread contexts, buffer reuse) and the backend choice, not TensorRT itself.
+
+
+class _FakeCudart:
+    class cudaError_t:  # noqa: N801 (the binding's name)
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    class _Stream:
+        def __init__(self, n):
+            self.n = n
+
+        def __int__(self):
+            return 1000 + self.n
+
+    def __init__(self):
+        self.memory, self.streams, self.mallocs = {}, 0, 0
+
+    def cudaSetDevice(self, device):  # noqa: N802
+        return (0,)
+
+    def cudaStreamCreate(self):  # noqa: N802
+        self.streams += 1
+        return 0, self._Stream(self.streams)
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        return (0,)
+
+    def cudaMalloc(self, nbytes):  # noqa: N802
+        block = np.zeros(nbytes, np.uint8)
+        self.memory[block.ctypes.data] = block
+        self.mallocs += 1
+        return 0, block.ctypes.data
+
+    def cudaFree(self, ptr):  # noqa: N802
+        self.memory.pop(ptr)
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):  # noqa: N802
+        import ctypes
+
+        ctypes.memmove(dst, src, nbytes)
+        return (0,)
+
+    def cudaGetDeviceProperties(self, device):  # noqa: N802
+        return 0, type("Props", (), {"name": b"NVIDIA Fake GPU"})()
+
+
+class _FakeTensorRT:
+    __version__ = "10.99.0"
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "in", "out"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+    def __init__(self, x_shape=(2,)):
+        self.contexts = []
+        fake = self
+
+        class Context:
+            def __init__(self):
+                self.shapes, self.addresses, self.thread = {}, {}, None
+                fake.contexts.append(self)
+
+            def set_input_shape(self, name, shape):
+                if name == "x" and not (1 <= shape[0] <= 4 and tuple(shape[1:]) == tuple(x_shape)):
+                    return False
+                self.shapes[name] = tuple(shape)
+                return True
+
+            def get_tensor_shape(self, name):
+                return self.shapes["x"]
+
+            def set_tensor_address(self, name, ptr):
+                self.addresses[name] = ptr
+
+            def execute_async_v3(self, stream_handle):
+                import ctypes
+                import threading
+
+                assert isinstance(stream_handle, int)
+                self.thread = self.thread or threading.get_ident()
+                assert self.thread == threading.get_ident(), "a context used from two threads"
+                x = np.empty(self.shapes["x"], np.float32)
+                t = np.empty(self.shapes["x"][:1], np.int64)
+                ctypes.memmove(x.ctypes.data, self.addresses["x"], x.nbytes)
+                ctypes.memmove(t.ctypes.data, self.addresses["t"], t.nbytes)
+                eps = x * (t / (t + 1)).astype(np.float32).reshape(-1, *(1,) * (x.ndim - 1))
+                ctypes.memmove(self.addresses["eps"], eps.ctypes.data, eps.nbytes)
+                return True
+
+        class Engine:
+            num_io_tensors = 3
+            names = ["x", "t", "eps"]
+            dtypes = {"x": np.dtype(np.float32), "t": np.dtype(np.int64), "eps": np.dtype(np.float32)}
+            shapes = {"x": (-1, *x_shape), "t": (-1,), "eps": (-1, *x_shape)}
+
+            def get_tensor_name(self, i):
+                return self.names[i]
+
+            def get_tensor_mode(self, name):
+                return "out" if name == "eps" else "in"
+
+            def get_tensor_dtype(self, name):
+                return self.dtypes[name]
+
+            def get_tensor_shape(self, name):
+                return self.shapes[name]
+
+            def get_tensor_profile_shape(self, name, profile):
+                return [(1, *x_shape), (2, *x_shape), (4, *x_shape)]
+
+            def create_execution_context(self):
+                return Context()
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                return Engine() if data == b"fake plan" else None
+
+        self.Runtime = Runtime
+
+
+def install_fake_tensorrt(monkeypatch, x_shape=(2,)):
+    import sys
+    import types
+
+    trt, cudart = _FakeTensorRT(x_shape), _FakeCudart()
+    cuda = types.ModuleType("cuda")
+    cuda.bindings = types.ModuleType("cuda.bindings")
+    cuda.bindings.runtime = cudart
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", cuda.bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
+    return trt, cudart
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    return install_fake_tensorrt(monkeypatch)
+
+
+def test_tensorrt_backend_drives_the_tensorrt10_api(fake_tensorrt, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    trt, cudart = fake_tensorrt
+    (tmp_path / "g.plan").write_bytes(b"fake plan")
+    engine = backends.TensorRTBackend(tmp_path / "g.plan")
+    assert [(s.name, s.dtype, s.shape) for s in engine.inputs] == [
+        ("x", np.float32, (None, 2)), ("t", np.int64, (None,))
+    ]
+
+    def run(b):
+        x = np.arange(2 * b, dtype=np.float64).reshape(b, 2)  # float64 and int32: cast to the engine's dtypes
+        (out,) = engine.run({"x": x, "t": np.arange(b, dtype=np.int32)})
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, x * (np.arange(b) / (np.arange(b) + 1))[:, None], rtol=1e-6)
+
+    for b in (1, 3, 3, 2, 4):
+        run(b)
+    # x, t, eps allocated at b=1, grown at b=3 and b=4, reused for the second 3 and for 2
+    assert len(trt.contexts) == 1 and cudart.mallocs == 9
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(run, [1, 2, 3, 4, 2, 1]))
+    assert len(trt.contexts) >= 2  # one context per thread (the fake asserts a context stays on its thread)
+    with pytest.raises(ValueError, match="outside the engine's profile"):
+        engine.run({"x": np.zeros((5, 2)), "t": np.zeros(5)})
+    engine.close()
+    assert cudart.memory == {}
+    (tmp_path / "bad.plan").write_bytes(b"another GPU's plan")
+    with pytest.raises(BackendUnavailable, match="built for another GPU or TensorRT version"):
+        backends.TensorRTBackend(tmp_path / "bad.plan")
+    assert backends.gpu_name() == "NVIDIA Fake GPU"
+
+
+def test_auto_picks_a_matching_native_plan_and_samples_through_it(monkeypatch):
+    import json
+
+    from runtime_fixtures import model_dir
+
+    from vdeploy.runtime import Pipeline, manifest, samplers
+
+    install_fake_tensorrt(monkeypatch, x_shape=(3, 4, 8, 8))
+    folder = model_dir("uncond")
+    plan = "denoiser.nvidia-fake-gpu.trt10.99.0.fp16.plan"
+    (folder / plan).write_bytes(b"fake plan")
+    data = json.loads((folder / "vdeploy.json").read_text())
+    data["engines"] = [{"file": plan, "graph": "denoiser", "gpu": "NVIDIA Fake GPU", "tensorrt_version": "10.99.0",
+                        "precision": "fp16"}]
+    manifest.write(folder, data)
+    pipe = Pipeline.from_dir(folder)  # auto: the plan matches this (fake) GPU and TensorRT version
+    assert pipe.backend_name == "tensorrt"
+    noise = np.random.default_rng(0).standard_normal((2, 3, 4, 8, 8), dtype=np.float32)
+
+    def dummy(x, t, cond):
+        return x * (t / (t + 1)).astype(np.float32).reshape(-1, 1, 1, 1, 1)
+
+    expected = samplers.dpmpp(dummy, noise, pipe.betas, steps=5)
+    np.testing.assert_allclose(pipe(noise=noise, steps=5), np.clip((expected + 1) / 2, 0, 1), rtol=0, atol=1e-6)
+    pipe.close()
+    data["engines"][0]["tensorrt_version"] = "10.0.0"  # a plan for another TensorRT: not picked
+    manifest.write(folder, data)
+    assert Pipeline.from_dir(folder).backend_name == "onnxruntime-cpu"
+    with pytest.raises(BackendUnavailable, match="no TensorRT plan of graph 'denoiser' for this GPU"):
+        Pipeline.from_dir(folder, backend="tensorrt")
