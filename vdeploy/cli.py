@@ -99,6 +99,8 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int) -> None:
 @click.option("--save-every", default=250, show_default=True, type=click.IntRange(min=1),
               help="Checkpoint and sample grid every this many steps (and at the end).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --results (exactly, on one process).")
+@click.option("--overwrite", is_flag=True,
+              help="Start afresh even though --results holds an earlier run's checkpoints (they are deleted).")
 @click.option("--text-encoder", default=None, metavar="DIR|default",
               help="Condition on captions through this local text encoder ('default': the bundled MiniLM). "
                    "Sets the model's cond_dim to the encoder width.")
@@ -115,7 +117,8 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int) -> None:
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, batch_size: int, lr: float,
-          grad_accum: int, amp: bool, save_every: int, resume: bool, text_encoder: str | None, sample_rows: int,
+          grad_accum: int, amp: bool, save_every: int, resume: bool, overwrite: bool, text_encoder: str | None,
+          sample_rows: int,
           ema_decay: float, ema_start: int, max_grad_norm: float | None, null_cond_prob: float, seed: int,
           cpu: bool, workers: int, quiet: bool) -> None:
     """Train a video-diffusion U-Net on a folder of GIFs.
@@ -135,6 +138,16 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
         raise BadInput(f"data folder {data_dir} does not exist")
     if results.exists() and not results.is_dir():
         raise BadInput(f"--results {results} exists and is not a directory")
+    if resume and overwrite:
+        raise BadInput("--resume and --overwrite exclude each other")
+    earlier = sorted(results.glob("model-*.pt")) if results.is_dir() else []
+    if earlier and not resume:
+        if not overwrite:
+            raise BadInput(f"{results} holds checkpoints of an earlier run ({earlier[-1].name}, ...): add --resume to "
+                           "continue it, --overwrite to start afresh, or pick another --results")
+        for pattern in ("model-*.pt", "[0-9]*.gif", "[0-9]*.txt", "sample-last.gif", "log.jsonl"):
+            for old in results.glob(pattern):
+                old.unlink()
     try:
         config = vconfig.load(config_spec or "tiny") if (config_spec or not resume) else None
     except vconfig.ConfigError as e:
