@@ -124,3 +124,12 @@ def test_train_then_resume(data_dir, tmp_path, tiny_json):
 
     other = runner.invoke(main, [*args, "--resume", "--config", "tiny"])
     assert other.exit_code == 2 and "differs from the config" in other.output
+
+    # an earlier run is never overwritten by accident
+    fresh = runner.invoke(main, [*args, "--steps", "2"])
+    assert fresh.exit_code == 2 and "holds checkpoints of an earlier run" in fresh.output
+    assert torch.load(results / "model-last.pt", weights_only=True)["step"] == 4
+    fresh = runner.invoke(main, [*args, "--steps", "2", "--overwrite"])
+    assert fresh.exit_code == 0, fresh.output
+    assert not (results / "model-2.pt").exists()
+    assert len((results / "log.jsonl").read_text().splitlines()) == 2

@@ -386,7 +386,7 @@ class Trainer:
         acc = self.accelerator
         main = acc.is_main_process
         log_path = self.results_folder / "log.jsonl"
-        logfile = open(log_path, "a", encoding="utf-8") if main else None
+        logfile = open(log_path, "a" if self.step else "w", encoding="utf-8") if main else None  # a fresh run starts a fresh log
         bar = tqdm(total=self.train_num_steps, initial=self.step, desc="training", disable=not (self.progress and main),
                    dynamic_ncols=True)
         avg, loss_value = None, math.nan
