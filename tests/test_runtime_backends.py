@@ -4,6 +4,8 @@ The CUDA, TensorRT EP and native TensorRT paths need a GPU: their tests skip unl
 and a device is present (``-m tensorrt`` / ``-m gpu``).
 """
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -387,3 +389,99 @@ def test_auto_picks_a_matching_native_plan_and_samples_through_it(monkeypatch):
     assert Pipeline.from_dir(folder).backend_name == "onnxruntime-cpu"
     with pytest.raises(BackendUnavailable, match="no TensorRT plan of graph 'denoiser' for this GPU"):
         Pipeline.from_dir(folder, backend="tensorrt")
+
+
+# ------------------------------------------------------- fake onnxruntime GPU EPs --
+# onnxruntime-gpu cannot be installed beside the CPU wheel here: these tests fake the provider list and
+# wrap a real CPU session, to check what the runtime asks of the CUDA / TensorRT execution providers
+# (provider options, engine cache, shape profile, IO binding) and the fall-through of ``auto``.
+
+
+def install_fake_gpu_onnxruntime(monkeypatch, working=("TensorrtExecutionProvider", "CUDAExecutionProvider")):
+    import onnxruntime as ort
+
+    real_session = ort.InferenceSession
+    sessions = []
+
+    class Binding:
+        def __init__(self, session):
+            self.session, self.inputs, self.outputs = session, {}, []
+
+        def bind_cpu_input(self, name, value):
+            self.inputs[name] = value
+
+        def bind_output(self, name, device_type="cpu", device_id=0):
+            assert device_type == "cuda"
+            self.outputs.append(name)
+
+        def copy_outputs_to_cpu(self):
+            return self.result
+
+    class Session:
+        def __init__(self, path, sess_options=None, providers=None):
+            self.providers = providers
+            self.real = real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+            self.bindings = 0
+            sessions.append(self)
+
+        def get_providers(self):
+            names = [p[0] if isinstance(p, tuple) else p for p in self.providers]
+            return [n for n in names if n in working or n == "CPUExecutionProvider"]
+
+        def get_inputs(self):
+            return self.real.get_inputs()
+
+        def get_outputs(self):
+            return self.real.get_outputs()
+
+        def io_binding(self):
+            self.bindings += 1
+            return Binding(self)
+
+        def run_with_iobinding(self, binding):
+            binding.result = self.real.run(binding.outputs, binding.inputs)
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    return sessions
+
+
+def test_tensorrt_ep_and_cuda_options_engine_cache_and_io_binding(monkeypatch, tmp_path):
+    from runtime_fixtures import model_dir
+
+    from vdeploy.runtime import Pipeline
+
+    monkeypatch.setenv("VDEPLOY_CACHE", str(tmp_path / "cache"))
+    folder = model_dir("uncond")
+    reference = Pipeline.from_dir(folder, backend="cpu")(steps=3, seed=0, batch_size=2)
+    sessions = install_fake_gpu_onnxruntime(monkeypatch)
+    pipe = Pipeline.from_dir(folder, precision="fp16")  # auto: TensorRT EP (no native plan here)
+    assert pipe.backend_name == "onnxruntime-tensorrt-ep"
+    (trt_name, trt), (cuda_name, cuda), cpu = sessions[-1].providers
+    assert (trt_name, cuda_name, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert trt["trt_fp16_enable"] is True and trt["trt_engine_cache_enable"] is True
+    cache = Path(trt["trt_engine_cache_path"])
+    assert cache.parent == tmp_path / "cache" / "ort-trt" and cache.is_dir()
+    assert trt["trt_timing_cache_path"] == str(cache)
+    assert trt["trt_profile_min_shapes"] == "x:1x3x4x8x8,t:1"
+    assert trt["trt_profile_opt_shapes"] == "x:1x3x4x8x8,t:1"
+    assert trt["trt_profile_max_shapes"] == "x:16x3x4x8x8,t:16"
+    assert cuda["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    np.testing.assert_array_equal(pipe(steps=3, seed=0, batch_size=2), reference)
+    assert sessions[-1].bindings == 3  # IO binding, one per call
+    # fp32 asks for another engine: another cache folder
+    Pipeline.from_dir(folder, backend="tensorrt-ep")
+    assert sessions[-1].providers[0][1]["trt_engine_cache_path"] != str(cache)
+
+
+def test_auto_falls_through_when_an_ep_cannot_start(monkeypatch):
+    from runtime_fixtures import model_dir
+
+    from vdeploy.runtime import Pipeline
+
+    install_fake_gpu_onnxruntime(monkeypatch, working=("CUDAExecutionProvider",))  # TensorRT libs missing
+    folder = model_dir("uncond")
+    assert Pipeline.from_dir(folder).backend_name == "onnxruntime-cuda"
+    with pytest.raises(BackendUnavailable, match="could not start TensorrtExecutionProvider"):
+        Pipeline.from_dir(folder, backend="tensorrt-ep")
