@@ -177,6 +177,8 @@ def ddim(
         eta: the stochasticity; with ``eta > 0`` one noise array per step is drawn from ``noise``/``rng``.
         The rest as in ``ddpm``.
     """
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta!r}")
     x, betas, cond = _start(x, betas, cond)
     timesteps = respace(len(betas), steps, spacing)
     alphas_cumprod = np.cumprod(1.0 - betas)
@@ -187,7 +189,8 @@ def ddim(
     f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
     recip, recipm1 = f32(np.sqrt(1 / a_t)), f32(np.sqrt(1 / a_t - 1))
     eps_from_x, eps_from_x0 = f32(1 / np.sqrt(1 - a_t)), f32(np.sqrt(a_t / (1 - a_t)))
-    sqrt_a_prev, dir_coef, sigma32 = f32(np.sqrt(a_prev)), f32(np.sqrt(1 - a_prev - sigma**2)), f32(sigma)
+    sqrt_a_prev, sigma32 = f32(np.sqrt(a_prev)), f32(sigma)
+    dir_coef = f32(np.sqrt(np.maximum(1 - a_prev - sigma**2, 0)))  # eta > 1 would make it negative
     draw = _noise_source(noise, rng, x.shape, "ddim") if eta > 0 else None
     b = x.shape[0]
     for i, t in enumerate(timesteps):
