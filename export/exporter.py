@@ -31,6 +31,7 @@ from .spec import DEFAULT_OPSET, FP16_ATOL, FP32_ATOL, ExportError, ExportSpec, 
 log = logging.getLogger("vdeploy.export")
 
 OPTIMIZE_CHOICES = ("auto", "none", "onnxslim")
+MIN_OPSET, MAX_OPSET = 17, 20  # 17: LayerNormalization; 20: the TorchScript exporter's last
 
 
 # ----------------------------------------------------------------- loading ----
@@ -247,6 +248,8 @@ def _export(
 
     from .wrapper import CfgDenoiser, Denoiser
 
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported: {MIN_OPSET} to {MAX_OPSET} (torch's TorchScript exporter)")
     if optimize not in OPTIMIZE_CHOICES:
         raise ExportError(f"optimize must be one of {', '.join(OPTIMIZE_CHOICES)}, got {optimize!r}")
     if tensorrt is not None:  # fail before minutes of work, not after

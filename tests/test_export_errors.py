@@ -166,3 +166,14 @@ def test_no_ema_exports_the_raw_weights(tmp_path):
     assert a["source"]["ema"] is True and b["source"]["ema"] is False
     assert np.array_equal(np.load(tmp_path / "raw" / "null_cond_emb.npy"), raw.null_cond_emb.detach().numpy())
     assert np.array_equal(np.load(tmp_path / "ema" / "null_cond_emb.npy"), ema.null_cond_emb.detach().numpy())
+
+
+def test_unsupported_opset(tmp_path, exported_model, out):
+    from vdeploy.export import ExportError, export_onnx
+
+    with pytest.raises(ExportError, match="opset 21 is not supported"):
+        export_onnx(exported_model.ckpt, out, opset=21)
+    assert not (tmp_path / "work").exists() or list((tmp_path / "work").iterdir()) == []
+    result, left = _export(tmp_path, "--ckpt", str(exported_model.ckpt), "--out", out, "--opset", "16")
+    _one_line_error(result, "--opset")
+    assert left == []

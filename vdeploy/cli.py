@@ -282,7 +282,7 @@ def _log_progress() -> None:
 @click.option("--config", "config_spec", default=None,
               help="Architecture: preset (tiny|small|base) or JSON file; needed when the checkpoint holds none.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Export the EMA weights or the raw ones.")
-@click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 21), help="ONNX opset.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 20), help="ONNX opset (17-20).")
 @click.option("--cfg", is_flag=True, help="Also export denoiser_cfg.onnx: cond and null in one call, cond_scale input.")
 @click.option("--fp16", is_flag=True, help="Also export denoiser_fp16.onnx (float16, fp32 I/O; softmax/norm stats fp32).")
 @click.option("--optimize", type=click.Choice(["auto", "none", "onnxslim"]), default="auto", show_default=True,
