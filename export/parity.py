@@ -58,6 +58,7 @@ def run_parity(
     config=None,
     atol: float = DEFAULT_ATOL,
     raise_on_failure: bool = True,
+    progress: bool = False,
 ) -> dict:
     """Sample with PyTorch and with the runtime from the same noise and compare.
 
@@ -73,6 +74,7 @@ def run_parity(
         backend, precision: what the runtime runs on (``Pipeline.from_dir``).
         atol: tolerance on every per-call error and on the final error.
         raise_on_failure: raise :class:`ParityError` when a tolerance is exceeded (else ``passed: false``).
+        progress: progress bars for both sampling runs.
 
     Returns:
         ``{"per_call_max_abs_err": [...], "final_max_abs_err": ..., "psnr_db": ..., "passed": ..., ...}``.
@@ -132,7 +134,7 @@ def run_parity(
     t0 = time.perf_counter()
     with torch.no_grad():
         if sampler == "ddpm" and n == T:
-            torch_video = _torch_ddpm(unet, unet_config, shape, cond, cond_scale, noise, torch_eps)
+            torch_video = _torch_ddpm(unet, unet_config, shape, cond, cond_scale, noise, torch_eps, progress)
         else:
             x_T = next(noise)
             denoise = _torch_denoiser(unet, cond_scale)
@@ -141,8 +143,11 @@ def run_parity(
                 kwargs["dynamic_thres_percentile"] = unet_config.get("dynamic_thres_percentile", 0.9)
             if sampler == "ddpm":
                 kwargs["noise"] = noise
-            x0 = SAMPLERS[sampler](denoise, x_T, pipe.betas, callback=lambda i: torch_eps.append(i["eps"].copy()),
-                                   **kwargs)
+            bar = _bar(progress, n, f"torch {sampler}")
+            x0 = SAMPLERS[sampler](denoise, x_T, pipe.betas, callback=lambda i: (torch_eps.append(i["eps"].copy()),
+                                   bar and bar.update(1)), **kwargs)
+            if bar:
+                bar.close()
             torch_video = np.clip((x0 + 1) * 0.5, 0.0, 1.0)
     torch_seconds = time.perf_counter() - t0
 
@@ -198,7 +203,15 @@ def _torch_denoiser(unet, cond_scale: float):
     return denoise
 
 
-def _torch_ddpm(unet, config: dict, shape, cond, cond_scale, noise, record: list) -> np.ndarray:
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step")
+
+
+def _torch_ddpm(unet, config: dict, shape, cond, cond_scale, noise, record: list, progress: bool = False) -> np.ndarray:
     """The seed's ``p_sample_loop`` with explicit noise; every denoiser output recorded."""
     import torch
 
@@ -217,7 +230,7 @@ def _torch_ddpm(unet, config: dict, shape, cond, cond_scale, noise, record: list
     try:
         video = diffusion.p_sample_loop(
             shape, cond=torch.from_numpy(cond) if cond is not None else None, cond_scale=cond_scale,
-            noise=(torch.from_numpy(z) for z in noise), progress=False,
+            noise=(torch.from_numpy(z) for z in noise), progress=progress,
         )
     finally:
         del unet.forward_with_cond_scale

@@ -480,7 +480,7 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, batch_s
     try:
         report = run_parity(model_dir, ckpt, sampler=sampler, steps=steps, batch_size=batch_size,
                             cond_scale=cond_scale, seed=seed, backend=backend, precision=precision, ema=ema,
-                            config=config_spec, atol=atol)
+                            config=config_spec, atol=atol, progress=True)
     except (ExportError, BackendUnavailable) as e:
         raise BadInput(str(e)) from None
     except ParityError as e:
