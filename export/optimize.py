@@ -21,7 +21,7 @@ from .checks import ort_session
 log = logging.getLogger("vdeploy.export")
 
 # a variant must beat the plain graph by this much (median latency) to be kept
-MIN_GAIN = 0.03
+MIN_GAIN = 0.05
 
 
 def slim(src: str | Path, dst: str | Path) -> Path:
@@ -49,7 +49,7 @@ def ort_offline(src: str | Path, dst: str | Path, threads: int = 2) -> Path:
 
 
 def measure_latency(
-    graphs: dict[str, str | Path], feed: dict[str, np.ndarray], *, threads: int = 2, warmup: int = 2, repeats: int = 7
+    graphs: dict[str, str | Path], feed: dict[str, np.ndarray], *, threads: int = 2, warmup: int = 2, repeats: int = 9
 ) -> dict[str, dict[str, float]]:
     """Per-call onnxruntime CPU latency of each graph on ``feed``, measured round-robin.
 
