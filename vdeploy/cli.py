@@ -244,6 +244,10 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
     losses: list[float] = []
     trainer.train(log_fn=lambda log: losses.append(log["loss"]))
     secs = time.perf_counter() - start
+    if trainer.interrupted:
+        click.echo(f"interrupted: saved {results / ckpt_io.LAST_NAME} at step {trainer.step}; continue with --resume",
+                   err=True)
+        raise SystemExit(130)
     tail = losses[-50:]
     click.echo(f"trained {trainer.step - first} steps in {secs:.0f}s; final loss {losses[-1]:.4f} "
                f"(mean of last {len(tail)}: {sum(tail) / len(tail):.4f})")
