@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -133,3 +135,26 @@ def test_train_then_resume(data_dir, tmp_path, tiny_json):
     assert fresh.exit_code == 0, fresh.output
     assert not (results / "model-2.pt").exists()
     assert len((results / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(data_dir, tmp_path, tiny_json):
+    import time
+
+    results = tmp_path / "results"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vdeploy.cli", "train", "--data", str(data_dir), "--results", str(results),
+         "--config", str(tiny_json), "--batch-size", "2", "--steps", "100000", "--save-every", "100000", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    log = results / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err and "Traceback" not in err
+    raw = torch.load(results / "model-last.pt", weights_only=True)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert raw["step"] == steps[-1] >= 2  # saved at a step boundary, nothing lost

@@ -196,6 +196,7 @@ class Trainer:
         self.model, self.opt = self.accelerator.prepare(diffusion_model, opt)
         self.ema_model = copy.deepcopy(self.unwrapped_model).requires_grad_(False)
         self.step = 0
+        self.interrupted = False  # set when a Ctrl-C stopped train() early (after saving)
 
         self.results_folder = Path(results_folder)
         if self.accelerator.is_main_process:
@@ -395,6 +396,7 @@ class Trainer:
         try:
             while self.step < self.train_num_steps:
                 if stop.requested:
+                    self.interrupted = True
                     log_fn({"step": self.step, "loss": loss_value, "checkpoint": str(self.save("last")), "stopped": True})
                     logger.warning("interrupted: saved %s at step %d", self.results_folder / ckpt_io.LAST_NAME, self.step)
                     break
