@@ -506,5 +506,36 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, batch_s
 # --------------------------------------------------------------- bench ----
 
 
+def _bench_script() -> Path:
+    """``benchmarks/latency.py`` of the source checkout this vdeploy is installed from (editable install)."""
+    import vdeploy
+
+    return Path(vdeploy.__file__).resolve().parent.parent / "benchmarks" / "latency.py"
+
+
+@main.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """PyTorch vs the runtime: latency, sampling, cold start, quality (= python benchmarks/latency.py).
+
+    \b
+    Every option is passed on to benchmarks/latency.py; `vdeploy bench --help` lists them. Example:
+      vdeploy bench --config small --json bench-out/latency.json --plot bench-out/latency.png
+    """
+    import importlib.util
+    import sys
+
+    script = _bench_script()
+    if not script.is_file():
+        raise BadInput(f"vdeploy bench runs {script.relative_to(script.parent.parent)} of a source checkout, and "
+                       f"{script} is not there: install vdeploy editable from a checkout (make install)")
+    spec = importlib.util.spec_from_file_location("vdeploy_bench_latency", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    raise SystemExit(module.main(list(args), prog="vdeploy bench"))
+
+
 if __name__ == "__main__":
     main()
