@@ -38,9 +38,9 @@ def make_pair(ref_cls, cfg: dict, norm_type: str = "group", seed: int = 0):
     """A reference model with random weights and a vdeploy model loaded from its state dict."""
     torch.manual_seed(seed)
     ref = ref_cls(**cfg).eval()
-    with torch.no_grad():  # move the all-ones/zeros norm and bias params off their init values
+    with torch.no_grad():  # move the constant-initialized params (norm gains/biases) off 1 and 0
         for p in ref.parameters():
-            if p.requires_grad:
+            if p.requires_grad and p.numel() > 1 and bool((p == p.flatten()[0]).all()):
                 p.add_(0.1 * torch.randn_like(p))
     ours = Unet3D(**cfg, norm_type=norm_type).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)

@@ -111,22 +111,22 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
         self.freqs = nn.Parameter(freqs, requires_grad=False)
-        self.rot_dim = 2 * freqs.shape[0]
+        self.rot_dim = 2 * freqs.shape[0]  # an odd dim leaves its last feature unrotated
 
     def tables(self, n: int, dim_head: int, device=None) -> tuple[Tensor, Tensor]:
-        """cos and signed sin tables, each ``(dim_head, n)``, such that the rotated query is
-        ``q * cos + swap_pairs(q) * sin`` for ``q`` laid out ``(..., dim_head, n)``.
+        """cos and signed sin tables, each ``(dim_head, n)``: position ``i`` rotates a query/key ``q`` to
+        ``q * cos[:, i] + q[pair_swap] * sin[:, i]`` (:func:`pair_swap_index`).
 
         Features beyond the rotary width pass through (cos 1, sin 0).
         """
         freqs = self.freqs.detach()
         device = default(device, freqs.device)
         freqs = freqs.to(device=device, dtype=torch.float32)
-        rot = 2 * freqs.shape[0]
+        rot = self.rot_dim
         assert rot <= dim_head, f"rotary width {rot} exceeds the head dimension {dim_head}"
         pos = torch.arange(int(n), device=device, dtype=torch.float32)
         angles = (pos[:, None] * freqs[None, :]).repeat_interleave(2, dim=-1)  # (n, rot): '... (d r)', r=2
-        # rotate_half(x) = (-x[2p+1], x[2p]) = swap_pairs(x) * (-1, +1): fold the sign into sin
+        # rotate_half(x) = (-x[2p+1], x[2p]) = x[pair_swap] * (-1, +1): fold the sign into sin
         sign = torch.tensor([-1.0, 1.0], device=device).repeat(rot // 2)
         cos, sin = angles.cos(), angles.sin() * sign
         if rot < dim_head:
@@ -135,33 +135,11 @@ class RotaryEmbedding(nn.Module):
         return cos.t().contiguous(), sin.t().contiguous()
 
 
-def rotary_feature_order(dim_head: int, rot_dim: int) -> Tensor:
-    """A reordering of one head's features under which rotate_half's pair swap is a swap of halves.
-
-    Queries and keys may be permuted alike without changing ``q . k``. Ordered as ``[even rotary features,
-    first half of the rest, odd rotary features, second half of the rest]``, feature 2p lands half a head
-    away from its partner 2p+1, so the swap is one flip of a ``(2, d/2 * n)`` view (contiguous blocks)
-    instead of a strided pair shuffle. Returns the natural index of each reordered feature; an odd
-    ``dim_head`` (whose rest cannot be halved) keeps the natural order.
-    """
-    if dim_head % 2:
-        return torch.arange(dim_head)
-    rest = torch.arange(rot_dim, dim_head)
-    r1, r2 = rest[: len(rest) // 2], rest[len(rest) // 2 :]
-    return torch.cat((torch.arange(0, rot_dim, 2), r1, torch.arange(1, rot_dim, 2), r2))
-
-
-def swap_pairs(x: Tensor, reordered: bool) -> Tensor:
-    """rotate_half without its sign, along dim -2 of ``(..., d, n)``: features 2p <-> 2p+1.
-
-    ``reordered``: features are in :func:`rotary_feature_order` (swap the two halves); otherwise natural.
-    """
-    *lead, d, n = x.shape
-    if reordered:
-        return x.reshape(*lead, 2, (d // 2) * n).flip(-2).reshape(*lead, d, n)
-    # natural order (odd head widths): the trailing unrotated feature stays (its sin is 0)
-    pairs = x[..., : d - d % 2, :].reshape(*lead, d // 2, 2, n).flip(-2).reshape(*lead, d - d % 2, n)
-    return torch.cat((pairs, x[..., d - d % 2 :, :]), dim=-2) if d % 2 else pairs
+def pair_swap_index(dim_head: int, rot_dim: int) -> Tensor:
+    """Feature index that swaps 2p <-> 2p+1 within the rotary width (rotate_half without its sign)."""
+    idx = torch.arange(dim_head)
+    idx[:rot_dim] = idx[:rot_dim].reshape(-1, 2).flip(-1).reshape(-1)
+    return idx
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,10 +214,13 @@ def _group_norm_film(x: Tensor, frames: int, norm: nn.GroupNorm, scale: Tensor |
     """
     bf, c, h, w = x.shape
     g = norm.num_groups
-    xg = x.reshape(-1, frames, g, c // g, h * w)
-    mean = xg.mean(dim=(1, 3, 4), keepdim=True)
+    xg = x.reshape(-1, frames, g, (c // g) * h * w)
+    # two-stage means (contiguous block per frame, then across frames): as accurate as nn.GroupNorm's
+    mean = xg.mean(dim=-1, keepdim=True).mean(dim=1, keepdim=True)
     d = xg - mean
-    var = (d * d).mean(dim=(1, 3, 4), keepdim=True)
+    var = (d * d).mean(dim=-1, keepdim=True).mean(dim=1, keepdim=True)
+    d = d.reshape(-1, frames, g, c // g, h * w)
+    var = var.reshape(-1, 1, g, 1, 1)
     a = norm.weight.reshape(1, 1, g, c // g, 1)
     b = norm.bias.reshape(1, 1, g, c // g, 1)
     if exists(scale):
@@ -353,11 +334,13 @@ class SpatialLinearAttention(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head softmax attention over tokens laid out ``(..., dim, n)`` (features, then tokens).
+    """Multi-head softmax attention along axis 1 of ``(b, T, n, dim)`` tokens, for each of the n positions.
 
-    Same parameters as upstream's ``Attention`` (``to_qkv``/``to_out`` ``nn.Linear``); the projections run
-    as ``W @ x`` so no per-head transposes are needed. With a rotary embedding, query and key features are
-    kept in :func:`rotary_feature_order` (their weight rows are reordered; ``q . k`` is unchanged).
+    Same parameters as upstream's ``Attention`` (``to_qkv``/``to_out`` ``nn.Linear``). The projections are
+    single large GEMMs over all ``b*T*n`` tokens; heads are split by one reshape-and-transpose per tensor.
+    The rotary embedding is applied through the query/key *weights*: position ``i`` uses
+    ``W_i = diag(cos_i) W + diag(sin_i) W[pair_swap]``, so ``W_i x == rotate(W x, i)`` and the rotation costs
+    no activation-sized op (for a fixed frame count the exported ``W_i`` are constants).
     """
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, rotary_emb: RotaryEmbedding | None = None):
@@ -370,10 +353,17 @@ class Attention(nn.Module):
         self.to_qkv = nn.Linear(dim, hidden_dim * 3, bias=False)
         self.to_out = nn.Linear(hidden_dim, dim, bias=False)
         if exists(rotary_emb):
-            order = rotary_feature_order(dim_head, rotary_emb.rot_dim)
-            rows = (torch.arange(heads)[:, None] * dim_head + order[None, :]).reshape(-1)
-            self.register_buffer("qk_rows", rows, persistent=False)  # not in the state dict
-            self.reordered = dim_head % 2 == 0
+            self.register_buffer("pair_swap", pair_swap_index(dim_head, rotary_emb.rot_dim), persistent=False)
+
+    def _rotated_weight(self, w: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``(hidden, dim)`` projection -> ``(T, dim, hidden)``: one rotated copy per position, transposed."""
+        wh = w.reshape(self.heads, self.dim_head, -1)
+        w_t = wh * cos.t()[:, None, :, None] + wh[:, self.pair_swap] * sin.t()[:, None, :, None]
+        return w_t.reshape(cos.shape[1], -1, w.shape[1]).transpose(1, 2)
+
+    def _split_heads(self, y: Tensor) -> Tensor:
+        b, t, n, _ = y.shape  # (b, T, n, heads*d) -> (b, n, heads, T, d)
+        return y.reshape(b, t, n, self.heads, self.dim_head).permute(0, 2, 3, 1, 4)
 
     def forward(
         self,
@@ -384,37 +374,40 @@ class Attention(nn.Module):
         values_only: bool = False,
     ) -> Tensor:
         """Args:
-            x: ``(..., dim, n)`` normalized tokens.
-            pos_bias: ``(heads, n, n)`` logit bias, or None.
-            rotary: ``(cos, sin)`` tables ``(dim_head, n)`` in :func:`rotary_feature_order`, or None.
-            blocked: bool mask broadcastable to the logits ``(..., heads, n, n)``; True = not attended.
+            x: ``(b, T, n, dim)`` normalized tokens; attention runs along T.
+            pos_bias: ``(heads, T, T)`` logit bias, or None.
+            rotary: ``(cos, sin)`` tables ``(dim_head, T)`` from :meth:`RotaryEmbedding.tables`, or None.
+            blocked: bool mask broadcastable to the logits ``(b, n, heads, T, T)``; True = not attended.
             values_only: upstream's all-present focus: return ``to_out(v)`` per token.
+
+        Returns:
+            ``(b, T, n, dim)``.
         """
-        lead, n = x.shape[:-2], x.shape[-1]
         w_q, w_k, w_v = self.to_qkv.weight.chunk(3)
-        v = torch.matmul(w_v, x)
+        w_o = self.to_out.weight
         if values_only:
-            return torch.matmul(self.to_out.weight, v)
+            return torch.matmul(torch.matmul(x, w_v.t()), w_o.t())
         w_q = w_q * self.scale  # pre-scaled queries: (s W_q) x = s (W_q x)
         if exists(rotary):
-            w_q, w_k = w_q[self.qk_rows], w_k[self.qk_rows]
-        # separate projections rather than one and a split: no copy of the (3 * hidden) tensor
-        q = torch.matmul(w_q, x).reshape(*lead, self.heads, self.dim_head, n)
-        k = torch.matmul(w_k, x).reshape(*lead, self.heads, self.dim_head, n)
-        v = v.reshape(*lead, self.heads, self.dim_head, n)
-        if exists(rotary):  # RoFormer: x * cos + rotate_half(x) * sin, the sign folded into sin
             cos, sin = rotary
-            q = q * cos + swap_pairs(q, self.reordered) * sin
-            k = k * cos + swap_pairs(k, self.reordered) * sin
-        sim = torch.matmul(q.transpose(-1, -2), k)  # (..., heads, i, j)
+            w_q, w_k = self._rotated_weight(w_q, cos, sin), self._rotated_weight(w_k, cos, sin)
+        else:
+            w_q, w_k = w_q.t(), w_k.t()
+        # separate projections rather than one and a split: no copy of the (3 * hidden) tensor
+        q = self._split_heads(torch.matmul(x, w_q))  # (b, n, heads, T, d)
+        k = self._split_heads(torch.matmul(x, w_k))
+        v = self._split_heads(torch.matmul(x, w_v.t()))
+        sim = torch.matmul(q, k.transpose(-1, -2))  # (b, n, heads, i, j)
         if exists(pos_bias):
             sim = sim + pos_bias
         if exists(blocked):
             sim = sim.masked_fill(blocked, torch.finfo(sim.dtype).min)
         sim = sim - sim.amax(dim=-1, keepdim=True).detach()  # as upstream: stable in fp16
         attn = sim.softmax(dim=-1)
-        out = torch.matmul(v, attn.transpose(-1, -2))  # (..., heads, d, i)
-        return torch.matmul(self.to_out.weight, out.reshape(*lead, self.heads * self.dim_head, n))
+        out = torch.matmul(attn, v)  # (b, n, heads, T, d)
+        b, n, _, t, _ = out.shape
+        out = out.permute(0, 3, 1, 2, 4).reshape(b, t, n, -1)
+        return torch.matmul(out, w_o.t())
 
 
 class TemporalAttention(nn.Module):
@@ -427,14 +420,14 @@ class TemporalAttention(nn.Module):
 
     def forward(self, x: Tensor, *, frames: int, pos_bias=None, rotary=None, blocked=None, values_only=False, **_) -> Tensor:
         bf, c, h, w = x.shape
-        tokens = x.reshape(-1, frames, c, h * w).permute(0, 3, 2, 1)  # (b, h*w, c, f)
+        tokens = x.reshape(-1, frames, c, h * w).transpose(2, 3)  # (b, f, h*w, c)
         out = self.fn(tokens, pos_bias=pos_bias, rotary=rotary, blocked=blocked, values_only=values_only)
-        return out.permute(0, 3, 2, 1).reshape(bf, c, h, w)
+        return out.transpose(2, 3).reshape(bf, c, h, w)
 
 
 class SpatialAttention(nn.Module):
     """Full attention over each frame's positions: upstream's ``EinopsToAndFrom('b c f h w',
-    'b f (h w) c', Attention)``, on the folded layout (a pure reshape, no transpose)."""
+    'b f (h w) c', Attention)``, on the folded layout."""
 
     def __init__(self, fn: Attention):
         super().__init__()
@@ -442,7 +435,8 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: Tensor, **_) -> Tensor:
         bf, c, h, w = x.shape
-        return self.fn(x.reshape(bf, c, h * w)).reshape(bf, c, h, w)
+        tokens = x.reshape(bf, c, h * w).transpose(1, 2)[:, :, None]  # (b*f, h*w, 1, c)
+        return self.fn(tokens)[:, :, 0].transpose(1, 2).reshape(bf, c, h, w)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -502,7 +496,6 @@ class Unet3D(nn.Module):
             return TemporalAttention(Attention(d, heads=attn_heads, dim_head=attn_dim_head, rotary_emb=rotary_emb))
 
         self.time_rel_pos_bias = RelativePositionBias(heads=attn_heads, max_distance=32)
-        self.register_buffer("_rotary_order", rotary_feature_order(attn_dim_head, rotary_emb.rot_dim), persistent=False)
 
         # initial conv
         init_dim = default(init_dim, dim)
@@ -594,8 +587,9 @@ class Unet3D(nn.Module):
         Returns:
             ``{"pos_bias": (heads, f, f), "rotary_cos": (attn_dim_head, f), "rotary_sin": (attn_dim_head, f)}``,
             float32 (the bias in the parameters' dtype). ``pos_bias[h, i, j]`` is added to the logit of query
-            frame i and key frame j; the rotary tables rotate a query/key ``q`` laid out ``(dim_head, f)`` as
-            ``q * rotary_cos + swap_pairs(q) * rotary_sin`` (rotate_half's sign is folded into ``rotary_sin``).
+            frame i and key frame j; frame i rotates a query/key ``q`` of one head as
+            ``q * rotary_cos[:, i] + q[pair_swap] * rotary_sin[:, i]`` (pair_swap exchanges features 2p and
+            2p+1; rotate_half's sign is folded into ``rotary_sin``).
             Pass them to :meth:`forward` as ``tables=`` to skip recomputing; an export registers them as
             buffers so they become graph constants.
         """
@@ -666,8 +660,7 @@ class Unet3D(nn.Module):
         assert tables["pos_bias"].shape[-1] == f, "position tables were built for another frame count"
         dtype = self.init_conv.weight.dtype
         pos_bias = tables["pos_bias"].to(dtype)
-        rows = self._rotary_order  # the attentions keep q/k features in rotary_feature_order
-        rotary = (tables["rotary_cos"][rows].to(dtype), tables["rotary_sin"][rows].to(dtype))
+        rotary = (tables["rotary_cos"].to(dtype), tables["rotary_sin"].to(dtype))
         attn_kw = dict(frames=f, pos_bias=pos_bias, rotary=rotary)
 
         # (b, c, f, h, w) -> (b*f, c, h, w): every conv of this network is spatial
