@@ -274,12 +274,12 @@ def _export(
     log.info("denoiser.onnx parity vs PyTorch (atol %g): %s", spec.atol, _fmt(errors))
 
     # 2. ahead-of-time optimization, kept only where it measurably helps
-    kept, optimization = _optimize(plain, spec, cases, optimize, errors)
+    kept, optimization, errors = _optimize(plain, spec, cases, optimize, errors)
     os.replace(kept, tmp / spec.file)
     for leftover in (plain, plain.with_name("denoiser.slim.onnx")):
         leftover.unlink(missing_ok=True)
     graphs["denoiser"] = spec.manifest_entry() | {"optimization": optimization}
-    parity["denoiser"] = {"atol": spec.atol, "reference": "torch fp32 eager (CPU)", "max_abs_err": optimization.pop("_errors")}
+    parity["denoiser"] = {"atol": spec.atol, "reference": "torch fp32 eager (CPU)", "max_abs_err": errors}
 
     # 3. guidance in one call
     if cfg:
@@ -443,36 +443,39 @@ def _extra_size(config: dict) -> int | None:
     return half if half >= factor and half % factor == 0 else None
 
 
-def _optimize(plain: Path, spec: ExportSpec, cases, optimize: str, plain_errors: dict) -> tuple[Path, dict]:
-    """Keep the plain graph or its onnxslim version (checked for parity first); report the latencies."""
-    from .optimize import choose, measure_latency, slim
+def _optimize(plain: Path, spec: ExportSpec, cases, optimize: str, plain_errors: dict) -> tuple[Path, dict, dict]:
+    """Keep the plain graph or its onnxslim version (checked for parity first).
 
-    info = {"kept": "plain", "_errors": plain_errors}
+    Returns:
+        ``(graph path, the manifest's optimization record with the measured latencies, its parity errors)``.
+    """
+    from .optimize import MIN_GAIN, choose, measure_latency, slim
+
     if optimize == "none":
-        return plain, info
+        return plain, {"kept": "plain"}, plain_errors
     slimmed = plain.with_name("denoiser.slim.onnx")
     try:
         slim(plain, slimmed)
         check_graph(slimmed, spec)
         slim_errors = check_parity(slimmed, spec, cases)
-    except Exception as e:  # noqa: BLE001 (an optimizer failure falls back to plain)
+    except Exception as e:  # noqa: BLE001 (an optimizer failure falls back to the plain graph)
         if optimize == "onnxslim":
             raise ValidationError(f"onnxslim's graph failed: {e}") from None
         log.warning("onnxslim's graph is not usable (%s); keeping the plain export", str(e).splitlines()[0])
-        return plain, info
-    feed = cases[0].feed
-    latency = measure_latency({"plain": plain, "onnxslim": slimmed}, feed)
-    info["latency_ms"] = {k: round(v["median_ms"], 2) for k, v in latency.items()}
-    info["latency_setup"] = {"provider": "CPUExecutionProvider", "intra_op_threads": 2, "batch": 1}
-    info["kept"] = "onnxslim" if optimize == "onnxslim" else choose(latency)
+        return plain, {"kept": "plain", "onnxslim": f"failed: {str(e).splitlines()[0]}"}, plain_errors
+    latency = measure_latency({"plain": plain, "onnxslim": slimmed}, cases[0].feed)
+    kept = "onnxslim" if optimize == "onnxslim" else choose(latency)
+    info = {
+        "kept": kept,
+        "latency_ms": {k: round(v["median_ms"], 2) for k, v in latency.items()},
+        "latency_setup": {"provider": "CPUExecutionProvider", "intra_op_threads": 2, "batch": 1,
+                          "rule": f"onnxslim kept when its median is {MIN_GAIN:.0%} below plain's"},
+    }
     log.info(
         "onnxruntime CPU latency, batch 1, 2 threads: plain %.1f ms, onnxslim %.1f ms -> keeping %s",
-        latency["plain"]["median_ms"], latency["onnxslim"]["median_ms"], info["kept"],
+        latency["plain"]["median_ms"], latency["onnxslim"]["median_ms"], kept,
     )
-    if info["kept"] == "onnxslim":
-        info["_errors"] = slim_errors
-        return slimmed, info
-    return plain, info
+    return (slimmed, info, slim_errors) if kept == "onnxslim" else (plain, info, plain_errors)
 
 
 def _slim_in_place(path: Path) -> None:
