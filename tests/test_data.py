@@ -155,7 +155,7 @@ def test_synth_dataset_is_readable_captioned_deterministic_and_moves_as_captione
         frames = read_gif(path)
         moved = _centroid(frames[-1]) - _centroid(frames[0])
         direction = np.array(step[words[4]])
-        assert moved @ direction >= 8  # at least 8 px along the captioned direction over the clip
+        assert moved @ direction >= 15  # about half the frame along the captioned direction over the clip
         assert abs(moved @ direction[::-1]) <= 1  # and none across it
 
 
