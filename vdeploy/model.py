@@ -319,18 +319,23 @@ class SpatialLinearAttention(nn.Module):
 
     def forward(self, x: Tensor, **_) -> Tensor:
         bf, c, h, w = x.shape  # folded: this attention is per frame
-        # three 1x1 convs instead of one and a split: same weights, no copy of the (3 * hidden) tensor
-        q, k, v = (F.conv2d(x, wt).reshape(bf, self.heads, self.dim_head, h * w) for wt in self.to_qkv.weight.chunk(3))
-        # softmax over the head features (dim -2), written out: onnxruntime's Softmax transposes for a
-        # non-last axis, which costs more than these few elementwise ops
-        q = (q - q.amax(dim=-2, keepdim=True)).exp()
-        q = q / q.sum(dim=-2, keepdim=True)
-        k = k.softmax(dim=-1)
-        context = torch.matmul(k, v.transpose(-1, -2))  # (bf, heads, d, e)
-        out = torch.matmul(context.transpose(-1, -2), q)  # (bf, heads, e, n)
-        out = out.reshape(bf, -1, h, w)
-        # upstream scales q; scaling the output projection is the same linear map
-        return F.conv2d(out, self.to_out.weight * self.scale, self.to_out.bias)
+        n, heads, d = h * w, self.heads, self.dim_head
+        w_q, w_k, w_v = (wt[:, :, 0, 0] for wt in self.to_qkv.weight.chunk(3))
+        x = x.reshape(bf, c, n)
+        # q position-major (bf, n, heads, d) so that its softmax over the head features is a last-axis one
+        q = torch.matmul(x.transpose(1, 2), w_q.t()).reshape(bf, n, heads, d).softmax(dim=-1)
+        k = torch.matmul(w_k, x).reshape(bf, heads, d, n).softmax(dim=-1)
+        # upstream: context = k vᵀ with v = W_v x, out = contextᵀ (q * scale), y = W_o out + b.
+        # Re-associated so that neither v nor out (hidden x n each) is materialized:
+        #   context = (k xᵀ) W_vᵀ                     (heads, d, e): a reduction over the n positions
+        #   y = [W_o,h contextₕᵀ]ₕ q * scale + b      one (c x hidden) matrix per sample times q
+        kx = torch.matmul(k, x.transpose(1, 2)[:, None])  # (bf, heads, d, c)
+        context = torch.matmul(kx, w_v.reshape(heads, d, c).transpose(1, 2))  # (bf, heads, d, e)
+        w_o = self.to_out.weight[:, :, 0, 0].reshape(c, heads, d).transpose(0, 1)  # (heads, c, e)
+        mix = torch.matmul(w_o * self.scale, context.transpose(-1, -2))  # (bf, heads, c, d)
+        mix = mix.transpose(1, 2).reshape(bf, c, heads * d)
+        y = torch.matmul(mix, q.reshape(bf, n, heads * d).transpose(1, 2)) + self.to_out.bias[:, None]
+        return y.reshape(bf, c, h, w)
 
 
 class Attention(nn.Module):
