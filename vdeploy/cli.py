@@ -109,6 +109,10 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int) -> None:
 @click.option("--ema-decay", default=0.995, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--ema-start", default=2000, show_default=True, type=click.IntRange(min=0),
               help="Step from which the EMA averages (before it, it copies the weights).")
+@click.option("--ema-every", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Update the EMA every this many steps.")
+@click.option("--cond-scale", default=1.0, show_default=True, type=float,
+              help="Classifier-free guidance scale for the milestone samples of a conditional model.")
 @click.option("--max-grad-norm", default=None, type=click.FloatRange(min=0, min_open=True), help="Clip gradients to this norm.")
 @click.option("--null-cond-prob", default=0.1, show_default=True, type=click.FloatRange(0, 1),
               help="Caption dropout for classifier-free guidance (conditional models only).")
@@ -119,7 +123,8 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int) -> None:
 def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, batch_size: int, lr: float,
           grad_accum: int, amp: bool, save_every: int, resume: bool, overwrite: bool, text_encoder: str | None,
           sample_rows: int,
-          ema_decay: float, ema_start: int, max_grad_norm: float | None, null_cond_prob: float, seed: int,
+          ema_decay: float, ema_start: int, ema_every: int, cond_scale: float, max_grad_norm: float | None,
+          null_cond_prob: float, seed: int,
           cpu: bool, workers: int, quiet: bool) -> None:
     """Train a video-diffusion U-Net on a folder of GIFs.
 
@@ -226,7 +231,8 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
         diffusion, data_dir, train_batch_size=batch_size, train_lr=lr, train_num_steps=steps,
         gradient_accumulate_every=grad_accum, amp=amp, save_and_sample_every=save_every, results_folder=results,
         num_sample_rows=sample_rows, max_grad_norm=max_grad_norm, ema_decay=ema_decay, step_start_ema=ema_start,
-        config=config, seed=seed, null_cond_prob=null_cond_prob, num_workers=workers, progress=not quiet, cpu=cpu,
+        update_ema_every=ema_every, config=config, seed=seed, null_cond_prob=null_cond_prob, cond_scale=cond_scale,
+        num_workers=workers, progress=not quiet, cpu=cpu,
     )
     if resume_path is not None:
         try:
