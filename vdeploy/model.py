@@ -188,7 +188,9 @@ class LayerNorm(nn.Module):
         d = x - mean
         var = (d * d).mean(dim=1, keepdim=True)
         gamma = self.gamma.reshape(1, -1, *([1] * (x.ndim - 2)))
-        return d / torch.sqrt(var + self.eps) * gamma
+        # the divide stays on the small (…, 1, …) statistics tensor: full-size ops are multiplies, which
+        # an fp16 export can run in fp16 while it keeps Div/Sqrt in fp32
+        return d * (1.0 / torch.sqrt(var + self.eps)) * gamma
 
 
 class PreNorm(nn.Module):
@@ -240,7 +242,7 @@ def _rms_norm_film(x: Tensor, frames: int, norm: RMSNorm, scale: Tensor | None, 
     bf, c, h, w = x.shape
     xv = x.reshape(-1, frames, c, h * w)
     a = norm.gamma.reshape(1, 1, c, 1) * norm.scale
-    y = xv / torch.linalg.vector_norm(xv, dim=2, keepdim=True).clamp_min(1e-12)
+    y = xv * (1.0 / torch.linalg.vector_norm(xv, dim=2, keepdim=True).clamp_min(1e-12))
     if exists(scale):
         y = y * (a * (scale + 1).reshape(-1, 1, c, 1)) + shift.reshape(-1, 1, c, 1)
     else:
@@ -249,8 +251,7 @@ def _rms_norm_film(x: Tensor, frames: int, norm: RMSNorm, scale: Tensor | None, 
 
 
 def _conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
-    """A (1, k, k) ``Conv3d`` applied as ``conv2d`` over the folded ``(b*f, c, h, w)`` layout."""
-    assert conv.weight.shape[2] == 1 and conv.stride[0] == 1 and conv.padding[0] == 0, "only spatial kernels fold"
+    """A (1, k, k) ``Conv3d`` (every conv of this network) applied as ``conv2d`` over ``(b*f, c, h, w)``."""
     return F.conv2d(x, conv.weight.squeeze(2), conv.bias, stride=conv.stride[1:], padding=conv.padding[1:])
 
 
@@ -666,7 +667,8 @@ class Unet3D(nn.Module):
 
         if not exists(tables):
             tables = self.position_tables(f, device=device)
-        assert tables["pos_bias"].shape[-1] == f, "position tables were built for another frame count"
+        if not torch.jit.is_tracing():  # a traced shape is a tensor; the export fixes f anyway
+            assert tables["pos_bias"].shape[-1] == f, "position tables were built for another frame count"
         dtype = self.init_conv.weight.dtype
         pos_bias = tables["pos_bias"].to(dtype)
         rotary = (tables["rotary_cos"].to(dtype), tables["rotary_sin"].to(dtype))
