@@ -39,15 +39,17 @@ DIFFUSION_DEFAULTS: dict = {
 }
 
 PRESETS: dict[str, dict] = {
-    # tests and the demo: trains in minutes on 2 CPU cores
+    # the demo: trains in minutes on 2 CPU cores. No sparse linear attention (a third of the
+    # step time at 32 px) and 100 diffusion steps (full DDPM sampling in seconds).
     "tiny": {
         "dim": 16,
         "dim_mults": [1, 2, 4],
         "attn_heads": 2,
         "attn_dim_head": 16,
+        "use_sparse_linear_attn": False,
         "image_size": 32,
         "num_frames": 8,
-        "timesteps": 1000,
+        "timesteps": 100,
     },
     "small": {"dim": 32, "dim_mults": [1, 2, 4, 8], "image_size": 32, "num_frames": 8, "timesteps": 1000},
     "base": {"dim": 64, "dim_mults": [1, 2, 4, 8], "image_size": 64, "num_frames": 16, "timesteps": 1000},
