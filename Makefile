@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO ?= demo
+DEMO_STEPS ?= 500
+VDEPLOY := $(VENV)/bin/vdeploy
 
 .PHONY: install demo test bench clean
 
@@ -21,15 +23,27 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/ref-0.7.0 video-diffusion-pytorch==0.7.0
 	touch $@
 
+# The demo: synthetic captioned shapes -> tiny text-conditioned model (about 5 min on 2 cores)
+# -> checked ONNX export -> torch-free sampling -> parity report against PyTorch.
 demo: install
-	$(VENV)/bin/vdeploy data synth $(DEMO)/data --num 64 --frames 8 --size 32
-	$(VENV)/bin/vdeploy train --data $(DEMO)/data --results $(DEMO)/results --config tiny
+	$(VDEPLOY) data synth $(DEMO)/data --num 64 --frames 8 --size 32 --seed 0
+	$(VDEPLOY) train --data $(DEMO)/data --results $(DEMO)/results --config tiny --overwrite \
+		--steps $(DEMO_STEPS) --save-every $(DEMO_STEPS) --batch-size 8 --lr 2e-3 \
+		--ema-start 100 --ema-every 1 --ema-decay 0.99 --text-encoder default --cond-scale 2
+	$(VDEPLOY) export --ckpt $(DEMO)/results/model-last.pt --out $(DEMO)/model --cfg
+	$(VDEPLOY) sample --model $(DEMO)/model --out $(DEMO)/sample.gif --seed 0 --cond-scale 2 \
+		--text "a red circle moving left" --text "a blue square moving down" \
+		--text "a green triangle moving right" --text "a yellow circle moving up"
+	$(VDEPLOY) parity --model $(DEMO)/model --ckpt $(DEMO)/results/model-last.pt \
+		--sampler ddpm --cond-scale 2 --json $(DEMO)/parity.json
+	@echo "demo done: $(DEMO)/sample.gif (runtime, no torch), $(DEMO)/results/ (training), $(DEMO)/parity.json"
 
 test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) benchmarks/latency.py --config small --json bench-out/latency.json --plot bench-out/latency.png
+	$(PY) benchmarks/latency.py --config small --json bench-out/latency.json --plot bench-out/latency.png \
+		$(if $(wildcard $(DEMO)/results/model-last.pt),--ckpt $(DEMO)/results/model-last.pt)
 
 clean:
 	rm -rf $(VENV) $(DEMO) bench-out
