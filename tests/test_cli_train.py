@@ -109,18 +109,23 @@ def test_train_then_resume(data_dir, tmp_path, tiny_json):
     results = tmp_path / "results"
     args = ["train", "--data", str(data_dir), "--results", str(results), "--config", str(tiny_json),
             "--batch-size", "2", "--save-every", "2", "--sample-rows", "1", "--quiet"]
-    first = runner.invoke(main, [*args, "--steps", "2"])
+    first = runner.invoke(main, [*args, "--steps", "2", "--ema-start", "1", "--ema-every", "1", "--lr", "5e-4"])
     assert first.exit_code == 0, first.output
     assert "4 videos (4 captioned)" in first.output and "final loss" in first.output
     assert (results / "model-1.pt").is_file() and (results / "sample-last.gif").is_file()
+    with open(results / "log.jsonl", "a") as log:  # a crash after the checkpoint logged a step it lost
+        log.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
 
     again = runner.invoke(main, ["train", "--data", str(data_dir), "--results", str(results), "--resume",
-                                 "--steps", "4", "--batch-size", "2", "--save-every", "2", "--sample-rows", "1",
-                                 "--quiet"])
+                                 "--steps", "4", "--quiet"])
     assert again.exit_code == 0, again.output
     assert "steps 2 -> 4" in again.output  # the config came from the checkpoint
     raw = torch.load(results / "model-last.pt", weights_only=True)
     assert raw["step"] == 4 and raw["config"]["dim"] == TINY["dim"]
+    # settings not given again are the first run's; the one given (--steps) wins
+    kept = raw["trainer"]
+    assert (kept["train_batch_size"], kept["step_start_ema"], kept["update_ema_every"], kept["train_lr"],
+            kept["num_sample_rows"], kept["train_num_steps"]) == (2, 1, 1, 5e-4, 1, 4)
     steps = [json.loads(line)["step"] for line in (results / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 

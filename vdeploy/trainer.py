@@ -285,8 +285,8 @@ class Trainer:
                 "gradient_accumulate_every": self.gradient_accumulate_every, "amp": self.amp,
                 "step_start_ema": self.step_start_ema, "update_ema_every": self.update_ema_every,
                 "save_and_sample_every": self.save_and_sample_every, "max_grad_norm": self.max_grad_norm,
-                "seed": self.seed, "null_cond_prob": self.null_cond_prob,
-                "num_processes": self.accelerator.num_processes,
+                "seed": self.seed, "null_cond_prob": self.null_cond_prob, "cond_scale": self.cond_scale,
+                "num_sample_rows": self.num_sample_rows, "num_processes": self.accelerator.num_processes,
             },
         )
 
@@ -387,7 +387,12 @@ class Trainer:
         acc = self.accelerator
         main = acc.is_main_process
         log_path = self.results_folder / "log.jsonl"
-        logfile = open(log_path, "a" if self.step else "w", encoding="utf-8") if main else None  # a fresh run starts a fresh log
+        logfile = None
+        if main:  # a fresh run starts a fresh log; a resumed one drops lines past its checkpoint
+            kept = _log_lines_until(log_path, self.step) if self.step else []
+            logfile = open(log_path, "w", encoding="utf-8")
+            logfile.writelines(kept)
+            logfile.flush()
         bar = tqdm(total=self.train_num_steps, initial=self.step, desc="training", disable=not (self.progress and main),
                    dynamic_ncols=True)
         avg, loss_value = None, math.nan
@@ -449,6 +454,20 @@ class Trainer:
                 logfile.close()
         logger.info("training completed")
         return loss_value
+
+
+def _log_lines_until(path: Path, step: int) -> list[str]:
+    """The lines of a ``log.jsonl`` up to ``step`` (a crashed run may have logged past its checkpoint)."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
 
 
 class _GracefulStop:
