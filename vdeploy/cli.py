@@ -88,17 +88,19 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int) -> None:
 @click.option("--config", "config_spec", default=None,
               help="Model config: a preset (tiny, small, base) or a JSON file.  [default: tiny, or the "
                    "checkpoint's with --resume]")
-@click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1),
+@click.option("--steps", default=600, show_default=True, type=click.IntRange(min=1),
               help="Train until this many optimizer steps in all (a resumed run continues to it).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Videos per micro-batch.")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Adam learning rate (the seed's Trainer default is 1e-4, tuned for large models).")
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
               help="Micro-batches per optimizer step.")
 @click.option("--amp", is_flag=True, help="Mixed precision (fp16 on CUDA, bf16 on CPU).")
-@click.option("--save-every", default=250, show_default=True, type=click.IntRange(min=1),
+@click.option("--save-every", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Checkpoint and sample grid every this many steps (and at the end).")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --results (exactly, on one process).")
+@click.option("--resume", is_flag=True,
+              help="Continue from the newest checkpoint in --results with its settings (flags given override "
+                   "them); exact on one process.")
 @click.option("--overwrite", is_flag=True,
               help="Start afresh even though --results holds an earlier run's checkpoints (they are deleted).")
 @click.option("--text-encoder", default=None, metavar="DIR|default",
@@ -157,8 +159,6 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
         config = vconfig.load(config_spec or "tiny") if (config_spec or not resume) else None
     except vconfig.ConfigError as e:
         raise BadInput(str(e)) from None
-    if save_every > steps:
-        save_every = steps
 
     import torch
 
@@ -189,6 +189,25 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
             config = vconfig.resolve(stored["config"])
         if text_encoder is None and stored.get("text_encoder"):
             text_encoder = stored["text_encoder"]
+        # the run continues with its own settings unless a flag says otherwise
+        ctx = click.get_current_context()
+        kept = {k: v for k, v in (stored.get("trainer") or {}).items()
+                if k in _RESUMED and ctx.get_parameter_source(_RESUMED[k]) == click.core.ParameterSource.DEFAULT}
+        steps = kept.get("train_num_steps", steps)
+        batch_size = kept.get("train_batch_size", batch_size)
+        lr = kept.get("train_lr", lr)
+        grad_accum = kept.get("gradient_accumulate_every", grad_accum)
+        amp = kept.get("amp", amp)
+        save_every = kept.get("save_and_sample_every", save_every)
+        ema_decay = kept.get("ema_decay", ema_decay)
+        ema_start = kept.get("step_start_ema", ema_start)
+        ema_every = kept.get("update_ema_every", ema_every)
+        max_grad_norm = kept.get("max_grad_norm", max_grad_norm)
+        seed = kept.get("seed", seed)
+        null_cond_prob = kept.get("null_cond_prob", null_cond_prob)
+        cond_scale = kept.get("cond_scale", cond_scale)
+        sample_rows = kept.get("num_sample_rows", sample_rows)
+    save_every = min(save_every, steps)
 
     # ---- the text encoder sets cond_dim
     encoder = None
@@ -260,6 +279,16 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
     click.echo(f"checkpoint: {results / ckpt_io.LAST_NAME}")
     if (results / "sample-last.gif").exists():
         click.echo(f"samples:    {results / 'sample-last.gif'}")
+
+
+# checkpoint["trainer"] key -> the train option that overrides it on --resume
+_RESUMED = {
+    "train_num_steps": "steps", "train_batch_size": "batch_size", "train_lr": "lr",
+    "gradient_accumulate_every": "grad_accum", "amp": "amp", "save_and_sample_every": "save_every",
+    "ema_decay": "ema_decay", "step_start_ema": "ema_start", "update_ema_every": "ema_every",
+    "max_grad_norm": "max_grad_norm", "seed": "seed", "null_cond_prob": "null_cond_prob",
+    "cond_scale": "cond_scale", "num_sample_rows": "sample_rows",
+}
 
 
 def _config_core(config: dict) -> dict:
