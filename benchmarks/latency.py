@@ -79,6 +79,9 @@ DESCRIPTIONS = {
     "tensorrt": "native TensorRT plan (runtime TensorRTBackend)",
 }
 
+QUALITY_PROMPT = "a red circle moving left"  # a caption of the synthetic demo data (vdeploy data synth)
+QUALITY_COND_SCALE = 2.0  # the demo's guidance scale
+
 TARGETS = {  # issue 5, CPU, small preset, batch 1
     "ort_speedup_vs_torch": (">=", 1.5),
     "loop_overhead_pct": ("<", 1.0),
@@ -691,47 +694,60 @@ def count_flops(unet, config: dict, inputs: Inputs, batches: list[int]) -> dict:
             "2 FLOPs per MAC; norms, softmax and elementwise ops not counted)", "by_op_last_batch": by_op}
 
 
-def matmul_peak(device: str, threads: int) -> dict:
-    """This machine's measured float32 matmul throughput: best of several square products."""
+def _best_of(fn, repeats: int, sync=None) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _ort_matmul(n: int, threads: int):
+    """A one-node onnxruntime MatMul session (MLAS, the kernels the exported graphs run on) and its feed."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in ("A", "B")],
+        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def matmul_peak(device: str, threads: int, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> dict:
+    """This machine's measured float32 matmul throughput (GFLOP/s): the best square product of torch,
+    numpy and onnxruntime at each size (on CUDA: torch, TF32 off). ``peak_gflops`` is the highest."""
     import torch
 
-    result = {}
-    n = 4096 if device == "cuda" else 1024
+    result: dict = {"threads": threads, "sizes": list(sizes), "gflops": {}}
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
-        a = torch.randn(n, n, device="cuda")
-        b = torch.randn(n, n, device="cuda")
-        for _ in range(3):
-            a @ b
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(10):
-            t0 = time.perf_counter()
-            a @ b
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        result["torch_cuda_gflops"] = round(2 * n**3 / best / 1e9, 1)
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    result["torch_cpu_gflops"] = round(2 * n**3 / best / 1e9, 1)
-    an, bn = a.numpy(), b.numpy()
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.perf_counter()
-        an @ bn
-        best = min(best, time.perf_counter() - t0)
-    result["numpy_cpu_gflops"] = round(2 * n**3 / best / 1e9, 1)
-    result["n"] = n
-    result["threads"] = threads
-    result["peak_gflops"] = max(v for k, v in result.items() if k.endswith("gflops")
-                                and (device == "cuda") == ("cuda" in k))
+        n = 8192
+        a, b = torch.randn(n, n, device="cuda"), torch.randn(n, n, device="cuda")
+        _best_of(lambda: a @ b, 3, torch.cuda.synchronize)
+        result["gflops"][f"torch_cuda_{n}"] = round(2 * n**3 / _best_of(lambda: a @ b, 10, torch.cuda.synchronize) / 1e9, 1)
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        an, bn = a.numpy(), b.numpy()
+        candidates = {"torch": lambda: a @ b, "numpy": lambda: an @ bn}
+        with contextlib.suppress(Exception):
+            session = _ort_matmul(n, threads)
+            feed = {"A": an, "B": bn}
+            candidates["onnxruntime"] = lambda: session.run(None, feed)
+        for lib, fn in candidates.items():
+            fn()  # warm-up
+            result["gflops"][f"{lib}_cpu_{n}"] = round(2 * n**3 / _best_of(fn, repeats) / 1e9, 1)
+    on = [v for k, v in result["gflops"].items() if ("cuda" in k) == (device == "cuda")]
+    result["peak_gflops"] = max(on)
+    result["peak_source"] = max((v, k) for k, v in result["gflops"].items() if v in on)[1]
     return result
 
 
@@ -951,32 +967,36 @@ def measure_quality(args, model_dir: Path, what: str, config: dict, threads: int
     steps = [s for s in args.quality_steps if s <= T]
     pipe = Pipeline.from_dir(model_dir, backend=backend, threads=threads)
     noise = np.random.default_rng(args.seed + 7).standard_normal((1, *pipe.shape), dtype=np.float32)
-    cond = None
-    if pipe.cond_dim:
-        cond = pipe.null_cond  # unconditional sampling through the learned null embedding
+    guidance: dict = {}
+    if pipe.text_encoder is not None:  # a captioned model: a prompt with guidance, as the demo samples
+        guidance = {"text": QUALITY_PROMPT, "cond_scale": QUALITY_COND_SCALE}
+    elif pipe.cond_dim:
+        guidance = {"cond": pipe.null_cond}  # unconditional, through the learned null embedding
     # estimate: one call to time the denoiser of this model
     t0 = time.perf_counter()
-    pipe(batch_size=1, noise=noise, cond=cond, sampler="ddim", steps=1)
+    pipe(batch_size=1, noise=noise, **guidance, sampler="ddim", steps=1)
     call_s = time.perf_counter() - t0
     calls = ref_steps + 2 * sum(steps)
     estimate = call_s * calls
     result = {"model": what, "config": {k: config[k] for k in ("dim", "dim_mults", "image_size", "num_frames",
                                                                "timesteps")},
               "reference": f"ddim eta=0, {ref_steps} steps" + ("" if ref_steps == T else f" (of {T}: reduced)"),
-              "noise_seed": args.seed + 7, "space": "output video in [0, 1]", "estimated_s": round(estimate, 1)}
+              "noise_seed": args.seed + 7, "space": "output video in [0, 1]", "estimated_s": round(estimate, 1),
+              "conditioning": ({k: v for k, v in guidance.items() if k != "cond"} or
+                               ("null embedding" if guidance else "unconditional model"))}
     if estimate > args.quality_budget:
         result["skipped"] = (f"estimated {estimate:.0f} s > --quality-budget {args.quality_budget:.0f} s; "
                              "pass a smaller model via --ckpt, --quality-ref-steps, or a larger budget")
         return result
     progress(f"quality: reference ddim {ref_steps} steps + dpmpp/ddim at {steps} (~{estimate:.0f} s)")
     t0 = time.perf_counter()
-    ref = pipe(batch_size=1, noise=noise, cond=cond, sampler="ddim", steps=ref_steps, eta=0.0)
+    ref = pipe(batch_size=1, noise=noise, **guidance, sampler="ddim", steps=ref_steps, eta=0.0)
     result["reference_s"] = round(time.perf_counter() - t0, 2)
     rows = []
     for sampler in ("dpmpp", "ddim"):
         for s in steps:
             t0 = time.perf_counter()
-            out = pipe(batch_size=1, noise=noise, cond=cond, sampler=sampler, steps=s)
+            out = pipe(batch_size=1, noise=noise, **guidance, sampler=sampler, steps=s)
             secs = time.perf_counter() - t0
             diff = out.astype(np.float64) - ref
             mse = float(np.mean(diff**2))
@@ -1266,6 +1286,9 @@ def markdown(report: dict) -> str:
         + f"; torch {m['torch']}, onnxruntime {m['onnxruntime']}; load average {m['load_average_start']} at start, "
         f"{m.get('load_average_end')} at end.",
         "",
+        "1-minute load as each section started/ended (this benchmark's own threads count): "
+        + ", ".join(f"{k} {'/'.join(str(x) for x in v)}" for k, v in (report.get("load_1min") or {}).items()) + ".",
+        "",
         f"Per-call denoiser latency, ms: median (min) of {c['repeats']} interleaved rounds after {c['warmup']} warm-up calls.",
         "",
         "| backend | batch 1 | batch 4 | vs torch eager (b1) | GFLOP/s (b1) | notes |",
@@ -1289,7 +1312,8 @@ def markdown(report: dict) -> str:
     fl = report.get("flops")
     if fl:
         lines += ["", f"FLOPs per call: {fl['per_call'].get('1', 0) / 1e9:.2f} GFLOP at batch 1 (matmul/conv); "
-                      f"measured fp32 matmul peak {peak} GFLOP/s ({fl['matmul_peak']['n']}² matmul)."]
+                      f"this machine's measured fp32 matmul peak {peak} GFLOP/s ({fl['matmul_peak']['peak_source']}; "
+                      + ", ".join(f"{k} {v}" for k, v in fl["matmul_peak"]["gflops"].items()) + ")."]
     sp = report.get("ort_speedup_detail") or {}
     if sp:
         lines += ["", f"onnxruntime ({sp['runtime']}) vs torch eager ({sp['baseline']}): {sp['b1']:.2f}x at batch 1"
@@ -1335,7 +1359,9 @@ def markdown(report: dict) -> str:
                       f"at load" + (f"; the cached-graph prototype {pr['speedup']:.1f}x." if pr else ".")]
     q = report.get("quality")
     if q:
-        lines += ["", f"Quality at fewer steps vs {q['reference']} from the same noise ({q['model']}):", ""]
+        cond = q.get("conditioning")
+        cond = ", ".join(f"{k} {v!r}" for k, v in cond.items()) if isinstance(cond, dict) else cond
+        lines += ["", f"Quality at fewer steps vs {q['reference']} from the same noise ({q['model']}; {cond}):", ""]
         if q.get("skipped"):
             lines.append(f"skipped: {q['skipped']}")
         else:
@@ -1434,6 +1460,13 @@ def run(args: argparse.Namespace) -> dict:
     if load and load[0] >= 1.0:
         report["notes"].append(f"load average {load[0]} at start (>= 1 on {os.cpu_count()} CPUs): other work was "
                                "running; absolute times are inflated and ratios noisier")
+    loads: dict[str, list] = {}
+    report["load_1min"] = loads
+
+    def mark(section: str) -> None:  # the 1-minute load average as a section starts and ends
+        value = load_average()
+        loads.setdefault(section, []).append(value[0] if value else None)
+
     wanted = set(args.backend_list or ALL_BACKENDS)
     owns_work = args.work is None
     work = Path(tempfile.mkdtemp(prefix="vdeploy-bench-")) if owns_work else args.work
@@ -1452,7 +1485,9 @@ def run(args: argparse.Namespace) -> dict:
         for b in backends:
             if b.status != "ok":
                 progress(f"{b.name}: {b.status} ({b.error})")
+        mark("per_call")
         measure_per_call(backends, args.batches, args.warmup, args.repeats)
+        mark("per_call")
 
         flops = peak = None
         if "flops" not in args.skip:
@@ -1477,7 +1512,9 @@ def run(args: argparse.Namespace) -> dict:
         if "sampling" not in args.skip and runtime_name:
             torch_ref = baseline or runtime_name
             per_call_s = max(ok[torch_ref]["per_call_ms"]["1"]["median"], ok[runtime_name]["per_call_ms"]["1"]["median"]) / 1e3
+            mark("sampling")
             report["sampling"] = measure_sampling(args, config, unet, variants, runtime_name, per_call_s, threads, device)
+            mark("sampling")
             report["loop_overhead_pct"] = report["sampling"]["runtime_dpmpp"]["loop_overhead_pct"]
 
         runtime_kind = "cpu" if runtime_name is None or ok[runtime_name]["device"] == "cpu" else \
@@ -1491,8 +1528,10 @@ def run(args: argparse.Namespace) -> dict:
             cached = None
             if runtime_kind == "cpu":
                 cached = save_ort_optimized(variants.plain, work / "variants" / "denoiser.ort-all.onnx", threads)
+            mark("cold_start")
             report["cold_start"] = measure_cold_start(variants, ckpt, args.cold_repeats, threads, runtime_kind, device,
                                                       cached)
+            mark("cold_start")
 
         report["profile"] = None
         if "profile" not in args.skip and best_cpu:
@@ -1508,11 +1547,21 @@ def run(args: argparse.Namespace) -> dict:
         if "quality" not in args.skip:
             q_dir, q_what, q_config = quality_model(args, config, unet, variants, work)
             per_call = ok[runtime_name]["per_call_ms"]["1"]["median"] / 1e3 if runtime_name else None
+            mark("quality")
             report["quality"] = measure_quality(args, q_dir, q_what, q_config, threads, per_call, runtime_kind)
+            mark("quality")
         report["targets"] = evaluate_targets(report)
         if device == "cuda":
             report["notes"].append("the targets are defined for the CPU; on a GPU they are shown for reference")
         report["machine"]["load_average_end"] = load_average()
+        # this benchmark's own busy threads count in the load average (about `threads` while it measures)
+        busy = [k for k, v in loads.items() if any(x is not None and x > threads + 1.0 for x in v)]
+        if busy:
+            report["notes"].append(
+                f"other work ran during: {', '.join(busy)} (1-minute load above {threads + 1} = this benchmark's "
+                f"{threads} threads + 1; see load_1min). torch's OpenMP threads degrade far more under CPU "
+                "contention than onnxruntime's non-spinning pool (a torch step can take 10-50x its quiet time), so "
+                "torch-side figures from those sections overstate the runtime's advantage: rerun on a quiet machine")
     finally:
         if owns_work:
             shutil.rmtree(work, ignore_errors=True)
