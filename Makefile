@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO ?= demo
-DEMO_STEPS ?= 500
+DEMO_STEPS ?= 600
 VDEPLOY := $(VENV)/bin/vdeploy
 
 .PHONY: install demo test bench clean
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/ref-0.7.0 video-diffusion-pytorch==0.7.0
 	touch $@
 
-# The demo: synthetic captioned shapes -> tiny text-conditioned model (about 5 min on 2 cores)
+# The demo: synthetic captioned shapes -> tiny text-conditioned model (about 6 min on 2 cores)
 # -> checked ONNX export -> torch-free sampling -> parity report against PyTorch.
 demo: install
 	$(VDEPLOY) data synth $(DEMO)/data --num 64 --frames 8 --size 32 --seed 0

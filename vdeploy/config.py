@@ -90,6 +90,9 @@ def resolve(config: dict) -> dict:
             f"image_size {out['image_size']} is not divisible by 2**{len(out['dim_mults']) - 1}, "
             f"which {len(out['dim_mults'])} dim_mults need"
         )
+    if out["init_dim"] is not None and out["init_dim"] != out["dim"]:
+        # upstream builds such a model, but its forward fails: the final block expects dim * 2 channels
+        raise ConfigError(f"config key 'init_dim' must equal 'dim' ({out['dim']}) or be null, got {out['init_dim']!r}")
     return out
 
 
