@@ -170,6 +170,33 @@ def engine_cache_dir(stem: str, *, onnx_sha256: str, fp16: bool, profile, gpu, v
     return cache_dir() / "ort-trt" / f"{stem}-{digest}"
 
 
+def cpu_fingerprint() -> str:
+    """What an onnxruntime CPU-optimized graph depends on besides the source graph and ORT's version:
+    the architecture, the CPU model and its instruction-set flags (the NCHWc layout picks its block
+    size from AVX2/AVX-512)."""
+    import platform
+
+    model, flags = "", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not model:
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()}|{model}|{flags}".encode()).hexdigest()[:16]
+
+
+def optimized_graph_path(path: Path, onnx_sha256: str, ort_version: str) -> Path:
+    """Where the onnxruntime CPU-optimized copy of a graph is cached, keyed by what changes it:
+    the source graph's sha256, onnxruntime's version and the CPU (see ``cpu_fingerprint``)."""
+    key = hashlib.sha256(f"{onnx_sha256}|{ort_version}|{cpu_fingerprint()}".encode()).hexdigest()[:16]
+    return cache_dir() / "ort-cpu" / f"{path.stem}-{key}.onnx"
+
+
 def _cast(spec: TensorSpec, value) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=spec.dtype)
 
@@ -185,7 +212,11 @@ class OrtBackend:
         fp16: let the TensorRT EP build fp16 kernels.
         profile: TensorRT EP shape profile ``{input: (min, opt, max)}`` of int tuples; needed for
             dynamic axes so one engine serves every batch size in range.
-        onnx_sha256: the graph's sha256, part of the TensorRT EP engine-cache key (computed if None).
+        onnx_sha256: the graph's sha256, part of the TensorRT EP engine-cache key (computed if None) and
+            of the CPU optimized-graph cache key (no CPU cache without it).
+        cache: on the CPU, keep onnxruntime's optimized graph in ``cache_dir()/ort-cpu`` and open that copy
+            with graph optimizations off next time: about 4x faster session creation (graph optimization
+            is most of a cold start).
     """
 
     def __init__(
@@ -198,6 +229,7 @@ class OrtBackend:
         fp16: bool = False,
         profile: Mapping[str, tuple] | None = None,
         onnx_sha256: str | None = None,
+        cache: bool = True,
     ):
         if kind not in _ORT_PROVIDER:
             raise ValueError(f"onnxruntime kind must be one of {', '.join(_ORT_PROVIDER)}, got {kind!r}")
@@ -230,7 +262,10 @@ class OrtBackend:
                 )
             )
         providers.append("CPUExecutionProvider")
-        self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        if kind == "cpu" and cache and onnx_sha256:
+            self.session = self._cached_cpu_session(ort, options, providers, onnx_sha256)
+        else:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         used = self.session.get_providers()[0]
         if used != provider:
             raise BackendUnavailable(f"onnxruntime could not start {provider} (it fell back to {used})")
@@ -244,6 +279,44 @@ class OrtBackend:
             for o in self.session.get_outputs()
         ]
         self._output_names = [o.name for o in self.outputs]
+
+    def _cached_cpu_session(self, ort, options, providers, onnx_sha256: str):
+        """A CPU session from the cached optimized graph, building and caching it on a miss.
+
+        A hit needs the key (source sha256, ORT version, CPU) and the recorded size to match; a cached
+        graph that onnxruntime cannot open is rebuilt. The copy is written under a temporary name and
+        renamed, so a crash never leaves a partial file under the final name.
+        """
+        cached = optimized_graph_path(self.path, onnx_sha256, ort.__version__)
+        record = cached.with_suffix(".json")
+        try:
+            meta = json.loads(record.read_text())
+            hit = meta.get("source_sha256") == onnx_sha256 and meta.get("size") == cached.stat().st_size
+        except (OSError, ValueError):
+            hit = False
+        if hit:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                return ort.InferenceSession(str(cached), sess_options=options, providers=providers)
+            except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+                log.info("onnxruntime: rebuilding the cached optimized graph %s (%s)", cached, e)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.{threading.get_ident()}.onnx")
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            options.optimized_model_filepath = str(tmp)
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            os.replace(tmp, cached)
+            record.write_text(json.dumps({"source": str(self.path), "source_sha256": onnx_sha256,
+                                          "size": cached.stat().st_size, "onnxruntime": ort.__version__}))
+            log.info("onnxruntime: cached the optimized graph in %s", cached)
+            return session
+        except OSError as e:  # an unwritable cache only costs the next start its speed
+            log.info("onnxruntime: cannot cache the optimized graph in %s (%s)", cached.parent, e)
+            options.optimized_model_filepath = ""
+            return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @staticmethod
     def session_options(ort, threads: int | None = None):

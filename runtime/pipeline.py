@@ -144,6 +144,7 @@ class Pipeline:
                 text_kind,
                 max_length=conditioning.get("max_length"),
                 threads=threads,
+                onnx_sha256=manifest["files"].get(f"{conditioning['text_encoder'].rstrip('/')}/model.onnx"),
             )
         return cls(model_dir, manifest, plain, cfg, text_encoder)
 

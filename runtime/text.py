@@ -23,9 +23,11 @@ class TextEncoder:
         kind: the onnxruntime kind to run it on (``"cpu"`` or ``"cuda"``).
         max_length: the token cap when the tokenizer has no truncation of its own (default 512).
         threads: CPU intra-op threads.
+        onnx_sha256: the sha256 of ``model.onnx`` (from the manifest), which keys its optimized-graph cache.
     """
 
-    def __init__(self, folder: str | Path, kind: str = "cpu", *, max_length: int | None = None, threads=None):
+    def __init__(self, folder: str | Path, kind: str = "cpu", *, max_length: int | None = None, threads=None,
+                 onnx_sha256: str | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -38,7 +40,7 @@ class TextEncoder:
             pad_token = "[PAD]" if self.tokenizer.token_to_id("[PAD]") is not None else None
             pad_id = self.tokenizer.token_to_id(pad_token) if pad_token else 0
             self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token or "[PAD]")
-        self.backend = OrtBackend(folder / "model.onnx", kind, threads=threads)
+        self.backend = OrtBackend(folder / "model.onnx", kind, threads=threads, onnx_sha256=onnx_sha256)
         self._lock = threading.Lock()  # tokenizer settings are shared state; encoding is cheap
 
     def __call__(self, texts: list[str]) -> np.ndarray:

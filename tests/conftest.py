@@ -79,3 +79,31 @@ def ref_vdp() -> types.ModuleType:
 def ref_vdp070() -> types.ModuleType:
     """video_diffusion_pytorch 0.7.0 (RMSNorm in Block), from ``.venv/ref-0.7.0``."""
     return load_reference("0.7.0")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_vdeploy_cache(tmp_path_factory):
+    """Engine and optimized-graph caches go to a folder of the test session, never the user's ~/.cache."""
+    import os
+
+    saved = os.environ.get("VDEPLOY_CACHE")
+    os.environ["VDEPLOY_CACHE"] = str(tmp_path_factory.mktemp("vdeploy-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("VDEPLOY_CACHE", None)
+    else:
+        os.environ["VDEPLOY_CACHE"] = saved
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests run tiny tensors: one torch thread is faster, and far faster on a busy 2-core machine,
+    where a second OpenMP thread waits on the other core (measured 5-10x slower under load)."""
+    torch = sys.modules.get("torch")
+    if torch is None:  # the runtime's tests never import torch; importing it here would cost them
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,14 +15,6 @@ SHAPE = (2, 3, 4, 16, 16)  # b c f h w
 TIMESTEPS = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def ref(ref_vdp):

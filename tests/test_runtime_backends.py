@@ -485,3 +485,31 @@ def test_auto_falls_through_when_an_ep_cannot_start(monkeypatch):
     assert Pipeline.from_dir(folder).backend_name == "onnxruntime-cuda"
     with pytest.raises(BackendUnavailable, match="could not start TensorrtExecutionProvider"):
         Pipeline.from_dir(folder, backend="tensorrt-ep")
+
+
+def test_cpu_optimized_graph_is_cached_keyed_and_rebuilt_when_broken(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setenv("VDEPLOY_CACHE", str(tmp_path / "cache"))
+    graph = tiny_graph(tmp_path / "g.onnx")
+    sha = backends._sha256(graph)
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(3, 2), "t": np.array([1, 2, 3])}
+    (expected,) = OrtBackend(graph, "cpu", threads=1, cache=False).run(feeds)
+
+    first = OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha)  # miss: optimizes and caches
+    cached = backends.optimized_graph_path(graph, sha, ort.__version__)
+    assert cached.is_file() and cached.with_suffix(".json").is_file()
+    assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    second = OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha)  # hit: opens the copy unoptimized
+    level = second.session.get_session_options().graph_optimization_level
+    assert level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for backend in (first, second):
+        np.testing.assert_array_equal(backend.run(feeds)[0], expected)
+
+    # another source sha256 (an edited graph) is another cache entry, never the stale one
+    assert backends.optimized_graph_path(graph, "0" * 64, ort.__version__) != cached
+    # a damaged copy of the recorded size is rebuilt, not trusted
+    cached.write_bytes(b"\0" * cached.stat().st_size)
+    third = OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha)
+    np.testing.assert_array_equal(third.run(feeds)[0], expected)
+    onnx.load(str(cached))  # a valid graph again

@@ -18,14 +18,6 @@ CONFIG = resolve({"dim": 8, "dim_mults": [1, 2], "attn_heads": 2, "attn_dim_head
                   "image_size": 16, "num_frames": 4, "timesteps": 10})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
