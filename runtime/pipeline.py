@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,30 @@ class Pipeline:
         if precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
         model_dir = Path(path)
-        manifest = manifest_lib.load(model_dir, verify=verify)
+        manifest = manifest_lib.load(model_dir, verify=False)
+        args = (model_dir, manifest, backend, precision, threads, device_id, max_batch)
+        if not verify:
+            return cls._open_dir(*args)
+        # Hash every file on other threads while the sessions open (together most of a cold start).
+        # Nothing runs before every sha256 matched; a graph that fails to open is reported as the
+        # tampering it may be.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            verified = pool.submit(manifest_lib.verify_files, model_dir, manifest)
+            try:
+                pipe = cls._open_dir(*args)
+            except BaseException:
+                verified.result()
+                raise
+            try:
+                verified.result()
+            except ManifestError:
+                pipe.close()
+                raise
+        return pipe
+
+    @classmethod
+    def _open_dir(cls, model_dir: Path, manifest: dict, backend, precision, threads, device_id, max_batch):
+        """``from_dir`` after the manifest is read: check it against the config, open the backends."""
         where = model_dir / manifest_lib.MANIFEST_NAME
         _video_shape(manifest["config"], where)
         _betas(manifest, where)
