@@ -190,11 +190,11 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256(f"{platform.machine()}|{model}|{flags}".encode()).hexdigest()[:16]
 
 
-def optimized_graph_path(path: Path, onnx_sha256: str, ort_version: str) -> Path:
-    """Where the onnxruntime CPU-optimized copy of a graph is cached, keyed by what changes it:
-    the source graph's sha256, onnxruntime's version and the CPU (see ``cpu_fingerprint``)."""
+def optimized_graph_dir(path: Path, onnx_sha256: str, ort_version: str) -> Path:
+    """The cache entry (a folder) of the onnxruntime CPU-optimized copy of a graph, keyed by what changes
+    it: the source graph's sha256, onnxruntime's version and the CPU (see ``cpu_fingerprint``)."""
     key = hashlib.sha256(f"{onnx_sha256}|{ort_version}|{cpu_fingerprint()}".encode()).hexdigest()[:16]
-    return cache_dir() / "ort-cpu" / f"{path.stem}-{key}.onnx"
+    return cache_dir() / "ort-cpu" / f"{path.stem}-{key}"
 
 
 def _cast(spec: TensorSpec, value) -> np.ndarray:
@@ -215,8 +215,8 @@ class OrtBackend:
         onnx_sha256: the graph's sha256, part of the TensorRT EP engine-cache key (computed if None) and
             of the CPU optimized-graph cache key (no CPU cache without it).
         cache: on the CPU, keep onnxruntime's optimized graph in ``cache_dir()/ort-cpu`` and open that copy
-            with graph optimizations off next time: about 4x faster session creation (graph optimization
-            is most of a cold start).
+            with graph optimizations off, its weights mapped from disk, next time: session creation of the
+            small preset 0.10 s instead of 0.59 s (graph optimization is most of a cold start).
     """
 
     def __init__(
@@ -283,40 +283,64 @@ class OrtBackend:
     def _cached_cpu_session(self, ort, options, providers, onnx_sha256: str):
         """A CPU session from the cached optimized graph, building and caching it on a miss.
 
-        A hit needs the key (source sha256, ORT version, CPU) and the recorded size to match; a cached
-        graph that onnxruntime cannot open is rebuilt. The copy is written under a temporary name and
-        renamed, so a crash never leaves a partial file under the final name.
+        An entry is a folder: ``model.onnx`` (the graph), ``model.data`` (its weights, which onnxruntime
+        maps from disk rather than parsing and copying them: session creation 0.10 s instead of 0.17 s
+        for the small preset) and ``meta.json`` (source sha256 and the sha256 of both files). A hit
+        checks both hashes on another thread while the session opens, so a damaged entry is never
+        used: it is rebuilt. The folder is built under a temporary name and renamed into place.
         """
-        cached = optimized_graph_path(self.path, onnx_sha256, ort.__version__)
-        record = cached.with_suffix(".json")
+        from concurrent.futures import ThreadPoolExecutor
+
+        entry = optimized_graph_dir(self.path, onnx_sha256, ort.__version__)
         try:
-            meta = json.loads(record.read_text())
-            hit = meta.get("source_sha256") == onnx_sha256 and meta.get("size") == cached.stat().st_size
+            meta = json.loads((entry / _CACHE_META).read_text())
+            hit = meta.get("source_sha256") == onnx_sha256 and isinstance(meta.get("files"), dict)
         except (OSError, ValueError):
             hit = False
         if hit:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            try:
-                return ort.InferenceSession(str(cached), sess_options=options, providers=providers)
-            except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
-                log.info("onnxruntime: rebuilding the cached optimized graph %s (%s)", cached, e)
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                intact = pool.submit(_files_match, entry, meta["files"])
+                try:
+                    session = ort.InferenceSession(str(entry / _CACHE_GRAPH), sess_options=options,
+                                                   providers=providers)
+                except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+                    session, reason = None, str(e)
+                else:
+                    reason = "" if intact.result() else "a file does not match its sha256"
+                if session is not None and not reason:
+                    return session
+                intact.result()
+            del session
+            log.info("onnxruntime: rebuilding the cached optimized graph %s (%s)", entry, reason)
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.{threading.get_ident()}.onnx")
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}")
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            options.optimized_model_filepath = str(tmp)
+            tmp.mkdir(parents=True)
+            options.optimized_model_filepath = str(tmp / _CACHE_GRAPH)
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             _CACHE_DATA)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                             "1024")
             session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
-            os.replace(tmp, cached)
-            record.write_text(json.dumps({"source": str(self.path), "source_sha256": onnx_sha256,
-                                          "size": cached.stat().st_size, "onnxruntime": ort.__version__}))
-            log.info("onnxruntime: cached the optimized graph in %s", cached)
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+            (tmp / _CACHE_META).write_text(json.dumps({
+                "source": str(self.path), "source_sha256": onnx_sha256, "onnxruntime": ort.__version__,
+                "files": files,
+            }))
+            shutil.rmtree(entry, ignore_errors=True)  # a damaged entry
+            try:
+                tmp.rename(entry)
+                log.info("onnxruntime: cached the optimized graph in %s", entry)
+            except OSError:  # another process cached the same graph meanwhile: keep theirs
+                pass
             return session
         except OSError as e:  # an unwritable cache only costs the next start its speed
-            log.info("onnxruntime: cannot cache the optimized graph in %s (%s)", cached.parent, e)
+            log.info("onnxruntime: cannot cache the optimized graph in %s (%s)", entry.parent, e)
             options.optimized_model_filepath = ""
             return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         finally:
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @staticmethod
     def session_options(ort, threads: int | None = None):
@@ -386,6 +410,18 @@ def _sha256(path: Path) -> str:
     from .manifest import sha256_file
 
     return sha256_file(path)
+
+
+_CACHE_GRAPH, _CACHE_DATA, _CACHE_META = "model.onnx", "model.data", "meta.json"
+
+
+def _files_match(folder: Path, digests: dict) -> bool:
+    """Whether ``folder`` holds exactly the files named in ``digests``, each with its sha256."""
+    try:
+        present = {p.name for p in folder.iterdir()} - {_CACHE_META}
+        return present == set(digests) and all(_sha256(folder / n) == d for n, d in digests.items())
+    except OSError:
+        return False
 
 
 def _tensorrt_version() -> str | None:

@@ -497,9 +497,9 @@ def test_cpu_optimized_graph_is_cached_keyed_and_rebuilt_when_broken(tmp_path, m
     (expected,) = OrtBackend(graph, "cpu", threads=1, cache=False).run(feeds)
 
     first = OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha)  # miss: optimizes and caches
-    cached = backends.optimized_graph_path(graph, sha, ort.__version__)
-    assert cached.is_file() and cached.with_suffix(".json").is_file()
-    assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    entry = backends.optimized_graph_dir(graph, sha, ort.__version__)
+    assert (entry / "model.onnx").is_file() and (entry / "meta.json").is_file()
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary left
     second = OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha)  # hit: opens the copy unoptimized
     level = second.session.get_session_options().graph_optimization_level
     assert level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -507,9 +507,36 @@ def test_cpu_optimized_graph_is_cached_keyed_and_rebuilt_when_broken(tmp_path, m
         np.testing.assert_array_equal(backend.run(feeds)[0], expected)
 
     # another source sha256 (an edited graph) is another cache entry, never the stale one
-    assert backends.optimized_graph_path(graph, "0" * 64, ort.__version__) != cached
-    # a damaged copy of the recorded size is rebuilt, not trusted
-    cached.write_bytes(b"\0" * cached.stat().st_size)
-    third = OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha)
-    np.testing.assert_array_equal(third.run(feeds)[0], expected)
-    onnx.load(str(cached))  # a valid graph again
+    assert backends.optimized_graph_dir(graph, "0" * 64, ort.__version__) != entry
+    # a damaged copy is rebuilt, not trusted: one that no longer parses, and one that does but differs
+    cached = entry / "model.onnx"
+    pristine = cached.read_bytes()
+    cached.write_bytes(b"\0" * len(pristine))
+    np.testing.assert_array_equal(OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha).run(feeds)[0], expected)
+    assert cached.read_bytes() == pristine  # rebuilt
+    model = onnx.load(str(cached))
+    for init in model.graph.initializer:
+        init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) + 1, init.name))
+    onnx.save(model, str(cached))
+    rebuilt = OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha)
+    assert rebuilt.session.get_session_options().graph_optimization_level != level  # built anew
+    np.testing.assert_array_equal(rebuilt.run(feeds)[0], expected)
+    assert cached.read_bytes() == pristine
+
+
+def test_cpu_optimized_graph_cache_keeps_large_weights_beside_the_graph(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from runtime_fixtures import model_dir
+
+    monkeypatch.setenv("VDEPLOY_CACHE", str(tmp_path / "cache"))
+    folder = model_dir("uncond")
+    graph = folder / "denoiser.onnx"
+    sha = backends._sha256(graph)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 4, 8, 8), dtype=np.float32), "t": np.array([5])}
+    (expected,) = OrtBackend(graph, "cpu", threads=1, cache=False).run(feeds)
+    OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha)
+    entry = backends.optimized_graph_dir(graph, sha, ort.__version__)
+    assert (entry / "model.data").stat().st_size > (entry / "model.onnx").stat().st_size
+    (got,) = OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha).run(feeds)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
