@@ -305,13 +305,12 @@ class OrtBackend:
                     session = ort.InferenceSession(str(entry / _CACHE_GRAPH), sess_options=options,
                                                    providers=providers)
                 except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
-                    session, reason = None, str(e)
+                    reason = str(e)
                 else:
-                    reason = "" if intact.result() else "a file does not match its sha256"
-                if session is not None and not reason:
-                    return session
-                intact.result()
-            del session
+                    if intact.result():
+                        return session
+                    del session  # let go of the damaged entry's mapped weights before it is replaced
+                    reason = "a file does not match its sha256"
             log.info("onnxruntime: rebuilding the cached optimized graph %s (%s)", entry, reason)
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}")
