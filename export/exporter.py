@@ -260,6 +260,8 @@ def _export(
     null = unet.null_cond_emb.detach().float().reshape(1, -1).numpy() if getattr(unet, "has_cond", False) else None
     cond_dim = None if null is None else int(null.shape[1])
     spec = denoiser_spec(config, cond_dim, dynamic_size=dynamic_size, opset=opset, atol=atol)
+    # built now so that --cfg on an unconditioned model fails before any tracing
+    cfg_spec = denoiser_spec(config, cond_dim, cfg=True, dynamic_size=dynamic_size, opset=opset, atol=atol) if cfg else None
     extra_size = _extra_size(config) if dynamic_size else None
     reference = _reference(unet)
     graphs: dict[str, dict] = {}
@@ -282,8 +284,7 @@ def _export(
     parity["denoiser"] = {"atol": spec.atol, "reference": "torch fp32 eager (CPU)", "max_abs_err": errors}
 
     # 3. guidance in one call
-    if cfg:
-        cfg_spec = denoiser_spec(config, cond_dim, cfg=True, dynamic_size=dynamic_size, opset=opset, atol=atol)
+    if cfg_spec is not None:
         path = tmp / cfg_spec.file
         _trace(CfgDenoiser(unet, config["num_frames"]), cfg_spec, config, path)
         if optimization["kept"] == "onnxslim":

@@ -181,3 +181,19 @@ def test_unsupported_opset(tmp_path, exported_model, out):
     result, left = _export(tmp_path, "--ckpt", str(exported_model.ckpt), "--out", out, "--opset", "16")
     _one_line_error(result, "--opset")
     assert left == []
+
+
+def test_cfg_on_an_unconditioned_model_fails_before_tracing(tmp_path, out, monkeypatch):
+    from vdeploy.export import exporter
+
+    config = {k: v for k, v in TINY_EXPORT_CONFIG.items() if k != "cond_dim"}
+    unet, resolved = tiny_unet(config)
+    ckpt = write_vdeploy_checkpoint(tmp_path / "model-4.pt", unet, resolved)
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced before the arguments were checked")
+
+    monkeypatch.setattr(exporter, "_trace", no_trace)
+    result, left = _export(tmp_path, "--ckpt", str(ckpt), "--out", out, "--cfg")
+    _one_line_error(result, "--cfg needs a conditioned model")
+    assert left == []
