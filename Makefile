@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO ?= demo
-DEMO_STEPS ?= 600
+DEMO_STEPS ?= 1000
 VDEPLOY := $(VENV)/bin/vdeploy
 
 .PHONY: install demo test bench clean

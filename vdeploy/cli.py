@@ -88,7 +88,7 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int) -> None:
 @click.option("--config", "config_spec", default=None,
               help="Model config: a preset (tiny, small, base) or a JSON file.  [default: tiny, or the "
                    "checkpoint's with --resume]")
-@click.option("--steps", default=600, show_default=True, type=click.IntRange(min=1),
+@click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Train until this many optimizer steps in all (a resumed run continues to it).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Videos per micro-batch.")
 @click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
