@@ -415,12 +415,17 @@ _CACHE_GRAPH, _CACHE_DATA, _CACHE_META = "model.onnx", "model.data", "meta.json"
 
 
 def _files_match(folder: Path, digests: dict) -> bool:
-    """Whether ``folder`` holds exactly the files named in ``digests``, each with its sha256."""
+    """Whether ``folder`` holds exactly the files named in ``digests``, each with its sha256
+    (hashed concurrently by the manifest's own check)."""
+    from .manifest import ManifestError, verify_files
+
     try:
-        present = {p.name for p in folder.iterdir()} - {_CACHE_META}
-        return present == set(digests) and all(_sha256(folder / n) == d for n, d in digests.items())
-    except OSError:
+        if {p.name for p in folder.iterdir()} - {_CACHE_META} != set(digests):
+            return False
+        verify_files(folder, {"files": digests})
+    except (OSError, ManifestError):
         return False
+    return True
 
 
 def _tensorrt_version() -> str | None:
