@@ -6,6 +6,8 @@ Torch-free, so the CLI can validate a config before it pays for ``import torch``
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from pathlib import Path
 
 # Unet3D keyword arguments and their defaults, as in video-diffusion-pytorch 0.6.3, plus
@@ -57,34 +59,90 @@ PRESETS: dict[str, dict] = {
 
 
 class ConfigError(ValueError):
-    """A model config that cannot be used; the message names the problem."""
+    """A model config that cannot be used; the message names the key, the value and what is allowed."""
+
+
+# Upper bounds: far above any model this package can train or export, low enough that a typo
+# (``"dim": 640000``) is refused here instead of failing with MemoryError inside torch.
+_LIMITS = {
+    "dim": 4096, "cond_dim": 65536, "out_dim": 4, "channels": 4, "attn_heads": 256, "attn_dim_head": 1024,
+    "init_dim": 4096, "init_kernel_size": 31, "resnet_groups": 4096, "image_size": 4096, "num_frames": 1024,
+    "timesteps": 100_000,
+}
+_MAX_DIM_MULT, _MAX_LEVELS = 64, 8
+_BOOLS = ("use_bert_text_cond", "use_sparse_linear_attn", "text_use_bert_cls", "use_dynamic_thres")
+_CHOICES = {"norm_type": ("group", "rms"), "loss_type": ("l1", "l2"), "block_type": ("resnet",)}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _int_key(out: dict, key: str, *, optional: bool = False) -> None:
+    """``out[key]`` must be an integer in 1.._LIMITS[key] (or None when ``optional``); stored as a plain int."""
+    v = out[key]
+    if v is None and optional:
+        return
+    if not _is_int(v) or not 1 <= v <= _LIMITS[key]:
+        allowed = f"an integer from 1 to {_LIMITS[key]}" + (" or null" if optional else "")
+        raise ConfigError(f"config key '{key}' must be {allowed}, got {v!r}")
+    out[key] = int(v)
 
 
 def resolve(config: dict) -> dict:
-    """Validate a flat config and fill in every default.
+    """Validate a flat config (every key's type and range) and fill in every default.
 
     Raises:
-        ConfigError: unknown keys (all named), a missing required key, or a value of the wrong kind.
+        ConfigError: unknown keys (all named), a missing required key, or a value of the wrong type or
+            out of range; the message names the key, the value and what is allowed.
     """
     if not isinstance(config, dict):
         raise ConfigError(f"a model config must be a JSON object, got {type(config).__name__}")
     known = {**UNET_DEFAULTS, **DIFFUSION_DEFAULTS}
-    unknown = sorted(set(config) - set(known))
+    unknown = sorted(set(map(str, config)) - set(known))
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
     out = {**known, **config}
     for key in ("dim", "image_size", "num_frames"):
         if out[key] is None:
             raise ConfigError(f"config is missing the required key '{key}'")
-        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] <= 0:
+        if not _is_int(out[key]) or out[key] <= 0:
             raise ConfigError(f"config key '{key}' must be a positive integer, got {out[key]!r}")
-    if not isinstance(out["dim_mults"], (list, tuple)) or not out["dim_mults"]:
-        raise ConfigError(f"config key 'dim_mults' must be a non-empty list, got {out['dim_mults']!r}")
-    out["dim_mults"] = [int(m) for m in out["dim_mults"]]
-    if out["norm_type"] not in ("group", "rms"):
-        raise ConfigError(f"config key 'norm_type' must be 'group' or 'rms', got {out['norm_type']!r}")
-    if out["loss_type"] not in ("l1", "l2"):
-        raise ConfigError(f"config key 'loss_type' must be 'l1' or 'l2', got {out['loss_type']!r}")
+    for key in ("dim", "image_size", "num_frames", "attn_heads", "attn_dim_head", "timesteps", "init_kernel_size",
+                "resnet_groups"):
+        _int_key(out, key)
+    for key in ("cond_dim", "out_dim", "init_dim"):
+        _int_key(out, key, optional=True)
+    if out["channels"] not in (1, 3, 4) or not _is_int(out["channels"]):
+        raise ConfigError(f"config key 'channels' must be 1, 3 or 4 (grey, RGB, RGBA video), got {out['channels']!r}")
+    out["channels"] = int(out["channels"])
+    if out["dim"] < 4 or out["dim"] % 2:
+        # the sinusoidal time embedding takes dim // 2 frequencies and needs at least two
+        raise ConfigError(f"config key 'dim' must be an even integer >= 4, got {out['dim']!r}")
+    if out["init_kernel_size"] % 2 == 0:
+        raise ConfigError(f"config key 'init_kernel_size' must be odd (the stem conv keeps the frame size), "
+                          f"got {out['init_kernel_size']!r}")
+    mults = out["dim_mults"]
+    if (not isinstance(mults, (list, tuple)) or not 1 <= len(mults) <= _MAX_LEVELS
+            or not all(_is_int(m) and 1 <= m <= _MAX_DIM_MULT for m in mults)):
+        raise ConfigError(f"config key 'dim_mults' must be a list of 1 to {_MAX_LEVELS} integers from 1 to "
+                          f"{_MAX_DIM_MULT}, got {mults!r}")
+    out["dim_mults"] = [int(m) for m in mults]
+    for key in _BOOLS:
+        if not isinstance(out[key], bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {out[key]!r}")
+    for key, choices in _CHOICES.items():
+        if not isinstance(out[key], str) or out[key] not in choices:
+            allowed = " or ".join(repr(c) for c in choices)
+            raise ConfigError(f"config key '{key}' must be {allowed}, got {out[key]!r}")
+    p = out["dynamic_thres_percentile"]
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not math.isfinite(p) or not 0 < p <= 1:
+        raise ConfigError(f"config key 'dynamic_thres_percentile' must be a number in (0, 1], got {p!r}")
+    out["dynamic_thres_percentile"] = float(p)
+    if out["out_dim"] is not None and out["out_dim"] != out["channels"]:
+        # the diffusion loss compares the U-Net's output with noise of `channels` channels
+        raise ConfigError(f"config key 'out_dim' must equal 'channels' ({out['channels']}) or be null, "
+                          f"got {out['out_dim']!r}")
     if out["image_size"] % (2 ** (len(out["dim_mults"]) - 1)):
         raise ConfigError(
             f"image_size {out['image_size']} is not divisible by 2**{len(out['dim_mults']) - 1}, "
@@ -93,6 +151,12 @@ def resolve(config: dict) -> dict:
     if out["init_dim"] is not None and out["init_dim"] != out["dim"]:
         # upstream builds such a model, but its forward fails: the final block expects dim * 2 channels
         raise ConfigError(f"config key 'init_dim' must equal 'dim' ({out['dim']}) or be null, got {out['init_dim']!r}")
+    if out["norm_type"] == "group":
+        widths = sorted({out["dim"] * m for m in [1, *out["dim_mults"]]})
+        groups = out["resnet_groups"]
+        if any(w % groups for w in widths):
+            raise ConfigError(f"config key 'resnet_groups' ({groups}) must divide every block width "
+                              f"dim * dim_mults = {widths} (GroupNorm splits the channels into equal groups)")
     return out
 
 
@@ -104,12 +168,18 @@ def load(spec: str | Path | dict) -> dict:
     if spec in PRESETS:
         return resolve(PRESETS[spec])
     path = Path(spec)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a name the OS refuses (too long, a NUL byte)
+        is_file = False
+    if not is_file:
         raise ConfigError(f"config '{spec}' is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"cannot read config {path}: nested too deeply") from None
     return resolve(data)
 
 
