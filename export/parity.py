@@ -59,6 +59,7 @@ def run_parity(
     atol: float = DEFAULT_ATOL,
     raise_on_failure: bool = True,
     progress: bool = False,
+    options: dict | None = None,
 ) -> dict:
     """Sample with PyTorch and with the runtime from the same noise and compare.
 
@@ -66,8 +67,9 @@ def run_parity(
         model_dir: a model directory written by ``vdeploy export``.
         ckpt: the checkpoint it was exported from (architecture: the checkpoint's config, else ``config``,
             else the manifest's).
-        sampler: ``ddpm`` (default: every training step, the seed's loop), ``ddim`` (eta 0) or ``dpmpp``.
-        steps: sampler steps (default: all T for ddpm, 25 otherwise).
+        sampler: a name in ``vdeploy.runtime.samplers.SAMPLERS``; ``ddpm`` (default) over every training
+            step compares with the seed's own loop.
+        steps: sampler steps (default: the sampler's ``default_steps``, all T for ddpm).
         batch_size: videos per run; a conditioned model gets random (seeded) embeddings.
         cond_scale: classifier-free guidance scale (conditioned models).
         seed: seeds the noise and the embeddings.
@@ -75,6 +77,7 @@ def run_parity(
         atol: tolerance on every per-call error and on the final error.
         raise_on_failure: raise :class:`ParityError` when a tolerance is exceeded (else ``passed: false``).
         progress: progress bars for both sampling runs.
+        options: the sampler's own options (``spacing``, ``eta``...), the same on both sides.
 
     Returns:
         ``{"per_call_max_abs_err": [...], "final_max_abs_err": ..., "psnr_db": ..., "passed": ..., ...}``.
@@ -87,12 +90,15 @@ def run_parity(
 
     from vdeploy.runtime import Pipeline
     from vdeploy.runtime.manifest import ManifestError
-    from vdeploy.runtime.samplers import SAMPLERS
+    from vdeploy.runtime.samplers import sampler_kwargs, sampler_spec
 
     from .exporter import load_unet
 
-    if sampler not in SAMPLERS:
-        raise ExportError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    try:
+        spec = sampler_spec(sampler)
+        sampler_kwargs(sampler, 1, options or {})  # an option the sampler does not take fails here, early
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     try:
         pipe = Pipeline.from_dir(model_dir, backend=backend, precision=precision)
     except (ManifestError, ValueError) as e:
@@ -105,7 +111,7 @@ def run_parity(
                 f"checkpoint and model directory disagree on {key}: {unet_config[key]} vs {manifest_config.get(key)}"
             )
     T = len(pipe.betas)
-    n = steps if steps is not None else (T if sampler == "ddpm" else min(25, T))
+    n = steps if steps is not None else min(spec.default_steps or T, T)
     if not 1 <= n <= T:
         raise ExportError(f"steps must be between 1 and {T}, got {n}")
     shape = (batch_size, *pipe.shape)
@@ -113,7 +119,7 @@ def run_parity(
     cond = rng.standard_normal((batch_size, pipe.cond_dim), dtype=np.float32) if pipe.cond_dim else None
     if cond is None and cond_scale != 1:
         raise ExportError("cond_scale needs a conditioned model; this one has no cond_dim")
-    per_step_noise = sampler == "ddpm"
+    per_step_noise = spec.draws_noise
 
     # runtime: the Pipeline (its backends, its guidance path), eps recorded per call
     runtime_eps: list[np.ndarray] = []
@@ -124,6 +130,7 @@ def run_parity(
     runtime_video = pipe(
         batch_size=batch_size, cond=cond, cond_scale=cond_scale, sampler=sampler, steps=n, noise=x_T,
         step_noise=noise if per_step_noise else None, callback=lambda info: runtime_eps.append(info["eps"].copy()),
+        **(options or {}),
     )
     runtime_seconds = time.perf_counter() - t0
     log.info("parity: runtime done in %.1f s; running PyTorch", runtime_seconds)
@@ -138,14 +145,13 @@ def run_parity(
         else:
             x_T = next(noise)
             denoise = _torch_denoiser(unet, cond_scale)
-            kwargs = {"cond": cond, "clip_denoised": True, "steps": n}
+            kwargs = {"cond": cond, "clip_denoised": True,
+                      **sampler_kwargs(sampler, n, options or {}, noise=noise if per_step_noise else None)}
             if unet_config.get("use_dynamic_thres"):
                 kwargs["dynamic_thres_percentile"] = unet_config.get("dynamic_thres_percentile", 0.9)
-            if sampler == "ddpm":
-                kwargs["noise"] = noise
             bar = _bar(progress, n, f"torch {sampler}")
-            x0 = SAMPLERS[sampler](denoise, x_T, pipe.betas, callback=lambda i: (torch_eps.append(i["eps"].copy()),
-                                   bar and bar.update(1)), **kwargs)
+            x0 = spec.fn(denoise, x_T, pipe.betas, callback=lambda i: (torch_eps.append(i["eps"].copy()),
+                         bar and bar.update(1)), **kwargs)
             if bar:
                 bar.close()
             torch_video = np.clip((x0 + 1) * 0.5, 0.0, 1.0)

@@ -22,12 +22,12 @@ from .backends import (
     ort_providers,
 )
 from .manifest import ManifestError
-from .samplers import SAMPLERS, guided
+from .samplers import guided, sampler_kwargs, sampler_spec
 from .schedule import betas_from_spec
 
 log = logging.getLogger("vdeploy.runtime")
 
-DEFAULT_STEPS = {"ddim": 25, "dpmpp": 25}  # ddpm: all training timesteps, as the seed samples
+DEFAULT_SAMPLER = "dpmpp"
 
 
 class Pipeline:
@@ -221,14 +221,14 @@ class Pipeline:
         cond: np.ndarray | None = None,
         text: str | list[str] | None = None,
         cond_scale: float = 1.0,
-        sampler: str = "dpmpp",
+        sampler: str = DEFAULT_SAMPLER,
         steps: int | None = None,
-        eta: float = 0.0,
         seed: int | None = None,
         noise: np.ndarray | None = None,
         step_noise: Iterable[np.ndarray] | None = None,
         callback: Callable[[dict], None] | None = None,
         progress: bool = False,
+        **options,
     ) -> np.ndarray:
         """Sample videos.
 
@@ -240,20 +240,22 @@ class Pipeline:
             text: prompt(s), encoded by the model directory's text encoder.
             cond_scale: classifier-free guidance scale (1: none; else two denoiser calls per step, or one
                 call of the fused ``--cfg`` graph when the model directory has it).
-            sampler: ``"dpmpp"`` (DPM-Solver++ 2M), ``"ddim"`` or ``"ddpm"`` (the seed's ancestral loop).
-            steps: denoiser steps; default 25 for dpmpp/ddim and every training timestep for ddpm.
-            eta: DDIM's stochasticity (0: deterministic).
+            sampler: a name in ``vdeploy.runtime.samplers.SAMPLERS`` (``dpmpp``: DPM-Solver++ 2M,
+                ``ddim``, ``ddpm``: the seed's ancestral loop, ...).
+            steps: denoiser steps; default: the sampler's ``default_steps`` (every training timestep
+                for ddpm).
             seed: seeds the starting noise and every per-step noise (None: fresh entropy).
             noise: explicit starting noise ``(b, c, f, h, w)``, for reproducible runs and parity.
-            step_noise: explicit per-step noise for ddpm / ddim with eta > 0 (one array per step).
+            step_noise: explicit per-step noise for samplers that draw it (one array per step).
             callback: called after every step with ``{"i", "t", "x", "x0", "eps"}``.
             progress: show a tqdm progress bar.
+            **options: the sampler's own options, as its table entry lists them (``eta`` for ddim,
+                ``spacing``, ...); an option the sampler does not take is a ValueError.
 
         Returns:
             float32 ``(b, c, f, h, w)`` in [0, 1].
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        spec = sampler_spec(sampler)
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if text is not None and cond is not None:
@@ -285,16 +287,13 @@ class Pipeline:
             plain, timing = _timed(self.denoiser())
             denoise = guided(plain, self.null_cond, cond_scale)
 
-        num_steps = steps if steps is not None else DEFAULT_STEPS.get(sampler, len(self.betas))
-        kwargs = {"cond": cond, "clip_denoised": True}
+        num_steps = steps if steps is not None else (spec.default_steps or len(self.betas))
+        kwargs = {
+            "cond": cond, "clip_denoised": True,
+            **sampler_kwargs(sampler, num_steps, options, noise=step_noise, rng=rng),
+        }
         if self.config.get("use_dynamic_thres"):
             kwargs["dynamic_thres_percentile"] = self.config.get("dynamic_thres_percentile", 0.9)
-        if sampler == "ddpm":
-            kwargs.update(steps=num_steps, noise=step_noise, rng=rng)
-        elif sampler == "ddim":
-            kwargs.update(steps=num_steps, eta=eta, noise=step_noise, rng=rng)
-        else:
-            kwargs.update(steps=num_steps)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -309,7 +308,7 @@ class Pipeline:
 
         start = time.perf_counter()
         try:
-            x0 = SAMPLERS[sampler](denoise, x, self.betas, callback=on_step, **kwargs)
+            x0 = spec.fn(denoise, x, self.betas, callback=on_step, **kwargs)
         finally:
             if bar is not None:
                 bar.close()

@@ -15,6 +15,7 @@ step, in loop order) or an injected ``numpy.random.Generator``. ``callback`` get
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -265,4 +266,57 @@ def dpmpp(
     return x
 
 
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp": dpmpp}
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One entry of the samplers table, read by the Pipeline, parity, the CLI and the benchmark.
+
+    Args:
+        fn: the pure function ``fn(denoise, x, betas, *, cond, steps, clip_denoised,
+            dynamic_thres_percentile, callback, **options) -> x0``.
+        default_steps: steps when the caller gives none (None: every training timestep).
+        draws_noise: takes per-step noise (``noise``/``rng``): ancestral or ``eta > 0``.
+        options: the further keyword options a caller may set (``spacing``, ``eta``, ``order``...).
+        summary: one line for ``--help`` and the docs.
+    """
+
+    fn: Callable[..., np.ndarray]
+    default_steps: int | None
+    draws_noise: bool
+    options: tuple[str, ...]
+    summary: str
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "dpmpp": SamplerSpec(dpmpp, 25, False, ("spacing",), "DPM-Solver++ 2M (Lu et al. 2022), deterministic"),
+    "ddim": SamplerSpec(ddim, 25, True, ("eta", "spacing"), "DDIM (Song et al. 2021); eta > 0 adds noise"),
+    "ddpm": SamplerSpec(ddpm, None, True, ("spacing",), "the seed's ancestral DDPM loop (all timesteps)"),
+}
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    """The table entry of ``name``, or a ValueError naming the samplers there are."""
+    try:
+        return SAMPLERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}") from None
+
+
+def sampler_kwargs(name: str, steps: int, options: dict, *, noise=None, rng=None) -> dict:
+    """The keyword arguments for ``SAMPLERS[name].fn`` beyond the common ones: the caller's ``options``
+    (each one the spec accepts; None values dropped) and, for samplers that draw noise, ``noise``/``rng``.
+
+    Raises:
+        ValueError: an option this sampler does not take, or per-step noise for a deterministic one.
+    """
+    spec = sampler_spec(name)
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        takes = ", ".join(spec.options) or "none"
+        raise ValueError(f"sampler {name!r} takes no option {', '.join(unknown)} (its options: {takes})")
+    kwargs = {"steps": steps, **options}
+    if spec.draws_noise:
+        kwargs.update(noise=noise, rng=rng)
+    elif noise is not None:
+        raise ValueError(f"sampler {name!r} is deterministic: it takes no per-step noise")
+    return kwargs

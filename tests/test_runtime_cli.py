@@ -61,7 +61,7 @@ def test_sample_with_text_and_embeddings(cond, tmp_path):
         (["--steps", "0"], "Invalid value for '--steps'"),
         (["--steps", "51"], "steps must be an integer in [1, 50]"),
         (["--sampler", "euler"], "Invalid value for '--sampler'"),
-        (["--eta", "0.5"], "--eta applies to --sampler ddim only"),
+        (["--eta", "0.5"], "takes no option eta"),
         (["--cond", "{tmp}/missing.npy"], "cannot read --cond"),
         (["--text", "a", "--cond", "{tmp}/c.npy"], "either --text or --cond"),
         (["--backend", "cuda"], "vdeploy[gpu]"),

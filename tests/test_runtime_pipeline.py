@@ -135,10 +135,10 @@ def test_pipeline_applies_the_configs_dynamic_thresholding():
     pipe = Pipeline.from_dir(folder)
     noise = np.random.default_rng(0).standard_normal((1, 3, 4, 8, 8), dtype=np.float32)
     for sampler in ("dpmpp", "ddim"):
-        expected = samplers.SAMPLERS[sampler](pipe.denoiser(), noise, pipe.betas, steps=5,
+        expected = samplers.SAMPLERS[sampler].fn(pipe.denoiser(), noise, pipe.betas, steps=5,
                                               dynamic_thres_percentile=0.8)
         np.testing.assert_array_equal(pipe(noise=noise, sampler=sampler, steps=5), np.clip((expected + 1) / 2, 0, 1))
-        static = samplers.SAMPLERS[sampler](pipe.denoiser(), noise, pipe.betas, steps=5)
+        static = samplers.SAMPLERS[sampler].fn(pipe.denoiser(), noise, pipe.betas, steps=5)
         assert not np.array_equal(expected, static)
 
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import click
 
+# the tables every command reads its choices from (numpy-only modules: no torch, no onnxruntime)
+from vdeploy.runtime.pipeline import DEFAULT_SAMPLER
+from vdeploy.runtime.samplers import SAMPLERS
+from vdeploy.runtime.schedule import SPACINGS
+
 
 class BadInput(click.ClickException):
     """A user error: printed as one line ``Error: ...``, exit code 2, no traceback."""
@@ -405,10 +410,10 @@ def _runtime_logging(quiet: bool) -> None:
               help="Model directory written by `vdeploy export` (vdeploy.json is checked: version, sha256, shapes).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output .gif (or .mp4 with PyAV/imageio-ffmpeg installed); a batch becomes a grid.")
-@click.option("--sampler", type=click.Choice(["dpmpp", "ddim", "ddpm"]), default="dpmpp", show_default=True,
-              help="dpmpp: DPM-Solver++ 2M; ddim; ddpm: the seed's ancestral sampler.")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=DEFAULT_SAMPLER, show_default=True,
+              help="; ".join(f"{name}: {spec.summary}" for name, spec in SAMPLERS.items()) + ".")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Denoiser steps.  [default: 25; ddpm: every training timestep]")
+              help="Denoiser steps.  [default: the sampler's own; ddpm: every training timestep]")
 @click.option("--seed", type=int, default=None, help="Seed for the noise: the same seed gives the same video.")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Videos to sample (with --text/--cond: one per prompt/row).")
@@ -421,8 +426,10 @@ def _runtime_logging(quiet: bool) -> None:
               show_default=True, help="auto: native TensorRT plan for this GPU > TensorRT EP > CUDA > CPU.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: the fp16 graph (ORT), the fp16 flag (TensorRT EP) or an fp16 plan.")
-@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="DDIM stochasticity (0 = deterministic); --sampler ddim only.")
+@click.option("--eta", default=None, type=click.FloatRange(min=0),
+              help="DDIM stochasticity (0 = deterministic, the default); samplers with an eta option only.")
+@click.option("--spacing", default=None, type=click.Choice(SPACINGS),
+              help="How the steps are spread over the training timesteps.  [default: the sampler's own]")
 @click.option("--fps", default=1000 / 120, type=click.FloatRange(min=0, min_open=True),
               help="Frames per second of the written video.  [default: 8.3, the seed's 120 ms a frame]")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
@@ -430,7 +437,7 @@ def _runtime_logging(quiet: bool) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar, no timing lines.")
 def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: int | None, batch_size: int,
            cond_scale: float, text: tuple[str, ...], cond_file: Path | None, backend: str, precision: str,
-           eta: float, fps: float, threads: int | None, quiet: bool) -> None:
+           eta: float | None, spacing: str | None, fps: float, threads: int | None, quiet: bool) -> None:
     """Sample videos from an exported model directory, without torch.
 
     \b
@@ -449,8 +456,6 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
         raise BadInput(f"--out must end in .gif or .mp4, got '{out.name}'")
     if not out.parent.is_dir():
         raise BadInput(f"the directory of --out, {out.parent}, does not exist")
-    if eta and sampler != "ddim":
-        raise BadInput("--eta applies to --sampler ddim only")
     if text and cond_file:
         raise BadInput("pass either --text or --cond, not both")
     cond = None
@@ -464,7 +469,7 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
     try:
         pipe = Pipeline.from_dir(model_dir, backend=backend, precision=precision, threads=threads)
         video = pipe(batch_size=batch_size, cond=cond, text=list(text) or None, cond_scale=cond_scale,
-                     sampler=sampler, steps=steps, eta=eta, seed=seed, progress=not quiet)
+                     sampler=sampler, steps=steps, seed=seed, progress=not quiet, eta=eta, spacing=spacing)
     except (ManifestError, BackendUnavailable, ValueError) as e:
         raise BadInput(str(e)) from None
     try:
@@ -483,10 +488,11 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Model directory written by `vdeploy export`.")
 @click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="The checkpoint it was exported from.")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp"]), default="ddpm", show_default=True,
-              help="ddpm: the seed's p_sample_loop on the torch side; ddim/dpmpp: the numpy sampler around torch.")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddpm", show_default=True,
+              help="ddpm: the seed's p_sample_loop on the torch side; the others: the numpy sampler around torch.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Sampler steps (default: every training step for ddpm, 25 for ddim/dpmpp).")
+              help="Sampler steps (default: the sampler's own; every training step for ddpm).")
+@click.option("--spacing", default=None, type=click.Choice(SPACINGS), help="Timestep spacing (both sides).")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--cond-scale", default=1.0, show_default=True, type=float, help="Guidance scale (conditioned models).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the noise and the embeddings.")
@@ -500,8 +506,8 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
               help="Tolerance on every per-call and on the final max abs error.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report (per_call_max_abs_err, final_max_abs_err, psnr_db, ...) here.")
-def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, batch_size: int, cond_scale: float,
-           seed: int, backend: str, precision: str, config_spec: str | None, ema: bool, atol: float,
+def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing: str | None, batch_size: int,
+           cond_scale: float, seed: int, backend: str, precision: str, config_spec: str | None, ema: bool, atol: float,
            json_path: Path | None) -> None:
     """Sample with PyTorch and with the runtime from the same noise; compare every denoiser call.
 
@@ -519,7 +525,8 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, batch_s
     try:
         report = run_parity(model_dir, ckpt, sampler=sampler, steps=steps, batch_size=batch_size,
                             cond_scale=cond_scale, seed=seed, backend=backend, precision=precision, ema=ema,
-                            config=config_spec, atol=atol, progress=True)
+                            config=config_spec, atol=atol, progress=True,
+                            options={"spacing": spacing})
     except (ExportError, BackendUnavailable) as e:
         raise BadInput(str(e)) from None
     except ParityError as e:
