@@ -1,5 +1,9 @@
 """Writing sampled videos: GIF with pillow (a batch becomes a grid, as the seed's trainer does), MP4 when an
-encoder library is installed (PyAV or imageio-ffmpeg)."""
+encoder library is installed (PyAV or imageio-ffmpeg).
+
+Both write atomically (:mod:`.atomic`): an encoder that fails, a full disk or a kill leaves an existing
+file at the path byte for byte as it was.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_path
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -57,9 +63,11 @@ def save_gif(video: np.ndarray, path: str | Path, fps: float = 1000 / 120, loop:
     mode = _MODES[frames.shape[-1]]
     images = [Image.fromarray(frame[..., 0] if mode == "L" else frame, mode=mode) for frame in frames]
     path = Path(path)
-    images[0].save(
-        path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=loop, optimize=True
-    )
+    with atomic_path(path) as tmp:
+        images[0].save(
+            tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=loop,
+            optimize=True,
+        )
     return path
 
 
@@ -81,19 +89,30 @@ def save_mp4(video: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
         import av
     except ImportError:
         av = None
-    if av is not None:
-        with av.open(str(path), mode="w") as container:
-            stream = container.add_stream("libx264", rate=round(fps))
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-        return path
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        raise RuntimeError("writing MP4 needs an encoder library: pip install av (or imageio-ffmpeg)") from None
+    if av is None:
+        try:
+            import imageio_ffmpeg
+        except ImportError:
+            raise RuntimeError("writing MP4 needs an encoder library: pip install av (or imageio-ffmpeg)") from None
+    with atomic_path(path) as tmp:
+        if av is not None:
+            _mp4_av(av, frames, tmp, fps)
+        else:
+            _mp4_imageio(imageio_ffmpeg, frames, tmp, fps)
+    return path
+
+
+def _mp4_av(av, frames: np.ndarray, path: Path, fps: float) -> None:
+    with av.open(str(path), mode="w") as container:  # the temporary name keeps the .mp4 suffix
+        stream = container.add_stream("libx264", rate=round(fps))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _mp4_imageio(imageio_ffmpeg, frames: np.ndarray, path: Path, fps: float) -> None:
     writer = imageio_ffmpeg.write_frames(
         str(path), (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
         macro_block_size=1,
@@ -102,4 +121,3 @@ def save_mp4(video: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
     for frame in frames:
         writer.send(np.ascontiguousarray(frame))
     writer.close()
-    return path

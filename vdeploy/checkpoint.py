@@ -33,6 +33,7 @@ import torch
 
 import vdeploy
 from vdeploy import config as vconfig
+from vdeploy.runtime import atomic
 
 FORMAT = "vdeploy-checkpoint"
 FORMAT_VERSION = 1
@@ -44,6 +45,10 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or not a checkpoint; the message names the file."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (a full disk, no permission); an earlier file is unchanged."""
+
+
 # ------------------------------------------------------------------ writing ----
 
 
@@ -51,21 +56,40 @@ def save_checkpoint(data: dict, path: str | os.PathLike) -> Path:
     """Write ``data`` with ``torch.save`` atomically: temporary file in the same folder, fsync, rename.
 
     A crash at any moment leaves either the old file or the new one, never a torn file.
+
+    Raises:
+        CheckpointError: the weights (``model``/``ema``) hold NaN or Inf, so nothing is written; or the
+            write failed (:class:`CheckpointWriteError`, also an ``OSError``: a full disk, say), in which
+            case an earlier file at ``path`` is unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+    bad = nonfinite_tensors(data)
+    if bad:
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"refused to write checkpoint {path}: its weights hold NaN or Inf ({names}); {kept}")
     try:
-        with open(tmp, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in atomic.stale_temps(path):  # left by a run that was killed while writing
+            stale.unlink(missing_ok=True)
+        with atomic.atomic_open(path, "wb") as f:
             torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}") from None
     return path
+
+
+def nonfinite_tensors(data: dict, keys: tuple[str, ...] = ("model", "ema")) -> list[str]:
+    """Names (``"model/denoise_fn.init_conv.weight"``) of the floating tensors under ``keys`` holding NaN or Inf."""
+    bad = []
+    for key in keys:
+        sd = data.get(key)
+        if not isinstance(sd, dict):
+            continue
+        for name, t in sd.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(f"{key}/{name}")
+    return bad
 
 
 def link_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -83,21 +107,8 @@ def link_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    atomic.fsync_dir(dst.parent)
     return dst
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def make_checkpoint(
@@ -187,8 +198,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 (torch raises many kinds for torn or hostile files)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
+        raise CheckpointError(_load_failure(path, e)) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(data).__name__}, not a dict")
     if data.get("format") == FORMAT:
@@ -209,6 +219,29 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         return {"format": "state_dict", "step": None, "model": data, "ema": None, "config": None}
     keys = ", ".join(sorted(map(str, data))[:8])
     raise CheckpointError(f"{path} is not a vdeploy or video-diffusion-pytorch checkpoint (top-level keys: {keys})")
+
+
+# torch's weights_only refusal names the pickle global it met: "... unsupported GLOBAL posix.system whose ...",
+# "Unsupported global: GLOBAL __main__.Evil was not an allowed global ..."
+_REFUSED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
+
+
+def _load_failure(path: Path, e: Exception) -> str:
+    """One line for a failed ``torch.load``. A refused pickle says what it refused and never repeats
+    torch's advice to retry with ``weights_only=False``, the one thing not to do with such a file."""
+    text = str(e)
+    found = _REFUSED_GLOBAL.search(text)
+    if found:
+        return (f"cannot load checkpoint {path}: its pickle asks for the global {found.group(1)}, which is not a "
+                "tensor or a plain container; the file was not loaded, because loading it could run code")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if "Weights only load failed" in text:  # drop torch's boilerplate (and its weights_only=False advice)
+        detail = [line.replace("WeightsUnpickler error:", "").strip() for line in lines
+                  if not any(w in line for w in ("weights_only", "Weights only", "Please file an issue", "documentation"))]
+        detail = [d for d in detail if d]
+        return (f"cannot load checkpoint {path}: the safe loader stopped at '{detail[0] if detail else 'an unknown step'}' "
+                "(a corrupt file, or a pickle of more than tensors and plain containers); it was not loaded")
+    return f"cannot load checkpoint {path}: {lines[0] if lines else type(e).__name__}"
 
 
 def _load_safetensors(path: Path) -> dict:
