@@ -1539,8 +1539,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from vdeploy.config import ConfigError
     from vdeploy.export import ExportError
     from vdeploy.runtime import ManifestError
+    from vdeploy.runtime.atomic import unwritable, write_text
 
     args = parse_args(argv, prog)
+    for option, path in (("--json", args.json), ("--plot", args.plot)):  # found now, not after the whole run
+        why = path is not None and unwritable(path)
+        if why:
+            print(f"error: {option} {path}: cannot write there ({why})", file=sys.stderr)
+            return 2
     if not args.quiet:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -1555,7 +1561,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_text(args.json, json.dumps(report, indent=2, default=str) + "\n")
     if args.plot:
         why = plot(report, args.plot)
         if why:

@@ -74,6 +74,31 @@ def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> P
     return Path(path)
 
 
+def unwritable(path: str | os.PathLike, *, directory: bool = False) -> str | None:
+    """Why ``path`` (a file, or a folder with ``directory``) cannot be written, or None where it can.
+
+    Checked without creating anything: ``path`` itself (an existing folder where a file is wanted, or
+    the reverse) and its nearest existing ancestor (a folder, writable). For validating an output
+    option before a long run.
+    """
+    path = Path(path)
+    if path.exists():
+        if directory and not path.is_dir():
+            return f"{path} exists and is not a directory"
+        if not directory and path.is_dir():
+            return f"{path} is a directory"
+        target = path if directory else path.parent
+        return None if os.access(target, os.W_OK | os.X_OK) else f"{target} is not writable"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Make a rename in ``folder`` durable (best effort: some file systems refuse directory fsync)."""
     try:

@@ -15,13 +15,17 @@ alpha is 1 bit in GIF: >= 128 is opaque). Frames with more colours are quantized
 from __future__ import annotations
 
 import io
+import itertools
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 from PIL import GifImagePlugin, Image, ImageDraw
+
+from vdeploy.runtime import atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -59,14 +63,54 @@ def seek_all_images(img: Image.Image, channels: int = 3) -> Iterator[Image.Image
         i += 1
 
 
+# A decoded video larger than this is refused (a 64-frame 2048x2048 RGB clip is 805 MB): a GIF header may
+# claim 65535x65535 pixels in a few bytes, and no model here trains on frames anywhere near that size.
+MAX_VIDEO_BYTES = 1 << 30
+
+
 def read_gif(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
-    """Read every frame of a GIF as uint8 ``(frames, height, width, channels)``."""
-    with Image.open(path) as img:
-        frames = [np.asarray(im) for im in seek_all_images(img, channels)]
+    """Read every frame of a GIF as uint8 ``(frames, height, width, channels)``.
+
+    Raises:
+        DataError: the file is missing, not a GIF, truncated or otherwise undecodable, has no frames,
+            or decodes to more than :data:`MAX_VIDEO_BYTES`; the message names the file.
+    """
+    mode = _check_channels(channels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.format != "GIF":
+                    raise DataError(f"cannot read {path}: it is {img.format or 'an unknown format'}, not a GIF")
+                w, h = img.size
+                frame_bytes = max(1, w * h * channels)
+                frames = []
+                for i in itertools.count():
+                    try:
+                        img.seek(i)
+                    except EOFError:
+                        break
+                    if (i + 1) * frame_bytes > MAX_VIDEO_BYTES:
+                        raise DataError(f"cannot read {path}: {w}x{h} frames, more than "
+                                        f"{MAX_VIDEO_BYTES >> 20} MiB decoded after {i} frames")
+                    frames.append(np.asarray(img.convert(mode)))
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"cannot read {path}: no such file") from None
+    except (Exception, MemoryError) as e:  # noqa: BLE001 (pillow raises many kinds for damaged files)
+        raise DataError(f"cannot read {path}: {_reason(e)}") from None
     if not frames:
         raise DataError(f"{path} has no frames")
     out = np.stack(frames)
     return out[..., None] if out.ndim == 3 else out
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image pillow can decode"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _to_palette(frame: np.ndarray) -> tuple[Image.Image, int | None]:
@@ -144,10 +188,7 @@ def write_gif(
     buf.write(b";")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    return atomic.write_bytes(path, buf.getvalue())
 
 
 def video_tensor_to_gif(
@@ -264,8 +305,10 @@ class Dataset:
         self.num_frames = num_frames
         self.horizontal_flip = horizontal_flip
         self.force_num_frames = force_num_frames
+        if self.folder.exists() and not self.folder.is_dir():
+            raise DataError(f"data folder {self.folder} is a file, not a directory")
         if not self.folder.is_dir():
-            raise DataError(f"data folder {self.folder} does not exist or is not a directory")
+            raise DataError(f"data folder {self.folder} does not exist")
         found = sorted({p for ext in exts for p in self.folder.glob(f"**/*.{ext}") if p.is_file()})
         if not found:
             raise DataError(f"no {'/'.join('.' + e for e in exts)} files found in {self.folder}")
@@ -287,10 +330,31 @@ class Dataset:
     def _skip(self, path: Path, err: Exception) -> None:
         if path not in self._bad:
             self._bad.add(path)
-            warnings.warn(f"skipping unreadable video {path}: {err}", UnreadableVideoWarning, stacklevel=3)
+            what = str(err) if isinstance(err, DataError) else f"{path}: {err}"
+            warnings.warn(f"skipping unreadable video {what}", UnreadableVideoWarning, stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def shortest(self, n: int = 16) -> int:
+        """The fewest frames among the first ``n`` readable videos (unreadable ones are skipped, with a warning).
+
+        Raises:
+            DataError: none of the videos can be decoded.
+        """
+        counts = []
+        for path in self.paths:
+            if len(counts) >= n:
+                break
+            if path in self._bad:
+                continue
+            try:
+                counts.append(read_gif(path, self.channels).shape[0])
+            except DataError as e:
+                self._skip(path, e)
+        if not counts:
+            raise DataError(f"none of the {len(self.paths)} videos in {self.folder} could be decoded")
+        return min(counts)
 
     def load_frames(self, index: int) -> np.ndarray:
         """The uint8 ``(frames, h, w, c)`` video at ``index`` after resize and crop (no flip, no casting)."""
@@ -301,7 +365,7 @@ class Dataset:
                 continue
             try:
                 frames = read_gif(path, self.channels)
-            except Exception as e:  # noqa: BLE001
+            except DataError as e:
                 self._skip(path, e)
                 continue
             return resize_center_crop(frames, self.image_size)
@@ -317,13 +381,46 @@ class Dataset:
         return cast_num_frames(video, frames=self.num_frames) if self.force_num_frames else video
 
 
-def _read_caption(path: Path) -> str | None:
-    txt = path.with_suffix(".txt")
+MAX_CAPTION_BYTES = 64 * 1024  # text encoders read 128-512 tokens; a caption file this large is not a caption
+
+
+def read_caption(video: str | os.PathLike) -> str | None:
+    """The caption of ``name.gif``: the UTF-8 text of ``name.txt`` beside it, stripped; None without one.
+
+    Raises:
+        DataError: the caption file cannot be read, is not UTF-8 text (or holds NUL bytes), is empty,
+            or is larger than :data:`MAX_CAPTION_BYTES`; the message names it.
+    """
+    txt = Path(video).with_suffix(".txt")
     if not txt.is_file():
         return None
     try:
-        return txt.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
+        with open(txt, "rb") as f:
+            raw = f.read(MAX_CAPTION_BYTES + 1)
+    except OSError as e:
+        raise DataError(f"cannot read caption {txt}: {e.strerror or e}") from None
+    if len(raw) > MAX_CAPTION_BYTES:
+        raise DataError(f"caption {txt} is larger than {MAX_CAPTION_BYTES // 1024} KiB")
+    try:
+        text = raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        raise DataError(f"caption {txt} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    if "\0" in text:
+        raise DataError(f"caption {txt} holds NUL bytes: not a text file")
+    if not text:
+        raise DataError(f"caption {txt} is empty")
+    return text
+
+
+class UnreadableCaptionWarning(UserWarning):
+    """A caption file was ignored (its video counts as uncaptioned) because it could not be used."""
+
+
+def _read_caption(path: Path) -> str | None:
+    try:
+        return read_caption(path)
+    except DataError as e:
+        warnings.warn(f"ignoring caption: {e}", UnreadableCaptionWarning, stacklevel=3)
         return None
 
 
@@ -372,20 +469,42 @@ def synth_clip(
     return out
 
 
+_SYNTH_NAME = re.compile(r"^\d{5,}\.(gif|txt)$")
+SYNTH_MAX_SIZE, SYNTH_MAX_FRAMES = 1024, 1024
+
+
 def synth_dataset(
-    out: str | os.PathLike, num: int = 64, frames: int = 8, size: int = 32, seed: int = 0
+    out: str | os.PathLike, num: int = 64, frames: int = 8, size: int = 32, seed: int = 0, overwrite: bool = False
 ) -> list[Path]:
     """Write ``num`` synthetic clips as ``out/00000.gif`` + ``out/00000.txt`` ("a red circle moving left").
 
     Colour, shape and direction are drawn uniformly from a seeded generator, so the same
     arguments always write the same dataset.
 
+    Args:
+        overwrite: ``out`` may already hold clips: the earlier synthetic ones (``NNNNN.gif``/``.txt``)
+            are deleted first. Without it, a folder with any GIF in it is refused.
+
     Returns:
         the GIF paths, in order.
+
+    Raises:
+        DataError: bad sizes, or ``out`` already holds GIFs and ``overwrite`` is off.
     """
-    if num <= 0 or frames <= 0 or size < 8:
-        raise DataError(f"need num > 0, frames > 0 and size >= 8 (got num={num}, frames={frames}, size={size})")
+    if num <= 0 or frames <= 0 or size < 8 or size > SYNTH_MAX_SIZE or frames > SYNTH_MAX_FRAMES:
+        raise DataError(f"need num > 0, 1 <= frames <= {SYNTH_MAX_FRAMES} and 8 <= size <= {SYNTH_MAX_SIZE} "
+                        f"(got num={num}, frames={frames}, size={size})")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} exists and is not a directory")
+    existing = sorted(out.glob("**/*.gif")) if out.is_dir() else []
+    if existing and not overwrite:
+        raise DataError(f"{out} already holds {len(existing)} clip(s) ({existing[0].name}, ...): pass --overwrite "
+                        "(overwrite=True) to replace a synthetic dataset, or pick another folder")
+    if overwrite and out.is_dir():
+        for old in out.iterdir():
+            if old.is_file() and _SYNTH_NAME.match(old.name):
+                old.unlink()
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     colors, directions = list(SYNTH_COLORS), list(SYNTH_DIRECTIONS)
@@ -397,6 +516,6 @@ def synth_dataset(
         direction = directions[rng.integers(len(directions))]
         clip = synth_clip(shape, color, direction, frames, size, rng)
         path = write_gif(clip, out / f"{i:0{width}d}.gif")
-        path.with_suffix(".txt").write_text(f"a {color} {shape} moving {direction}\n", encoding="utf-8")
+        atomic.write_text(path.with_suffix(".txt"), f"a {color} {shape} moving {direction}\n")
         paths.append(path)
     return paths
