@@ -1,4 +1,4 @@
-"""Samplers as pure numpy functions over one denoiser contract, k-diffusion style.
+"""Samplers as pure numpy functions over one denoiser contract, k-diffusion style, each also a step machine.
 
 The contract: ``eps = denoise(x, t, cond)`` with ``x`` float32 ``(b, c, f, h, w)``, ``t`` int64 ``(b,)``
 (training timesteps, also for respaced samplers), ``cond`` float32 ``(b, D)`` or None; ``eps`` the
@@ -10,11 +10,31 @@ the loop only indexes them. Randomness comes from explicit ``noise`` (an iterabl
 step, in loop order) or an injected ``numpy.random.Generator``. ``callback`` gets, after every step,
 ``{"i": step index, "t": timestep, "x": the sample after the step, "x0": the denoised prediction,
 "eps": the denoiser output}``.
+
+Step machines. Every sampler ``name`` has a resumable form ``name_steps(x, betas, *, ...)``: the same
+arguments less ``denoise``. Calling it checks them and precomputes the tables (bad arguments raise
+there, before any step) and returns a generator, the machine, that speaks this protocol:
+
+- it yields a ``StepRequest(x, t, cond, i)``: "evaluate the denoiser at ``x`` (float32 ``(b, c, f, h,
+  w)``), ``t`` (int64 ``(b,)``), ``cond`` (float32 ``(b, D)``, or None)"; ``i`` is the step index,
+  0, 1, ..., steps - 1. Start it with ``next(machine)`` (or ``machine.send(None)``);
+- it receives that ``eps`` (any array-like shaped like ``x``; cast to float32) by ``machine.send(eps)``,
+  which advances one step, calls ``callback`` and answers with the next request;
+- after the last step ``send`` raises ``StopIteration`` whose ``value`` is the final x0 (float32).
+
+``drive(machine, denoise)`` runs one machine with one denoiser call per request; each pure function
+is exactly ``drive(name_steps(...), denoise)``. The machine never calls the denoiser, so a driver may
+gather the requests of many machines (different samplers, steps or timesteps; same ``(c, f, h, w)``)
+into one call, concatenating their ``x``, ``t`` and ``cond`` along the batch, and send each machine its
+rows of the output. A machine keeps all its state (sample, multistep history, noise source, tables)
+local, assumes nothing about its driver, and copies nothing: it never writes into an array it was
+given or has yielded (the starting noise, ``cond``, a request's ``x``, a received ``eps``, which may be
+a view into a batched output), so requests and callback arrays stay valid after later steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +42,50 @@ import numpy as np
 from .schedule import respace, respaced_betas, seed_buffers
 
 Denoise = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """One denoiser evaluation a step machine asks for: ``eps = denoise(x, t, cond)``.
+
+    Attributes:
+        x: float32 ``(b, c, f, h, w)``, the sample at this step (the machine never writes into it).
+        t: int64 ``(b,)``, the training timestep of every row.
+        cond: float32 ``(b, D)``, or None for an unconditional run.
+        i: the step index, 0 to steps - 1.
+    """
+
+    x: np.ndarray
+    t: np.ndarray
+    cond: np.ndarray | None
+    i: int
+
+
+Machine = Generator[StepRequest, np.ndarray, np.ndarray]
+
+
+def drive(machine: Machine, denoise: Denoise) -> np.ndarray:
+    """Run a step machine to its end, one ``denoise`` call per request; returns its final x0."""
+    send, eps = machine.send, None
+    while True:
+        try:
+            request = send(eps)
+        except StopIteration as done:
+            return done.value
+        eps = denoise(request.x, request.t, request.cond)
+
+
+def _machine(x: np.ndarray, cond, timesteps: np.ndarray, update, callback) -> Machine:
+    """The step loop every sampler shares: one request per timestep, then ``x, x0, eps = update(i, x, eps)``."""
+    b = x.shape[0]
+    for i, t in enumerate(timesteps):
+        eps = np.asarray((yield StepRequest(x, np.full((b,), t, dtype=np.int64), cond, i)), dtype=np.float32)
+        if eps.shape != x.shape:
+            raise ValueError(f"step {i}: eps has shape {eps.shape}, expected {x.shape} (the request's x)")
+        x, x0, eps = update(i, x, eps)
+        if callback is not None:
+            callback({"i": i, "t": int(t), "x": x, "x0": x0, "eps": eps})
+    return x
 
 
 def guided(denoise: Denoise, null_cond: np.ndarray, cond_scale: float) -> Denoise:
@@ -82,7 +146,7 @@ def _noise_source(noise: Iterable[np.ndarray] | None, rng: np.random.Generator |
 
 
 def _start(x: np.ndarray, betas: np.ndarray, cond):
-    x = np.array(x, dtype=np.float32)  # a copy: the caller's starting noise stays untouched
+    x = np.asarray(x, dtype=np.float32)  # no copy: nothing writes into x (the caller's noise stays untouched)
     if x.ndim != 5:
         raise ValueError(f"x must be (b, c, f, h, w), got shape {x.shape}")
     if cond is not None:
@@ -90,8 +154,7 @@ def _start(x: np.ndarray, betas: np.ndarray, cond):
     return x, np.asarray(betas, dtype=np.float64), cond
 
 
-def ddpm(
-    denoise: Denoise,
+def ddpm_steps(
     x: np.ndarray,
     betas: np.ndarray,
     *,
@@ -103,26 +166,8 @@ def ddpm(
     clip_denoised: bool = True,
     dynamic_thres_percentile: float | None = None,
     callback: Callable[[dict], None] | None = None,
-) -> np.ndarray:
-    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), the seed's ``p_sample_loop`` step for step.
-
-    Args:
-        denoise: ``eps = denoise(x, t, cond)``.
-        x: the starting noise x_T, float32 ``(b, c, f, h, w)``.
-        betas: the float64 training betas (length T).
-        cond: conditioning ``(b, D)`` passed to every call, or None.
-        steps: None runs all T steps as the seed does; fewer run DDPM on the respaced chain
-            (Nichol & Dhariwal 2021) over ``respace(T, steps, spacing)``.
-        noise: one array per step, in loop order; the seed draws one at every step, including the
-            last, where it is masked. Give the noise PyTorch drew to reproduce its run.
-        rng: the generator drawing that noise when ``noise`` is None.
-        clip_denoised: clamp the predicted x0 (the seed's default, True).
-        dynamic_thres_percentile: the seed's dynamic thresholding when not None (with clipping).
-        callback: called after every step with ``{"i", "t", "x", "x0", "eps"}``.
-
-    Returns:
-        The final sample x_0, float32.
-    """
+) -> Machine:
+    """``ddpm`` as a step machine (see the module docstring)."""
     x, betas, cond = _start(x, betas, cond)
     T = len(betas)
     if steps is None or steps == T:
@@ -136,24 +181,46 @@ def ddpm(
     coef1, coef2 = tab["posterior_mean_coef1"], tab["posterior_mean_coef2"]
     std = np.exp(np.float32(0.5) * tab["posterior_log_variance_clipped"])
     draw = _noise_source(noise, rng, x.shape, "ddpm")
-    b = x.shape[0]
     n = len(timesteps)
-    for i, t in enumerate(timesteps):
+
+    def update(i, x, eps):
         j = n - 1 - i  # index into the (possibly respaced) chain's tables
-        eps = np.asarray(denoise(x, np.full((b,), t, dtype=np.int64), cond), dtype=np.float32)
         x0 = recip[j] * x - recipm1[j] * eps
         if clip_denoised:
             clip_x0(x0, dynamic_thres_percentile)
         mean = coef1[j] * x0 + coef2[j] * x
         z = draw(i)
         x = mean + std[j] * z if j > 0 else mean  # no noise at t = 0 (the seed's nonzero_mask)
-        if callback is not None:
-            callback({"i": i, "t": int(t), "x": x, "x0": x0, "eps": eps})
-    return x
+        return x, x0, eps
+
+    return _machine(x, cond, timesteps, update, callback)
 
 
-def ddim(
-    denoise: Denoise,
+def ddpm(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.ndarray:
+    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), the seed's ``p_sample_loop`` step for step.
+
+    Args:
+        denoise: ``eps = denoise(x, t, cond)``.
+        x: the starting noise x_T, float32 ``(b, c, f, h, w)``.
+        betas: the float64 training betas (length T).
+        cond: conditioning ``(b, D)`` passed to every call, or None.
+        steps: None runs all T steps as the seed does; fewer run DDPM on the respaced chain
+            (Nichol & Dhariwal 2021) over ``respace(T, steps, spacing)``.
+        spacing: ``"trailing"`` (default), ``"leading"`` or ``"linspace"`` (see ``respace``).
+        noise: one array per step, in loop order; the seed draws one at every step, including the
+            last, where it is masked. Give the noise PyTorch drew to reproduce its run.
+        rng: the generator drawing that noise when ``noise`` is None.
+        clip_denoised: clamp the predicted x0 (the seed's default, True).
+        dynamic_thres_percentile: the seed's dynamic thresholding when not None (with clipping).
+        callback: called after every step with ``{"i", "t", "x", "x0", "eps"}``.
+
+    Returns:
+        The final sample x_0, float32.
+    """
+    return drive(ddpm_steps(x, betas, **kwargs), denoise)
+
+
+def ddim_steps(
     x: np.ndarray,
     betas: np.ndarray,
     *,
@@ -166,18 +233,8 @@ def ddim(
     clip_denoised: bool = True,
     dynamic_thres_percentile: float | None = None,
     callback: Callable[[dict], None] | None = None,
-) -> np.ndarray:
-    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12) on respaced timesteps.
-
-    ``eta = 0`` is deterministic; ``eta = 1`` has DDPM's posterior variance. The last step goes to
-    ``alpha = 1`` and returns the clean x0 prediction. A clipped x0 re-derives eps from it (so the step
-    stays on the line from x0 to x_t, as diffusers' ``use_clipped_model_output=True``).
-
-    Args:
-        steps, spacing: the timesteps, ``respace(T, steps, spacing)``.
-        eta: the stochasticity; with ``eta > 0`` one noise array per step is drawn from ``noise``/``rng``.
-        The rest as in ``ddpm``.
-    """
+) -> Machine:
+    """``ddim`` as a step machine (see the module docstring)."""
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
     x, betas, cond = _start(x, betas, cond)
@@ -193,9 +250,8 @@ def ddim(
     sqrt_a_prev, sigma32 = f32(np.sqrt(a_prev)), f32(sigma)
     dir_coef = f32(np.sqrt(np.maximum(1 - a_prev - sigma**2, 0)))  # eta > 1 would make it negative
     draw = _noise_source(noise, rng, x.shape, "ddim") if eta > 0 else None
-    b = x.shape[0]
-    for i, t in enumerate(timesteps):
-        eps = np.asarray(denoise(x, np.full((b,), t, dtype=np.int64), cond), dtype=np.float32)
+
+    def update(i, x, eps):
         # "predicted x0" = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
         x0 = recip[i] * x - recipm1[i] * eps
         if clip_denoised:
@@ -204,14 +260,28 @@ def ddim(
         # x_{t-1} = sqrt(alpha_{t-1}) x0 + sqrt(1 - alpha_{t-1} - sigma_t^2) eps + sigma_t z
         x = sqrt_a_prev[i] * x0 + dir_coef[i] * eps
         if draw is not None:
-            x += sigma32[i] * draw(i)
-        if callback is not None:
-            callback({"i": i, "t": int(t), "x": x, "x0": x0, "eps": eps})
-    return x
+            x += sigma32[i] * draw(i)  # x is this step's new array
+        return x, x0, eps
+
+    return _machine(x, cond, timesteps, update, callback)
 
 
-def dpmpp(
-    denoise: Denoise,
+def ddim(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.ndarray:
+    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12) on respaced timesteps.
+
+    ``eta = 0`` is deterministic; ``eta = 1`` has DDPM's posterior variance. The last step goes to
+    ``alpha = 1`` and returns the clean x0 prediction. A clipped x0 re-derives eps from it (so the step
+    stays on the line from x0 to x_t, as diffusers' ``use_clipped_model_output=True``).
+
+    Args:
+        steps, spacing: the timesteps, ``respace(T, steps, spacing)`` (default 25, trailing).
+        eta: the stochasticity; with ``eta > 0`` one noise array per step is drawn from ``noise``/``rng``.
+        The rest as in ``ddpm``.
+    """
+    return drive(ddim_steps(x, betas, **kwargs), denoise)
+
+
+def dpmpp_steps(
     x: np.ndarray,
     betas: np.ndarray,
     *,
@@ -221,16 +291,8 @@ def dpmpp(
     clip_denoised: bool = True,
     dynamic_thres_percentile: float | None = None,
     callback: Callable[[dict], None] | None = None,
-) -> np.ndarray:
-    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep 2nd order, data prediction.
-
-    Deterministic. The first step and the last (to sigma = 0, which returns x0) are first order, as in
-    diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``. Clipping
-    applies to the data prediction x0 before the update.
-
-    Args:
-        steps, spacing: the timesteps, ``respace(T, steps, spacing)``. The rest as in ``ddpm``.
-    """
+) -> Machine:
+    """``dpmpp`` as a step machine (see the module docstring)."""
     x, betas, cond = _start(x, betas, cond)
     timesteps = respace(len(betas), steps, spacing)
     alphas_cumprod = np.cumprod(1.0 - betas)[timesteps]
@@ -250,10 +312,10 @@ def dpmpp(
     half_inv_r = np.zeros(n)
     half_inv_r[1 : n - 1] = h[1 : n - 1] / (2 * h[: n - 2])
     w_now, w_prev = f32(1 + half_inv_r), f32(-half_inv_r)
-    b = x.shape[0]
     x0_prev = None  # the multistep history: the previous data prediction
-    for i, t in enumerate(timesteps):
-        eps = np.asarray(denoise(x, np.full((b,), t, dtype=np.int64), cond), dtype=np.float32)
+
+    def update(i, x, eps):
+        nonlocal x0_prev
         x0 = recip[i] * x - recipm1[i] * eps
         if clip_denoised:
             clip_x0(x0, dynamic_thres_percentile)
@@ -261,9 +323,23 @@ def dpmpp(
         # x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
         x = ratio[i] * x + phi[i] * d
         x0_prev = x0
-        if callback is not None:
-            callback({"i": i, "t": int(t), "x": x, "x0": x0, "eps": eps})
-    return x
+        return x, x0, eps
+
+    return _machine(x, cond, timesteps, update, callback)
+
+
+def dpmpp(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.ndarray:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep 2nd order, data prediction.
+
+    Deterministic. The first step and the last (to sigma = 0, which returns x0) are first order, as in
+    diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``. Clipping
+    applies to the data prediction x0 before the update.
+
+    Args:
+        steps, spacing: the timesteps, ``respace(T, steps, spacing)`` (default 25, trailing). The rest as
+        in ``ddpm``.
+    """
+    return drive(dpmpp_steps(x, betas, **kwargs), denoise)
 
 
 @dataclass(frozen=True)
@@ -273,6 +349,8 @@ class SamplerSpec:
     Args:
         fn: the pure function ``fn(denoise, x, betas, *, cond, steps, clip_denoised,
             dynamic_thres_percentile, callback, **options) -> x0``.
+        stepper: its step machine, ``stepper(x, betas, *, <the same keywords>)`` (the module docstring
+            has the protocol); ``fn(denoise, ...) == drive(stepper(...), denoise)`` bit for bit.
         default_steps: steps when the caller gives none (None: every training timestep).
         draws_noise: takes per-step noise (``noise``/``rng``): ancestral or ``eta > 0``.
         options: the further keyword options a caller may set (``spacing``, ``eta``, ``order``...).
@@ -280,6 +358,7 @@ class SamplerSpec:
     """
 
     fn: Callable[..., np.ndarray]
+    stepper: Callable[..., Machine]
     default_steps: int | None
     draws_noise: bool
     options: tuple[str, ...]
@@ -287,9 +366,12 @@ class SamplerSpec:
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "dpmpp": SamplerSpec(dpmpp, 25, False, ("spacing",), "DPM-Solver++ 2M (Lu et al. 2022), deterministic"),
-    "ddim": SamplerSpec(ddim, 25, True, ("eta", "spacing"), "DDIM (Song et al. 2021); eta > 0 adds noise"),
-    "ddpm": SamplerSpec(ddpm, None, True, ("spacing",), "the seed's ancestral DDPM loop (all timesteps)"),
+    "dpmpp": SamplerSpec(dpmpp, dpmpp_steps, 25, False, ("spacing",),
+                         "DPM-Solver++ 2M (Lu et al. 2022), deterministic"),
+    "ddim": SamplerSpec(ddim, ddim_steps, 25, True, ("eta", "spacing"),
+                        "DDIM (Song et al. 2021); eta > 0 adds noise"),
+    "ddpm": SamplerSpec(ddpm, ddpm_steps, None, True, ("spacing",),
+                        "the seed's ancestral DDPM loop (all timesteps)"),
 }
 
 
@@ -302,7 +384,7 @@ def sampler_spec(name: str) -> SamplerSpec:
 
 
 def sampler_kwargs(name: str, steps: int, options: dict, *, noise=None, rng=None) -> dict:
-    """The keyword arguments for ``SAMPLERS[name].fn`` beyond the common ones: the caller's ``options``
+    """The keyword arguments for ``SAMPLERS[name].fn`` (and ``.stepper``) beyond the common ones: the caller's ``options``
     (each one the spec accepts; None values dropped) and, for samplers that draw noise, ``noise``/``rng``.
 
     Raises:
