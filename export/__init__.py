@@ -3,10 +3,11 @@
 Public API (imported on first use, so ``import vdeploy.export`` stays cheap)::
 
     export_onnx(ckpt, out, *, config=None, ema=True, opset=17, cfg=False, fp16=False, optimize="auto",
-                text_encoder=None, tensorrt=None, dynamic_size=True, atol=1e-4) -> manifest dict
+                text_encoder=None, tensorrt=None, dynamic_size=True, atol=1e-4) -> Manifest
     export_unet(unet, config, out, **same options)    # an in-memory Unet3D
     load_unet(ckpt, config=None, ema=True) -> (unet, config, step)
-    ExportSpec, denoiser_spec                          # the declarative spec of each graph
+    ExportSpec, denoiser_spec                          # the spec of one graph (names, roles, axes, atol)
+    VARIANTS, GraphVariant                             # the exported graph variants table
     ExportError (bad input, exit 2), ValidationError (a graph failed its checks)
     TensorRTOptions, parse_shapes                      # --tensorrt
     run_parity(...)                                    # vdeploy parity
@@ -21,7 +22,8 @@ _EXPORTS = {
     "export_unet": "exporter",
     "load_unet": "exporter",
     "ExportSpec": "spec",
-    "TensorSpec": "spec",
+    "VARIANTS": "variants",
+    "GraphVariant": "variants",
     "denoiser_spec": "spec",
     "ExportError": "spec",
     "ValidationError": "spec",

@@ -72,20 +72,13 @@ def check_graph(path: str | Path, spec: ExportSpec) -> None:
 
 
 def ort_session(path: str | Path, threads: int = 2, optimization: str = "all"):
-    """An onnxruntime CPU session with ``threads`` intra-op threads (one inter-op thread)."""
+    """An onnxruntime CPU session with ``threads`` intra-op threads (the runtime's own session options)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from vdeploy.runtime.platform import ort_session_options
+
+    options = ort_session_options(ort, threads, optimization=optimization)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def check_parity(
@@ -145,7 +138,7 @@ def denoiser_cases(
     names = spec.input_names
     c, f, s = config["channels"], config["num_frames"], config["image_size"]
     has_cond = "cond" in names
-    kinds = ["cfg"] if spec.cfg else (["cond", "uncond"] if has_cond else ["plain"])
+    kinds = ["cfg"] if spec.guidance else (["cond", "uncond"] if has_cond else ["plain"])
     shapes = [(b, s) for b in batches] + ([(1, extra_size)] if extra_size else [])
     cases = []
     for b, size in shapes:
@@ -157,7 +150,7 @@ def denoiser_cases(
             if has_cond:
                 cond = rng.standard_normal((b, spec.inputs[names.index("cond")].shape[1]), dtype=np.float32)
                 feed["cond"] = np.repeat(null_embedding, b, axis=0) if kind == "uncond" else cond
-            if spec.cfg:
+            if spec.guidance:
                 scale = np.array([rng.uniform(1.5, 5.0)], dtype=np.float32)
                 feed["cond_scale"] = scale
             name = f"b{b}_{kind}" + (f"_{size}px" if size != s else "")

@@ -21,12 +21,16 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .checks import check_graph, check_parity, denoiser_cases, ort_session
+from vdeploy.runtime.manifest import Conditioning, Engine, Graph, Manifest, Schedule, sha256_file
+
+from .checks import check_graph, check_parity, denoiser_cases
 from .spec import DEFAULT_OPSET, FP16_ATOL, FP32_ATOL, ExportError, ExportSpec, ValidationError, denoiser_spec
+from .variants import VARIANTS, selected
 
 log = logging.getLogger("vdeploy.export")
 
@@ -161,7 +165,7 @@ def export_onnx(
     config=None,
     ema: bool = True,
     **kwargs,
-) -> dict:
+) -> Manifest:
     """Export a checkpoint's denoiser to a checked model directory.
 
     Args:
@@ -173,7 +177,7 @@ def export_onnx(
             ``tensorrt``, ``dynamic_size``, ``atol``, ``fp16_atol``).
 
     Returns:
-        The manifest as written.
+        The manifest as written (``vdeploy.runtime.manifest.Manifest``).
 
     Raises:
         ExportError: bad input (checkpoint, config, output directory), one line.
@@ -188,7 +192,7 @@ def export_onnx(
         return _export(unet, resolved, tmp, Path(out), source=source, text_encoder=text_encoder, **kwargs)
 
 
-def export_unet(unet, config: dict, out: str | os.PathLike, *, source: dict | None = None, **kwargs) -> dict:
+def export_unet(unet, config: dict, out: str | os.PathLike, *, source: dict | None = None, **kwargs) -> Manifest:
     """Export an in-memory ``Unet3D`` (weights loaded) with its resolved config; see :func:`_export`."""
     with staging_dir(out) as tmp:
         return _export(unet.eval(), config, tmp, Path(out), source=source or {}, **kwargs)
@@ -224,8 +228,8 @@ def _export(
     dynamic_size: bool = True,
     atol: float = FP32_ATOL,
     fp16_atol: float = FP16_ATOL,
-) -> dict:
-    """Everything after loading, written into ``tmp``.
+) -> Manifest:
+    """Everything after loading, written into ``tmp``: one loop over the graph variants asked for.
 
     Args:
         opset: ONNX opset (17 default: GroupNorm decomposes, no opset-21 GroupNormalization semantics).
@@ -234,7 +238,7 @@ def _export(
         optimize: ``auto`` (keep the onnxslim graph when it measurably runs faster), ``onnxslim``
             (always), ``none``.
         text_encoder: local HF encoder directory, ``"default"`` for the embedded MiniLM, or None.
-        tensorrt: a :class:`~vdeploy.export.tensorrt.TensorRTOptions` to build an engine, or None.
+        tensorrt: a :class:`~vdeploy.export.tensorrt.TensorRTOptions` to build engines, or None.
         dynamic_size: height and width as dynamic axes (batch always is; frames never are).
         atol: fp32 tolerance against PyTorch.
     """
@@ -244,9 +248,6 @@ def _export(
 
     import vdeploy
     from vdeploy.diffusion import cosine_beta_schedule
-    from vdeploy.runtime import manifest as vmanifest
-
-    from .wrapper import CfgDenoiser, Denoiser
 
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported: {MIN_OPSET} to {MAX_OPSET} (torch's TorchScript exporter)")
@@ -259,61 +260,51 @@ def _export(
     started = time.perf_counter()
     null = unet.null_cond_emb.detach().float().reshape(1, -1).numpy() if getattr(unet, "has_cond", False) else None
     cond_dim = None if null is None else int(null.shape[1])
-    spec = denoiser_spec(config, cond_dim, dynamic_size=dynamic_size, opset=opset, atol=atol)
-    # built now so that --cfg on an unconditioned model fails before any tracing
-    cfg_spec = denoiser_spec(config, cond_dim, cfg=True, dynamic_size=dynamic_size, opset=opset, atol=atol) if cfg else None
+    tolerances = {"atol": atol, "fp16_atol": fp16_atol}
+    names = selected({"cfg": cfg, "fp16": fp16})
+    # every spec is built before any tracing, so that --cfg on an unconditioned model fails at once
+    specs = {
+        name: denoiser_spec(config, cond_dim, guidance=VARIANTS[name].guidance, name=name, file=VARIANTS[name].file,
+                            dynamic_size=dynamic_size, opset=opset, atol=tolerances[VARIANTS[name].atol])
+        for name in names
+    }
     extra_size = _extra_size(config) if dynamic_size else None
     reference = _reference(unet)
-    graphs: dict[str, dict] = {}
+    graphs: dict[str, Graph] = {}
     parity: dict[str, dict] = {}
+    cases: dict[bool, list] = {}  # parity cases per guidance, shared by the variants that need them
+    slimmed = None  # whether onnxslim's graph was kept, as the plain graph measured it
 
-    # 1. the fp32 denoiser: trace, check, compare
-    plain = tmp / "denoiser.plain.onnx"
-    _trace(Denoiser(unet, config["num_frames"]), spec, config, plain)
-    check_graph(plain, spec)
-    cases = denoiser_cases(spec, config, reference, null, extra_size=extra_size)
-    errors = check_parity(plain, spec, cases)
-    log.info("denoiser.onnx parity vs PyTorch (atol %g): %s", spec.atol, _fmt(errors))
-
-    # 2. ahead-of-time optimization, kept only where it measurably helps
-    kept, optimization, errors = _optimize(plain, spec, cases, optimize, errors)
-    os.replace(kept, tmp / spec.file)
-    for leftover in (plain, plain.with_name("denoiser.slim.onnx")):
-        leftover.unlink(missing_ok=True)
-    graphs["denoiser"] = spec.manifest_entry() | {"optimization": optimization}
-    parity["denoiser"] = {"atol": spec.atol, "reference": "torch fp32 eager (CPU)", "max_abs_err": errors}
-
-    # 3. guidance in one call
-    if cfg_spec is not None:
-        path = tmp / cfg_spec.file
-        _trace(CfgDenoiser(unet, config["num_frames"]), cfg_spec, config, path)
-        if optimization["kept"] == "onnxslim":
-            _slim_in_place(path)
-        check_graph(path, cfg_spec)
-        cfg_cases = denoiser_cases(cfg_spec, config, reference, null, extra_size=extra_size)
-        cfg_errors = check_parity(path, cfg_spec, cfg_cases)
-        log.info("%s parity vs forward_with_cond_scale (atol %g): %s", cfg_spec.file, atol, _fmt(cfg_errors))
-        graphs["denoiser_cfg"] = cfg_spec.manifest_entry() | {"optimization": {"kept": optimization["kept"]}}
-        parity["denoiser_cfg"] = {"atol": atol, "reference": "torch fp32 forward_with_cond_scale", "max_abs_err": cfg_errors}
-
-    # 4. float16
-    if fp16:
-        from .fp16 import convert_fp16
-
-        path = tmp / "denoiser_fp16.onnx"
-        kept_fp32 = convert_fp16(tmp / spec.file, path)
-        check_graph(path, spec)
-        fp16_errors = check_parity(path, spec, cases, atol=fp16_atol)
-        log.info("denoiser_fp16.onnx parity vs fp32 PyTorch (atol %g): %s", fp16_atol, _fmt(fp16_errors))
-        graphs["denoiser_fp16"] = spec.manifest_entry(precision="fp16", file=path.name) | {"fp32_kept": kept_fp32}
-        parity["denoiser_fp16"] = {"atol": fp16_atol, "reference": "torch fp32 eager (CPU)", "max_abs_err": fp16_errors}
+    for name in names:
+        variant, spec = VARIANTS[name], specs[name]
+        path = tmp / spec.file
+        if spec.guidance not in cases:
+            cases[spec.guidance] = denoiser_cases(spec, config, reference, null, extra_size=extra_size)
+        record: dict = {}
+        if variant.derive is not None:  # 1. built from an earlier variant's file
+            source_variant, convert = variant.derive
+            record = convert(tmp / specs[source_variant].file, path)
+        else:  # 1. traced from the U-Net
+            _trace(variant.wrapper(unet, config["num_frames"]), spec, config, path)
+        if slimmed is None and variant.derive is None:  # 2. the first traced graph decides the optimization
+            path, record, errors = _optimize(path, spec, cases[spec.guidance], optimize)
+            slimmed = record["kept"] == "onnxslim"
+        else:
+            if slimmed and variant.derive is None:
+                _slim_in_place(path)
+                record["kept"] = "onnxslim"
+            check_graph(path, spec)  # 3. checks, 4. parity
+            errors = check_parity(path, spec, cases[spec.guidance])
+        log.info("%s parity vs PyTorch %s (atol %g): %s", spec.file, variant.reference, spec.atol, _fmt(errors))
+        graphs[name] = spec.graph(precision=variant.precision, optimization=record)
+        parity[name] = {"atol": spec.atol, "reference": f"torch fp32 eager {variant.reference} (CPU)",
+                        "max_abs_err": errors}
 
     # 5. conditioning: the null embedding, the text encoder
-    conditioning = {"cond_dim": cond_dim, "null_embedding": None, "text_encoder": None}
+    conditioning = Conditioning(cond_dim=cond_dim)
     if null is not None:
         np.save(tmp / "null_cond_emb.npy", null.astype(np.float32))
-        conditioning["null_embedding"] = "null_cond_emb.npy"
-        conditioning["unconditional"] = "call the graph with the null embedding as cond (upstream null_cond_prob=1)"
+        conditioning = Conditioning(cond_dim=cond_dim, null_embedding="null_cond_emb.npy")
     if text_encoder is not None:
         from .text_encoder import export_text_encoder
 
@@ -324,43 +315,37 @@ def _export(
             cond_dim=cond_dim,
             opset=opset,
         )
-        te_spec = info.pop("spec")
-        conditioning.update(
-            text_encoder=info["dir"],
-            max_length=info["max_length"],
-            pooling=info["pooling"],
-            text_encoder_graph=te_spec.manifest_entry(),
-        )
+        conditioning = replace(conditioning, text_encoder=info["dir"], max_length=info["max_length"],
+                               pooling=info["pooling"], text_encoder_graph=info["spec"].graph())
         parity["text_encoder"] = info["parity"]
 
-    # 6. TensorRT engines from the portable fp32 graphs (the plain one, and the CFG one with --cfg)
-    engines = []
+    # 6. TensorRT engines from the variants that take one
+    engines = ()
     if tensorrt is not None:
-        engines.append(_build_engine(tmp, spec, config, tensorrt))
-        if cfg:
-            engines.append(_build_engine(tmp, cfg_spec, config, tensorrt))
+        engines = tuple(_build_engine(tmp, specs[name], config, tensorrt) for name in names if VARIANTS[name].tensorrt)
 
-    betas = cosine_beta_schedule(config["timesteps"]).tolist()
-    manifest = {
-        "vdeploy_version": vdeploy.__version__,
-        "config": config,
-        "source": source,
-        "opset": opset,
-        "precision": sorted({g["precision"] for g in graphs.values()}),
-        "graphs": graphs,
-        "engines": engines,
-        "schedule": {"name": "cosine", "s": 0.008, "timesteps": config["timesteps"], "betas": betas},
-        "conditioning": conditioning,
-        "parity": parity,
-        "export": {
+    manifest = Manifest(
+        vdeploy_version=vdeploy.__version__,
+        config=config,
+        source=source,
+        opset=opset,
+        graphs=graphs,
+        engines=engines,
+        schedule=Schedule(
+            timesteps=config["timesteps"], betas=tuple(cosine_beta_schedule(config["timesteps"]).tolist()),
+            beta_schedule=config.get("beta_schedule", "cosine"), prediction_type=config.get("prediction_type", "eps"),
+        ),
+        conditioning=conditioning,
+        parity=parity,
+        export={
             "seconds": round(time.perf_counter() - started, 1),
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
         },
-    }
-    written = vmanifest.write(tmp, manifest)
-    log.info("wrote %s (%d files) in %.1f s", final, len(written["files"]), time.perf_counter() - started)
+    )
+    written = manifest.write(tmp)
+    log.info("wrote %s (%d files) in %.1f s", final, len(written.files), time.perf_counter() - started)
     return written
 
 
@@ -444,26 +429,33 @@ def _extra_size(config: dict) -> int | None:
     return half if half >= factor and half % factor == 0 else None
 
 
-def _optimize(plain: Path, spec: ExportSpec, cases, optimize: str, plain_errors: dict) -> tuple[Path, dict, dict]:
-    """Keep the plain graph or its onnxslim version (checked for parity first).
+def _optimize(traced: Path, spec: ExportSpec, cases, optimize: str) -> tuple[Path, dict, dict]:
+    """Check the traced graph and its onnxslim version (parity first), keep the one that runs faster.
 
     Returns:
         ``(graph path, the manifest's optimization record with the measured latencies, its parity errors)``.
     """
     from .optimize import MIN_GAIN, choose, measure_latency, slim
 
+    plain = traced.with_name(traced.stem + ".plain.onnx")
+    os.replace(traced, plain)
+    check_graph(plain, spec)
+    plain_errors = check_parity(plain, spec, cases)
     if optimize == "none":
-        return plain, {"kept": "plain"}, plain_errors
-    slimmed = plain.with_name("denoiser.slim.onnx")
+        os.replace(plain, traced)
+        return traced, {"kept": "plain"}, plain_errors
+    slimmed = traced.with_name(traced.stem + ".slim.onnx")
     try:
         slim(plain, slimmed)
         check_graph(slimmed, spec)
         slim_errors = check_parity(slimmed, spec, cases)
     except Exception as e:  # noqa: BLE001 (an optimizer failure falls back to the plain graph)
+        slimmed.unlink(missing_ok=True)
         if optimize == "onnxslim":
             raise ValidationError(f"onnxslim's graph failed: {e}") from None
         log.warning("onnxslim's graph is not usable (%s); keeping the plain export", str(e).splitlines()[0])
-        return plain, {"kept": "plain", "onnxslim": f"failed: {str(e).splitlines()[0]}"}, plain_errors
+        os.replace(plain, traced)
+        return traced, {"kept": "plain", "onnxslim": f"failed: {str(e).splitlines()[0]}"}, plain_errors
     latency = measure_latency({"plain": plain, "onnxslim": slimmed}, cases[0].feed)
     kept = "onnxslim" if optimize == "onnxslim" else choose(latency)
     info = {
@@ -476,7 +468,9 @@ def _optimize(plain: Path, spec: ExportSpec, cases, optimize: str, plain_errors:
         "onnxruntime CPU latency, batch 1, 2 threads: plain %.1f ms, onnxslim %.1f ms -> keeping %s",
         latency["plain"]["median_ms"], latency["onnxslim"]["median_ms"], kept,
     )
-    return (slimmed, info, slim_errors) if kept == "onnxslim" else (plain, info, plain_errors)
+    os.replace(slimmed if kept == "onnxslim" else plain, traced)
+    (plain if kept == "onnxslim" else slimmed).unlink(missing_ok=True)
+    return traced, info, slim_errors if kept == "onnxslim" else plain_errors
 
 
 def _slim_in_place(path: Path) -> None:
@@ -487,25 +481,19 @@ def _slim_in_place(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _build_engine(tmp: Path, spec: ExportSpec, config: dict, options) -> dict:
-    from vdeploy.runtime.manifest import sha256_file
+def _build_engine(tmp: Path, spec: ExportSpec, config: dict, options) -> Engine:
+    from vdeploy.runtime.platform import engine_file_name
 
-    from .tensorrt import build_engine, engine_file_name, gpu_name, import_tensorrt
+    from .tensorrt import build_engine, gpu_name, import_tensorrt
 
     trt = import_tensorrt()
     precision = "fp16" if options.fp16 else "fp32"
     name = engine_file_name(spec.name, gpu_name(), trt.__version__, precision)
     entry = build_engine(tmp / spec.file, tmp / name, spec, config, options)
-    return {"file": name, "graph": spec.name, "onnx_sha256": sha256_file(tmp / spec.file), **entry}
+    return Engine(file=name, graph=spec.name, gpu=entry.pop("gpu"), tensorrt_version=entry.pop("tensorrt_version"),
+                  precision=entry.pop("precision"), profile=entry.pop("profile"),
+                  onnx_sha256=sha256_file(tmp / spec.file), build=entry)
 
 
 def _fmt(errors: dict) -> str:
     return ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
-
-
-def session_for(model_dir: str | os.PathLike, graph: str = "denoiser", threads: int = 2):
-    """An onnxruntime CPU session for one graph of an exported model directory (tests, parity)."""
-    from vdeploy.runtime.manifest import load
-
-    manifest = load(model_dir)
-    return ort_session(Path(model_dir) / manifest["graphs"][graph]["file"], threads=threads)

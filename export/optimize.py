@@ -39,11 +39,10 @@ def ort_offline(src: str | Path, dst: str | Path, threads: int = 2) -> Path:
     """onnxruntime's extended (hardware-independent) graph optimizations, saved to ``dst``."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    from vdeploy.runtime.platform import ort_session_options
+
+    so = ort_session_options(ort, threads, optimization="extended")
     so.optimized_model_filepath = str(dst)
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     return Path(dst)
 

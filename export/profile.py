@@ -48,10 +48,9 @@ def profile_graph(path: str | Path, feed: dict[str, np.ndarray], *, threads: int
     """
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    from vdeploy.runtime.platform import ort_session_options
+
+    so = ort_session_options(ort, threads)
     so.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         so.profile_file_prefix = os.path.join(tmp, "ort")

@@ -1,12 +1,15 @@
-"""The declarative export spec: which graph, which names, which dynamic axes, which tolerance.
+"""The export spec of one graph: its names, roles, dynamic axes and tolerance.
 
-One small dataclass per exported graph (the denoiser, its CFG-fused variant, the text encoder); no
-registries. :func:`denoiser_spec` derives the denoiser's from a resolved model config.
+:func:`denoiser_spec` derives a denoiser graph's from a resolved model config; the graph variants that
+use it are declared in ``variants.py``. Tensor specs are the manifest's own
+(``vdeploy.runtime.manifest.TensorSpec``), so what export checks is what the runtime reads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from vdeploy.runtime.manifest import Graph, TensorSpec
 
 DEFAULT_OPSET = 17
 FP32_ATOL = 1e-4  # optimum's tolerance for exported U-Nets
@@ -24,18 +27,6 @@ class ValidationError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: name, dtype (numpy name) and shape (ints, or axis names when dynamic)."""
-
-    name: str
-    dtype: str
-    shape: tuple
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-
-@dataclass(frozen=True)
 class ExportSpec:
     """What one exported graph looks like and how it is checked.
 
@@ -45,7 +36,7 @@ class ExportSpec:
         inputs / outputs: tensor specs in graph order.
         opset: ONNX opset of the default domain.
         atol: max abs error against PyTorch that the export accepts (fp32).
-        cfg: the graph takes ``cond_scale`` and returns the guided eps (cond and null in one batch).
+        guidance: the graph takes ``cond_scale`` and returns the guided eps (cond and null in one batch).
     """
 
     name: str
@@ -54,8 +45,7 @@ class ExportSpec:
     outputs: tuple[TensorSpec, ...]
     opset: int = DEFAULT_OPSET
     atol: float = FP32_ATOL
-    cfg: bool = False
-    extra: dict = field(default_factory=dict)
+    guidance: bool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -75,21 +65,15 @@ class ExportSpec:
                 out[t.name] = axes
         return out
 
-    def manifest_entry(self, precision: str = "fp32", file: str | None = None) -> dict:
-        """The graph's entry in ``vdeploy.json`` (dynamic axes with string keys, as JSON needs)."""
-        return {
-            "file": file or self.file,
-            "precision": precision,
-            "cfg": self.cfg,
-            "inputs": [t.as_dict() for t in self.inputs],
-            "outputs": [t.as_dict() for t in self.outputs],
-            "dynamic_axes": {k: {str(i): d for i, d in v.items()} for k, v in self.dynamic_axes.items()},
-            **self.extra,
-        }
+    def graph(self, precision: str = "fp32", file: str | None = None, optimization: dict | None = None) -> Graph:
+        """The graph's typed manifest entry."""
+        return Graph(file=file or self.file, inputs=self.inputs, outputs=self.outputs, precision=precision,
+                     guidance=self.guidance, optimization=optimization or {})
 
 
 def denoiser_spec(
-    config: dict, cond_dim: int | None, *, cfg: bool = False, dynamic_size: bool = True, opset: int = DEFAULT_OPSET, atol: float = FP32_ATOL
+    config: dict, cond_dim: int | None, *, guidance: bool = False, name: str | None = None, file: str | None = None,
+    dynamic_size: bool = True, opset: int = DEFAULT_OPSET, atol: float = FP32_ATOL,
 ) -> ExportSpec:
     """The spec of ``eps = denoiser(x, t[, cond][, cond_scale])`` for a resolved model config.
 
@@ -99,27 +83,29 @@ def denoiser_spec(
     Args:
         config: resolved flat config (``vdeploy.config.resolve``).
         cond_dim: width of the conditioning (the model's ``null_cond_emb``), None if unconditioned.
-        cfg: the classifier-free-guidance graph (needs a conditioned model).
+        guidance: the fused classifier-free-guidance graph (needs a conditioned model).
+        name, file: the graph's manifest key and file (default ``denoiser[_cfg]``, ``denoiser[_cfg].onnx``).
         dynamic_size: make height and width dynamic axes.
     """
     c, f, s = config["channels"], config["num_frames"], config["image_size"]
     out_c = config.get("out_dim") or c
     h, w = ("height", "width") if dynamic_size else (s, s)
-    inputs = [TensorSpec("x", "float32", ("batch", c, f, h, w)), TensorSpec("t", "int64", ("batch",))]
+    inputs = [TensorSpec("x", "float32", ("batch", c, f, h, w), "x"), TensorSpec("t", "int64", ("batch",), "t")]
     if cond_dim is not None:
-        inputs.append(TensorSpec("cond", "float32", ("batch", cond_dim)))
-    if cfg:
+        inputs.append(TensorSpec("cond", "float32", ("batch", cond_dim), "cond"))
+    if guidance:
         if cond_dim is None:
             raise ExportError("--cfg needs a conditioned model (cond_dim or use_bert_text_cond); this one has none")
-        inputs.append(TensorSpec("cond_scale", "float32", (1,)))
+        inputs.append(TensorSpec("cond_scale", "float32", (1,), "cond_scale"))
+    default = "denoiser_cfg" if guidance else "denoiser"
     return ExportSpec(
-        name="denoiser_cfg" if cfg else "denoiser",
-        file="denoiser_cfg.onnx" if cfg else "denoiser.onnx",
+        name=name or default,
+        file=file or f"{name or default}.onnx",
         inputs=tuple(inputs),
         outputs=(TensorSpec("eps", "float32", ("batch", out_c, f, h, w)),),
         opset=opset,
         atol=atol,
-        cfg=cfg,
+        guidance=guidance,
     )
 
 

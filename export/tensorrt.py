@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,6 @@ from .spec import ExportError, ExportSpec
 log = logging.getLogger("vdeploy.export")
 
 DEFAULT_WORKSPACE_MB = 4096
-DEFAULT_MAX_BATCH = 4
 
 
 class TensorRTUnavailable(ExportError):
@@ -38,13 +35,13 @@ class TensorRTBuildError(RuntimeError):
 
 def import_tensorrt():
     """``import tensorrt``, or :class:`TensorRTUnavailable` with one line saying what to install."""
+    from vdeploy.runtime.platform import BackendUnavailable
+    from vdeploy.runtime.platform import import_tensorrt as import_bindings
+
     try:
-        import tensorrt as trt  # noqa: PLC0415
-    except ImportError as e:
-        raise TensorRTUnavailable(
-            f"--tensorrt needs the tensorrt Python module (pip install 'vdeploy[tensorrt]' on a CUDA machine): {e}"
-        ) from None
-    return trt
+        return import_bindings(with_cuda=False)[0]
+    except BackendUnavailable as e:
+        raise TensorRTUnavailable(f"--tensorrt needs the tensorrt Python module on a CUDA machine: {e}") from None
 
 
 def parse_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
@@ -77,76 +74,36 @@ class TensorRTOptions:
     min_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     opt_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     max_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    max_batch: int = DEFAULT_MAX_BATCH
+    max_batch: int = 16  # vdeploy.runtime.platform.DEFAULT_MAX_BATCH
     workspace_mb: int = DEFAULT_WORKSPACE_MB
     timing_cache: str | None = None
 
 
 def profile_shapes(spec: ExportSpec, config: dict, options: TensorRTOptions) -> dict[str, dict[str, list[int]]]:
-    """min/opt/max for every input with a dynamic axis: given shapes first, else batch 1/1/max_batch and
-    the config's image size for height and width.
+    """The plan's optimization profile: ``vdeploy.runtime.platform.trt_profile`` (the one place TensorRT
+    profiles come from, for plans and EP engines alike) with the ``--min/--opt/--max-shapes`` given.
 
     Raises:
         ExportError: a shape for an unknown input, of the wrong rank, disagreeing with a static dimension,
             or not ordered min <= opt <= max.
     """
-    dynamic = spec.dynamic_axes
-    known = set(spec.input_names)
-    for given in (options.min_shapes, options.opt_shapes, options.max_shapes):
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise ExportError(f"shape given for unknown input(s) {', '.join(unknown)}; inputs: {', '.join(spec.input_names)}")
+    from vdeploy.runtime.platform import trt_profile
+
     size = config["image_size"]
-    profile = {}
-    for t in spec.inputs:
-        if t.name not in dynamic:
-            continue
-        defaults = {}
-        for which, batch in (("min", 1), ("opt", 1), ("max", options.max_batch)):
-            defaults[which] = [
-                batch if d == "batch" else size if d in ("height", "width") else d for d in t.shape
-            ]
-        entry = {}
-        for which, given in (("min", options.min_shapes), ("opt", options.opt_shapes), ("max", options.max_shapes)):
-            shape = list(given.get(t.name, defaults[which]))
-            if len(shape) != len(t.shape):
-                raise ExportError(f"{which} shape of '{t.name}' has rank {len(shape)}, the graph's has {len(t.shape)}")
-            for got, want in zip(shape, t.shape):
-                if isinstance(want, int) and got != want:
-                    raise ExportError(f"{which} shape {shape} of '{t.name}' disagrees with its static shape {list(t.shape)}")
-            entry[which] = shape
-        if not all(a <= b <= c for a, b, c in zip(entry["min"], entry["opt"], entry["max"])):
-            raise ExportError(f"profile of '{t.name}' is not min <= opt <= max: {entry}")
-        profile[t.name] = entry
-    return profile
+    cond = next((t for t in spec.inputs if t.role == "cond"), None)
+    try:
+        return trt_profile(spec.inputs, (config["channels"], config["num_frames"], size, size),
+                           max_batch=options.max_batch, cond_dim=cond.shape[1] if cond else None,
+                           min_shapes=options.min_shapes, opt_shapes=options.opt_shapes, max_shapes=options.max_shapes)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def gpu_name() -> str:
-    """The CUDA device's name (torch if it sees CUDA, else ``nvidia-smi``), or ``gpu``."""
-    try:
-        import torch
+    """The CUDA device's name as the runtime reads it (so a plan's name matches at load), or ``gpu``."""
+    from vdeploy.runtime.platform import gpu_name as runtime_gpu_name
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run(
-                [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=True
-            )
-            if out.stdout.strip():
-                return out.stdout.strip().splitlines()[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return "gpu"
-
-
-def engine_file_name(graph: str, gpu: str, trt_version: str, precision: str) -> str:
-    """``denoiser.nvidia-h100-80gb-hbm3.trt10.3.0.fp16.plan``: what the plan was built for, in its name."""
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "gpu"
-    return f"{graph}.{slug}.trt{trt_version}.{precision}.plan"
+    return runtime_gpu_name(0) or "gpu"
 
 
 def build_engine(

@@ -10,14 +10,19 @@ Only numpy is imported here; onnxruntime, tokenizers, pillow, tensorrt and cuda-
 when a backend, the text encoder or a writer needs them.
 """
 
-from .backends import BackendUnavailable
+from .backends import BACKENDS, BackendOptions
 from .manifest import ManifestError
 from .pipeline import Pipeline
-from .samplers import ddim, ddpm, dpmpp, guided
+from .platform import BackendUnavailable
+from .samplers import SAMPLERS, ddim, ddpm, dpmpp, dpmpp3m, guided
 from .schedule import cosine_beta_schedule, respace
+from .unipc_multistep import unipc
 from .video import save_gif, save_mp4
 
 __all__ = [
+    "BACKENDS",
+    "BackendOptions",
+    "SAMPLERS",
     "BackendUnavailable",
     "ManifestError",
     "Pipeline",
@@ -25,8 +30,10 @@ __all__ = [
     "ddim",
     "ddpm",
     "dpmpp",
+    "dpmpp3m",
     "guided",
     "respace",
     "save_gif",
     "save_mp4",
+    "unipc",
 ]

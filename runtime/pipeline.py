@@ -11,17 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from . import manifest as manifest_lib
-from .backends import (
-    KINDS,
-    BackendUnavailable,
-    OrtBackend,
-    TensorRTBackend,
-    auto_kinds,
-    import_tensorrt,
-    matching_engine,
-    ort_providers,
-)
-from .manifest import ManifestError
+from .backends import BACKENDS, BackendOptions, BackendUnavailable, auto_order, backend_spec, graph_for, open_graph
+from .manifest import Manifest, ManifestError
 from .samplers import guided, sampler_kwargs, sampler_spec
 from .schedule import betas_from_spec
 
@@ -37,6 +28,7 @@ class Pipeline:
     called from several threads at once (the backends are thread-safe).
 
     Attributes:
+        manifest: the model directory's typed manifest (``vdeploy.runtime.manifest.Manifest``).
         config: the model config from the manifest.
         shape: ``(channels, num_frames, image_size, image_size)`` of one video.
         betas: the float64 training betas.
@@ -44,17 +36,21 @@ class Pipeline:
         backend_name: what runs the denoiser (e.g. ``"onnxruntime-cpu"``).
     """
 
-    def __init__(self, model_dir: Path, manifest: dict, backend, cfg_backend=None, text_encoder=None):
+    def __init__(self, model_dir: Path, manifest: Manifest, backend, cfg_backend=None, text_encoder=None, *,
+                 graph: str = "denoiser", cfg_graph: str | None = None):
         self.model_dir = Path(model_dir)
         self.manifest = manifest
-        self.config = manifest["config"]
-        self.shape = _video_shape(self.config)
-        self.betas = _betas(manifest)
-        conditioning = manifest.get("conditioning") or {}
-        self.cond_dim = conditioning.get("cond_dim")
-        self.null_cond = _null_embedding(self.model_dir, conditioning)
+        self.config = dict(manifest.config)
+        self.shape = manifest.video_shape
+        self.betas = _betas(manifest, self.model_dir / manifest_lib.MANIFEST_NAME)
+        self.cond_dim = manifest.cond_dim
+        self.null_cond = _null_embedding(self.model_dir, manifest)
         self.backend = backend
         self.cfg_backend = cfg_backend
+        self.graph = manifest.graphs[graph]
+        self.cfg_graph = None
+        if cfg_backend is not None:
+            self.cfg_graph = manifest.graphs[cfg_graph or manifest.find_graph(guidance=True)]
         self.text_encoder = text_encoder
         self.backend_name = backend.name
 
@@ -64,46 +60,42 @@ class Pipeline:
         path: str | Path,
         backend: str = "auto",
         *,
-        precision: str = "fp32",
-        threads: int | None = None,
-        device_id: int = 0,
-        max_batch: int = 16,
+        options: BackendOptions | None = None,
         verify: bool = True,
+        **option_kwargs,
     ) -> Pipeline:
         """Load and validate a model directory written by ``vdeploy export``.
 
         Args:
             path: the model directory (``vdeploy.json`` and the files it lists).
-            backend: ``"auto"`` (the fastest available: a native TensorRT plan for this GPU, then the
-                onnxruntime TensorRT EP, CUDA, CPU; logs which), or one of ``"cpu"``, ``"cuda"``,
-                ``"tensorrt-ep"``, ``"tensorrt"``.
-            precision: ``"fp32"``, or ``"fp16"``: the fp16 graph on onnxruntime CPU/CUDA, the fp16 flag on
-                the TensorRT EP, an fp16 plan for native TensorRT.
-            threads: onnxruntime CPU intra-op threads (default: physical cores).
-            device_id: the CUDA device.
-            max_batch: the largest batch a TensorRT EP engine is built for.
+            backend: ``"auto"`` (the fastest that runs here, in ``BACKENDS``' ``auto_rank`` order; logs which)
+                or a name in ``vdeploy.runtime.backends.BACKENDS`` (``cpu``, ``cuda``, ``tensorrt-ep``,
+                ``tensorrt``, ...).
+            options: a :class:`~vdeploy.runtime.backends.BackendOptions` (precision, threads, device_id,
+                max_batch, spin, cache); or give its fields as keywords (``precision="fp16"``).
             verify: check the sha256 of every listed file (on by default; the load refuses a tampered file).
 
         Raises:
             ManifestError: a missing, unreadable, tampered or inconsistent model directory.
             BackendUnavailable: the backend asked for cannot run here (the message says what to install).
         """
-        if backend not in ("auto", *KINDS):
-            raise ValueError(f"backend must be 'auto' or one of {', '.join(KINDS)}, got {backend!r}")
-        if precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        if backend != "auto":
+            backend_spec(backend)
+        if options is None:
+            options = BackendOptions(**option_kwargs)
+        elif option_kwargs:
+            raise ValueError("pass either `options` or its fields as keywords, not both")
         model_dir = Path(path)
         manifest = manifest_lib.load(model_dir, verify=False)
-        args = (model_dir, manifest, backend, precision, threads, device_id, max_batch)
         if not verify:
-            return cls._open_dir(*args)
+            return cls._open_dir(model_dir, manifest, backend, options)
         # Hash every file on other threads while the sessions open (together most of a cold start).
         # Nothing runs before every sha256 matched; a graph that fails to open is reported as the
         # tampering it may be.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            verified = pool.submit(manifest_lib.verify_files, model_dir, manifest)
+            verified = pool.submit(manifest_lib.verify_files, model_dir, manifest.files)
             try:
-                pipe = cls._open_dir(*args)
+                pipe = cls._open_dir(model_dir, manifest, backend, options)
             except BaseException:
                 verified.result()
                 raise
@@ -115,32 +107,30 @@ class Pipeline:
         return pipe
 
     @classmethod
-    def _open_dir(cls, model_dir: Path, manifest: dict, backend, precision, threads, device_id, max_batch):
-        """``from_dir`` after the manifest is read: check it against the config, open the backends."""
+    def _open_dir(cls, model_dir: Path, manifest: Manifest, backend: str, options: BackendOptions) -> Pipeline:
+        """``from_dir`` after the manifest is read: pick the backend, open the denoiser graphs on it."""
         where = model_dir / manifest_lib.MANIFEST_NAME
-        _video_shape(manifest["config"], where)
         _betas(manifest, where)
-        cond_dim = (manifest.get("conditioning") or {}).get("cond_dim")
-        graphs = {name: g for name, g in manifest["graphs"].items() if name.startswith("denoiser")}
-        for name, graph in graphs.items():
-            _check_graph_entry(name, graph, manifest["config"], cond_dim, where)
-        engines = manifest.get("engines") or []
-        kinds = auto_kinds(engines, "denoiser", device_id) if backend == "auto" else [backend]
+        _null_embedding(model_dir, manifest)
+        if backend == "auto":
+            kinds, skipped = auto_order(manifest, options)
+            for reason in skipped:
+                log.info("backend %s", reason)
+            if not kinds:
+                raise BackendUnavailable("no backend can run here: " + "; ".join(skipped))
+        else:
+            reason = BACKENDS[backend].unavailable(manifest, options)
+            if reason is not None:
+                raise BackendUnavailable(f"{backend}: {reason}")
+            kinds = [backend]
         errors = []
         for kind in kinds:
-            # fp16 on onnxruntime CPU/CUDA runs the fp16 graph; TensorRT converts the fp32 graph itself
-            graph = "denoiser"
-            if precision == "fp16" and kind in ("cpu", "cuda"):
-                graph = _find_graph(graphs, cfg=False, precision="fp16", where=where)
-            cfg_graph = _find_graph(graphs, cfg=True, precision=graphs[graph].get("precision", "fp32"), where=where,
-                                    required=False)
-            if kind == "tensorrt" and cfg_graph and matching_engine(engines, cfg_graph, device_id, precision) is None:
-                cfg_graph = None
+            graph = graph_for(kind, manifest, options)
+            if graph is None:
+                raise ManifestError(f"{where} has no {options.precision} denoiser graph "
+                                    f"(export with --{options.precision} or use precision='fp32')")
             try:
-                plain = _open(model_dir, manifest, graph, kind, precision, threads, device_id, max_batch)
-                cfg = None
-                if cfg_graph is not None:
-                    cfg = _open(model_dir, manifest, cfg_graph, kind, precision, threads, device_id, max_batch)
+                plain = open_graph(kind, model_dir, manifest, graph, options)
                 break
             except BackendUnavailable as e:
                 if backend != "auto":
@@ -149,45 +139,53 @@ class Pipeline:
                 log.info("backend %s unavailable: %s", kind, e)
         else:
             raise BackendUnavailable("no backend could start: " + "; ".join(errors))
-        for opened, name in ((plain, graph), (cfg, cfg_graph)):
-            if opened is not None:
-                _check_backend_inputs(opened, graphs[name], name, where)
+        cfg = None
+        cfg_graph = graph_for(kind, manifest, options, guidance=True)
+        if cfg_graph is not None:
+            try:
+                cfg = open_graph(kind, model_dir, manifest, cfg_graph, options)
+            except BackendUnavailable as e:  # e.g. no TensorRT plan of it: guidance as two calls instead
+                log.info("fused guidance graph %s not on %s (%s): guidance runs as two calls", cfg_graph, kind, e)
         log.info(
             "backend: %s (%s%s%s)", plain.name, plain.path.name, ", fused cfg graph" if cfg else "",
             f"; auto: the fastest of {', '.join(kinds)}" if backend == "auto" else "",
         )
 
         text_encoder = None
-        conditioning = manifest.get("conditioning") or {}
-        if conditioning.get("text_encoder"):
+        conditioning = manifest.conditioning
+        if conditioning.text_encoder:
             from .text import TextEncoder
 
-            text_kind = "cuda" if plain.kind != "cpu" and "CUDAExecutionProvider" in ort_providers() else "cpu"
+            text_kind = "cuda" if kind in ("cuda", "tensorrt-ep", "tensorrt") and \
+                BACKENDS["cuda"].unavailable(manifest, options) is None else "cpu"
+            model_file = conditioning.text_encoder_files[0]
             text_encoder = TextEncoder(
-                model_dir / conditioning["text_encoder"],
+                model_dir / conditioning.text_encoder,
                 text_kind,
-                max_length=conditioning.get("max_length"),
-                threads=threads,
-                onnx_sha256=manifest["files"].get(f"{conditioning['text_encoder'].rstrip('/')}/model.onnx"),
+                max_length=conditioning.max_length,
+                threads=options.threads,
+                onnx_sha256=manifest.files.get(model_file),
             )
-        return cls(model_dir, manifest, plain, cfg, text_encoder)
+        return cls(model_dir, manifest, plain, cfg, text_encoder, graph=graph, cfg_graph=cfg_graph)
 
     def close(self) -> None:
-        """Release device memory held by native TensorRT backends (onnxruntime sessions free themselves)."""
+        """Release what the backends hold (device memory of native TensorRT, compiled models)."""
         for backend in (self.backend, self.cfg_backend):
             if hasattr(backend, "close"):
                 backend.close()
 
     def denoiser(self, backend=None) -> Callable:
-        """The plain denoiser as the samplers' contract ``eps = denoise(x, t, cond)`` (one graph call)."""
+        """The plain denoiser as the samplers' contract ``eps = denoise(x, t, cond)`` (one graph call);
+        ``backend``: another backend running the same graph (benchmarks)."""
         backend = backend or self.backend
-        names = [spec.name for spec in backend.inputs]
-        has_cond = self.cond_dim is not None
+        graph = self.graph
+        x_name, t_name = graph.input("x").name, graph.input("t").name
+        cond_spec = graph.input("cond")
 
         def denoise(x, t, cond):
-            feeds = {names[0]: x, names[1]: t}
-            if has_cond:
-                feeds[names[2]] = cond
+            feeds = {x_name: x, t_name: t}
+            if cond_spec is not None:
+                feeds[cond_spec.name] = cond
             return np.asarray(backend.run(feeds)[0], dtype=np.float32)
 
         return denoise
@@ -195,13 +193,14 @@ class Pipeline:
     def _fused_cfg_denoiser(self, cond_scale: float) -> Callable:
         """One call of the ``--cfg`` graph: conditional and null predictions combined inside the graph."""
         backend = self.cfg_backend
-        names = [spec.name for spec in backend.inputs]
-        scale_spec = backend.inputs[3]
+        graph = self.cfg_graph
+        x_name, t_name, cond_name = graph.input("x").name, graph.input("t").name, graph.input("cond").name
+        scale_spec = graph.input("cond_scale")
 
         def denoise(x, t, cond):
             shape = tuple(d if isinstance(d, int) else x.shape[0] for d in scale_spec.shape)
             scale = np.full(shape, cond_scale, dtype=np.float32)
-            feeds = {names[0]: x, names[1]: t, names[2]: cond, names[3]: scale}
+            feeds = {x_name: x, t_name: t, cond_name: cond, scale_spec.name: scale}
             return np.asarray(backend.run(feeds)[0], dtype=np.float32)
 
         return denoise
@@ -262,6 +261,8 @@ class Pipeline:
             raise ValueError("pass either `cond` or `text`, not both")
         if noise is not None:
             noise = np.asarray(noise, dtype=np.float32)
+            if not np.all(np.isfinite(noise)):
+                raise ValueError("noise holds NaN or Inf values")
             if batch_size == 1 and noise.ndim == 5:
                 batch_size = noise.shape[0]  # the noise's batch, as cond's rows give theirs
         if text is not None:
@@ -332,8 +333,10 @@ class Pipeline:
         cond = np.asarray(cond, dtype=np.float32)
         if cond.ndim == 1:
             cond = cond[None]
-        if cond.ndim != 2 or cond.shape[1] != self.cond_dim:
-            raise ValueError(f"cond must be (b, {self.cond_dim}), got shape {cond.shape}")
+        if cond.ndim != 2 or cond.shape[1] != self.cond_dim or cond.shape[0] < 1:
+            raise ValueError(f"cond must be (b, {self.cond_dim}) with b >= 1, got shape {cond.shape}")
+        if not np.all(np.isfinite(cond)):
+            raise ValueError("cond holds NaN or Inf values")
         if cond.shape[0] == 1 and batch_size > 1:
             cond = np.repeat(cond, batch_size, axis=0)
         elif batch_size not in (1, cond.shape[0]):
@@ -355,144 +358,26 @@ def _timed(denoise):
     return timed, timing
 
 
-def _video_shape(config: dict, where="the manifest") -> tuple:
+def _betas(manifest: Manifest, where) -> np.ndarray:
     try:
-        channels = int(config.get("channels", 3))
-        frames, size = int(config["num_frames"]), int(config["image_size"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ManifestError(f"{where}: config lacks a usable channels/num_frames/image_size ({e})") from None
-    return channels, frames, size, size
-
-
-def _betas(manifest: dict, where="the manifest") -> np.ndarray:
-    try:
-        betas = betas_from_spec(manifest["schedule"])
-    except (ValueError, TypeError, AttributeError) as e:
+        return betas_from_spec(manifest.schedule.as_dict())
+    except (ValueError, TypeError) as e:
         raise ManifestError(f"{where}: bad schedule: {e}") from None
-    timesteps = manifest["config"].get("timesteps")
-    if timesteps is not None and len(betas) != timesteps:
-        raise ManifestError(f"{where}: schedule has {len(betas)} betas but config timesteps={timesteps}")
-    return betas
 
 
-def _null_embedding(model_dir: Path, conditioning: dict) -> np.ndarray | None:
-    name = conditioning.get("null_embedding")
+def _null_embedding(model_dir: Path, manifest: Manifest) -> np.ndarray | None:
+    """The learned null embedding ``(1, cond_dim)``; every malformed file is a ManifestError naming it."""
+    name = manifest.conditioning.null_embedding
     if not name:
         return None
     try:
         null = np.load(model_dir / name, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise ManifestError(f"cannot read the null embedding {model_dir / name}: {e}") from None
-    cond_dim = conditioning.get("cond_dim")
-    if null.size != cond_dim or null.ndim > 2:
-        raise ManifestError(f"null embedding {name} has shape {null.shape}, expected ({cond_dim},) or (1, {cond_dim})")
+    cond_dim = manifest.cond_dim
+    if null.size != cond_dim or null.ndim > 2 or not np.issubdtype(null.dtype, np.floating):
+        raise ManifestError(f"null embedding {model_dir / name} has shape {null.shape} ({null.dtype}), "
+                            f"expected float ({cond_dim},) or (1, {cond_dim})")
+    if not np.all(np.isfinite(null)):
+        raise ManifestError(f"null embedding {model_dir / name} holds NaN or Inf values")
     return null.astype(np.float32).reshape(1, -1)
-
-
-def _find_graph(graphs: dict, *, cfg: bool, precision: str, where, required: bool = True) -> str | None:
-    for name, graph in graphs.items():
-        if bool(graph.get("cfg")) == cfg and graph.get("precision", "fp32") == precision:
-            return name
-    if required:
-        raise ManifestError(f"{where} has no {precision} {'cfg ' if cfg else ''}denoiser graph")
-    return None
-
-
-def _check_graph_entry(name: str, graph: dict, config: dict, cond_dim, where) -> None:
-    """The manifest's input shapes must fit the config: ``x`` (b, c, f, h, w), ``t`` (b,), ``cond`` (b, D)."""
-    inputs = graph.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) < 2:
-        raise ManifestError(f"{where}: graph {name!r} must list its inputs (x, t[, cond][, cond_scale])")
-    expected = (None, *_video_shape(config, where))
-    x_shape = inputs[0].get("shape", [])
-    if len(x_shape) != 5:
-        raise ManifestError(
-            f"{where}: graph {name!r} input {inputs[0].get('name')!r} has rank {len(x_shape)}, expected 5"
-        )
-    for axis, (got, want) in enumerate(zip(x_shape, expected)):
-        if isinstance(got, int) and want is not None and got != want:
-            raise ManifestError(
-                f"{where}: graph {name!r} input {inputs[0].get('name')!r} has shape {x_shape}, but the config "
-                f"says (batch, {', '.join(map(str, expected[1:]))}) (axis {axis})"
-            )
-    if len(inputs[1].get("shape", [])) != 1:
-        raise ManifestError(f"{where}: graph {name!r} timestep input must be (batch,)")
-    wanted = 2 + (cond_dim is not None) + bool(graph.get("cfg"))
-    if len(inputs) != wanted:
-        raise ManifestError(
-            f"{where}: graph {name!r} has {len(inputs)} inputs, expected {wanted} "
-            f"(x, t{', cond' if cond_dim is not None else ''}{', cond_scale' if graph.get('cfg') else ''})"
-        )
-    if cond_dim is not None:
-        c_shape = inputs[2].get("shape", [])
-        if len(c_shape) != 2 or (isinstance(c_shape[1], int) and c_shape[1] != cond_dim):
-            raise ManifestError(f"{where}: graph {name!r} cond input has shape {c_shape}, expected (batch, {cond_dim})")
-
-
-def _check_backend_inputs(backend, graph: dict | None, name: str, where) -> None:
-    """The loaded graph must have the inputs the manifest lists, in order, with the same ranks."""
-    if graph is None:
-        return
-    listed = [(i["name"], len(i.get("shape", []))) for i in graph["inputs"]]
-    actual = [(spec.name, len(spec.shape)) for spec in backend.inputs]
-    if listed != actual:
-        raise ManifestError(f"{where}: graph {name!r} has inputs {actual}, but the manifest lists {listed}")
-
-
-def _profile(graph: dict, config: dict, cond_dim, max_batch: int) -> dict:
-    """A TensorRT shape profile ``{input: (min, opt, max)}``: batch 1 to ``max_batch``, the rest from the config."""
-    concrete = {0: (None, *_video_shape(config)), 1: (None,), 2: (None, cond_dim)}
-    profile = {}
-    for index, spec in enumerate(graph["inputs"]):
-        shape = spec.get("shape", [])
-        if all(isinstance(d, int) for d in shape):
-            continue  # static inputs (cond_scale) need no profile
-        dims = []
-        for axis, dim in enumerate(shape):
-            if isinstance(dim, int):
-                dims.append((dim, dim, dim))
-            elif axis == 0:
-                dims.append((1, 1, max_batch))
-            else:
-                known = concrete.get(index, ())
-                value = known[axis] if axis < len(known) else None
-                if value is None:
-                    raise ManifestError(f"cannot bound dynamic axis {axis} ({dim!r}) of input {spec['name']!r}")
-                dims.append((value, value, value))
-        profile[spec["name"]] = tuple(tuple(d[i] for d in dims) for i in range(3))
-    return profile
-
-
-def _open(model_dir, manifest, graph_name, kind, precision, threads, device_id, max_batch):
-    """Open one graph of the model directory on one backend kind."""
-    graphs, engines = manifest["graphs"], manifest.get("engines") or []
-    if kind == "tensorrt":
-        import_tensorrt()  # names the extra to install when the bindings are missing
-        entry = matching_engine(engines, graph_name, device_id, precision)
-        if entry is None:
-            listed = ", ".join(
-                f"{e.get('file')} ({e.get('gpu')}, TensorRT {e.get('tensorrt_version')})" for e in engines
-            )
-            raise BackendUnavailable(
-                f"no TensorRT plan of graph {graph_name!r} for this GPU and TensorRT version in {model_dir}"
-                + (f" (it has: {listed})" if listed else "")
-                + "; build one with `vdeploy export --tensorrt` or use backend='tensorrt-ep'"
-            )
-        if entry.get("precision", precision) != precision:
-            log.info("TensorRT: no %s plan of %r for this GPU; using the %s plan",
-                     precision, graph_name, entry["precision"])
-        return TensorRTBackend(model_dir / entry["file"], device_id=device_id)
-    graph = graphs[graph_name]
-    profile = None
-    if kind == "tensorrt-ep":
-        conditioning = manifest.get("conditioning") or {}
-        profile = _profile(graph, manifest["config"], conditioning.get("cond_dim"), max_batch)
-    return OrtBackend(
-        model_dir / graph["file"],
-        kind,
-        threads=threads,
-        device_id=device_id,
-        fp16=precision == "fp16",
-        profile=profile,
-        onnx_sha256=manifest["files"].get(graph["file"]),
-    )

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BackendUnavailable, OrtBackend
+from .ort import OrtBackend
+from .platform import BackendUnavailable
 
 
 class TextEncoder:

@@ -2,7 +2,7 @@
 
 Model directories are built once per test session (cached here, removed at exit): the tiny upstream
 ``video_diffusion_pytorch`` 0.6.3 ``Unet3D`` exported with ``torch.onnx.export`` and written with
-``vdeploy.runtime.manifest.write``, plus a tiny ONNX text encoder and a ``tokenizers`` tokenizer. They
+``vdeploy.runtime.manifest.Manifest.write``, plus a tiny ONNX text encoder and a ``tokenizers`` tokenizer. They
 serve the tests that tamper with files or need a text encoder / an unconditioned graph; parity runs on
 the export stage's own fixture (``export_fixtures.exported_model``). ``write_model_dir(fused_cfg=True)``
 also writes a ``--cfg`` graph for manual checks.
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vdeploy.runtime import manifest
+from vdeploy.runtime.manifest import TensorSpec
 from vdeploy.runtime.schedule import cosine_beta_schedule
 
 TINY = {"dim": 8, "dim_mults": [1, 2], "attn_heads": 2, "attn_dim_head": 8}
@@ -82,10 +83,6 @@ def _export(module, args, path: Path, names: list[str], dynamic: dict) -> None:
         )
 
 
-def _io(names_shapes: list[tuple[str, str, list]]) -> list[dict]:
-    return [{"name": n, "dtype": d, "shape": s} for n, d, s in names_shapes]
-
-
 def write_model_dir(folder: Path, unet, cfg: dict, *, fused_cfg: bool = False, text_encoder: bool = False) -> Path:
     """Export ``unet`` to ``folder`` as the export stage lays a model directory out."""
     import torch
@@ -95,9 +92,6 @@ def write_model_dir(folder: Path, unet, cfg: dict, *, fused_cfg: bool = False, t
     cond_dim = cfg.get("cond_dim")
     x = torch.randn(1, c, f, s, s)
     t = torch.tensor([3])
-    x_spec = ("x", "float32", ["batch", c, f, s, s])
-    t_spec = ("t", "int64", ["batch"])
-    outputs = _io([("eps", "float32", ["batch", c, f, s, s])])
 
     class Denoiser(torch.nn.Module):
         def __init__(self, unet):
@@ -120,46 +114,42 @@ def write_model_dir(folder: Path, unet, cfg: dict, *, fused_cfg: bool = False, t
             eps_cond, eps_null = eps.chunk(2)
             return eps_null + (eps_cond - eps_null) * cond_scale
 
+    x_spec = TensorSpec("x", "float32", ("batch", c, f, s, s), "x")
+    t_spec = TensorSpec("t", "int64", ("batch",), "t")
+    outputs = (TensorSpec("eps", "float32", ("batch", c, f, s, s)),)
     graphs = {}
     if cond_dim is None:
         _export(Denoiser(unet), (x, t), folder / "denoiser.onnx", ["x", "t"], {"x": {0: "batch"}, "t": {0: "batch"}})
-        inputs = _io([x_spec, t_spec])
+        inputs = (x_spec, t_spec)
     else:
         cond = torch.randn(1, cond_dim)
         dyn = {"x": {0: "batch"}, "t": {0: "batch"}, "cond": {0: "batch"}}
         _export(Denoiser(unet), (x, t, cond), folder / "denoiser.onnx", ["x", "t", "cond"], dyn)
-        inputs = _io([x_spec, t_spec, ("cond", "float32", ["batch", cond_dim])])
+        inputs = (x_spec, t_spec, TensorSpec("cond", "float32", ("batch", cond_dim), "cond"))
         np.save(folder / "null_cond_emb.npy", unet.null_cond_emb.detach().numpy().astype(np.float32))
         if fused_cfg:
             scale = torch.tensor(2.0)
             _export(CfgDenoiser(unet), (x, t, cond, scale), folder / "denoiser_cfg.onnx",
                     ["x", "t", "cond", "cond_scale"], dyn)
-            graphs["denoiser_cfg"] = {
-                "file": "denoiser_cfg.onnx", "precision": "fp32", "cfg": True,
-                "inputs": inputs + _io([("cond_scale", "float32", [])]), "outputs": outputs,
-                "dynamic_axes": {k: {"0": "batch"} for k in dyn},
-            }
-    graphs["denoiser"] = {
-        "file": "denoiser.onnx", "precision": "fp32", "cfg": False, "inputs": inputs, "outputs": outputs,
-        "dynamic_axes": {i["name"]: {"0": "batch"} for i in inputs},
-    }
+            graphs["denoiser_cfg"] = manifest.Graph(
+                "denoiser_cfg.onnx", inputs + (TensorSpec("cond_scale", "float32", (), "cond_scale"),), outputs,
+                guidance=True)
+    graphs["denoiser"] = manifest.Graph("denoiser.onnx", inputs, outputs)
     if text_encoder:
         write_text_encoder(folder / "text_encoder", cond_dim)
-    betas = cosine_beta_schedule(cfg["timesteps"])
-    manifest.write(folder, {
-        "vdeploy_version": "0.1.0",
-        "config": cfg,
-        "source": {"checkpoint": "tests", "format": "video-diffusion-pytorch", "step": 0, "ema": False},
-        "opset": 17,
-        "graphs": graphs,
-        "schedule": {"name": "cosine", "s": 0.008, "timesteps": cfg["timesteps"], "betas": betas.tolist()},
-        "conditioning": {
-            "cond_dim": cond_dim,
-            "null_embedding": "null_cond_emb.npy" if cond_dim else None,
-            "text_encoder": "text_encoder" if text_encoder else None,
-        },
-        "parity": {},
-    })
+    manifest.Manifest(
+        vdeploy_version="0.1.0",
+        config=cfg,
+        source={"checkpoint": "tests", "format": "video-diffusion-pytorch", "step": 0, "ema": False},
+        opset=17,
+        graphs=graphs,
+        schedule=manifest.Schedule(cfg["timesteps"], tuple(cosine_beta_schedule(cfg["timesteps"]).tolist())),
+        conditioning=manifest.Conditioning(
+            cond_dim=cond_dim,
+            null_embedding="null_cond_emb.npy" if cond_dim else None,
+            text_encoder="text_encoder" if text_encoder else None,
+        ),
+    ).write(folder)
     return folder
 
 

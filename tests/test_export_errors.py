@@ -167,7 +167,7 @@ def test_no_ema_exports_the_raw_weights(tmp_path):
     )
     a = export_onnx(ckpt, tmp_path / "ema", optimize="none")
     b = export_onnx(ckpt, tmp_path / "raw", ema=False, optimize="none")
-    assert a["source"]["ema"] is True and b["source"]["ema"] is False
+    assert a.source["ema"] is True and b.source["ema"] is False
     assert np.array_equal(np.load(tmp_path / "raw" / "null_cond_emb.npy"), raw.null_cond_emb.detach().numpy())
     assert np.array_equal(np.load(tmp_path / "ema" / "null_cond_emb.npy"), ema.null_cond_emb.detach().numpy())
 

@@ -42,23 +42,25 @@ def _torch(unet, x, t, cond=None, **kw):
 
 def test_graphs_pass_the_checker_with_the_declared_io(exported_model):
     manifest = vmanifest.load(exported_model.dir)
-    assert set(manifest["graphs"]) == {"denoiser", "denoiser_cfg", "denoiser_fp16"}
-    for name, graph in manifest["graphs"].items():
-        path = exported_model.dir / graph["file"]
+    assert set(manifest.graphs) == {"denoiser", "denoiser_cfg", "denoiser_fp16"}
+    for name, graph in manifest.graphs.items():
+        path = exported_model.dir / graph.file
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(str(path))
-        assert [i.name for i in model.graph.input] == [i["name"] for i in graph["inputs"]]
+        assert [i.name for i in model.graph.input] == [i.name for i in graph.inputs]
         assert [o.name for o in model.graph.output] == ["eps"]
         assert model.opset_import[0].version == 17
-    den = manifest["graphs"]["denoiser"]
-    assert [(i["name"], i["dtype"], i["shape"]) for i in den["inputs"]] == [
-        ("x", "float32", ["batch", 3, 4, "height", "width"]),
-        ("t", "int64", ["batch"]),
-        ("cond", "float32", ["batch", 6]),
+    den = manifest.graphs["denoiser"]
+    assert [(i.name, i.dtype, i.shape, i.role) for i in den.inputs] == [
+        ("x", "float32", ("batch", 3, 4, "height", "width"), "x"),
+        ("t", "int64", ("batch",), "t"),
+        ("cond", "float32", ("batch", 6), "cond"),
     ]
-    assert den["dynamic_axes"]["x"] == {"0": "batch", "3": "height", "4": "width"}
-    cfg_inputs = manifest["graphs"]["denoiser_cfg"]["inputs"]
-    assert cfg_inputs[-1] == {"name": "cond_scale", "dtype": "float32", "shape": [1]}
+    assert den.dynamic_axes["x"] == {0: "batch", 3: "height", 4: "width"}
+    assert den.input("cond").name == "cond" and den.input("cond_scale") is None
+    cfg_inputs = manifest.graphs["denoiser_cfg"].inputs
+    assert cfg_inputs[-1] == vmanifest.TensorSpec("cond_scale", "float32", (1,), "cond_scale")
+    assert manifest.graphs["denoiser_cfg"].guidance and manifest.graphs["denoiser_fp16"].precision == "fp16"
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -118,19 +120,20 @@ def test_manifest_records_hashes_parity_schedule_and_source(exported_model):
     d = exported_model.dir
     manifest = vmanifest.load(d, verify=True)
     on_disk = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and p.name != "vdeploy.json")
-    assert sorted(manifest["files"]) == on_disk
-    for name, digest in manifest["files"].items():
+    assert sorted(manifest.files) == on_disk
+    for name, digest in manifest.files.items():
         assert vmanifest.sha256_file(d / name) == digest
-    assert manifest["source"]["step"] == STEP and manifest["source"]["ema"] is True
-    assert manifest["opset"] == 17
-    assert manifest["config"]["cond_dim"] == 6 and manifest["config"]["num_frames"] == 4
-    assert np.allclose(manifest["schedule"]["betas"], cosine_beta_schedule(20).numpy(), rtol=0, atol=0)
-    assert manifest["schedule"]["timesteps"] == 20
-    cond = manifest["conditioning"]
-    assert cond["cond_dim"] == 6 and cond["null_embedding"] == "null_cond_emb.npy"
-    null = np.load(d / cond["null_embedding"])
+    assert manifest.source["step"] == STEP and manifest.source["ema"] is True
+    assert manifest.opset == 17
+    assert manifest.config["cond_dim"] == 6 and manifest.config["num_frames"] == 4
+    assert np.allclose(manifest.schedule.betas, cosine_beta_schedule(20).numpy(), rtol=0, atol=0)
+    assert manifest.schedule.timesteps == 20 and manifest.schedule.prediction_type == "eps"
+    assert manifest.schedule.beta_schedule == "cosine"
+    cond = manifest.conditioning
+    assert cond.cond_dim == 6 and cond.null_embedding == "null_cond_emb.npy"
+    null = np.load(d / cond.null_embedding)
     assert np.array_equal(null, exported_model.unet.null_cond_emb.detach().numpy())
-    parity = manifest["parity"]
+    parity = manifest.parity
     assert set(parity["denoiser"]["max_abs_err"]) >= {"b1_cond", "b1_uncond", "b3_cond", "b3_uncond"}
     assert max(parity["denoiser"]["max_abs_err"].values()) <= FP32_ATOL
     assert max(parity["denoiser_cfg"]["max_abs_err"].values()) <= FP32_ATOL
@@ -167,9 +170,9 @@ def test_upstream_checkpoint_exports_and_matches_the_upstream_model(ref_vdp, tmp
     )
     assert result.exit_code == 0, result.output
     manifest = vmanifest.load(out)
-    assert manifest["source"]["step"] == 3000
+    assert manifest.source["step"] == 3000
     session = ort_session(out / "denoiser.onnx")
-    x, t, cond = _inputs(np.random.default_rng(9), 3, manifest["config"], cond_dim=6)
+    x, t, cond = _inputs(np.random.default_rng(9), 3, manifest.config, cond_dim=6)
     (eps,) = session.run(None, {"x": x, "t": t, "cond": cond})
     assert np.abs(eps - _torch(unet, x, t, cond)).max() <= FP32_ATOL  # the upstream model itself
 
@@ -179,17 +182,17 @@ def test_unconditioned_static_size_export_with_optimization(tmp_path):
 
     unet, config = tiny_unet(TINY_UNCOND_CONFIG, seed=1)
     manifest = export_unet(unet, config, tmp_path / "m", dynamic_size=False, optimize="auto")
-    den = manifest["graphs"]["denoiser"]
-    assert [i["name"] for i in den["inputs"]] == ["x", "t"]
-    assert den["inputs"][0]["shape"] == ["batch", 3, 4, 16, 16]
-    assert manifest["conditioning"] == {"cond_dim": None, "null_embedding": None, "text_encoder": None}
-    opt = den["optimization"]
+    den = manifest.graphs["denoiser"]
+    assert [i.name for i in den.inputs] == ["x", "t"]
+    assert den.inputs[0].shape == ("batch", 3, 4, 16, 16)
+    assert manifest.conditioning == vmanifest.Conditioning()
+    opt = den.optimization
     assert opt["kept"] in ("plain", "onnxslim") and set(opt["latency_ms"]) == {"plain", "onnxslim"}
     session = ort_session(tmp_path / "m" / "denoiser.onnx")
     x, t, _ = _inputs(np.random.default_rng(1), 3, config)
     (eps,) = session.run(None, {"x": x, "t": t})
     assert np.abs(eps - _torch(unet, x, t)).max() <= FP32_ATOL
-    assert max(manifest["parity"]["denoiser"]["max_abs_err"].values()) <= FP32_ATOL
+    assert max(manifest.parity["denoiser"]["max_abs_err"].values()) <= FP32_ATOL
 
 
 def test_re_export_replaces_a_previous_model_dir(exported_model, tmp_path):
@@ -197,11 +200,11 @@ def test_re_export_replaces_a_previous_model_dir(exported_model, tmp_path):
 
     out = tmp_path / "model"
     export_onnx(exported_model.ckpt, out, optimize="none")
-    first = vmanifest.load(out)["files"]["denoiser.onnx"]
+    first = vmanifest.load(out).files["denoiser.onnx"]
     (out / "stale.txt").write_text("from an older export")
     export_onnx(exported_model.ckpt, out, optimize="none", cfg=True)
     manifest = vmanifest.load(out)
-    assert "denoiser_cfg" in manifest["graphs"]
+    assert "denoiser_cfg" in manifest.graphs
     assert not (out / "stale.txt").exists()
-    assert manifest["files"]["denoiser.onnx"] == first  # deterministic trace
+    assert manifest.files["denoiser.onnx"] == first  # deterministic trace
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -8,7 +8,8 @@ import pytest
 
 from export_fixtures import exported_model  # noqa: F401  (pytest fixture)
 from vdeploy.export.spec import ExportError, denoiser_spec
-from vdeploy.export.tensorrt import TensorRTOptions, engine_file_name, parse_shapes, profile_shapes
+from vdeploy.export.tensorrt import TensorRTOptions, parse_shapes, profile_shapes
+from vdeploy.runtime.platform import engine_file_name
 
 CONFIG = {"channels": 3, "num_frames": 8, "image_size": 32, "out_dim": None, "dim_mults": [1, 2, 4, 8]}
 
@@ -29,7 +30,7 @@ def test_default_profile_covers_every_dynamic_input():
         "t": {"min": [1], "opt": [1], "max": [4]},
         "cond": {"min": [1, 384], "opt": [1, 384], "max": [4, 384]},
     }
-    cfg = profile_shapes(denoiser_spec(CONFIG, 384, cfg=True), CONFIG, TensorRTOptions())
+    cfg = profile_shapes(denoiser_spec(CONFIG, 384, guidance=True), CONFIG, TensorRTOptions())
     assert "cond_scale" not in cfg  # static (1,): no profile needed
 
 
@@ -182,13 +183,13 @@ def test_build_engine_drives_the_documented_api(exported_model, tmp_path, monkey
     cache.write_bytes(b"old")
     options = TensorRTOptions(fp16=True, max_batch=3, workspace_mb=256, timing_cache=str(cache))
     manifest = export_onnx(exported_model.ckpt, tmp_path / "m", tensorrt=options, optimize="none", cfg=True)
-    engine, cfg_engine = manifest["engines"]
-    assert cfg_engine["graph"] == "denoiser_cfg" and cfg_engine["file"].startswith("denoiser_cfg.nvidia-fake-gpu.")
-    assert cfg_engine["onnx_sha256"] == manifest["files"]["denoiser_cfg.onnx"]
-    assert engine["file"] == "denoiser.nvidia-fake-gpu.trt10.99.0.fp16.plan"
-    assert engine["graph"] == "denoiser" and engine["precision"] == "fp16" and engine["gpu"] == "NVIDIA Fake GPU"
-    assert engine["onnx_sha256"] == manifest["files"]["denoiser.onnx"]
-    assert (tmp_path / "m" / engine["file"]).read_bytes() == b"PLAN"
+    engine, cfg_engine = manifest.engines
+    assert cfg_engine.graph == "denoiser_cfg" and cfg_engine.file.startswith("denoiser_cfg.nvidia-fake-gpu.")
+    assert cfg_engine.onnx_sha256 == manifest.files["denoiser_cfg.onnx"]
+    assert engine.file == "denoiser.nvidia-fake-gpu.trt10.99.0.fp16.plan"
+    assert engine.graph == "denoiser" and engine.precision == "fp16" and engine.gpu == "NVIDIA Fake GPU"
+    assert engine.onnx_sha256 == manifest.files["denoiser.onnx"]
+    assert (tmp_path / "m" / engine.file).read_bytes() == b"PLAN"
     assert cache.read_bytes() == b"cache:cache:old"  # read and written back by each of the two builds
     assert ("flag", "FP16") in fake.calls and ("pool", "WORKSPACE", 256 << 20) in fake.calls
     shapes = {c[1]: c[2:] for c in fake.calls if c[0] == "set_shape"}  # both engines: the same profile

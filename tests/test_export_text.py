@@ -90,10 +90,10 @@ def test_export_with_text_encoder_and_sample_from_text(bert_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     manifest = vmanifest.load(out)
-    cond = manifest["conditioning"]
-    assert cond["text_encoder"] == "text_encoder" and cond["cond_dim"] == 12
-    assert cond["pooling"] == "masked_mean_excluding_cls" and cond["max_length"] == 128
-    assert {"text_encoder/model.onnx", "text_encoder/tokenizer.json"} <= set(manifest["files"])
-    assert max(manifest["parity"]["text_encoder"]["max_abs_err"].values()) <= FP32_ATOL
+    cond = manifest.conditioning
+    assert cond.text_encoder == "text_encoder" and cond.cond_dim == 12
+    assert cond.pooling == "masked_mean_excluding_cls" and cond.max_length == 128
+    assert {"text_encoder/model.onnx", "text_encoder/tokenizer.json"} <= set(manifest.files)
+    assert max(manifest.parity["text_encoder"]["max_abs_err"].values()) <= FP32_ATOL
     video = Pipeline.from_dir(out, backend="cpu")(text=["a red circle"], sampler="ddim", steps=2, seed=0)
     assert video.shape == (1, 3, 4, 16, 16) and np.isfinite(video).all()

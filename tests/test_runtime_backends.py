@@ -12,7 +12,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from vdeploy.runtime import backends
-from vdeploy.runtime.backends import BackendUnavailable, OrtBackend
+from vdeploy.runtime import platform as vplatform
+from vdeploy.runtime.backends import BACKENDS, BackendOptions, BackendUnavailable
+from vdeploy.runtime.manifest import Engine, sha256_file
+from vdeploy.runtime.ort import OrtBackend
+from vdeploy.runtime.tensorrt import TensorRTBackend
 
 
 def tiny_graph(path, x_type=TensorProto.FLOAT):
@@ -41,12 +45,12 @@ def test_cpu_session_is_set_up_for_speed_and_casts_inputs(tmp_path):
     backend = OrtBackend(tiny_graph(tmp_path / "g.onnx"), "cpu")
     assert backend.name == "onnxruntime-cpu"
     assert [(s.name, s.dtype, s.shape) for s in backend.inputs] == [
-        ("x", np.float32, ("batch", 2)), ("t", np.int64, ("batch",))
+        ("x", "float32", ("batch", 2)), ("t", "int64", ("batch",))
     ]
     options = backend.session.get_session_options()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
-    assert options.intra_op_num_threads == backends.physical_cores()
+    assert options.intra_op_num_threads == vplatform.physical_cores()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     # float64 x and int32 t are cast to what the graph declares
     (out,) = backend.run({"x": np.ones((3, 2), np.float64), "t": np.array([1, 2, 3], np.int32)})
@@ -69,7 +73,8 @@ def test_gpu_kinds_are_unavailable_here_with_the_extra_named(tmp_path):
         OrtBackend(tiny_graph(tmp_path / "g.onnx"), "cuda")
     with pytest.raises(BackendUnavailable, match="no TensorrtExecutionProvider"):
         OrtBackend(tiny_graph(tmp_path / "g.onnx"), "tensorrt-ep")
-    assert backends.auto_kinds([], "denoiser") == ["cpu"]
+    assert "install vdeploy[gpu]" in BACKENDS["cuda"].unavailable(None, BackendOptions())
+    assert BACKENDS["cpu"].unavailable(None, BackendOptions()) is None
 
 
 def test_missing_tensorrt_names_the_extra(monkeypatch):
@@ -77,57 +82,54 @@ def test_missing_tensorrt_names_the_extra(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(BackendUnavailable, match=r"tensorrt is not installed: pip install 'vdeploy\[tensorrt\]'"):
-        backends.import_tensorrt()
+        vplatform.import_tensorrt()
     monkeypatch.setitem(sys.modules, "cuda", None)
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     with pytest.raises(BackendUnavailable, match=r"cuda-python is not installed: pip install 'vdeploy\[tensorrt\]'"):
-        backends._import_cudart()
+        vplatform._import_cudart()
 
 
 def test_matching_engine_needs_this_gpu_and_tensorrt_version(monkeypatch):
     engines = [
-        {"file": "a.plan", "graph": "denoiser", "gpu": "NVIDIA A100-SXM4-40GB", "tensorrt_version": "10.3.0",
-         "precision": "fp16"},
-        {"file": "b.plan", "graph": "denoiser", "gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.3.0",
-         "precision": "fp32"},
-        {"file": "c.plan", "graph": "denoiser", "gpu": "nvidia-h100-80gb-hbm3", "tensorrt_version": "10.3.0",
-         "precision": "fp16"},
+        Engine("a.plan", "denoiser", "NVIDIA A100-SXM4-40GB", "10.3.0", "fp16"),
+        Engine("b.plan", "denoiser", "NVIDIA H100 80GB HBM3", "10.3.0", "fp32"),
+        Engine("c.plan", "denoiser", "nvidia-h100-80gb-hbm3", "10.3.0", "fp16"),
     ]
-    monkeypatch.setattr(backends, "_tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(backends, "tensorrt_version", lambda: "10.3.0")
     monkeypatch.setattr(backends, "gpu_name", lambda device_id=0: "NVIDIA H100 80GB HBM3")
-    assert backends.matching_engine(engines, "denoiser", precision="fp16")["file"] == "c.plan"
-    assert backends.matching_engine(engines, "denoiser", precision="fp32")["file"] == "b.plan"
+    assert backends.matching_engine(engines, "denoiser", precision="fp16").file == "c.plan"
+    assert backends.matching_engine(engines, "denoiser", precision="fp32").file == "b.plan"
     assert backends.matching_engine(engines, "denoiser_cfg") is None
-    monkeypatch.setattr(backends, "_tensorrt_version", lambda: "10.7.0")
+    monkeypatch.setattr(backends, "tensorrt_version", lambda: "10.7.0")
     assert backends.matching_engine(engines, "denoiser") is None
-    monkeypatch.setattr(backends, "_tensorrt_version", lambda: None)
+    monkeypatch.setattr(backends, "tensorrt_version", lambda: None)
     assert backends.matching_engine(engines, "denoiser") is None
 
 
 def test_engine_cache_key_changes_with_everything_that_changes_the_engine(monkeypatch, tmp_path):
     monkeypatch.setenv("VDEPLOY_CACHE", str(tmp_path))
-    base = dict(onnx_sha256="a" * 64, fp16=True, profile={"x": ((1, 3), (1, 3), (4, 3))}, gpu="H100",
+    base = dict(onnx_sha256="a" * 64, fp16=True, profile={"x": {"min": (1, 3), "opt": (1, 3), "max": (4, 3)}}, gpu="H100",
                 versions={"onnxruntime": "1.20", "tensorrt": "10.3"})
-    first = backends.engine_cache_dir("denoiser", **base)
+    first = vplatform.engine_cache_dir("denoiser", **base)
     assert first.parent == tmp_path / "ort-trt"
-    assert backends.engine_cache_dir("denoiser", **base) == first
+    assert vplatform.engine_cache_dir("denoiser", **base) == first
     changes = [
-        {"onnx_sha256": "b" * 64}, {"fp16": False}, {"profile": {"x": ((1, 3), (2, 3), (8, 3))}},
+        {"onnx_sha256": "b" * 64}, {"fp16": False}, {"profile": {"x": {"min": (1, 3), "opt": (2, 3), "max": (8, 3)}}},
         {"gpu": "A100"}, {"versions": {"onnxruntime": "1.20", "tensorrt": "10.7"}},
     ]
     for change in changes:
-        assert backends.engine_cache_dir("denoiser", **{**base, **change}) != first, change
+        assert vplatform.engine_cache_dir("denoiser", **{**base, **change}) != first, change
 
 
 def test_physical_cores_is_a_sane_count():
     import os
 
-    assert 1 <= backends.physical_cores() <= (os.cpu_count() or 1)
+    assert 1 <= vplatform.physical_cores() <= (os.cpu_count() or 1)
 
 
 def _cuda_device() -> bool:
     try:
-        cudart = backends._import_cudart()
+        cudart = vplatform._import_cudart()
         err, count = cudart.cudaGetDeviceCount()
         return err == cudart.cudaError_t.cudaSuccess and count > 0
     except BackendUnavailable:
@@ -152,7 +154,7 @@ def test_native_tensorrt_engine_matches_onnxruntime(tmp_path):
     config.add_optimization_profile(profile)
     plan = tmp_path / "g.plan"
     plan.write_bytes(bytes(builder.build_serialized_network(network, config)))
-    engine = backends.TensorRTBackend(plan)
+    engine = TensorRTBackend(plan)
     reference = OrtBackend(onnx_path, "cpu")
     for b in (1, 3, 4):
         feeds = {"x": np.random.default_rng(b).standard_normal((b, 2)), "t": np.arange(b)}
@@ -331,9 +333,9 @@ def test_tensorrt_backend_drives_the_tensorrt10_api(fake_tensorrt, tmp_path):
 
     trt, cudart = fake_tensorrt
     (tmp_path / "g.plan").write_bytes(b"fake plan")
-    engine = backends.TensorRTBackend(tmp_path / "g.plan")
+    engine = TensorRTBackend(tmp_path / "g.plan")
     assert [(s.name, s.dtype, s.shape) for s in engine.inputs] == [
-        ("x", np.float32, (None, 2)), ("t", np.int64, (None,))
+        ("x", "float32", (None, 2)), ("t", "int64", (None,))
     ]
 
     def run(b):
@@ -355,12 +357,12 @@ def test_tensorrt_backend_drives_the_tensorrt10_api(fake_tensorrt, tmp_path):
     assert cudart.memory == {}
     (tmp_path / "bad.plan").write_bytes(b"another GPU's plan")
     with pytest.raises(BackendUnavailable, match="built for another GPU or TensorRT version"):
-        backends.TensorRTBackend(tmp_path / "bad.plan")
-    assert backends.gpu_name() == "NVIDIA Fake GPU"
+        TensorRTBackend(tmp_path / "bad.plan")
+    assert vplatform.gpu_name() == "NVIDIA Fake GPU"
 
 
 def test_auto_picks_a_matching_native_plan_and_samples_through_it(monkeypatch):
-    import json
+    from dataclasses import replace
 
     from runtime_fixtures import model_dir
 
@@ -370,10 +372,8 @@ def test_auto_picks_a_matching_native_plan_and_samples_through_it(monkeypatch):
     folder = model_dir("uncond")
     plan = "denoiser.nvidia-fake-gpu.trt10.99.0.fp16.plan"
     (folder / plan).write_bytes(b"fake plan")
-    data = json.loads((folder / "vdeploy.json").read_text())
-    data["engines"] = [{"file": plan, "graph": "denoiser", "gpu": "NVIDIA Fake GPU", "tensorrt_version": "10.99.0",
-                        "precision": "fp16"}]
-    manifest.write(folder, data)
+    engine = manifest.Engine(plan, "denoiser", "NVIDIA Fake GPU", "10.99.0", "fp16")
+    replace(manifest.load(folder), engines=(engine,)).write(folder)
     pipe = Pipeline.from_dir(folder)  # auto: the plan matches this (fake) GPU and TensorRT version
     assert pipe.backend_name == "tensorrt"
     noise = np.random.default_rng(0).standard_normal((2, 3, 4, 8, 8), dtype=np.float32)
@@ -384,8 +384,8 @@ def test_auto_picks_a_matching_native_plan_and_samples_through_it(monkeypatch):
     expected = samplers.dpmpp(dummy, noise, pipe.betas, steps=5)
     np.testing.assert_allclose(pipe(noise=noise, steps=5), np.clip((expected + 1) / 2, 0, 1), rtol=0, atol=1e-6)
     pipe.close()
-    data["engines"][0]["tensorrt_version"] = "10.0.0"  # a plan for another TensorRT: not picked
-    manifest.write(folder, data)
+    # a plan for another TensorRT: not picked
+    replace(manifest.load(folder), engines=(replace(engine, tensorrt_version="10.0.0"),)).write(folder)
     assert Pipeline.from_dir(folder).backend_name == "onnxruntime-cpu"
     with pytest.raises(BackendUnavailable, match="no TensorRT plan of graph 'denoiser' for this GPU"):
         Pipeline.from_dir(folder, backend="tensorrt")
@@ -492,12 +492,12 @@ def test_cpu_optimized_graph_is_cached_keyed_and_rebuilt_when_broken(tmp_path, m
 
     monkeypatch.setenv("VDEPLOY_CACHE", str(tmp_path / "cache"))
     graph = tiny_graph(tmp_path / "g.onnx")
-    sha = backends._sha256(graph)
+    sha = sha256_file(graph)
     feeds = {"x": np.arange(6, dtype=np.float32).reshape(3, 2), "t": np.array([1, 2, 3])}
     (expected,) = OrtBackend(graph, "cpu", threads=1, cache=False).run(feeds)
 
     first = OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha)  # miss: optimizes and caches
-    entry = backends.optimized_graph_dir(graph, sha, ort.__version__)
+    entry = vplatform.optimized_graph_dir(graph, sha, ort.__version__)
     assert (entry / "model.onnx").is_file() and (entry / "meta.json").is_file()
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary left
     second = OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha)  # hit: opens the copy unoptimized
@@ -507,7 +507,7 @@ def test_cpu_optimized_graph_is_cached_keyed_and_rebuilt_when_broken(tmp_path, m
         np.testing.assert_array_equal(backend.run(feeds)[0], expected)
 
     # another source sha256 (an edited graph) is another cache entry, never the stale one
-    assert backends.optimized_graph_dir(graph, "0" * 64, ort.__version__) != entry
+    assert vplatform.optimized_graph_dir(graph, "0" * 64, ort.__version__) != entry
     # a damaged copy is rebuilt, not trusted: one that no longer parses, and one that does but differs
     cached = entry / "model.onnx"
     pristine = cached.read_bytes()
@@ -532,11 +532,11 @@ def test_cpu_optimized_graph_cache_keeps_large_weights_beside_the_graph(tmp_path
     monkeypatch.setenv("VDEPLOY_CACHE", str(tmp_path / "cache"))
     folder = model_dir("uncond")
     graph = folder / "denoiser.onnx"
-    sha = backends._sha256(graph)
+    sha = sha256_file(graph)
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 4, 8, 8), dtype=np.float32), "t": np.array([5])}
     (expected,) = OrtBackend(graph, "cpu", threads=1, cache=False).run(feeds)
     OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha)
-    entry = backends.optimized_graph_dir(graph, sha, ort.__version__)
+    entry = vplatform.optimized_graph_dir(graph, sha, ort.__version__)
     assert (entry / "model.data").stat().st_size > (entry / "model.onnx").stat().st_size
     (got,) = OrtBackend(graph, "cpu", threads=1, onnx_sha256=sha).run(feeds)
     np.testing.assert_allclose(got, expected, atol=1e-5)

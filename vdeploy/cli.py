@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 # the tables every command reads its choices from (numpy-only modules: no torch, no onnxruntime)
+from vdeploy.runtime.backends import BACKENDS
 from vdeploy.runtime.pipeline import DEFAULT_SAMPLER
 from vdeploy.runtime.samplers import SAMPLERS
 from vdeploy.runtime.schedule import SPACINGS
@@ -18,6 +19,26 @@ class BadInput(click.ClickException):
     """A user error: printed as one line ``Error: ...``, exit code 2, no traceback."""
 
     exit_code = 2
+
+
+def _require_extra(command: str, *modules: str) -> None:
+    """Refuse, in one line naming the extra to install, a torch-side command on a runtime-only install.
+
+    Looks the modules up without importing them, so it costs nothing where they are installed.
+    """
+    import importlib.util
+
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: sys.modules[name] is None (import blocked)
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise BadInput(f"vdeploy {command} needs {', '.join(missing)}, which this install lacks (the runtime-only "
+                       "install samples without torch): pip install 'vdeploy[train,export]'")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -37,7 +58,8 @@ def main() -> None:
 
 # ---------------------------------------------------------------- data ----
 
-import time  # noqa: E402 (data/train sections)
+import math  # noqa: E402 (data/train sections)
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
@@ -53,6 +75,22 @@ class OneLineErrors(click.Command):
             raise BadInput(f"{e.format_message()} (see '{ctx.command_path} --help')") from None
 
 
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that refuses nan and inf too (FloatRange lets nan through any bound)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            bounds = f" (expected {self._describe_range()})" if self._describe_range() else ""
+            self.fail(f"{value!r} is not a finite number{bounds}", param, ctx)
+        return rv
+
+    def _describe_range(self) -> str:  # click shows it in --help; unbounded: nothing (not "x<=None")
+        return super()._describe_range() if self.min is not None or self.max is not None else ""
+
+
 @main.group()
 def data() -> None:
     """Datasets: folders of GIFs with optional captions (name.txt beside name.gif)."""
@@ -60,24 +98,33 @@ def data() -> None:
 
 @data.command("synth", cls=OneLineErrors)
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--num", default=64, show_default=True, type=click.IntRange(min=1), help="Number of clips.")
-@click.option("--frames", default=8, show_default=True, type=click.IntRange(min=1), help="Frames per clip.")
-@click.option("--size", default=32, show_default=True, type=click.IntRange(min=8), help="Frame width and height in pixels.")
+@click.option("--num", default=64, show_default=True, type=click.IntRange(1, 1_000_000), help="Number of clips.")
+@click.option("--frames", default=8, show_default=True, type=click.IntRange(1, 1024), help="Frames per clip.")
+@click.option("--size", default=32, show_default=True, type=click.IntRange(8, 1024),
+              help="Frame width and height in pixels.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed: the same arguments write the same data.")
-def data_synth(out: Path, num: int, frames: int, size: int, seed: int) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="OUT may already hold clips: its earlier NNNNN.gif/.txt files are deleted first.")
+def data_synth(out: Path, num: int, frames: int, size: int, seed: int, overwrite: bool) -> None:
     """Write a synthetic dataset of moving coloured shapes to OUT.
 
     Each clip is OUT/NNNNN.gif (one red/green/blue/yellow circle, square or triangle crossing
     a black frame) with its caption in OUT/NNNNN.txt, e.g. "a red circle moving left".
     """
     from vdeploy.data import DataError, synth_dataset
+    from vdeploy.runtime.atomic import unwritable
 
     if out.exists() and not out.is_dir():
         raise BadInput(f"{out} exists and is not a directory")
+    why = unwritable(out, directory=True)
+    if why:
+        raise BadInput(f"cannot write the dataset to {out}: {why}")
     try:
-        paths = synth_dataset(out, num=num, frames=frames, size=size, seed=seed)
-    except (DataError, OSError) as e:
-        raise BadInput(str(e)) from None
+        paths = synth_dataset(out, num=num, frames=frames, size=size, seed=seed, overwrite=overwrite)
+    except DataError as e:
+        raise BadInput(str(e).replace("(overwrite=True) ", "")) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write the dataset to {out}: {e.strerror or e}") from None
     click.echo(f"wrote {len(paths)} clips ({frames} frames, {size}x{size}) with captions to {out}")
 
 
@@ -95,12 +142,15 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int) -> None:
                    "checkpoint's with --resume]")
 @click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Train until this many optimizer steps in all (a resumed run continues to it).")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Videos per micro-batch.")
-@click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096), help="Videos per micro-batch.")
+@click.option("--lr", default=2e-3, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Adam learning rate (the seed's Trainer default is 1e-4, tuned for large models).")
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
               help="Micro-batches per optimizer step.")
-@click.option("--amp", is_flag=True, help="Mixed precision (fp16 on CUDA, bf16 on CPU).")
+@click.option("--mixed-precision", default=None, type=click.Choice(["no", "fp16", "bf16"]),
+              help="Autocast precision, through accelerate (fp16 needs CUDA; bf16 runs on the CPU too).  "
+                   "[default: the checkpoint's with --resume, else accelerate launch's/config's, else no]")
+@click.option("--amp", is_flag=True, help="Same as --mixed-precision fp16 (the seed's name for it).")
 @click.option("--save-every", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Checkpoint and sample grid every this many steps (and at the end).")
 @click.option("--resume", is_flag=True,
@@ -111,54 +161,72 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int) -> None:
 @click.option("--text-encoder", default=None, metavar="DIR|default",
               help="Condition on captions through this local text encoder ('default': the bundled MiniLM). "
                    "Sets the model's cond_dim to the encoder width.")
-@click.option("--sample-rows", default=2, show_default=True, type=click.IntRange(min=1),
+@click.option("--sample-rows", default=2, show_default=True, type=click.IntRange(1, 16),
               help="Milestone samples form a rows x rows grid (the seed's default is 4).")
-@click.option("--ema-decay", default=0.995, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--ema-decay", default=0.995, show_default=True, type=FiniteFloat(0, 1))
 @click.option("--ema-start", default=2000, show_default=True, type=click.IntRange(min=0),
               help="Step from which the EMA averages (before it, it copies the weights).")
 @click.option("--ema-every", default=10, show_default=True, type=click.IntRange(min=1),
               help="Update the EMA every this many steps.")
-@click.option("--cond-scale", default=1.0, show_default=True, type=float,
+@click.option("--cond-scale", default=1.0, show_default=True, type=FiniteFloat(),
               help="Classifier-free guidance scale for the milestone samples of a conditional model.")
-@click.option("--max-grad-norm", default=None, type=click.FloatRange(min=0, min_open=True), help="Clip gradients to this norm.")
-@click.option("--null-cond-prob", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--max-grad-norm", default=None, type=FiniteFloat(min=0, min_open=True), help="Clip gradients to this norm.")
+@click.option("--null-cond-prob", default=0.1, show_default=True, type=FiniteFloat(0, 1),
               help="Caption dropout for classifier-free guidance (conditional models only).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the weights, the data order and the noise.")
 @click.option("--cpu", is_flag=True, help="Train on the CPU even where CUDA is available.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 256), help="Data loader processes.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, batch_size: int, lr: float,
           grad_accum: int, amp: bool, save_every: int, resume: bool, overwrite: bool, text_encoder: str | None,
           sample_rows: int,
           ema_decay: float, ema_start: int, ema_every: int, cond_scale: float, max_grad_norm: float | None,
           null_cond_prob: float, seed: int,
-          cpu: bool, workers: int, quiet: bool) -> None:
+          cpu: bool, workers: int, quiet: bool, mixed_precision: str | None) -> None:
     """Train a video-diffusion U-Net on a folder of GIFs.
+
+    Runs as one process, or as several under torchrun or accelerate launch (one per GPU; gloo
+    processes on the CPU): --batch-size is then per process, and N processes train what one
+    does with N times the batch (see the README, "Training on several GPUs or machines").
 
     \b
     Examples:
       vdeploy train --data demo/data --results demo/results --config tiny
       vdeploy train --data demo/data --results demo/results --text-encoder default
       vdeploy train --data demo/data --results demo/results --steps 2000 --resume
+      torchrun --standalone --nproc-per-node 2 -m vdeploy.cli train --data demo/data --results demo/results
     """
     import logging
+    import os
 
     from vdeploy import config as vconfig
+    from vdeploy.runtime.atomic import unwritable
 
     # ---- everything that can be checked before torch is imported
+    _require_extra("train", "torch", "accelerate", "safetensors")
+    if data_dir.exists() and not data_dir.is_dir():
+        raise BadInput(f"--data {data_dir} is a file, not a directory: pass the folder that holds the GIFs")
     if not data_dir.is_dir():
         raise BadInput(f"data folder {data_dir} does not exist")
     if results.exists() and not results.is_dir():
         raise BadInput(f"--results {results} exists and is not a directory")
+    why = unwritable(results, directory=True)
+    if why:
+        raise BadInput(f"--results {results}: cannot write there ({why})")
     if resume and overwrite:
         raise BadInput("--resume and --overwrite exclude each other")
+    if amp and mixed_precision not in (None, "fp16"):
+        raise BadInput(f"--amp is --mixed-precision fp16; it contradicts --mixed-precision {mixed_precision}")
+    # torchrun and accelerate launch set RANK; only the first process touches the results folder
+    main_process = os.environ.get("RANK", "0") == "0"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     earlier = sorted(results.glob("model-*.pt")) if results.is_dir() else []
     if earlier and not resume:
         if not overwrite:
             raise BadInput(f"{results} holds checkpoints of an earlier run ({earlier[-1].name}, ...): add --resume to "
                            "continue it, --overwrite to start afresh, or pick another --results")
         for pattern in ("model-*.pt", "[0-9]*.gif", "[0-9]*.txt", "sample-last.gif", "log.jsonl"):
-            for old in results.glob(pattern):
+            for old in results.glob(pattern) if main_process else ():
                 old.unlink()
     try:
         config = vconfig.load(config_spec or "tiny") if (config_spec or not resume) else None
@@ -168,14 +236,14 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
     import torch
 
     from vdeploy import checkpoint as ckpt_io
-    from vdeploy.data import DataError, Dataset, read_gif
+    from vdeploy.data import DataError, Dataset
     from vdeploy.diffusion import GaussianDiffusion
     from vdeploy.model import Unet3D
     from vdeploy.text import TextEncoderError, load_text_encoder
     from vdeploy.trainer import Trainer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    resume_path, stored = None, None
+    resume_path, stored, notes = None, None, []
     if resume:
         resume_path = ckpt_io.latest_checkpoint(results)
         if resume_path is None:
@@ -212,7 +280,27 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
         null_cond_prob = kept.get("null_cond_prob", null_cond_prob)
         cond_scale = kept.get("cond_scale", cond_scale)
         sample_rows = kept.get("num_sample_rows", sample_rows)
+        # precision is one setting: --amp, --mixed-precision or accelerate launch's choice replace the stored one
+        if "ACCELERATE_MIXED_PRECISION" not in os.environ and "amp" in kept and (
+                "mixed_precision" in kept or "mixed_precision" not in stored["trainer"]):
+            amp, mixed_precision = kept["amp"], kept.get("mixed_precision")
+        # a run resumed on another number of processes keeps its global batch where it divides
+        stored_world = int((stored.get("trainer") or {}).get("num_processes") or 1)
+        if "train_batch_size" in kept and stored_world != world:
+            if batch_size * stored_world % world == 0:
+                batch_size = batch_size * stored_world // world
+                notes.append(f"resuming a {stored_world}-process run on {world}: --batch-size {batch_size} per "
+                             f"process keeps its global batch of {batch_size * world}")
+            else:
+                notes.append(f"resuming a {stored_world}-process run on {world}: its global batch of "
+                             f"{batch_size * stored_world} does not divide, so it becomes {batch_size * world}")
     save_every = min(save_every, steps)
+    precision = "fp16" if amp else (mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no")
+    on_cpu = (cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+              or not torch.cuda.is_available())
+    if precision == "fp16" and on_cpu:
+        raise BadInput("fp16 mixed precision (--amp, --mixed-precision fp16) needs a CUDA GPU: "
+                       "use --mixed-precision bf16 on the CPU")
 
     # ---- the text encoder sets cond_dim
     encoder = None
@@ -237,9 +325,9 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
     # ---- does the config fit the data?
     try:
         ds = Dataset(data_dir, config["image_size"], channels=config["channels"], num_frames=config["num_frames"])
+        shortest = ds.shortest(16)
     except DataError as e:
         raise BadInput(str(e)) from None
-    shortest = min(read_gif(p, config["channels"]).shape[0] for p in ds.paths[:16])
     if shortest < config["num_frames"]:
         raise BadInput(f"the config wants num_frames={config['num_frames']} but videos in {data_dir} have "
                        f"{shortest} frames: use a config with num_frames <= {shortest}")
@@ -256,7 +344,7 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
         gradient_accumulate_every=grad_accum, amp=amp, save_and_sample_every=save_every, results_folder=results,
         num_sample_rows=sample_rows, max_grad_norm=max_grad_norm, ema_decay=ema_decay, step_start_ema=ema_start,
         update_ema_every=ema_every, config=config, seed=seed, null_cond_prob=null_cond_prob, cond_scale=cond_scale,
-        num_workers=workers, progress=not quiet, cpu=cpu,
+        num_workers=workers, progress=not quiet, cpu=cpu, mixed_precision=None if amp else mixed_precision,
     )
     if resume_path is not None:
         try:
@@ -265,25 +353,31 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
             raise BadInput(f"cannot resume from {resume_path}: {str(e).splitlines()[0]}") from None
     n_params = sum(p.numel() for p in unet.parameters())
     cond_note = f", conditioned on captions via {encoder.path}" if encoder is not None else ""
-    click.echo(f"{len(ds)} videos ({captioned} captioned) in {data_dir}; model {n_params / 1e6:.2f}M params"
-               f"{cond_note}; device {trainer.device}; steps {trainer.step} -> {steps}")
+    acc = trainer.accelerator
+    echo = click.echo if acc.is_main_process else (lambda *args, **kwargs: None)
+    for note in notes:
+        echo(note)
+    procs = f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""
+    echo(f"{len(ds)} videos ({captioned} captioned) in {data_dir}; model {n_params / 1e6:.2f}M params"
+         f"{cond_note}; device {trainer.device.type}{procs}; precision {trainer.mixed_precision}; "
+         f"steps {trainer.step} -> {steps}")
     if trainer.step >= steps:
-        click.echo(f"already at step {trainer.step} >= --steps {steps}: nothing to do")
+        echo(f"already at step {trainer.step} >= --steps {steps}: nothing to do")
         return
     start, first = time.perf_counter(), trainer.step
     losses: list[float] = []
     trainer.train(log_fn=lambda log: losses.append(log["loss"]))
     secs = time.perf_counter() - start
     if trainer.interrupted:
-        click.echo(f"interrupted: saved {results / ckpt_io.LAST_NAME} at step {trainer.step}; continue with --resume",
-                   err=True)
+        echo(f"interrupted: saved {results / ckpt_io.LAST_NAME} at step {trainer.step}; continue with --resume",
+             err=True)
         raise SystemExit(130)
     tail = losses[-50:]
-    click.echo(f"trained {trainer.step - first} steps in {secs:.0f}s; final loss {losses[-1]:.4f} "
-               f"(mean of last {len(tail)}: {sum(tail) / len(tail):.4f})")
-    click.echo(f"checkpoint: {results / ckpt_io.LAST_NAME}")
+    echo(f"trained {trainer.step - first} steps in {secs:.0f}s; final loss {losses[-1]:.4f} "
+         f"(mean of last {len(tail)}: {sum(tail) / len(tail):.4f})")
+    echo(f"checkpoint: {results / ckpt_io.LAST_NAME}")
     if (results / "sample-last.gif").exists():
-        click.echo(f"samples:    {results / 'sample-last.gif'}")
+        echo(f"samples:    {results / 'sample-last.gif'}")
 
 
 # checkpoint["trainer"] key -> the train option that overrides it on --resume
@@ -292,7 +386,7 @@ _RESUMED = {
     "gradient_accumulate_every": "grad_accum", "amp": "amp", "save_and_sample_every": "save_every",
     "ema_decay": "ema_decay", "step_start_ema": "ema_start", "update_ema_every": "ema_every",
     "max_grad_norm": "max_grad_norm", "seed": "seed", "null_cond_prob": "null_cond_prob",
-    "cond_scale": "cond_scale", "num_sample_rows": "sample_rows",
+    "cond_scale": "cond_scale", "num_sample_rows": "sample_rows", "mixed_precision": "mixed_precision",
 }
 
 
@@ -332,8 +426,10 @@ def _log_progress() -> None:
 @click.option("--optimize", type=click.Choice(["auto", "none", "onnxslim"]), default="auto", show_default=True,
               help="auto: keep the onnxslim graph only when it measurably runs faster (ORT CPU, 2 threads).")
 @click.option("--static-size", is_flag=True, help="Fix height/width to the config's image_size (batch stays dynamic).")
-@click.option("--atol", default=1e-4, show_default=True, type=float, help="fp32 tolerance against PyTorch.")
-@click.option("--fp16-atol", default=5e-2, show_default=True, type=float, help="fp16 tolerance against fp32 PyTorch.")
+@click.option("--atol", default=1e-4, show_default=True, type=FiniteFloat(min=0, min_open=True),
+              help="fp32 tolerance against PyTorch.")
+@click.option("--fp16-atol", default=5e-2, show_default=True, type=FiniteFloat(min=0, min_open=True),
+              help="fp16 tolerance against fp32 PyTorch.")
 @click.option("--text-encoder", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Local HF text encoder dir to export (default for text-conditioned models: the embedded MiniLM).")
 @click.option("--tensorrt", is_flag=True, help="Build a TensorRT engine (needs tensorrt and a CUDA GPU).")
@@ -358,6 +454,7 @@ def export_cmd(ckpt: Path, out: Path, config_spec: str | None, ema: bool, opset:
     checked (onnx.checker, names, shapes) and compared with PyTorch at batch 1 and 3; the export
     fails, leaving nothing behind, when an error exceeds --atol.
     """
+    _require_extra("export", "torch", "onnx", "onnxruntime")
     _log_progress()
     from vdeploy.export import ExportError, ValidationError, export_onnx
     from vdeploy.export.tensorrt import TensorRTOptions, parse_shapes
@@ -382,11 +479,11 @@ def export_cmd(ckpt: Path, out: Path, config_spec: str | None, ema: bool, opset:
         raise BadInput(str(e)) from None
     except ValidationError as e:
         raise click.ClickException(f"export failed its checks, nothing written: {e}") from None
-    for graph, result in manifest["parity"].items():
+    for graph, result in manifest.parity.items():
         worst = max(result["max_abs_err"].values())
         click.echo(f"{graph}: max abs err vs PyTorch {worst:.2e} (atol {result['atol']:g}) over "
                    + ", ".join(f"{k} {v:.1e}" for k, v in result["max_abs_err"].items()))
-    click.echo(f"wrote {out} ({', '.join(manifest['files'])}) in {time.perf_counter() - t0:.1f} s")
+    click.echo(f"wrote {out} ({', '.join(manifest.files)}) in {time.perf_counter() - t0:.1f} s")
 
 
 # -------------------------------------------------------------- sample ----
@@ -415,22 +512,24 @@ def _runtime_logging(quiet: bool) -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Denoiser steps.  [default: the sampler's own; ddpm: every training timestep]")
 @click.option("--seed", type=int, default=None, help="Seed for the noise: the same seed gives the same video.")
-@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1, 1024),
               help="Videos to sample (with --text/--cond: one per prompt/row).")
-@click.option("--cond-scale", default=1.0, show_default=True, type=float,
+@click.option("--cond-scale", default=1.0, show_default=True, type=FiniteFloat(),
               help="Classifier-free guidance scale (conditioned models; 1 = off).")
 @click.option("--text", multiple=True, help="Prompt for text-conditioned models; repeat for several.")
 @click.option("--cond", "cond_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Conditioning embeddings, a float .npy of shape (b, cond_dim).")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda", "tensorrt-ep", "tensorrt"]), default="auto",
-              show_default=True, help="auto: native TensorRT plan for this GPU > TensorRT EP > CUDA > CPU.")
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+              help="auto: the fastest that runs here (" + " > ".join(
+                  name for _, name in sorted((s.auto_rank, n) for n, s in BACKENDS.items() if s.auto_rank is not None))
+              + ").")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: the fp16 graph (ORT), the fp16 flag (TensorRT EP) or an fp16 plan.")
-@click.option("--eta", default=None, type=click.FloatRange(min=0),
+@click.option("--eta", default=None, type=FiniteFloat(min=0),
               help="DDIM stochasticity (0 = deterministic, the default); samplers with an eta option only.")
 @click.option("--spacing", default=None, type=click.Choice(SPACINGS),
               help="How the steps are spread over the training timesteps.  [default: the sampler's own]")
-@click.option("--fps", default=1000 / 120, type=click.FloatRange(min=0, min_open=True),
+@click.option("--fps", default=1000 / 120, type=FiniteFloat(min=0.1, max=100),
               help="Frames per second of the written video.  [default: 8.3, the seed's 120 ms a frame]")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="onnxruntime CPU threads.  [default: physical cores]")
@@ -447,38 +546,67 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
       vdeploy sample --model model/ --out grid.gif --batch-size 4 --sampler ddim --steps 50
       vdeploy sample --model model/ --out ball.gif --text "a red circle moving left" --cond-scale 3
     """
-    import numpy as np
-
     from vdeploy.runtime import BackendUnavailable, ManifestError, Pipeline, save_gif, save_mp4
+    from vdeploy.runtime.atomic import unwritable
 
     suffix = out.suffix.lower()
     if suffix not in (".gif", ".mp4"):
         raise BadInput(f"--out must end in .gif or .mp4, got '{out.name}'")
     if not out.parent.is_dir():
         raise BadInput(f"the directory of --out, {out.parent}, does not exist")
+    why = unwritable(out)
+    if why:
+        raise BadInput(f"--out {out}: cannot write there ({why})")
     if text and cond_file:
         raise BadInput("pass either --text or --cond, not both")
-    cond = None
-    if cond_file is not None:
+    for prompt in text:
         try:
-            cond = np.load(cond_file, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise BadInput(f"cannot read --cond {cond_file}: {e}") from None
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+            raise BadInput(f"--text {prompt.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text") from None
+    cond = _read_cond(cond_file) if cond_file is not None else None
     _runtime_logging(quiet)
     t0 = time.perf_counter()
     try:
         pipe = Pipeline.from_dir(model_dir, backend=backend, precision=precision, threads=threads)
+        if (text or cond is not None) and pipe.cond_dim is None:
+            raise BadInput(f"{'--text' if text else '--cond'}: {model_dir} is an unconditional model (no cond_dim): "
+                           "it samples without prompts or embeddings; leave the option out")
         video = pipe(batch_size=batch_size, cond=cond, text=list(text) or None, cond_scale=cond_scale,
                      sampler=sampler, steps=steps, seed=seed, progress=not quiet, eta=eta, spacing=spacing)
     except (ManifestError, BackendUnavailable, ValueError) as e:
         raise BadInput(str(e)) from None
+    except MemoryError:
+        raise BadInput(f"out of memory sampling {batch_size} video(s) from {model_dir}: lower --batch-size") from None
     try:
         (save_gif if suffix == ".gif" else save_mp4)(video, out, fps=fps)
     except (OSError, RuntimeError) as e:
-        raise BadInput(f"cannot write {out}: {e}") from None
+        kept = "; the earlier file there is unchanged" if out.exists() else ""
+        raise BadInput(f"cannot write {out}: {getattr(e, 'strerror', None) or e}{kept}") from None
     b, _, f, h, w = video.shape
     click.echo(f"wrote {out} ({b} video{'s' if b > 1 else ''}, {f} frames, {h}x{w}) with {sampler} "
                f"on {pipe.backend_name} in {time.perf_counter() - t0:.1f} s")
+
+
+def _read_cond(path: Path):
+    """``--cond FILE``: a finite float array of shape (b, cond_dim) or (cond_dim,), at least one row."""
+    import numpy as np
+
+    try:
+        cond = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise BadInput(f"cannot read --cond {path}: {e}") from None
+    if not isinstance(cond, np.ndarray):
+        cond.close()
+        raise BadInput(f"--cond {path} is a .npz archive: expected one .npy array of shape (b, cond_dim)")
+    if cond.dtype.kind not in "fiu":
+        raise BadInput(f"--cond {path} holds {cond.dtype} values: expected floats of shape (b, cond_dim)")
+    if cond.ndim not in (1, 2) or cond.size == 0:
+        raise BadInput(f"--cond {path} has shape {cond.shape}: expected (b, cond_dim) with at least one row")
+    cond = cond.astype(np.float32)  # what the graph takes (a float64 1e300 becomes inf here)
+    if not np.isfinite(cond).all():
+        raise BadInput(f"--cond {path} holds NaN or Inf (as float32): embeddings must be finite")
+    return cond
 
 
 # -------------------------------------------------------------- parity ----
@@ -493,16 +621,17 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Sampler steps (default: the sampler's own; every training step for ddpm).")
 @click.option("--spacing", default=None, type=click.Choice(SPACINGS), help="Timestep spacing (both sides).")
-@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--cond-scale", default=1.0, show_default=True, type=float, help="Guidance scale (conditioned models).")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--cond-scale", default=1.0, show_default=True, type=FiniteFloat(),
+              help="Guidance scale (conditioned models).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the noise and the embeddings.")
 @click.option("--backend", default="cpu", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda", "tensorrt-ep", "tensorrt"]), help="Runtime backend.")
+              type=click.Choice(["auto", *BACKENDS]), help="Runtime backend.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
 @click.option("--config", "config_spec", default=None,
               help="Architecture, where the checkpoint holds none (default: the model directory's).")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Compare with the EMA or the raw weights.")
-@click.option("--atol", default=1e-3, show_default=True, type=float,
+@click.option("--atol", default=1e-3, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Tolerance on every per-call and on the final max abs error.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report (per_call_max_abs_err, final_max_abs_err, psnr_db, ...) here.")
@@ -514,6 +643,12 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing
     Reports the max abs error of each call, of the final video and its PSNR; exits 1 when an error
     exceeds --atol (the report is still written), 2 on bad input.
     """
+    _require_extra("parity", "torch", "onnxruntime")
+    from vdeploy.runtime.atomic import unwritable, write_text
+
+    why = json_path is not None and unwritable(json_path)
+    if why:  # found now, not after both sampling runs
+        raise BadInput(f"--json {json_path}: cannot write there ({why})")
     _log_progress()
     import json
 
@@ -534,9 +669,10 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing
     if json_path is not None:
         try:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
+            write_text(json_path, json.dumps(report, indent=2) + "\n")
         except OSError as e:
-            raise BadInput(f"cannot write {json_path}: {e.strerror or e}") from None
+            raise click.ClickException(f"cannot write {json_path}: {e.strerror or e} (an earlier file there is "
+                                       "unchanged)") from None
     psnr = "inf" if report["psnr_db"] is None else f"{report['psnr_db']:.1f}"
     click.echo(f"{report['sampler']} {report['steps']} steps on {report['backend']}: per-call max abs err "
                f"{report['max_per_call_abs_err']:.2e} (worst of {report['calls']}), final {report['final_max_abs_err']:.2e}, "

@@ -1,0 +1,253 @@
+"""onnxruntime backends: a graph on the CPU, CUDA or the TensorRT execution provider.
+
+The CPU path caches onnxruntime's optimized graph per (source sha256, onnxruntime version, CPU) and opens
+that copy unoptimized next time. The CUDA and TensorRT-EP paths are written against onnxruntime's
+documented API (1.17+) and were not run on the CPU-only build machines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import ManifestError, TensorSpec, sha256_file, verify_files
+from .platform import (
+    BackendUnavailable,
+    engine_cache_dir,
+    gpu_name,
+    import_onnxruntime,
+    optimized_graph_dir,
+    ort_session_options,
+    tensorrt_version,
+)
+
+log = logging.getLogger("vdeploy.runtime")
+
+ORT_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt-ep": "TensorrtExecutionProvider",
+}
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+def cast(spec: TensorSpec, value) -> np.ndarray:
+    """``value`` as a contiguous array of the dtype the graph declares (as optimum does)."""
+    return np.ascontiguousarray(value, dtype=spec.dtype)
+
+
+class OrtBackend:
+    """A graph in onnxruntime on the CPU, CUDA or the TensorRT execution provider.
+
+    Args:
+        path: the ``.onnx`` file.
+        kind: ``"cpu"``, ``"cuda"`` or ``"tensorrt-ep"``.
+        threads: intra-op threads on the CPU (default: physical cores).
+        device_id: the CUDA device.
+        fp16: let the TensorRT EP build fp16 kernels.
+        profile: TensorRT EP shape profile ``{input: {"min": [...], "opt": [...], "max": [...]}}``
+            (``platform.trt_profile``); needed for dynamic axes so one engine serves every batch in range.
+        onnx_sha256: the graph's sha256, part of the TensorRT EP engine-cache key (computed if None) and
+            of the CPU optimized-graph cache key (no CPU cache without it).
+        cache: on the CPU, keep onnxruntime's optimized graph in ``cache_dir()/ort-cpu`` and open that copy
+            with graph optimizations off, its weights mapped from disk, next time (graph optimization is
+            most of a cold start).
+        spin: let the CPU intra-op threads spin-wait between calls (see ``ort_session_options``).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        kind: str = "cpu",
+        *,
+        threads: int | None = None,
+        device_id: int = 0,
+        fp16: bool = False,
+        profile: Mapping[str, tuple] | None = None,
+        onnx_sha256: str | None = None,
+        cache: bool = True,
+        spin: bool = False,
+    ):
+        if kind not in ORT_PROVIDERS:
+            raise ValueError(f"onnxruntime kind must be one of {', '.join(ORT_PROVIDERS)}, got {kind!r}")
+        ort = import_onnxruntime()
+        provider = ORT_PROVIDERS[kind]
+        if provider not in ort.get_available_providers():
+            extra = "vdeploy[gpu]" if kind == "cuda" else "vdeploy[gpu] and TensorRT"
+            raise BackendUnavailable(
+                f"onnxruntime here has no {provider} (it has {', '.join(ort.get_available_providers())}): "
+                f"install {extra} on a machine with an NVIDIA GPU"
+            )
+        self.path = Path(path)
+        self.kind = kind
+        self._device_id = device_id
+        options = ort_session_options(ort, threads if kind == "cpu" else None, spin=spin)
+        providers: list = []
+        if kind == "tensorrt-ep":
+            providers.append((provider, self._trt_ep_options(ort, fp16, profile, onnx_sha256)))
+        if kind in ("cuda", "tensorrt-ep"):  # TensorRT EP hands unsupported nodes to CUDA
+            providers.append(
+                (
+                    "CUDAExecutionProvider",
+                    {
+                        "device_id": device_id,
+                        # UNet3D-like graphs run 2-3x slower with the default HEURISTIC search
+                        # (onnxruntime #12880, #22705)
+                        "cudnn_conv_algo_search": "EXHAUSTIVE",
+                        "do_copy_in_default_stream": True,
+                    },
+                )
+            )
+        providers.append("CPUExecutionProvider")
+        if kind == "cpu" and cache and onnx_sha256:
+            self.session = self._cached_cpu_session(ort, options, providers, onnx_sha256)
+        else:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        used = self.session.get_providers()[0]
+        if used != provider:
+            raise BackendUnavailable(f"onnxruntime could not start {provider} (it fell back to {used})")
+        self.name = f"onnxruntime-{kind}"
+        self.inputs = [
+            TensorSpec(i.name, np.dtype(_ORT_DTYPES.get(i.type, np.float32)).name, tuple(i.shape))
+            for i in self.session.get_inputs()
+        ]
+        self.outputs = [
+            TensorSpec(o.name, np.dtype(_ORT_DTYPES.get(o.type, np.float32)).name, tuple(o.shape))
+            for o in self.session.get_outputs()
+        ]
+        self._output_names = [o.name for o in self.outputs]
+
+    def _cached_cpu_session(self, ort, options, providers, onnx_sha256: str):
+        """A CPU session from the cached optimized graph, building and caching it on a miss.
+
+        An entry is a folder: ``model.onnx`` (the graph), ``model.data`` (its weights, which onnxruntime
+        maps from disk rather than parsing and copying them) and ``meta.json`` (source sha256 and the sha256 of both files). A hit
+        checks both hashes on another thread while the session opens, so a damaged entry is never
+        used: it is rebuilt. The folder is built under a temporary name and renamed into place.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        entry = optimized_graph_dir(self.path, onnx_sha256, ort.__version__)
+        try:
+            meta = json.loads((entry / _CACHE_META).read_text())
+            hit = meta.get("source_sha256") == onnx_sha256 and isinstance(meta.get("files"), dict)
+        except (OSError, ValueError):
+            hit = False
+        if hit:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                intact = pool.submit(_files_match, entry, meta["files"])
+                try:
+                    session = ort.InferenceSession(str(entry / _CACHE_GRAPH), sess_options=options,
+                                                   providers=providers)
+                except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+                    reason = str(e)
+                else:
+                    if intact.result():
+                        return session
+                    del session  # let go of the damaged entry's mapped weights before it is replaced
+                    reason = "a file does not match its sha256"
+            log.info("onnxruntime: rebuilding the cached optimized graph %s (%s)", entry, reason)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            tmp.mkdir(parents=True)
+            options.optimized_model_filepath = str(tmp / _CACHE_GRAPH)
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             _CACHE_DATA)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                             "1024")
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+            (tmp / _CACHE_META).write_text(json.dumps({
+                "source": str(self.path), "source_sha256": onnx_sha256, "onnxruntime": ort.__version__,
+                "files": files,
+            }))
+            shutil.rmtree(entry, ignore_errors=True)  # a damaged entry
+            try:
+                tmp.rename(entry)
+                log.info("onnxruntime: cached the optimized graph in %s", entry)
+            except OSError:  # another process cached the same graph meanwhile: keep theirs
+                pass
+            return session
+        except OSError as e:  # an unwritable cache only costs the next start its speed
+            log.info("onnxruntime: cannot cache the optimized graph in %s (%s)", entry.parent, e)
+            options.optimized_model_filepath = ""
+            return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _trt_ep_options(self, ort, fp16, profile, onnx_sha256) -> dict:
+        """TensorRT EP options with an engine cache keyed by what changes the engine."""
+        folder = engine_cache_dir(
+            self.path.stem,
+            onnx_sha256=onnx_sha256 or sha256_file(self.path),
+            fp16=fp16,
+            profile=profile,
+            gpu=gpu_name(self._device_id),
+            versions={"onnxruntime": ort.__version__, "tensorrt": tensorrt_version()},
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        if any(folder.glob("*.engine")):
+            log.info("TensorRT EP: found cached engine in %s", folder)
+        else:
+            log.info("TensorRT EP: building an engine into %s (minutes, once)", folder)
+        options = {
+            "device_id": self._device_id,
+            "trt_fp16_enable": bool(fp16),
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(folder),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(folder),
+        }
+        if profile:
+            for which in ("min", "opt", "max"):
+                options[f"trt_profile_{which}_shapes"] = ",".join(
+                    f"{name}:{'x'.join(str(d) for d in shapes[which])}" for name, shapes in profile.items()
+                )
+        return options
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the graph on ``feeds`` (cast to the declared dtypes); thread-safe."""
+        feeds = {spec.name: cast(spec, feeds[spec.name]) for spec in self.inputs}
+        if self.kind == "cpu":
+            return self.session.run(self._output_names, feeds)
+        # IO binding: inputs copied to the device once, outputs allocated there, one copy back.
+        binding = self.session.io_binding()  # one per call: a binding is not shared between threads
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in self._output_names:
+            binding.bind_output(name, "cuda", self._device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+
+_CACHE_GRAPH, _CACHE_DATA, _CACHE_META = "model.onnx", "model.data", "meta.json"
+
+
+def _files_match(folder: Path, digests: dict) -> bool:
+    """Whether ``folder`` holds exactly the files named in ``digests``, each with its sha256
+    (hashed concurrently by the manifest's own check)."""
+    try:
+        if {p.name for p in folder.iterdir()} - {_CACHE_META} != set(digests):
+            return False
+        verify_files(folder, {"files": digests})
+    except (OSError, ManifestError):
+        return False
+    return True
+
+

@@ -1,0 +1,134 @@
+"""The native TensorRT backend: a serialized engine (``.plan``) run with TensorRT 10's name-based API.
+
+Written against the documented TensorRT 10 and cuda-python 12 APIs; not run on the CPU-only build
+machines (``tensorrt`` cannot be installed there). Tests exercise it against fakes of both modules.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import TensorSpec
+from .ort import cast
+from .platform import BackendUnavailable, import_tensorrt
+
+
+class TensorRTBackend:
+    """A serialized TensorRT engine (``.plan``) run with the TensorRT 10 name-based API.
+
+    Input shapes are set per call (``set_input_shape``), device buffers are reused while shapes stay
+    the same, and inference is ``execute_async_v3`` on a CUDA stream. An execution context is not
+    thread-safe, so each thread gets its own context, stream and buffers.
+
+    Args:
+        path: the ``.plan`` file, built for this GPU and this TensorRT version.
+        device_id: the CUDA device.
+    """
+
+    def __init__(self, path: str | Path, *, device_id: int = 0):
+        trt, cudart = import_tensorrt()
+        self._trt, self._cudart = trt, cudart
+        self.path = Path(path)
+        self.kind = "tensorrt"
+        self.name = "tensorrt"
+        self._device_id = device_id
+        self._check(cudart.cudaSetDevice(device_id))
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise BackendUnavailable(
+                f"TensorRT {trt.__version__} could not load {self.path}: built for another GPU or TensorRT "
+                "version; rebuild it with `vdeploy export --tensorrt`"
+            )
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        specs = {
+            name: TensorSpec(
+                name,
+                np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))).name,
+                tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(name)),
+            )
+            for name in names
+        }
+        is_input = {name: self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT for name in names}
+        self.inputs = [specs[n] for n in names if is_input[n]]
+        self.outputs = [specs[n] for n in names if not is_input[n]]
+        self._local = threading.local()
+        self._all_states: list[dict] = []
+        self._states_lock = threading.Lock()
+
+    def _check(self, result):
+        """cuda-python calls return ``(err, *values)``: raise on an error, return the values."""
+        err, *values = result if isinstance(result, tuple) else (result,)
+        if err != self._cudart.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"CUDA error {err} in the TensorRT backend")
+        return values[0] if len(values) == 1 else values
+
+    def _state(self) -> dict:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            self._check(self._cudart.cudaSetDevice(self._device_id))  # the current device is per thread
+            context = self.engine.create_execution_context()
+            if context is None:
+                raise RuntimeError(f"TensorRT could not create an execution context for {self.path}")
+            state = {"context": context, "stream": self._check(self._cudart.cudaStreamCreate()), "buffers": {}}
+            self._local.state = state
+            with self._states_lock:
+                self._all_states.append(state)
+        return state
+
+    def _buffer(self, state: dict, name: str, nbytes: int) -> int:
+        ptr, size = state["buffers"].get(name, (None, 0))
+        if size < nbytes:
+            if ptr is not None:
+                self._check(self._cudart.cudaFree(ptr))
+            ptr = self._check(self._cudart.cudaMalloc(max(nbytes, 1)))
+            state["buffers"][name] = (ptr, nbytes)
+        return ptr
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the engine on ``feeds`` (cast to the engine's dtypes); thread-safe (a context per thread)."""
+        cudart = self._cudart
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        state = self._state()
+        context, stream = state["context"], state["stream"]
+        host = {spec.name: cast(spec, feeds[spec.name]) for spec in self.inputs}
+        for spec in self.inputs:
+            value = host[spec.name]
+            if not context.set_input_shape(spec.name, value.shape):
+                profile = self.engine.get_tensor_profile_shape(spec.name, 0)
+                raise ValueError(
+                    f"input {spec.name} of shape {value.shape} is outside the engine's profile "
+                    f"(min, opt, max) = {tuple(tuple(p) for p in profile)}"
+                )
+            ptr = self._buffer(state, spec.name, value.nbytes)
+            self._check(cudart.cudaMemcpyAsync(ptr, value.ctypes.data, value.nbytes, h2d, stream))
+            context.set_tensor_address(spec.name, ptr)
+        results = []
+        for spec in self.outputs:
+            out = np.empty(tuple(context.get_tensor_shape(spec.name)), dtype=spec.dtype)
+            context.set_tensor_address(spec.name, self._buffer(state, spec.name, out.nbytes))
+            results.append(out)
+        if not context.execute_async_v3(int(stream)):  # the cudaStream_t handle as an integer
+            raise RuntimeError(f"TensorRT execution of {self.path} failed")
+        for spec, out in zip(self.outputs, results):
+            ptr = state["buffers"][spec.name][0]
+            self._check(cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, stream))
+        self._check(cudart.cudaStreamSynchronize(stream))
+        return results
+
+    def close(self) -> None:
+        """Free every thread's device buffers and streams."""
+        with self._states_lock:
+            for state in self._all_states:
+                for ptr, _ in state["buffers"].values():
+                    self._cudart.cudaFree(ptr)
+                self._cudart.cudaStreamDestroy(state["stream"])
+            self._all_states.clear()
+
+
