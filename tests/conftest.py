@@ -107,3 +107,10 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--reliability-full", action="store_true", default=False,
+        help="tests/reliability in full mode: 20 training kills instead of 5, ten times the generated bad inputs",
+    )

@@ -180,7 +180,10 @@ def load(spec: str | Path | dict) -> dict:
         raise ConfigError(f"cannot read config {path}: {e}") from None
     except RecursionError:
         raise ConfigError(f"cannot read config {path}: nested too deeply") from None
-    return resolve(data)
+    try:
+        return resolve(data)
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
 
 
 def unet_kwargs(config: dict) -> dict:
