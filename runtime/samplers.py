@@ -154,6 +154,11 @@ def _start(x: np.ndarray, betas: np.ndarray, cond):
     return x, np.asarray(betas, dtype=np.float64), cond
 
 
+def _check_order(order) -> None:
+    if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+
+
 def ddpm_steps(
     x: np.ndarray,
     betas: np.ndarray,
@@ -286,6 +291,7 @@ def dpmpp_steps(
     betas: np.ndarray,
     *,
     steps: int = 25,
+    order: int = 2,
     cond: np.ndarray | None = None,
     spacing: str = "trailing",
     clip_denoised: bool = True,
@@ -293,6 +299,7 @@ def dpmpp_steps(
     callback: Callable[[dict], None] | None = None,
 ) -> Machine:
     """``dpmpp`` as a step machine (see the module docstring)."""
+    _check_order(order)
     x, betas, cond = _start(x, betas, cond)
     timesteps = respace(len(betas), steps, spacing)
     alphas_cumprod = np.cumprod(1.0 - betas)[timesteps]
@@ -304,42 +311,84 @@ def dpmpp_steps(
         lam = np.log(alpha) - np.log(sigma)
     h = lam[1:] - lam[:-1]  # h_i = lambda_{t_i} - lambda_{t_{i-1}}, +inf on the last step
     n = len(timesteps)
+    # each step's order: warm-up 1, 2, ...; first order on the last step (to sigma = 0) and, under 15
+    # steps, at most second on the one before (diffusers' lower_order_final)
+    k = np.minimum(order, np.arange(1, n + 1))
+    k[-1] = 1
+    if n < 15 and n >= 2:
+        k[-2] = min(k[-2], 2)
     f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
     recip, recipm1 = f32(1 / alpha[:n]), f32(sigma[:n] / alpha[:n])  # x0 = (x - sigma eps) / alpha
     ratio = f32(sigma[1:] / sigma[:n])  # sigma_{t_i} / sigma_{t_{i-1}}
     phi = f32(-alpha[1:] * np.expm1(-h))  # alpha_{t_i} (1 - e^{-h_i})
-    # 2nd order: D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}, r_i = h_{i-1} / h_i
-    half_inv_r = np.zeros(n)
-    half_inv_r[1 : n - 1] = h[1 : n - 1] / (2 * h[: n - 2])
-    w_now, w_prev = f32(1 + half_inv_r), f32(-half_inv_r)
-    x0_prev = None  # the multistep history: the previous data prediction
+    # x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} + alpha_{t_i} (1 - e^{-h_i}) D_i, with D_i the
+    # weighted sum w[i, 0] x0_i + w[i, 1] x0_{i-1} + w[i, 2] x0_{i-2} of the last k_i data predictions
+    w = np.zeros((n, 3))
+    w[:, 0] = 1
+    for i in np.flatnonzero(k == 2):
+        # 2nd order (Algorithm 2): D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}, r_i = h_{i-1} / h_i
+        half_inv_r = h[i] / (2 * h[i - 1])
+        w[i, :2] = 1 + half_inv_r, -half_inv_r
+    for i in np.flatnonzero(k == 3):
+        # 3rd order: D = D0 + B/A D1 + C/A D2 over the divided differences of x0_i, x0_{i-1}, x0_{i-2}
+        r0, r1 = h[i - 1] / h[i], h[i - 2] / h[i]
+        e = np.expm1(-h[i])
+        A, B, C = -e, e / h[i] + 1, -((e + h[i]) / h[i] ** 2 - 0.5)  # each times alpha_{t_i}
+        a0, a1, q, p = 1 / r0, 1 / r1, r0 / (r0 + r1), 1 / (r0 + r1)
+        w[i] = (
+            A + B * (a0 + q * a0) + C * p * a0,
+            -B * (a0 + q * (a0 + a1)) - C * p * (a0 + a1),
+            B * q * a1 + C * p * a1,
+        )
+        w[i] /= A
+    w = f32(w)
+    history = []  # the data predictions x0_i, x0_{i-1}, ... (newest first), at most `order`
 
     def update(i, x, eps):
-        nonlocal x0_prev
         x0 = recip[i] * x - recipm1[i] * eps
         if clip_denoised:
             clip_x0(x0, dynamic_thres_percentile)
-        d = x0 if x0_prev is None or w_prev[i] == 0 else w_now[i] * x0 + w_prev[i] * x0_prev
+        history.insert(0, x0)
+        del history[order:]
+        wi = w[i]
+        if k[i] == 1:
+            d = x0
+        elif k[i] == 2:
+            d = wi[0] * x0 + wi[1] * history[1]
+        else:
+            d = wi[0] * x0 + wi[1] * history[1] + wi[2] * history[2]
         # x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
         x = ratio[i] * x + phi[i] * d
-        x0_prev = x0
         return x, x0, eps
 
     return _machine(x, cond, timesteps, update, callback)
 
 
 def dpmpp(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.ndarray:
-    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep 2nd order, data prediction.
+    """DPM-Solver++ multistep (Lu et al. 2022, "DPM-Solver++", Algorithm 2 for 2M), data prediction.
 
-    Deterministic. The first step and the last (to sigma = 0, which returns x0) are first order, as in
-    diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``. Clipping
-    applies to the data prediction x0 before the update.
+    Deterministic. ``order=2`` (default) is DPM-Solver++(2M); ``order=3`` the third-order multistep
+    (``dpmpp3m``); ``order=1`` is DDIM. The first steps warm up (orders 1, 2, ...), the last (to sigma = 0,
+    which returns x0) is first order and, under 15 steps, the one before it at most second order, as in
+    diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=order)``.
+    Clipping applies to the data prediction x0 before the update.
 
     Args:
-        steps, spacing: the timesteps, ``respace(T, steps, spacing)`` (default 25, trailing). The rest as
-        in ``ddpm``.
+        steps, spacing: the timesteps, ``respace(T, steps, spacing)`` (default 25, trailing).
+        order: 1, 2 or 3. The rest as in ``ddpm``.
     """
     return drive(dpmpp_steps(x, betas, **kwargs), denoise)
+
+
+def dpmpp3m_steps(x: np.ndarray, betas: np.ndarray, **kwargs) -> Machine:
+    """``dpmpp3m`` as a step machine: ``dpmpp_steps(..., order=3)``."""
+    return dpmpp_steps(x, betas, order=3, **kwargs)
+
+
+def dpmpp3m(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.ndarray:
+    """DPM-Solver++(3M): ``dpmpp`` at ``order=3`` (Lu et al. 2022, the third-order multistep update of
+    DPM-Solver, arXiv:2206.00927, in data prediction; diffusers' ``solver_order=3``)."""
+    return drive(dpmpp3m_steps(x, betas, **kwargs), denoise)
 
 
 @dataclass(frozen=True)
@@ -365,9 +414,15 @@ class SamplerSpec:
     summary: str
 
 
+from .unipc_multistep import unipc, unipc_steps  # noqa: E402 (it builds on the machinery above)
+
 SAMPLERS: dict[str, SamplerSpec] = {
-    "dpmpp": SamplerSpec(dpmpp, dpmpp_steps, 25, False, ("spacing",),
-                         "DPM-Solver++ 2M (Lu et al. 2022), deterministic"),
+    "dpmpp": SamplerSpec(dpmpp, dpmpp_steps, 25, False, ("spacing", "order"),
+                         "DPM-Solver++ 2M (Lu et al. 2022; order 1-3), deterministic"),
+    "dpmpp3m": SamplerSpec(dpmpp3m, dpmpp3m_steps, 25, False, ("spacing",),
+                           "DPM-Solver++ 3M (Lu et al. 2022), deterministic"),
+    "unipc": SamplerSpec(unipc, unipc_steps, 25, False, ("spacing", "order", "variant"),
+                         "UniPC predictor-corrector (Zhao et al. 2023; bh2, order 2), deterministic"),
     "ddim": SamplerSpec(ddim, ddim_steps, 25, True, ("eta", "spacing"),
                         "DDIM (Song et al. 2021); eta > 0 adds noise"),
     "ddpm": SamplerSpec(ddpm, ddpm_steps, None, True, ("spacing",),

@@ -176,19 +176,23 @@ def test_ddim_with_eta_matches_diffusers_given_the_same_noise(eta):
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=5e-5)
 
 
+@pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("steps", [10, 20, 50])
 @pytest.mark.parametrize("clip", ["none", "static", "dynamic"])
-def test_dpmpp_matches_diffusers_dpmsolver_multistep(steps, clip):
+def test_dpmpp_matches_diffusers_dpmsolver_multistep(steps, clip, order):
+    # diffusers has no clip_sample here: thresholding=True with sample_max_value=1 is the seed's clamp, with
+    # dynamic_thresholding_ratio=p and sample_max_value=1e9 its dynamic thresholding. Under 15 steps its
+    # lower_order_final caps the step before the last at 2nd order: steps 10 take that path, 20 and 50 not.
     from diffusers import DPMSolverMultistepScheduler
 
     betas = schedule.cosine_beta_schedule(1000)
     x = start_noise()
     ours = samplers.dpmpp(
-        dummy, x, betas, steps=steps, clip_denoised=clip != "none",
+        dummy, x, betas, steps=steps, order=order, clip_denoised=clip != "none",
         dynamic_thres_percentile=0.9 if clip == "dynamic" else None,
     )
     reference = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, trained_betas=betas, algorithm_type="dpmsolver++", solver_order=2,
+        num_train_timesteps=1000, trained_betas=betas, algorithm_type="dpmsolver++", solver_order=order,
         timestep_spacing="trailing", thresholding=clip != "none", dynamic_thresholding_ratio=0.9,
         # sample_max_value=1 turns diffusers' thresholding into the seed's static clamp
         sample_max_value=1.0 if clip == "static" else 1e9,
@@ -198,18 +202,24 @@ def test_dpmpp_matches_diffusers_dpmsolver_multistep(steps, clip):
     assert_close(ours, theirs, clip != "none")
 
 
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("steps", [10, 25])
 @pytest.mark.parametrize("spacing", ["leading", "linspace"])
-def test_dpmpp_other_spacings_match_diffusers_given_the_timesteps(spacing):
+def test_dpmpp_other_spacings_match_diffusers_given_the_timesteps(spacing, steps, order):
+    # (diffusers' own leading/linspace for this scheduler space steps + 1 points and drop t = 0.) These end
+    # at t = 0, where diffusers' float32 abar (1 - abar_0 ~ 4e-5 keeps three digits) moves sigma by ~1e-3:
+    # it gets the seed's float64 abar, from which it derives its float32 sigmas as we do.
     from diffusers import DPMSolverMultistepScheduler
 
     betas = schedule.cosine_beta_schedule(1000)
     x = start_noise()
-    ours = samplers.dpmpp(dummy, x, betas, steps=25, spacing=spacing)
+    ours = samplers.dpmpp(dummy, x, betas, steps=steps, spacing=spacing, order=order)
     reference = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, trained_betas=betas, algorithm_type="dpmsolver++", solver_order=2,
+        num_train_timesteps=1000, trained_betas=betas, algorithm_type="dpmsolver++", solver_order=order,
         thresholding=True, sample_max_value=1.0,
     )
-    theirs, _ = diffusers_loop(reference, x, 25, set_timesteps=schedule.respace(1000, 25, spacing))
+    reference.alphas_cumprod = torch.from_numpy(np.cumprod(1 - betas))
+    theirs, _ = diffusers_loop(reference, x, steps, set_timesteps=schedule.respace(1000, steps, spacing))
     assert_close(ours, theirs, clipped=True)
 
 
