@@ -333,12 +333,12 @@ class GaussianDiffusion(nn.Module):
             return F.l1_loss(noise, x_recon)
         return F.mse_loss(noise, x_recon)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, t: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Training loss for videos ``x`` in [0, 1], shape ``(b, channels, num_frames, image_size, image_size)``.
 
-        Draws t uniformly (torch's global RNG, as the seed), normalizes to [-1, 1] and calls
-        :meth:`p_losses` (``cond``, ``null_cond_prob``, ``focus_present_mask``,
-        ``prob_focus_present`` pass through to the denoiser).
+        Draws t uniformly (torch's global RNG, as the seed) unless ``t`` (``(b,)`` long) is given,
+        normalizes to [-1, 1] and calls :meth:`p_losses` (``noise``, ``cond``, ``null_cond_prob``,
+        ``focus_present_mask``, ``prob_focus_present`` pass through).
         """
         expected = (self.channels, self.num_frames, self.image_size, self.image_size)
         if x.ndim != 5 or tuple(x.shape[1:]) != expected:
@@ -347,7 +347,8 @@ class GaussianDiffusion(nn.Module):
                 f"(channels, frames, height, width), got {tuple(x.shape)}"
             )
         b, device = x.shape[0], x.device
-        t = torch.randint(0, self.num_timesteps, (b,), device=device).long()
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (b,), device=device).long()
         x = normalize_img(x)
         return self.p_losses(x, t, *args, **kwargs)
 

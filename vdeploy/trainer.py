@@ -4,10 +4,16 @@ Same constructor arguments and defaults as ``video-diffusion-pytorch`` 0.6.3 (EM
 2000 every 10 steps, Adam 1e-4, gradient accumulation, AMP, ``max_grad_norm``, a checkpoint and
 a sample GIF grid every ``save_and_sample_every`` steps). What it adds:
 
-* any device (CPU, CUDA) and multi-process launches through ``accelerate``;
+* any device (CPU, CUDA) and multi-process launches (``torchrun``, ``accelerate launch``): N
+  processes with ``train_batch_size`` b take the same steps as one process with N*b (same data,
+  same noise, so the same weights to float32 round-off), and checkpoints resume across process
+  counts; mixed precision and gradient accumulation go through ``accelerate``;
 * atomic checkpoints with the optimizer, scaler, RNG states, data order and model config, so a
   resumed run continues bit for bit where it stopped (single process, ``num_workers=0``);
 * a deterministic data order: a seeded permutation per epoch, resumable from a sample count;
+* deterministic training noise: each video's t and noise (and caption dropout, focus-present
+  draws) come from a generator seeded by (seed, step, micro-batch, its place in the global
+  batch), so they depend neither on the process count nor on where a run was resumed;
 * caption conditioning through the diffusion model's text encoder, embeddings cached once;
 * ``model-last.pt`` (and ``sample-last.gif``) pointing at the newest milestone;
 * a tqdm bar with the loss and it/s, and ``log.jsonl`` with one line per step.
@@ -15,7 +21,9 @@ a sample GIF grid every ``save_and_sample_every`` steps). What it adds:
 Differences from the seed, on purpose: ``step`` in a checkpoint counts completed optimizer steps
 (the seed saved the index of the step in progress, so its resume repeated one step); the sample
 grid is drawn from a fixed generator (the same noise at every milestone, and training
-randomness untouched); horizontal flips (off by default) flip whole clips, not single frames.
+randomness untouched); horizontal flips (off by default) flip whole clips, not single frames;
+the training noise comes from per-video generators (above), not torch's global RNG; ``amp`` is
+fp16 and needs CUDA (``mixed_precision="bf16"`` is the CPU's).
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vdeploy import checkpoint as ckpt_io
+from vdeploy.runtime import atomic
 from vdeploy.data import DataError, Dataset, video_tensor_to_gif
 from vdeploy.diffusion import GaussianDiffusion
 
@@ -123,6 +131,12 @@ class Trainer:
         progress: show the tqdm bar.
         accelerator: an ``accelerate.Accelerator`` to use instead of building one.
         cpu: force the CPU even where CUDA is present.
+        mixed_precision: ``"no"``, ``"fp16"`` (CUDA only; what the seed's ``amp=True`` means) or
+            ``"bf16"``; None: ``amp``'s choice, else what ``accelerate launch`` / ``accelerate config``
+            set (ACCELERATE_MIXED_PRECISION), else ``"no"``.
+        max_bad_steps: an optimizer step whose loss or gradient is NaN/Inf is skipped (a warning, and
+            ``skipped_steps`` in ``log.jsonl``); this many in a row stop training with
+            :class:`NonFiniteTrainingError`, leaving the last good checkpoint as it is.
     """
 
     def __init__(
@@ -152,11 +166,32 @@ class Trainer:
         progress: bool = True,
         accelerator=None,
         cpu: bool = False,
+        mixed_precision: str | None = None,
+        max_bad_steps: int = 5,
     ):
         if train_batch_size < 1 or gradient_accumulate_every < 1 or save_and_sample_every < 1:
             raise ValueError("train_batch_size, gradient_accumulate_every and save_and_sample_every must be >= 1")
-        self.accelerator = accelerator if accelerator is not None else _make_accelerator(amp, cpu)
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        numbers = {"ema_decay": ema_decay, "train_lr": train_lr, "max_grad_norm": max_grad_norm,
+                   "null_cond_prob": null_cond_prob, "cond_scale": cond_scale}
+        bad = [f"{k}={v!r}" for k, v in numbers.items() if v is not None and not math.isfinite(v)]
+        if bad:  # a NaN setting trains a NaN model while the printed loss looks normal
+            raise ValueError(f"Trainer settings must be finite numbers: {', '.join(bad)}")
+        if amp and mixed_precision not in (None, "fp16"):
+            raise ValueError(f"amp=True is fp16 mixed precision; it contradicts mixed_precision={mixed_precision!r}")
+        if accelerator is None:
+            accelerator = _make_accelerator("fp16" if amp else mixed_precision, cpu)
+        if accelerator.gradient_accumulation_steps not in (1, gradient_accumulate_every):
+            raise ValueError(f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
+                             f"gradient_accumulate_every={gradient_accumulate_every}")
+        accelerator.gradient_accumulation_steps = gradient_accumulate_every  # accelerate.accumulate() counts them
+        if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            raise ValueError("fp16 mixed precision needs a CUDA GPU (accelerate would silently train in float32 on "
+                             "the CPU): use bf16 on the CPU")
+        self.accelerator = accelerator
         self.device = self.accelerator.device
+        self.mixed_precision = accelerator.mixed_precision
 
         self.ema = EMA(ema_decay)
         self.update_ema_every = update_ema_every
@@ -168,6 +203,8 @@ class Trainer:
         self.train_num_steps = train_num_steps
         self.amp = amp
         self.max_grad_norm = max_grad_norm
+        self.max_bad_steps = max_bad_steps
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (this run)
         self.num_sample_rows = num_sample_rows
         self.null_cond_prob = null_cond_prob
         self.cond_scale = cond_scale
@@ -189,6 +226,7 @@ class Trainer:
         self.cond_table = self._embed_captions(diffusion_model) if self.has_cond else None
 
         self.data_order = DataOrder(len(self.ds), seed=seed)
+        self.consumed = 0  # samples of the data order the batches handed out so far used (all processes)
         self.num_workers = num_workers
         self._batches = None
 
@@ -248,11 +286,51 @@ class Trainer:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next training batch on the device, with its caption embeddings (or None)."""
         if self._batches is None:
+            self.consumed = self.data_order.consumed
             self._batches = self._batch_iter()
         video, idx = next(self._batches)
+        # counted here, not in the data order, which DataLoader workers read ahead of training
+        self.consumed += self.batch_size * self.accelerator.num_processes
         video = video.to(self.device, non_blocking=True)
         cond = self.cond_table[idx.to(self.device)] if self.cond_table is not None else None
         return video, cond
+
+    def step_noise(self, micro: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random draws of micro-batch ``micro`` of the current step, for this process's videos.
+
+        Video k of the global batch (this process holds ``rank * batch_size`` onwards) draws its
+        t, its noise and two uniforms (caption dropout, focus on the present) from a generator
+        seeded by ``(seed, step, micro, k)``: one process with N*b videos draws what N with b do,
+        and a resumed run what an uninterrupted one would.
+
+        Returns:
+            ``t`` ``(b,)`` long, ``noise`` ``(b, c, f, h, w)`` float32, ``u`` ``(b, 2)`` in [0, 1).
+        """
+        m = self.unwrapped_model
+        shape = (m.channels, m.num_frames, m.image_size, m.image_size)
+        first = self.accelerator.process_index * batch_size
+        t, noise, u = [], [], []
+        for k in range(first, first + batch_size):
+            seq = np.random.SeedSequence([self.seed % 2**63, self.step, micro, k])
+            g = torch.Generator(self.device).manual_seed(int(seq.generate_state(1, np.uint64)[0] >> 1))
+            t.append(torch.randint(0, m.num_timesteps, (1,), generator=g, device=self.device))
+            noise.append(torch.randn(shape, generator=g, device=self.device))
+            u.append(torch.rand(2, generator=g, device=self.device))
+        return torch.cat(t), torch.stack(noise), torch.stack(u)
+
+    def _loss_kwargs(self, micro: int, data: torch.Tensor, cond, prob_focus_present: float, focus_present_mask):
+        """The model's keyword arguments for one micro-batch: its t and noise, caption dropout and
+        focus-present masks drawn here (:meth:`step_noise`) rather than inside the model."""
+        t, noise, u = self.step_noise(micro, data.shape[0])
+        kwargs = {"t": t, "noise": noise, "focus_present_mask": focus_present_mask}
+        if focus_present_mask is None and prob_focus_present > 0:
+            kwargs["focus_present_mask"] = u[:, 1] < prob_focus_present  # the denoiser's prob_mask_like
+        if self.has_cond:
+            if self.null_cond_prob > 0:  # as the denoiser's own dropout: the learned null embedding
+                null = self.unwrapped_model.denoise_fn.null_cond_emb
+                cond = torch.where((u[:, 0] < self.null_cond_prob)[:, None], null.to(cond.dtype), cond)
+            kwargs.update(cond=cond, null_cond_prob=0.0)
+        return kwargs
 
     # -------------------------------------------------------------- EMA ----
 
@@ -277,7 +355,8 @@ class Trainer:
             optimizer=self.opt.state_dict(),
             scaler=scaler.state_dict() if scaler is not None else {},
             config=self.config,
-            data=self.data_order.state_dict(),
+            data={**self.data_order.state_dict(), "consumed": self.consumed if self._batches is not None
+                  else self.data_order.consumed},
             text_encoder=str(self.text_encoder.path) if self.text_encoder is not None else None,
             trainer={
                 "ema_decay": self.ema.beta, "train_batch_size": self.batch_size,
@@ -285,8 +364,10 @@ class Trainer:
                 "gradient_accumulate_every": self.gradient_accumulate_every, "amp": self.amp,
                 "step_start_ema": self.step_start_ema, "update_ema_every": self.update_ema_every,
                 "save_and_sample_every": self.save_and_sample_every, "max_grad_norm": self.max_grad_norm,
+                "max_bad_steps": self.max_bad_steps,
                 "seed": self.seed, "null_cond_prob": self.null_cond_prob, "cond_scale": self.cond_scale,
                 "num_sample_rows": self.num_sample_rows, "num_processes": self.accelerator.num_processes,
+                "mixed_precision": self.mixed_precision,
             },
         )
 
@@ -344,6 +425,43 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
         return path
 
+    # -------------------------------------------------------- numerics ----
+
+    def _nonfinite(self, loss_value: float) -> str | None:
+        """What is not finite in this step ("loss nan", "gradient"), or None.
+
+        Every process sees the same reduced loss and the same all-reduced gradients, so all decide
+        alike. With fp16's gradient scaler, overflowing gradients are the scaler's business (it skips
+        the step itself and lowers its scale), so only the loss is checked there.
+        """
+        if not math.isfinite(loss_value):
+            return f"loss {loss_value}"
+        if self.accelerator.scaler is not None:
+            return None
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return "gradient NaN/Inf"
+        return None
+
+    def _skip_step(self, bad: str, in_a_row: int, logfile, t0: float) -> None:
+        """Skip this optimizer step (gradients dropped, weights untouched); stop after max_bad_steps in a row."""
+        self.opt.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        log = {"step": self.step, "loss": None, "skipped": bad, "skipped_steps": self.skipped_steps,
+               "bad_in_a_row": in_a_row}
+        if logfile is not None:
+            logfile.write(json.dumps({**log, "time": round(time.perf_counter() - t0, 3)}) + "\n")
+            logfile.flush()
+        if in_a_row >= self.max_bad_steps:
+            last = ckpt_io.latest_checkpoint(self.results_folder)
+            kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
+            raise NonFiniteTrainingError(
+                f"training stopped at step {self.step}: {in_a_row} optimizer steps in a row had a non-finite "
+                f"loss or gradient (last: {bad}); {kept}. Lower the learning rate, set max_grad_norm, or check "
+                "the data")
+        logger.warning("step %d: %s; skipped this optimizer step (%d in a row, stopping at %d)",
+                       self.step + 1, bad, in_a_row, self.max_bad_steps)
+
     # ---------------------------------------------------------- samples ----
 
     def sample_captions(self, n: int) -> list[str]:
@@ -390,36 +508,45 @@ class Trainer:
         logfile = None
         if main:  # a fresh run starts a fresh log; a resumed one drops lines past its checkpoint
             kept = _log_lines_until(log_path, self.step) if self.step else []
-            logfile = open(log_path, "w", encoding="utf-8")
-            logfile.writelines(kept)
-            logfile.flush()
+            atomic.write_text(log_path, "".join(kept))  # a kill here leaves the old log or the new one
+            logfile = open(log_path, "a", encoding="utf-8")
         bar = tqdm(total=self.train_num_steps, initial=self.step, desc="training", disable=not (self.progress and main),
                    dynamic_ncols=True)
         avg, loss_value = None, math.nan
         t0 = time.perf_counter()
         stop = _GracefulStop()
+        agreed_stop = False  # several processes stop together, at a step they all agreed on
+        bad_in_a_row = 0  # consecutive optimizer steps skipped for a non-finite loss or gradient
         try:
             while self.step < self.train_num_steps:
-                if stop.requested:
+                if agreed_stop or (acc.num_processes == 1 and stop.requested):
                     self.interrupted = True
                     log_fn({"step": self.step, "loss": loss_value, "checkpoint": str(self.save("last")), "stopped": True})
                     logger.warning("interrupted: saved %s at step %d", self.results_folder / ckpt_io.LAST_NAME, self.step)
                     break
                 self.model.train()
                 losses = []
+                acc.step = 0  # accelerate's micro-batch count: it syncs gradients on the last of each step
                 for i in range(self.gradient_accumulate_every):
                     data, cond = self.next_batch()
-                    kwargs = {"prob_focus_present": prob_focus_present, "focus_present_mask": focus_present_mask}
-                    if self.has_cond:
-                        kwargs.update(cond=cond, null_cond_prob=self.null_cond_prob)
-                    sync = i == self.gradient_accumulate_every - 1
-                    with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
-                        loss = self.model(data, **kwargs)
-                    acc.backward(loss / self.gradient_accumulate_every)
+                    kwargs = self._loss_kwargs(i, data, cond, prob_focus_present, focus_present_mask)
+                    with acc.accumulate(self.model):  # no_sync but on the last; backward divides by the count
+                        with acc.autocast():
+                            loss = self.model(data, **kwargs)
+                        acc.backward(loss)
                     losses.append(loss.detach())
-                loss_value = float(torch.stack(losses).float().mean())
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {self.step}: lower the learning rate or check the data")
+                loss_mean = torch.stack(losses).float().mean()
+                if acc.num_processes > 1:  # the global batch's loss, and one stop decision for all processes
+                    stopping = torch.tensor(float(stop.requested), device=self.device)
+                    both = acc.reduce(torch.stack([loss_mean, stopping]), "mean")
+                    loss_mean, agreed_stop = both[0], bool(both[1] > 0)
+                loss_value = float(loss_mean)
+                bad = self._nonfinite(loss_value)
+                if bad:
+                    bad_in_a_row += 1
+                    self._skip_step(bad, bad_in_a_row, logfile, t0)
+                    continue
+                bad_in_a_row = 0
 
                 if self.max_grad_norm is not None:
                     acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
@@ -432,6 +559,8 @@ class Trainer:
 
                 avg = loss_value if avg is None else 0.98 * avg + 0.02 * loss_value
                 log = {"step": self.step, "loss": loss_value}
+                if self.skipped_steps:
+                    log["skipped_steps"] = self.skipped_steps
                 if self.step % self.save_and_sample_every == 0:
                     milestone = self.step // self.save_and_sample_every
                     if main:
@@ -454,6 +583,10 @@ class Trainer:
                 logfile.close()
         logger.info("training completed")
         return loss_value
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training stopped: ``max_bad_steps`` optimizer steps in a row had a NaN/Inf loss or gradient."""
 
 
 def _log_lines_until(path: Path, step: int) -> list[str]:
@@ -503,17 +636,19 @@ class _Indexed(torch.utils.data.Dataset):
         return self.ds[i], i
 
 
-def _make_accelerator(amp: bool, cpu: bool):
-    """An ``Accelerator`` for this process: fp16 AMP on CUDA, bf16 on CPU, or full precision."""
+def _make_accelerator(mixed_precision: str | None, cpu: bool):
+    """An ``Accelerator`` for this process, alone or one of those ``torchrun`` / ``accelerate launch``
+    started (gloo on the CPU, NCCL on CUDA). ``mixed_precision`` None: accelerate's launch/config setting."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
+    if mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', not {mixed_precision!r}")
     use_cuda = torch.cuda.is_available() and not cpu
-    precision = ("fp16" if use_cuda else "bf16") if amp else "no"
     if AcceleratorState._shared_state and PartialState().num_processes == 1:
         # a second trainer in the same single process (tests, notebooks) may want other settings
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=precision, cpu=not use_cuda)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not use_cuda)
 
 
 def _check_config_matches(config: dict, model: GaussianDiffusion) -> None:
