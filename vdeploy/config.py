@@ -40,6 +40,14 @@ DIFFUSION_DEFAULTS: dict = {
     "dynamic_thres_percentile": 0.9,
 }
 
+# The noise schedule and what the U-Net predicts: vdeploy's own keys, recorded in the model directory's
+# manifest. The seed implements one of each (its cosine schedule, eps prediction); other values are
+# refused until the training half and the samplers implement them.
+SCHEDULE_DEFAULTS: dict = {
+    "beta_schedule": "cosine",
+    "prediction_type": "eps",
+}
+
 PRESETS: dict[str, dict] = {
     # the demo: trains in minutes on 2 CPU cores. No sparse linear attention (a third of the
     # step time at 32 px) and 100 diffusion steps (full DDPM sampling in seconds).
@@ -71,7 +79,8 @@ _LIMITS = {
 }
 _MAX_DIM_MULT, _MAX_LEVELS = 64, 8
 _BOOLS = ("use_bert_text_cond", "use_sparse_linear_attn", "text_use_bert_cls", "use_dynamic_thres")
-_CHOICES = {"norm_type": ("group", "rms"), "loss_type": ("l1", "l2"), "block_type": ("resnet",)}
+_CHOICES = {"norm_type": ("group", "rms"), "loss_type": ("l1", "l2"), "block_type": ("resnet",),
+            "beta_schedule": ("cosine",), "prediction_type": ("eps",)}
 
 
 def _is_int(v) -> bool:
@@ -98,7 +107,7 @@ def resolve(config: dict) -> dict:
     """
     if not isinstance(config, dict):
         raise ConfigError(f"a model config must be a JSON object, got {type(config).__name__}")
-    known = {**UNET_DEFAULTS, **DIFFUSION_DEFAULTS}
+    known = {**UNET_DEFAULTS, **DIFFUSION_DEFAULTS, **SCHEDULE_DEFAULTS}
     unknown = sorted(set(map(str, config)) - set(known))
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
