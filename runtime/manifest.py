@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
+
+from .atomic import write_text
 
 FORMAT_VERSION = 2
 READS_VERSIONS = (1, 2)
@@ -269,7 +269,7 @@ class Manifest:
         missing = [f for f in written.referenced_files() if f not in files]
         if missing:
             raise ManifestError(f"{model_dir}: the manifest references missing file(s): {', '.join(missing)}")
-        write_json_atomic(model_dir / MANIFEST_NAME, written.to_json())
+        write_text(model_dir / MANIFEST_NAME, json.dumps(written.to_json(), indent=2) + "\n")
         return written
 
 
@@ -285,28 +285,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write JSON to a temporary file beside ``path``, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _model_files(model_dir: Path) -> list[str]:
     """Every file under ``model_dir`` except the manifest and temporaries, as sorted posix relative paths."""
     return sorted(
         p.relative_to(model_dir).as_posix()
         for p in model_dir.rglob("*")
-        if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(f".{MANIFEST_NAME}.")
+        if p.is_file() and p.name != MANIFEST_NAME and not (p.name.startswith(f".{MANIFEST_NAME}.") and ".tmp" in p.name)
     )
 
 

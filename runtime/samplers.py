@@ -178,7 +178,7 @@ def ddpm_steps(
     if steps is None or steps == T:
         timesteps = np.arange(T - 1, -1, -1, dtype=np.int64)
     else:
-        timesteps = respace(T, steps, spacing)
+        timesteps = respace(T, steps, spacing, betas=betas)
         betas = respaced_betas(betas, timesteps)
     tab = seed_buffers(betas)
     # q(x_{t-1} | x_t, x0) = N(coef1 * x0 + coef2 * x_t, exp(logvar)); x0 = sqrt(1/a_t) x_t - sqrt(1/a_t - 1) eps
@@ -210,8 +210,8 @@ def ddpm(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.nda
         betas: the float64 training betas (length T).
         cond: conditioning ``(b, D)`` passed to every call, or None.
         steps: None runs all T steps as the seed does; fewer run DDPM on the respaced chain
-            (Nichol & Dhariwal 2021) over ``respace(T, steps, spacing)``.
-        spacing: ``"trailing"`` (default), ``"leading"`` or ``"linspace"`` (see ``respace``).
+            (Nichol & Dhariwal 2021) over ``respace(T, steps, spacing, betas=betas)``.
+        spacing: ``"trailing"`` (default), ``"leading"``, ``"linspace"`` or ``"logsnr"`` (see ``respace``).
         noise: one array per step, in loop order; the seed draws one at every step, including the
             last, where it is masked. Give the noise PyTorch drew to reproduce its run.
         rng: the generator drawing that noise when ``noise`` is None.
@@ -243,7 +243,7 @@ def ddim_steps(
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
     x, betas, cond = _start(x, betas, cond)
-    timesteps = respace(len(betas), steps, spacing)
+    timesteps = respace(len(betas), steps, spacing, betas=betas)
     alphas_cumprod = np.cumprod(1.0 - betas)
     # paper notation: alpha_t here is the cumulative product (the paper's alpha_t), sigma_t its eq. 16
     a_t = alphas_cumprod[timesteps]
@@ -279,7 +279,7 @@ def ddim(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.nda
     stays on the line from x0 to x_t, as diffusers' ``use_clipped_model_output=True``).
 
     Args:
-        steps, spacing: the timesteps, ``respace(T, steps, spacing)`` (default 25, trailing).
+        steps, spacing: the timesteps, ``respace(T, steps, spacing, betas=betas)`` (default 25, trailing).
         eta: the stochasticity; with ``eta > 0`` one noise array per step is drawn from ``noise``/``rng``.
         The rest as in ``ddpm``.
     """
@@ -301,7 +301,7 @@ def dpmpp_steps(
     """``dpmpp`` as a step machine (see the module docstring)."""
     _check_order(order)
     x, betas, cond = _start(x, betas, cond)
-    timesteps = respace(len(betas), steps, spacing)
+    timesteps = respace(len(betas), steps, spacing, betas=betas)
     alphas_cumprod = np.cumprod(1.0 - betas)[timesteps]
     # paper notation: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t);
     # the final point t_M has alpha = 1, sigma = 0, lambda = +inf.
@@ -374,7 +374,7 @@ def dpmpp(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.nd
     Clipping applies to the data prediction x0 before the update.
 
     Args:
-        steps, spacing: the timesteps, ``respace(T, steps, spacing)`` (default 25, trailing).
+        steps, spacing: the timesteps, ``respace(T, steps, spacing, betas=betas)`` (default 25, trailing).
         order: 1, 2 or 3. The rest as in ``ddpm``.
     """
     return drive(dpmpp_steps(x, betas, **kwargs), denoise)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SPACINGS = ("trailing", "leading", "linspace")
+SPACINGS = ("trailing", "leading", "linspace", "logsnr")
 
 
 def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> np.ndarray:
@@ -81,16 +81,38 @@ def seed_buffers(betas: np.ndarray) -> dict[str, np.ndarray]:
     return {name: value.astype(np.float32) for name, value in buffers.items()}
 
 
-def respace(num_timesteps: int, steps: int, spacing: str = "trailing") -> np.ndarray:
-    """``steps`` of the ``num_timesteps`` training timesteps, descending, as int64.
+def log_snr(betas: np.ndarray) -> np.ndarray:
+    """The log signal-to-noise ratio of every training timestep, ``lambda_t = log(abar_t / (1 - abar_t))``
+    (float64, non-increasing in t)."""
+    abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    with np.errstate(divide="ignore"):
+        return np.log(abar) - np.log1p(-abar)
 
-    The spacings are those of Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are
-    Flawed", Table 2), computed as diffusers' ``DDIMScheduler`` computes them (``steps_offset=0``):
+
+def respace(num_timesteps: int, steps: int, spacing: str = "trailing", *, betas: np.ndarray | None = None) -> np.ndarray:
+    """``steps`` distinct timesteps of the ``num_timesteps`` training timesteps, descending, as int64.
+
+    ``trailing``, ``leading`` and ``linspace`` are the spacings of Lin et al. 2023 ("Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", Table 2), computed as diffusers' ``DDIMScheduler`` computes them
+    (``steps_offset=0``):
 
     - ``trailing`` (default): ``round(T - i * T / steps) - 1``; starts at ``T - 1``, where the sampler's
       pure-noise start belongs.
     - ``leading``: ``i * (T // steps)``; ends at 0.
     - ``linspace``: ``round(linspace(0, T - 1, steps))``.
+    - ``logsnr`` (needs ``betas``): uniform in log-SNR, the spacing DPM-Solver proposes (Lu et al. 2022):
+      targets ``lambda*_k`` evenly from ``lambda(T - 1)`` to ``lambda(0)`` (``log_snr``), each mapped to the
+      training timestep nearest in lambda (a tie goes to the noisier one). Where lambda jumps further
+      between two adjacent timesteps than between targets, several targets share a timestep (the seed's
+      cosine schedule: its last beta is clipped to 0.9999, so lambda(999) = -22.1 but lambda(998) = -12.9);
+      then, from the noisy end, ``t_0 = T - 1`` and ``t_k = max(min(nearest_k, t_{k-1} - 1), steps - 1 - k)``:
+      a target whose nearest timestep is taken gets the next smaller free one, and the lower bound leaves
+      room for the rest, so any ``steps <= T`` gives distinct timesteps. Where no targets share one, these
+      are diffusers' ``DPMSolverMultistepScheduler(use_lu_lambdas=True)`` timesteps.
+
+    Raises:
+        ValueError: ``steps`` outside ``[1, num_timesteps]`` (no distinct timesteps), an unknown spacing,
+            or ``logsnr`` without ``num_timesteps`` betas.
     """
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be an integer in [1, {num_timesteps}], got {steps!r}")
@@ -100,12 +122,34 @@ def respace(num_timesteps: int, steps: int, spacing: str = "trailing") -> np.nda
         timesteps = (np.arange(steps) * (num_timesteps // steps))[::-1]
     elif spacing == "linspace":
         timesteps = np.round(np.linspace(0, num_timesteps - 1, steps))[::-1]
+    elif spacing == "logsnr":
+        timesteps = _logsnr_timesteps(num_timesteps, steps, betas)
     else:
         raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     timesteps = timesteps.astype(np.int64)
     if len(np.unique(timesteps)) != steps:
         raise ValueError(f"{steps} steps of {num_timesteps} with {spacing!r} spacing repeat a timestep")
     return timesteps
+
+
+def _logsnr_timesteps(T: int, steps: int, betas) -> np.ndarray:
+    """``respace``'s ``logsnr`` rule."""
+    if betas is None:
+        raise ValueError("spacing 'logsnr' needs the betas: respace(T, steps, 'logsnr', betas=betas)")
+    lam = log_snr(betas)
+    if lam.shape != (T,):
+        raise ValueError(f"spacing 'logsnr' needs {T} betas, got shape {np.shape(betas)}")
+    t = np.full(steps, T - 1, dtype=np.int64)
+    if steps == 1:
+        return t
+    targets = np.linspace(lam[T - 1], lam[0], steps)
+    ascending = lam[::-1]  # ascending[u] = lambda(T - 1 - u)
+    hi = np.clip(np.searchsorted(ascending, targets), 1, T - 1)
+    lo = hi - 1
+    nearest = T - 1 - np.where(targets - ascending[lo] <= ascending[hi] - targets, lo, hi)
+    for k in range(1, steps):
+        t[k] = max(min(nearest[k], t[k - 1] - 1), steps - 1 - k)
+    return t
 
 
 def respaced_betas(betas: np.ndarray, timesteps: np.ndarray) -> np.ndarray:

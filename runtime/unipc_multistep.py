@@ -74,7 +74,7 @@ def unipc_steps(
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     x, betas, cond = _start(x, betas, cond)
-    timesteps = respace(len(betas), steps, spacing)
+    timesteps = respace(len(betas), steps, spacing, betas=betas)
     abar = np.cumprod(1.0 - betas)[timesteps]
     n = len(timesteps)
     alpha = np.concatenate([np.sqrt(abar), [1.0]])
@@ -148,7 +148,7 @@ def unipc(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.nd
     prediction, before it enters an update.
 
     Args:
-        steps, spacing: the timesteps, ``respace(T, steps, spacing)`` (default 25, trailing).
+        steps, spacing: the timesteps, ``respace(T, steps, spacing, betas=betas)`` (default 25, trailing).
         order: the UniP order p, 1 to 3 (default 2; UniC raises the accuracy to p + 1).
         variant: ``"bh2"`` (default; B(h) = e^h - 1) or ``"bh1"`` (B(h) = h; the paper's pick for
             unconditional sampling under 10 steps).

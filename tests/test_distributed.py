@@ -125,12 +125,7 @@ def _launch(work: Path, results: Path, *commands: list[str], timeout: float = 18
     exe = commands[0][0]
     if not (BIN / exe).is_file():
         pytest.skip(f"{exe} is not installed beside {sys.executable}")
-    audit = results.parent / f"{results.name}-audit"
-    audit.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VDEPLOY_AUDIT_DIR": str(audit), "VDEPLOY_AUDIT_WATCH": str(results),
-           "PYTHONPATH": os.pathsep.join([str(work / "site"), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = _audited_env(work, results)
     procs = [subprocess.Popen([str(BIN / c[0]), *c[1:]], cwd=work, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for c in commands]
     outs = []
@@ -145,6 +140,16 @@ def _launch(work: Path, results: Path, *commands: list[str], timeout: float = 18
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
     return outs
+
+
+def _audited_env(work: Path, results: Path) -> dict:
+    audit = results.parent / f"{results.name}-audit"
+    audit.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VDEPLOY_AUDIT_DIR": str(audit), "VDEPLOY_AUDIT_WATCH": str(results),
+           "PYTHONPATH": os.pathsep.join([str(work / "site"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
 
 
 def _audit(results: Path) -> list[dict]:
@@ -295,6 +300,65 @@ def test_accelerate_config_file_two_machines_bf16(work, readme_section):
     assert result.exit_code == 0, result.output
     assert "precision bf16" in result.output and "steps 3 -> 4" in result.output, result.output
     assert _ckpt(results / "model-last.pt")["step"] == 4 and sorted(_losses(results)) == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank-1 process through /proc")
+def test_ctrl_c_in_one_process_stops_every_process_at_one_step(work):
+    """SIGINT to rank 1 alone: both processes stop after the same step and rank 0 saves it (a stop
+    decided per process would leave rank 0 in an all-reduce that rank 1 never joins)."""
+    import signal
+    import time
+
+    results = work / "stop"
+    if not (BIN / "torchrun").is_file():
+        pytest.skip("torchrun is not installed")
+    proc = subprocess.Popen(
+        [str(BIN / "torchrun"), *ONE_NODE.split()[1:], *_args(work, results), "--batch-size", "1", "--grad-accum", "1",
+         "--steps", "100000", "--save-every", "100000"],
+        cwd=work, env=_audited_env(work, results), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log, deadline, rank1 = results / "log.jsonl", time.monotonic() + 120, None
+        while not (log.exists() and log.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.2)
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"VDEPLOY_AUDIT_WATCH={results}".encode() in environ and b"RANK=1" in environ:
+                rank1 = int(pid)
+        assert rank1 is not None, "no rank-1 process found"
+        os.kill(rank1, signal.SIGINT)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert out.count("interrupted: saved") == 1 and "continue with --resume" in out, out[-4000:]
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    raw = _ckpt(results / "model-last.pt")
+    assert raw["step"] == steps[-1] >= 2 and steps == list(range(1, steps[-1] + 1))
+    assert raw["data"]["consumed"] == 2 * raw["step"]
+    assert {e["rank"] for e in _audit(results)} == {"0"}
+
+
+def test_data_position_counts_trained_batches_with_loader_workers(work, tmp_path):
+    """DataLoader workers read the data order ahead; the checkpoint holds where training is."""
+    from vdeploy.config import diffusion_kwargs, resolve, unet_kwargs
+    from vdeploy.diffusion import GaussianDiffusion
+    from vdeploy.model import Unet3D
+    from vdeploy.trainer import Trainer
+
+    config = resolve(TINY)
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(Unet3D(**unet_kwargs(config)), **diffusion_kwargs(config))
+    trainer = Trainer(diffusion, work / "data", train_batch_size=2, train_num_steps=2, gradient_accumulate_every=1,
+                      save_and_sample_every=1000, results_folder=tmp_path, num_sample_rows=1, progress=False,
+                      config=config, num_workers=1, cpu=True)
+    trainer.train()
+    assert trainer.data_order.consumed > 4  # the workers' read-ahead
+    assert _ckpt(tmp_path / "model-last.pt")["data"]["consumed"] == 4
 
 
 def test_fp16_on_the_cpu_is_one_line_error(work, tmp_path):

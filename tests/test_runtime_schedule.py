@@ -78,3 +78,62 @@ def test_respaced_betas_keep_alphas_cumprod_of_kept_steps():
     kept = schedule.respace(1000, 20)
     new = schedule.respaced_betas(betas, kept)
     np.testing.assert_allclose(np.cumprod(1 - new), np.cumprod(1 - betas)[np.sort(kept)], rtol=1e-8)
+
+
+LINEAR = np.linspace(1e-4, 0.02, 1000)  # a schedule whose log-SNR has no jumps
+
+
+def lu_lambdas_timesteps(betas, steps):
+    """diffusers' uniform-logSNR timesteps (``use_lu_lambdas``), from the float64 abar (see test_runtime_unipc)."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    reference = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas, use_lu_lambdas=True)
+    reference.alphas_cumprod = torch.from_numpy(np.cumprod(1 - betas))
+    reference.set_timesteps(steps)
+    return reference.timesteps.numpy()
+
+
+@pytest.mark.parametrize("betas, steps", [(LINEAR, 10), (LINEAR, 25), (LINEAR, 100), (schedule.cosine_beta_schedule(1000), 5)])
+def test_logsnr_spacing_matches_diffusers_lu_lambdas_where_its_timesteps_are_distinct(betas, steps):
+    theirs = lu_lambdas_timesteps(betas, steps)
+    assert len(np.unique(theirs)) == steps
+    ours = schedule.respace(1000, steps, "logsnr", betas=betas)
+    assert ours.dtype == np.int64
+    np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("T, steps", [(1000, 10), (1000, 25), (1000, 50), (100, 20), (100, 100), (10, 7)])
+def test_logsnr_spacing_is_nearest_in_lambda_and_otherwise_the_next_free_timestep(T, steps):
+    """The documented rule on the seed's cosine schedule, whose clipped last beta makes lambda jump at T - 1."""
+    betas = schedule.cosine_beta_schedule(T)
+    lam = schedule.log_snr(betas)
+    ours = schedule.respace(T, steps, "logsnr", betas=betas)
+    assert ours[0] == T - 1 and ours[-1] == 0 and np.all(np.diff(ours) < 0)
+    targets = np.linspace(lam[T - 1], lam[0], steps)
+    nearest = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)  # brute force
+    for k in range(1, steps):
+        assert ours[k] == nearest[k] or ours[k] == ours[k - 1] - 1 or ours[k] == steps - 1 - k, k
+        if nearest[k] < ours[k - 1]:
+            assert ours[k] == nearest[k], f"step {k}: its nearest timestep {nearest[k]} was free"
+    if steps == T:
+        np.testing.assert_array_equal(ours, np.arange(T - 1, -1, -1))
+
+
+def test_logsnr_spacing_pushes_colliding_targets_on_the_cosine_schedule():
+    betas = schedule.cosine_beta_schedule(1000)
+    lam = schedule.log_snr(betas)
+    assert lam[999] < -20 and lam[998] > -13  # the jump: targets between them all map to 998 or 999
+    ours = schedule.respace(1000, 25, "logsnr", betas=betas)
+    assert ours[:11].tolist() == list(range(999, 988, -1))
+    assert len(lu_lambdas_timesteps(betas, 25)) > len(np.unique(lu_lambdas_timesteps(betas, 25)))  # diffusers repeats
+
+
+def test_logsnr_spacing_errors():
+    with pytest.raises(ValueError, match="needs the betas"):
+        schedule.respace(100, 10, "logsnr")
+    with pytest.raises(ValueError, match="needs 100 betas"):
+        schedule.respace(100, 10, "logsnr", betas=schedule.cosine_beta_schedule(50))
+    with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 100\]"):
+        schedule.respace(100, 101, "logsnr", betas=schedule.cosine_beta_schedule(100))
+    assert schedule.respace(100, 1, "logsnr", betas=schedule.cosine_beta_schedule(100)).tolist() == [99]

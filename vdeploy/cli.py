@@ -171,6 +171,9 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int, overwrite
 @click.option("--cond-scale", default=1.0, show_default=True, type=FiniteFloat(),
               help="Classifier-free guidance scale for the milestone samples of a conditional model.")
 @click.option("--max-grad-norm", default=None, type=FiniteFloat(min=0, min_open=True), help="Clip gradients to this norm.")
+@click.option("--max-bad-steps", default=5, show_default=True, type=click.IntRange(1, 10_000),
+              help="A step with a NaN/Inf loss or gradient is skipped; this many in a row stop training "
+                   "(the last good checkpoint is kept).")
 @click.option("--null-cond-prob", default=0.1, show_default=True, type=FiniteFloat(0, 1),
               help="Caption dropout for classifier-free guidance (conditional models only).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the weights, the data order and the noise.")
@@ -182,7 +185,7 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
           sample_rows: int,
           ema_decay: float, ema_start: int, ema_every: int, cond_scale: float, max_grad_norm: float | None,
           null_cond_prob: float, seed: int,
-          cpu: bool, workers: int, quiet: bool, mixed_precision: str | None) -> None:
+          cpu: bool, workers: int, quiet: bool, mixed_precision: str | None, max_bad_steps: int) -> None:
     """Train a video-diffusion U-Net on a folder of GIFs.
 
     Runs as one process, or as several under torchrun or accelerate launch (one per GPU; gloo
@@ -240,7 +243,7 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
     from vdeploy.diffusion import GaussianDiffusion
     from vdeploy.model import Unet3D
     from vdeploy.text import TextEncoderError, load_text_encoder
-    from vdeploy.trainer import Trainer
+    from vdeploy.trainer import NonFiniteTrainingError, Trainer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     resume_path, stored, notes = None, None, []
@@ -252,14 +255,18 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
             stored = ckpt_io.load_checkpoint(resume_path)
         except ckpt_io.CheckpointError as e:
             raise BadInput(str(e)) from None
-        if stored.get("config") is None:
+        try:
+            stored_config = None if stored.get("config") is None else vconfig.resolve(dict(stored["config"]))
+        except (vconfig.ConfigError, TypeError, ValueError) as e:
+            raise BadInput(f"{resume_path}: its stored model config is invalid: {e}") from None
+        if stored_config is None:
             if config is None:
                 raise BadInput(f"{resume_path} carries no model config: pass --config")
-        elif config is not None and _config_core(config) != _config_core(vconfig.resolve(stored["config"])):
+        elif config is not None and _config_core(config) != _config_core(stored_config):
             raise BadInput(f"--config {config_spec} differs from the config {resume_path} was trained with; "
                            "leave out --config to resume")
         else:
-            config = vconfig.resolve(stored["config"])
+            config = stored_config
         if text_encoder is None and stored.get("text_encoder"):
             text_encoder = stored["text_encoder"]
         # the run continues with its own settings unless a flag says otherwise
@@ -276,6 +283,7 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
         ema_start = kept.get("step_start_ema", ema_start)
         ema_every = kept.get("update_ema_every", ema_every)
         max_grad_norm = kept.get("max_grad_norm", max_grad_norm)
+        max_bad_steps = kept.get("max_bad_steps", max_bad_steps)
         seed = kept.get("seed", seed)
         null_cond_prob = kept.get("null_cond_prob", null_cond_prob)
         cond_scale = kept.get("cond_scale", cond_scale)
@@ -339,13 +347,18 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
     torch.manual_seed(seed)
     unet = Unet3D(**vconfig.unet_kwargs(config))
     diffusion = GaussianDiffusion(unet, **vconfig.diffusion_kwargs(config), text_encoder=encoder)
-    trainer = Trainer(
-        diffusion, data_dir, train_batch_size=batch_size, train_lr=lr, train_num_steps=steps,
-        gradient_accumulate_every=grad_accum, amp=amp, save_and_sample_every=save_every, results_folder=results,
-        num_sample_rows=sample_rows, max_grad_norm=max_grad_norm, ema_decay=ema_decay, step_start_ema=ema_start,
-        update_ema_every=ema_every, config=config, seed=seed, null_cond_prob=null_cond_prob, cond_scale=cond_scale,
-        num_workers=workers, progress=not quiet, cpu=cpu, mixed_precision=None if amp else mixed_precision,
-    )
+    try:
+        trainer = Trainer(
+            diffusion, data_dir, train_batch_size=batch_size, train_lr=lr, train_num_steps=steps,
+            gradient_accumulate_every=grad_accum, amp=amp, save_and_sample_every=save_every, results_folder=results,
+            num_sample_rows=sample_rows, max_grad_norm=max_grad_norm, ema_decay=ema_decay, step_start_ema=ema_start,
+            update_ema_every=ema_every, config=config, seed=seed, null_cond_prob=null_cond_prob,
+            cond_scale=cond_scale, num_workers=workers, progress=not quiet, cpu=cpu,
+            mixed_precision=None if amp else mixed_precision, max_bad_steps=max_bad_steps,
+        )
+    except (ValueError, TypeError) as e:  # settings a --resume'd checkpoint stored (NaN lr, ...), data errors
+        where = f" (settings stored in {resume_path})" if resume_path is not None else ""
+        raise BadInput(f"{e}{where}") from None
     if resume_path is not None:
         try:
             trainer.load(resume_path)
@@ -366,7 +379,18 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
         return
     start, first = time.perf_counter(), trainer.step
     losses: list[float] = []
-    trainer.train(log_fn=lambda log: losses.append(log["loss"]))
+    try:
+        trainer.train(log_fn=lambda log: losses.append(log["loss"]))
+    except (NonFiniteTrainingError, ckpt_io.CheckpointError) as e:  # NaN training; a refused or failed save
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # a sample grid or the log could not be written (a full disk)
+        raise click.ClickException(f"training stopped at step {trainer.step}: cannot write "
+                                   f"{e.filename or results}: {e.strerror or e}") from None
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "allocate" not in str(e) and "out of memory" not in str(e):
+            raise
+        raise click.ClickException(f"out of memory at step {trainer.step}: lower --batch-size ({batch_size}) or "
+                                   "use a smaller --config") from None
     secs = time.perf_counter() - start
     if trainer.interrupted:
         echo(f"interrupted: saved {results / ckpt_io.LAST_NAME} at step {trainer.step}; continue with --resume",
@@ -387,6 +411,7 @@ _RESUMED = {
     "ema_decay": "ema_decay", "step_start_ema": "ema_start", "update_ema_every": "ema_every",
     "max_grad_norm": "max_grad_norm", "seed": "seed", "null_cond_prob": "null_cond_prob",
     "cond_scale": "cond_scale", "num_sample_rows": "sample_rows", "mixed_precision": "mixed_precision",
+    "max_bad_steps": "max_bad_steps",
 }
 
 
