@@ -78,6 +78,8 @@ class BackendSpec:
         fp16_graph: ``precision="fp16"`` runs the exported fp16 graph (else the backend builds fp16 itself
             from the fp32 graph).
         summary: one line for ``--help`` and the docs.
+        precisions: the ``BackendOptions.precision`` values it really runs (the benchmark times one row
+            per precision listed here).
     """
 
     unavailable: Callable[[Manifest, BackendOptions], str | None]
@@ -85,6 +87,7 @@ class BackendSpec:
     auto_rank: int | None
     fp16_graph: bool
     summary: str
+    precisions: tuple[str, ...] = ("fp32",)
 
 
 # ----------------------------------------------------------- onnxruntime ----
@@ -180,11 +183,13 @@ def _trt_open(model_dir: Path, manifest: Manifest, graph_name: str, options: Bac
 
 BACKENDS: dict[str, BackendSpec] = {
     "tensorrt": BackendSpec(_trt_unavailable, _trt_open, 0, False,
-                            "a native TensorRT plan built for this GPU (vdeploy export --tensorrt)"),
+                            "a native TensorRT plan built for this GPU (vdeploy export --tensorrt)",
+                            ("fp32", "fp16")),
     "tensorrt-ep": BackendSpec(_ort_unavailable("tensorrt-ep"), _ort_open("tensorrt-ep"), 1, False,
-                               "onnxruntime's TensorRT execution provider (engines cached per GPU)"),
-    "cuda": BackendSpec(_ort_unavailable("cuda"), _ort_open("cuda"), 2, True, "onnxruntime CUDA"),
-    "cpu": BackendSpec(_ort_unavailable("cpu"), _ort_open("cpu"), 9, True, "onnxruntime CPU"),
+                               "onnxruntime's TensorRT execution provider (engines cached per GPU)",
+                               ("fp32", "fp16")),
+    "cuda": BackendSpec(_ort_unavailable("cuda"), _ort_open("cuda"), 2, True, "onnxruntime CUDA", ("fp32", "fp16")),
+    "cpu": BackendSpec(_ort_unavailable("cpu"), _ort_open("cpu"), 9, True, "onnxruntime CPU", ("fp32", "fp16")),
 }
 
 
