@@ -57,13 +57,8 @@ class ExportSpec:
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """``torch.onnx.export``'s form: ``{"x": {0: "batch", 3: "height"}, ...}``."""
-        out = {}
-        for t in self.inputs + self.outputs:
-            axes = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
-            if axes:
-                out[t.name] = axes
-        return out
+        """``torch.onnx.export``'s form: ``{"x": {0: "batch", 3: "height"}, ...}`` (the manifest graph's)."""
+        return self.graph().dynamic_axes
 
     def graph(self, precision: str = "fp32", file: str | None = None, optimization: dict | None = None) -> Graph:
         """The graph's typed manifest entry."""
