@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,36 @@ import numpy as np
 from . import manifest as manifest_lib
 from .backends import BACKENDS, BackendOptions, BackendUnavailable, auto_order, backend_spec, graph_for, open_graph
 from .manifest import Manifest, ManifestError
-from .samplers import guided, sampler_kwargs, sampler_spec
+from .samplers import Machine, drive, guided, sampler_kwargs, sampler_spec
 from .schedule import betas_from_spec
 
 log = logging.getLogger("vdeploy.runtime")
 
 DEFAULT_SAMPLER = "dpmpp"
+
+
+@dataclass
+class Prepared:
+    """One sampling run made ready by ``Pipeline.prepare``: its step machine and how to finish it.
+
+    Attributes:
+        machine: the sampler's step machine (``vdeploy.runtime.samplers``: yields ``StepRequest``, is sent eps).
+        sampler, steps, batch_size: what the run is (steps and batch resolved from the defaults).
+        cond_scale: the guidance scale, a float.
+        guidance: ``Pipeline.guidance(cond_scale)``: ``"none"``, ``"fused"`` or ``"two-calls"``.
+    """
+
+    machine: Machine
+    sampler: str
+    steps: int
+    batch_size: int
+    cond_scale: float
+    guidance: str
+
+    @staticmethod
+    def finish(x0: np.ndarray) -> np.ndarray:
+        """The machine's final x0 in [-1, 1] -> the video in [0, 1] (the seed's ``unnormalize_img``)."""
+        return np.clip((x0 + 1) * 0.5, 0.0, 1.0)
 
 
 class Pipeline:
@@ -62,6 +87,7 @@ class Pipeline:
         *,
         options: BackendOptions | None = None,
         verify: bool = True,
+        public_key: str | Path | None = None,
         **option_kwargs,
     ) -> Pipeline:
         """Load and validate a model directory written by ``vdeploy export``.
@@ -74,9 +100,14 @@ class Pipeline:
             options: a :class:`~vdeploy.runtime.backends.BackendOptions` (precision, threads, device_id,
                 max_batch, spin, cache); or give its fields as keywords (``precision="fp16"``).
             verify: check the sha256 of every listed file (on by default; the load refuses a tampered file).
+            public_key: a PEM public key (EC P-256/384/521): the directory must carry a valid ``model.sig``
+                made with its private key (``vdeploy export --sign-key``) over exactly these files; checked
+                before anything in the directory is parsed or opened. Needs ``vdeploy[signing]``.
 
         Raises:
-            ManifestError: a missing, unreadable, tampered or inconsistent model directory.
+            ManifestError: a missing, unreadable, tampered or inconsistent model directory; with
+                ``public_key``, also an unsigned, re-signed (other key) or modified one
+                (``vdeploy.runtime.signing.SignatureError``).
             BackendUnavailable: the backend asked for cannot run here (the message says what to install).
         """
         if backend != "auto":
@@ -86,6 +117,10 @@ class Pipeline:
         elif option_kwargs:
             raise ValueError("pass either `options` or its fields as keywords, not both")
         model_dir = Path(path)
+        if public_key is not None:  # who made it, before anything in it is parsed
+            from .signing import verify_dir
+
+            verify_dir(model_dir, public_key)
         manifest = manifest_lib.load(model_dir, verify=False)
         if not verify:
             return cls._open_dir(model_dir, manifest, backend, options)
@@ -112,6 +147,7 @@ class Pipeline:
         where = model_dir / manifest_lib.MANIFEST_NAME
         _betas(manifest, where)
         _null_embedding(model_dir, manifest)
+        _check_external_data(model_dir, manifest)
         if backend == "auto":
             kinds, skipped = auto_order(manifest, options)
             for reason in skipped:
@@ -139,38 +175,44 @@ class Pipeline:
                 log.info("backend %s unavailable: %s", kind, e)
         else:
             raise BackendUnavailable("no backend could start: " + "; ".join(errors))
-        cfg = None
-        cfg_graph = graph_for(kind, manifest, options, guidance=True)
-        if cfg_graph is not None:
-            try:
-                cfg = open_graph(kind, model_dir, manifest, cfg_graph, options)
-            except BackendUnavailable as e:  # e.g. no TensorRT plan of it: guidance as two calls instead
-                log.info("fused guidance graph %s not on %s (%s): guidance runs as two calls", cfg_graph, kind, e)
-        log.info(
-            "backend: %s (%s%s%s)", plain.name, plain.path.name, ", fused cfg graph" if cfg else "",
-            f"; auto: the fastest of {', '.join(kinds)}" if backend == "auto" else "",
-        )
-
-        text_encoder = None
-        conditioning = manifest.conditioning
-        if conditioning.text_encoder:
-            from .text import TextEncoder
-
-            text_kind = "cuda" if kind in ("cuda", "tensorrt-ep", "tensorrt") and \
-                BACKENDS["cuda"].unavailable(manifest, options) is None else "cpu"
-            model_file = conditioning.text_encoder_files[0]
-            text_encoder = TextEncoder(
-                model_dir / conditioning.text_encoder,
-                text_kind,
-                max_length=conditioning.max_length,
-                threads=options.threads,
-                onnx_sha256=manifest.files.get(model_file),
+        cfg = text_encoder = None
+        try:  # what opened is released if a later part fails (a corrupt text encoder, say)
+            cfg_graph = graph_for(kind, manifest, options, guidance=True)
+            if cfg_graph is not None:
+                try:
+                    cfg = open_graph(kind, model_dir, manifest, cfg_graph, options)
+                except BackendUnavailable as e:  # e.g. no TensorRT plan of it: guidance as two calls instead
+                    log.info("fused guidance graph %s not on %s (%s): guidance runs as two calls",
+                             cfg_graph, kind, e)
+            log.info(
+                "backend: %s (%s%s%s)", plain.name, plain.path.name, ", fused cfg graph" if cfg else "",
+                f"; auto: the fastest of {', '.join(kinds)}" if backend == "auto" else "",
             )
-        return cls(model_dir, manifest, plain, cfg, text_encoder, graph=graph, cfg_graph=cfg_graph)
+
+            conditioning = manifest.conditioning
+            if conditioning.text_encoder:
+                from .text import TextEncoder
+
+                text_kind = "cuda" if kind in ("cuda", "tensorrt-ep", "tensorrt") and \
+                    BACKENDS["cuda"].unavailable(manifest, options) is None else "cpu"
+                model_file = conditioning.text_encoder_files[0]
+                text_encoder = TextEncoder(
+                    model_dir / conditioning.text_encoder,
+                    text_kind,
+                    max_length=conditioning.max_length,
+                    threads=options.threads,
+                    onnx_sha256=manifest.files.get(model_file),
+                )
+            return cls(model_dir, manifest, plain, cfg, text_encoder, graph=graph, cfg_graph=cfg_graph)
+        except BaseException:
+            for opened in (plain, cfg, text_encoder):
+                if hasattr(opened, "close"):
+                    opened.close()
+            raise
 
     def close(self) -> None:
-        """Release what the backends hold (device memory of native TensorRT, compiled models)."""
-        for backend in (self.backend, self.cfg_backend):
+        """Release what the backends hold (sessions, device memory of native TensorRT, compiled models)."""
+        for backend in (self.backend, self.cfg_backend, self.text_encoder):
             if hasattr(backend, "close"):
                 backend.close()
 
@@ -254,6 +296,58 @@ class Pipeline:
         Returns:
             float32 ``(b, c, f, h, w)`` in [0, 1].
         """
+        bar = None
+
+        def on_step(info):
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(info)
+
+        run = self.prepare(batch_size=batch_size, cond=cond, text=text, cond_scale=cond_scale, sampler=sampler,
+                           steps=steps, seed=seed, noise=noise, step_noise=step_noise, callback=on_step, **options)
+        # timing counts graph calls only: what the runtime adds around them is the "outside" share
+        denoise, timing = self.timed_denoiser(run.cond_scale)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=run.steps, desc=f"{sampler} sampling", unit="step")
+        start = time.perf_counter()
+        try:
+            x0 = drive(run.machine, denoise)
+        finally:
+            if bar is not None:
+                bar.close()
+        total = time.perf_counter() - start
+        log.info(
+            "%s: %d steps, batch %d, %.3f s; denoiser %d calls %.3f s, outside the denoiser %.1f%%",
+            sampler, run.steps, run.batch_size, total, timing[0], timing[1],
+            100.0 * (total - timing[1]) / total if total else 0.0,
+        )
+        return run.finish(x0)
+
+    def prepare(
+        self,
+        batch_size: int = 1,
+        cond: np.ndarray | None = None,
+        text: str | list[str] | None = None,
+        cond_scale: float = 1.0,
+        sampler: str = DEFAULT_SAMPLER,
+        steps: int | None = None,
+        seed: int | None = None,
+        noise: np.ndarray | None = None,
+        step_noise: Iterable[np.ndarray] | None = None,
+        callback: Callable[[dict], None] | None = None,
+        **options,
+    ) -> Prepared:
+        """Make one sampling run ready without calling the denoiser: ``__call__`` is exactly
+        ``run = prepare(...); run.finish(drive(run.machine, timed_denoiser(run.cond_scale)[0]))``.
+
+        The same arguments as ``__call__`` (less ``progress``), checked the same way (every bad one raises
+        ValueError here, before any step). The starting noise and the per-step noise come from ``seed`` as in
+        a ``__call__``, so a driver that batches the machine's requests with others' (the serving batcher)
+        gets that call's video.
+        """
         spec = sampler_spec(sampler)
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -279,15 +373,6 @@ class Pipeline:
         if not np.isfinite(cond_scale):
             raise ValueError(f"cond_scale must be a finite number, got {cond_scale!r}")
 
-        # timing counts graph calls only: what the runtime adds around them is the "outside" share
-        if self.cond_dim is None or cond_scale == 1:
-            denoise, timing = _timed(self.denoiser())
-        elif self.cfg_backend is not None:
-            denoise, timing = _timed(self._fused_cfg_denoiser(cond_scale))
-        else:
-            plain, timing = _timed(self.denoiser())
-            denoise = guided(plain, self.null_cond, cond_scale)
-
         num_steps = steps if steps is not None else (spec.default_steps or len(self.betas))
         kwargs = {
             "cond": cond, "clip_denoised": True,
@@ -295,31 +380,27 @@ class Pipeline:
         }
         if self.config.get("use_dynamic_thres"):
             kwargs["dynamic_thres_percentile"] = self.config.get("dynamic_thres_percentile", 0.9)
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        machine = spec.stepper(x, self.betas, callback=callback, **kwargs)
+        return Prepared(machine, sampler, num_steps, batch_size, float(cond_scale), self.guidance(cond_scale))
 
-            bar = tqdm(total=num_steps, desc=f"{sampler} sampling", unit="step")
+    def guidance(self, cond_scale: float) -> str:
+        """How a run at ``cond_scale`` calls the graphs: ``"none"`` (the plain graph; unconditional models and
+        ``cond_scale == 1``), ``"fused"`` (one call of the ``--cfg`` graph) or ``"two-calls"`` (the plain graph
+        on cond and on the null embedding, combined as ``null + (cond - null) * cond_scale``)."""
+        if self.cond_dim is None or cond_scale == 1:
+            return "none"
+        return "fused" if self.cfg_backend is not None else "two-calls"
 
-        def on_step(info):
-            if bar is not None:
-                bar.update(1)
-            if callback is not None:
-                callback(info)
-
-        start = time.perf_counter()
-        try:
-            x0 = spec.fn(denoise, x, self.betas, callback=on_step, **kwargs)
-        finally:
-            if bar is not None:
-                bar.close()
-        total = time.perf_counter() - start
-        log.info(
-            "%s: %d steps, batch %d, %.3f s; denoiser %d calls %.3f s, outside the denoiser %.1f%%",
-            sampler, num_steps, batch_size, total, timing[0], timing[1],
-            100.0 * (total - timing[1]) / total if total else 0.0,
-        )
-        return np.clip((x0 + 1) * 0.5, 0.0, 1.0)  # the seed's unnormalize_img
+    def timed_denoiser(self, cond_scale: float) -> tuple[Callable, list]:
+        """The denoiser a run at ``cond_scale`` uses, and its ``[calls, seconds]`` of graph time (local to
+        the run, so thread-safe)."""
+        guidance = self.guidance(cond_scale)
+        if guidance == "fused":
+            return _timed(self._fused_cfg_denoiser(cond_scale))
+        denoise, timing = _timed(self.denoiser())
+        if guidance == "two-calls":
+            denoise = guided(denoise, self.null_cond, cond_scale)
+        return denoise, timing
 
     def _resolve_cond(self, cond, batch_size):
         if cond is None:
@@ -358,6 +439,16 @@ def _timed(denoise):
     return timed, timing
 
 
+def _check_external_data(model_dir: Path, manifest: Manifest) -> None:
+    """Every ONNX graph of the directory (denoisers, text encoder) keeps its external data inside it, in
+    files the manifest hashes: checked before onnxruntime opens any (``onnx_external``)."""
+    from .onnx_external import check_external_data
+
+    graphs = [g.file for g in manifest.graphs.values()] + list(manifest.conditioning.text_encoder_files[:1])
+    for name in dict.fromkeys(graphs):
+        check_external_data(model_dir, name, manifest.files)
+
+
 def _betas(manifest: Manifest, where) -> np.ndarray:
     try:
         return betas_from_spec(manifest.schedule.as_dict())
@@ -371,9 +462,16 @@ def _null_embedding(model_dir: Path, manifest: Manifest) -> np.ndarray | None:
     if not name:
         return None
     try:
-        null = np.load(model_dir / name, allow_pickle=False)
+        # mapped, not read: a header claiming terabytes is refused by its size below, not allocated
+        null = np.load(model_dir / name, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:
+        if "pickle" in str(e) or "Python objects" in str(e):  # never follow numpy's allow_pickle advice
+            raise ManifestError(f"the null embedding {model_dir / name} is not a .npy array (pickled data or "
+                                "another format); it was not loaded: loading a pickle could run code") from None
         raise ManifestError(f"cannot read the null embedding {model_dir / name}: {e}") from None
+    if not isinstance(null, np.ndarray):  # an .npz archive
+        null.close()
+        raise ManifestError(f"the null embedding {model_dir / name} is an .npz archive, expected one .npy array")
     cond_dim = manifest.cond_dim
     if null.size != cond_dim or null.ndim > 2 or not np.issubdtype(null.dtype, np.floating):
         raise ManifestError(f"null embedding {model_dir / name} has shape {null.shape} ({null.dtype}), "
