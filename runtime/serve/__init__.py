@@ -1,0 +1,13 @@
+"""vdeploy.runtime.serve: the serving stack around one ``Pipeline``, torch-free.
+
+- ``batcher``: :class:`Batcher`, step-level batching across requests (numpy only);
+- ``app``: the ASGI app (Starlette on uvicorn), ``POST /v1/videos``, health, readiness and metrics
+  (extra ``[serve]``);
+- ``ray_app``: the same app as a Ray Serve deployment (extra ``[ray]``).
+
+Only the batcher is imported here; the app's modules import their web stack when they are imported.
+"""
+
+from .batcher import Batcher, Closed, Job, QueueFull, RequestTimeout
+
+__all__ = ["Batcher", "Closed", "Job", "QueueFull", "RequestTimeout"]

@@ -1,0 +1,375 @@
+"""Step-level batching across requests: many sampling runs, one denoiser call per step boundary.
+
+A diffusion request is a loop of denoiser calls whose timestep is a per-row input (``t`` is ``(b,)``), so
+requests at *different* steps, with different samplers and step counts, can share one call: the same idea
+as continuous batching in LLM servers. The :class:`Batcher` holds one :class:`~vdeploy.runtime.Pipeline`
+and one worker thread that owns the denoiser. Each request is the pipeline's own step machine
+(``Pipeline.prepare``: the same noise from the seed, the same cond resolution, the same checks as a
+``Pipeline.__call__``); at every step boundary the worker
+
+1. drops the requests that were cancelled (their future's ``cancel()``) or ran past their deadline, and
+   admits queued ones while the rows fit in ``max_batch``;
+2. groups the active requests' pending ``StepRequest`` by graph: the plain denoiser (unguided requests, and
+   guided ones as two rows each, cond and null, when the model directory has no fused ``--cfg`` graph) or
+   the fused graph (one group per ``cond_scale``, which that graph takes as one scalar);
+3. makes one call per group on the concatenated rows (split into calls of at most ``max_batch`` rows), and
+   sends each machine its rows of the output (two-row guidance combined as ``null + (cond - null) * scale``,
+   ``guided``'s formula); a finished machine's video resolves its future, and it leaves.
+
+Rows count U-Net evaluations: a request of b videos is b rows, 2b with guidance (fused or not). With
+``batching=False`` the worker runs one request at a time through ``Pipeline.timed_denoiser``, exactly
+the calls of a solo ``Pipeline.__call__`` (the benchmark's baseline).
+
+Per-request results equal a solo ``Pipeline.__call__`` with the same arguments to float32 round-off (the
+convolutions see another batch size): the tests measure it. Numpy only, never torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..pipeline import Pipeline, Prepared
+from ..samplers import StepRequest
+
+log = logging.getLogger("vdeploy.runtime.serve")
+
+
+class QueueFull(Exception):
+    """The batcher's queue holds ``max_queue`` requests: try again later (HTTP 429)."""
+
+
+class Closed(Exception):
+    """The batcher is shutting down: it takes no new work, and work it will not finish ends with this."""
+
+
+class RequestTimeout(TimeoutError):
+    """A request ran past its deadline; it left the batch at the step boundary after it."""
+
+
+class Job(Future):
+    """A submitted request: a ``concurrent.futures.Future`` of the video (float32 ``(b, c, f, h, w)`` in
+    [0, 1]). ``cancel()`` works until the result is in (the request leaves at the next step boundary).
+
+    Attributes:
+        status: ``"queued"``, ``"running"``, ``"done"``, ``"failed"`` or ``"cancelled"``.
+        steps, step: the run's step count and the steps done so far.
+        rows: U-Net rows per step (b, 2b with guidance).
+    """
+
+    def __init__(self, run: Prepared, deadline: float | None):
+        super().__init__()
+        self.run = run
+        self.deadline = deadline
+        self.status = "queued"
+        self.steps = run.steps
+        self.step = 0
+        self.rows = run.batch_size * (1 if run.guidance == "none" else 2)
+        self.submitted = time.monotonic()
+
+    def cancel(self) -> bool:
+        done = super().cancel()
+        if done:
+            self.status = "cancelled"
+        return done
+
+
+@dataclass
+class _Active:
+    job: Job
+    request: StepRequest
+    denoise: Callable | None = None  # unbatched mode: the solo run's own denoiser
+    extra: dict = field(default_factory=dict)
+
+
+class Batcher:
+    """Runs many requests' step machines together on one pipeline (see the module docstring).
+
+    Args:
+        pipe: the loaded pipeline; the batcher's worker thread is the only caller of its denoiser.
+        max_batch: the most U-Net rows in one denoiser call, and the rows that may be active at once (a
+            larger single request runs alone).
+        max_queue: requests waiting to join beyond those active; one more raises :class:`QueueFull`.
+        batching: False runs one request at a time, as a solo ``Pipeline.__call__`` would.
+        on_call: ``on_call(rows, seconds)`` after every denoiser call (metrics).
+        on_step: ``on_step(seconds, active)`` after every step boundary's calls (metrics).
+    """
+
+    def __init__(self, pipe: Pipeline, *, max_batch: int = 8, max_queue: int = 64, batching: bool = True,
+                 on_call: Callable[[int, float], None] | None = None,
+                 on_step: Callable[[float, int], None] | None = None):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be a non-negative integer, got {max_queue!r}")
+        self.pipe = pipe
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batching = batching
+        self._on_call = on_call
+        self._on_step = on_step
+        self._plain = pipe.denoiser()
+        self._null = pipe.null_cond
+        self._cv = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._active: list[_Active] = []
+        self._closing = False
+        self._drain = True
+        self._step_seconds = 0.0  # the last boundary's duration, for Retry-After estimates
+        self._thread = threading.Thread(target=self._loop, name="vdeploy-batcher", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- the caller's side ----
+
+    def submit(self, *, timeout: float | None = None, **kwargs) -> Job:
+        """Queue one request: ``kwargs`` as ``Pipeline.__call__`` takes them (less ``progress``/``callback``).
+
+        Bad arguments raise ValueError here (``Pipeline.prepare`` checks them), before anything is queued.
+
+        Args:
+            timeout: seconds from now; past it the request leaves at the next boundary with RequestTimeout.
+
+        Raises:
+            QueueFull: ``max_queue`` requests are waiting.
+            Closed: the batcher is shutting down.
+        """
+        for name in ("progress", "callback"):
+            if name in kwargs:
+                raise ValueError(f"the batcher takes no `{name}`")
+        self._admissible()
+        run = self.pipe.prepare(**kwargs)
+        return self.submit_prepared(run, timeout=timeout)
+
+    def submit_prepared(self, run: Prepared, *, timeout: float | None = None) -> Job:
+        """Queue a run made by ``pipe.prepare`` (see :meth:`submit`)."""
+        job = Job(run, None if timeout is None else time.monotonic() + timeout)
+        with self._cv:
+            self._admissible()
+            self._queue.append(job)
+            self._cv.notify()
+        return job
+
+    def _admissible(self) -> None:
+        if self._closing:
+            raise Closed("the server is shutting down")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting to join."""
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        """Requests in the running batch."""
+        return len(self._active)
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about one request's time through the batch (at least 1)."""
+        steps = [a.job.steps - a.job.step for a in list(self._active)] or [1]
+        return max(1, round(min(steps) * self._step_seconds))
+
+    def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Take no new work; finish what is queued and running (``drain``) or end it with :class:`Closed`.
+
+        A drain still running after ``timeout`` seconds ends the rest with Closed. Returns when the worker
+        has stopped.
+        """
+        with self._cv:
+            self._closing = True
+            self._drain = drain
+            self._cv.notify()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._cv:
+                self._drain = False
+                self._cv.notify()
+            self._thread.join()
+
+    # ---------------------------------------------------------------- the worker ----
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._active and not self._closing:
+                    self._cv.wait()
+                if self._closing and not self._drain:
+                    self._abort_all()
+                    return
+                if self._closing and not self._queue and not self._active:
+                    return
+                joining = self._admit()
+            for job in joining:
+                self._start(job)
+            self._drop_finished_or_expired()
+            if not self._active:
+                continue
+            start = time.perf_counter()
+            try:
+                if self.batching:
+                    self._batched_step()
+                else:
+                    self._solo_step(self._active[0])
+            except Exception:  # a bug here must not kill the worker: fail the batch, keep serving
+                log.exception("batcher step failed")
+                for entry in self._active:
+                    _fail(entry.job, RuntimeError("the denoiser step failed (see the server log)"))
+            seconds = time.perf_counter() - start
+            self._step_seconds = seconds
+            if self._on_step is not None:
+                self._on_step(seconds, len(self._active))
+            self._active = [a for a in self._active if not a.job.done()]
+
+    def _admit(self) -> list[Job]:
+        """Pop the queued jobs that join at this boundary (called under the lock)."""
+        rows = sum(a.job.rows for a in self._active)
+        joining = []
+        while self._queue:
+            job = self._queue[0]
+            if job.cancelled() or _expired(job):
+                self._queue.popleft()
+                if not job.cancelled():
+                    _fail(job, RequestTimeout("the request timed out while queued"))
+                continue
+            if self._active or joining:
+                if not self.batching or rows + job.rows > self.max_batch:
+                    break
+            self._queue.popleft()
+            joining.append(job)
+            rows += job.rows
+        return joining
+
+    def _start(self, job: Job) -> None:
+        try:
+            request = next(job.run.machine)
+        except Exception as e:
+            _fail(job, e)
+            return
+        job.status = "running"
+        denoise = None
+        if not self.batching:
+            denoise = self.pipe.timed_denoiser(job.run.cond_scale)[0]
+        self._active.append(_Active(job, request, denoise))
+
+    def _drop_finished_or_expired(self) -> None:
+        keep = []
+        for entry in self._active:
+            job = entry.job
+            if job.cancelled():
+                job.run.machine.close()
+                continue
+            if _expired(job):
+                job.run.machine.close()
+                _fail(job, RequestTimeout(f"the request timed out after {job.step} of {job.steps} steps"))
+                continue
+            keep.append(entry)
+        self._active = keep
+
+    def _abort_all(self) -> None:
+        for job in list(self._queue) + [a.job for a in self._active]:
+            job.run.machine.close()
+            _fail(job, Closed("the server shut down before this request finished"))
+        self._queue.clear()
+        self._active = []
+
+    def _solo_step(self, entry: _Active) -> None:
+        r = entry.request
+        start = time.perf_counter()
+        eps = entry.denoise(r.x, r.t, r.cond)
+        self._called(entry.job.rows, time.perf_counter() - start)
+        self._advance(entry, eps)
+
+    def _batched_step(self) -> None:
+        groups: dict = {}
+        for entry in self._active:
+            run = entry.job.run
+            key = ("fused", run.cond_scale) if run.guidance == "fused" else ("plain",)
+            groups.setdefault(key, []).append(entry)
+        for key, entries in groups.items():
+            chunk, rows = [], 0
+            for entry in entries:
+                if chunk and rows + entry.job.rows > self.max_batch:
+                    self._call(key, chunk)
+                    chunk, rows = [], 0
+                chunk.append(entry)
+                rows += entry.job.rows
+            if chunk:
+                self._call(key, chunk)
+
+    def _call(self, key: tuple, entries: list[_Active]) -> None:
+        """One denoiser call over ``entries``' requests; each machine gets its rows."""
+        xs, ts, conds = [], [], []
+        for entry in entries:
+            r, guidance = entry.request, entry.job.run.guidance
+            xs.append(r.x)
+            ts.append(r.t)
+            conds.append(r.cond)
+            if guidance == "two-calls":  # the null rows of classifier-free guidance, after the cond rows
+                xs.append(r.x)
+                ts.append(r.t)
+                conds.append(np.broadcast_to(self._null, r.cond.shape))
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        t = ts[0] if len(ts) == 1 else np.concatenate(ts)
+        cond = None if conds[0] is None else (conds[0] if len(conds) == 1 else np.concatenate(conds))
+        denoise = self._plain if key[0] == "plain" else self.pipe.timed_denoiser(key[1])[0]
+        start = time.perf_counter()
+        try:
+            eps = denoise(x, t, cond)
+        except Exception as e:
+            log.exception("denoiser call of %d rows failed", x.shape[0])
+            for entry in entries:
+                entry.job.run.machine.close()
+                _fail(entry.job, RuntimeError(f"the denoiser failed: {e}"))
+            return
+        self._called(sum(entry.job.rows for entry in entries), time.perf_counter() - start)
+        at = 0
+        for entry in entries:
+            b, run = entry.request.x.shape[0], entry.job.run
+            if run.guidance == "two-calls":
+                cond_eps, null_eps = eps[at : at + b], eps[at + b : at + 2 * b]
+                out = null_eps + (cond_eps - null_eps) * run.cond_scale  # guided()'s formula, Python float scale
+                at += 2 * b
+            else:
+                out = eps[at : at + b]
+                at += b
+            self._advance(entry, out)
+
+    def _called(self, rows: int, seconds: float) -> None:
+        if self._on_call is not None:
+            self._on_call(rows, seconds)
+
+    def _advance(self, entry: _Active, eps: np.ndarray) -> None:
+        job = entry.job
+        try:
+            entry.request = job.run.machine.send(eps)
+            job.step += 1
+        except StopIteration as done:
+            job.step += 1
+            video = job.run.finish(done.value)
+            try:
+                job.set_result(video)
+                job.status = "done"
+            except InvalidStateError:  # cancelled meanwhile
+                pass
+        except Exception as e:
+            _fail(job, e)
+
+
+def _expired(job: Job) -> bool:
+    return job.deadline is not None and time.monotonic() > job.deadline
+
+
+def _fail(job: Job, error: BaseException) -> None:
+    try:
+        job.set_exception(error)
+        job.status = "failed"
+    except InvalidStateError:  # cancelled or finished meanwhile
+        pass
