@@ -175,15 +175,16 @@ def _check_files(results: Path, milestones: list[int], last: bool, steps: list[i
         elif e["event"] == "os.rename":
             landed.setdefault(Path(e["paths"][1]).name, []).append("rename")
     saves = len(milestones) + last
-    expected = {"log.jsonl": ["open"], "model-last.pt": ["rename"] * saves,
-                "sample-last.gif": ["rename"] * len(milestones)}
+    log = landed.pop("log.jsonl", [])  # opened once for appending, after (or without) an atomic rewrite
+    assert log.count("open") == 1 and log.count("rename") <= 1 and log[-1] == "open", log
+    expected = {"model-last.pt": ["rename"] * saves, "sample-last.gif": ["rename"] * len(milestones)}
     expected.update({f"model-{m}.pt": ["rename"] for m in milestones})
     expected.update({f"{m}.gif": ["rename"] for m in milestones})
     assert landed == expected, landed
 
     names = sorted(p.name for p in results.iterdir())
     assert not [n for n in names if n.startswith(".")], f"temporary files left: {names}"
-    for name in expected:
+    for name in [*expected, "log.jsonl"]:
         path = results / name
         if name.endswith(".pt"):
             assert load_checkpoint(path)["step"] in [m * SAVE_EVERY for m in milestones] + [steps[-1]]
@@ -335,7 +336,7 @@ def test_ctrl_c_in_one_process_stops_every_process_at_one_step(work):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert out.count("interrupted: saved") == 1 and "continue with --resume" in out, out[-4000:]
+    assert out.count("continue with --resume") == 1, out[-4000:]  # rank 0 alone speaks
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     raw = _ckpt(results / "model-last.pt")
     assert raw["step"] == steps[-1] >= 2 and steps == list(range(1, steps[-1] + 1))
