@@ -522,7 +522,9 @@ class Trainer:
                 if agreed_stop or (acc.num_processes == 1 and stop.requested):
                     self.interrupted = True
                     log_fn({"step": self.step, "loss": loss_value, "checkpoint": str(self.save("last")), "stopped": True})
-                    logger.warning("interrupted: saved %s at step %d", self.results_folder / ckpt_io.LAST_NAME, self.step)
+                    if main:
+                        logger.warning("interrupted: saved %s at step %d", self.results_folder / ckpt_io.LAST_NAME,
+                                       self.step)
                     break
                 self.model.train()
                 losses = []
