@@ -142,7 +142,8 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int, overwrite
                    "checkpoint's with --resume]")
 @click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Train until this many optimizer steps in all (a resumed run continues to it).")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096), help="Videos per micro-batch.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096),
+              help="Videos per micro-batch and process (under torchrun / accelerate launch).")
 @click.option("--lr", default=2e-3, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Adam learning rate (the seed's Trainer default is 1e-4, tuned for large models).")
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
@@ -155,7 +156,7 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int, overwrite
               help="Checkpoint and sample grid every this many steps (and at the end).")
 @click.option("--resume", is_flag=True,
               help="Continue from the newest checkpoint in --results with its settings (flags given override "
-                   "them); exact on one process.")
+                   "them), on any number of processes (the global batch kept where it divides).")
 @click.option("--overwrite", is_flag=True,
               help="Start afresh even though --results holds an earlier run's checkpoints (they are deleted).")
 @click.option("--text-encoder", default=None, metavar="DIR|default",
@@ -466,10 +467,13 @@ def _log_progress() -> None:
               help="TensorRT timing cache file (read if present, written after the build).")
 @click.option("--workspace", default=4096, show_default=True, type=click.IntRange(min=64),
               help="TensorRT workspace limit in MiB.")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Sign the directory with this EC private key (unencrypted PEM; P-256/384/521): OUT/model.sig, "
+                   "checked by `vdeploy verify` and Pipeline.from_dir(public_key=...). Needs vdeploy[signing].")
 def export_cmd(ckpt: Path, out: Path, config_spec: str | None, ema: bool, opset: int, cfg: bool, fp16: bool,
                optimize: str, static_size: bool, atol: float, fp16_atol: float, text_encoder: Path | None,
                tensorrt: bool, trt_fp32: bool, min_shapes: str | None, opt_shapes: str | None, max_shapes: str | None,
-               timing_cache: Path | None, workspace: int) -> None:
+               timing_cache: Path | None, workspace: int, sign_key: Path | None) -> None:
     """Export a checkpoint's denoiser to a checked model directory (ONNX, optional TensorRT).
 
     \b
@@ -480,6 +484,13 @@ def export_cmd(ckpt: Path, out: Path, config_spec: str | None, ema: bool, opset:
     fails, leaving nothing behind, when an error exceeds --atol.
     """
     _require_extra("export", "torch", "onnx", "onnxruntime")
+    if sign_key is not None:  # a key that cannot sign is refused before the slow work
+        from vdeploy.runtime.signing import SignatureError, check_private_key, sign_dir
+
+        try:
+            check_private_key(sign_key)
+        except SignatureError as e:
+            raise BadInput(f"--sign-key: {e}") from None
     _log_progress()
     from vdeploy.export import ExportError, ValidationError, export_onnx
     from vdeploy.export.tensorrt import TensorRTOptions, parse_shapes
@@ -509,6 +520,39 @@ def export_cmd(ckpt: Path, out: Path, config_spec: str | None, ema: bool, opset:
         click.echo(f"{graph}: max abs err vs PyTorch {worst:.2e} (atol {result['atol']:g}) over "
                    + ", ".join(f"{k} {v:.1e}" for k, v in result["max_abs_err"].items()))
     click.echo(f"wrote {out} ({', '.join(manifest.files)}) in {time.perf_counter() - t0:.1f} s")
+    if sign_key is not None:
+        try:
+            signature = sign_dir(out, sign_key)
+        except SignatureError as e:
+            raise BadInput(f"wrote {out} but could not sign it: {e}") from None
+        click.echo(f"signed {out} with {sign_key}: {signature.name}")
+
+
+# -------------------------------------------------------------- verify ----
+
+
+@main.command("verify", cls=OneLineErrors)
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--public-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The PEM public key of whoever signed the directory (vdeploy export --sign-key).")
+def verify(model_dir: Path, public_key: Path) -> None:
+    """Check that MODEL_DIR was signed with the private key of --public-key and is unchanged since.
+
+    \b
+    Then checks vdeploy.json as `vdeploy sample` would (format version, paths, every file's sha256).
+    Exit 0: valid; 2: unsigned, signed by another key, modified, or an unusable manifest (one line).
+    Needs vdeploy[signing].
+    """
+    from vdeploy.runtime import manifest as manifest_lib
+    from vdeploy.runtime.signing import verify_dir
+
+    try:
+        verify_dir(model_dir, public_key)
+        manifest = manifest_lib.load(model_dir)
+    except manifest_lib.ManifestError as e:
+        raise BadInput(str(e)) from None
+    click.echo(f"{model_dir}: signed with the key of {public_key}, unchanged since; "
+               f"{len(manifest.files)} files match vdeploy.json")
 
 
 # -------------------------------------------------------------- sample ----
@@ -548,8 +592,9 @@ def _runtime_logging(quiet: bool) -> None:
               help="auto: the fastest that runs here (" + " > ".join(
                   name for _, name in sorted((s.auto_rank, n) for n, s in BACKENDS.items() if s.auto_rank is not None))
               + ").")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16: the fp16 graph (ORT), the fp16 flag (TensorRT EP) or an fp16 plan.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="fp16: the fp16 graph (ORT), the fp16 flag (TensorRT EP) or an fp16 plan; "
+                   "bf16: OpenVINO's bfloat16 (CPUs with AVX512_BF16/AMX).")
 @click.option("--eta", default=None, type=FiniteFloat(min=0),
               help="DDIM stochasticity (0 = deterministic, the default); samplers with an eta option only.")
 @click.option("--spacing", default=None, type=click.Choice(SPACINGS),
@@ -652,17 +697,18 @@ def _read_cond(path: Path):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the noise and the embeddings.")
 @click.option("--backend", default="cpu", show_default=True,
               type=click.Choice(["auto", *BACKENDS]), help="Runtime backend.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="What the runtime runs (bf16: --backend openvino).")
 @click.option("--config", "config_spec", default=None,
               help="Architecture, where the checkpoint holds none (default: the model directory's).")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Compare with the EMA or the raw weights.")
-@click.option("--atol", default=1e-3, show_default=True, type=FiniteFloat(min=0, min_open=True),
-              help="Tolerance on every per-call and on the final max abs error.")
+@click.option("--atol", default=None, type=FiniteFloat(min=0, min_open=True),
+              help="Tolerance on every per-call and on the final max abs error.  [default: 1e-3; 0.25 for bf16]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report (per_call_max_abs_err, final_max_abs_err, psnr_db, ...) here.")
 def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing: str | None, batch_size: int,
-           cond_scale: float, seed: int, backend: str, precision: str, config_spec: str | None, ema: bool, atol: float,
-           json_path: Path | None) -> None:
+           cond_scale: float, seed: int, backend: str, precision: str, config_spec: str | None, ema: bool,
+           atol: float | None, json_path: Path | None) -> None:
     """Sample with PyTorch and with the runtime from the same noise; compare every denoiser call.
 
     Reports the max abs error of each call, of the final video and its PSNR; exits 1 when an error
@@ -699,7 +745,8 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing
             raise click.ClickException(f"cannot write {json_path}: {e.strerror or e} (an earlier file there is "
                                        "unchanged)") from None
     psnr = "inf" if report["psnr_db"] is None else f"{report['psnr_db']:.1f}"
-    click.echo(f"{report['sampler']} {report['steps']} steps on {report['backend']}: per-call max abs err "
+    click.echo(f"{report['sampler']} {report['steps']} steps on {report['backend']} ({report['precision']}, atol "
+               f"{report['atol']:g}): per-call max abs err "
                f"{report['max_per_call_abs_err']:.2e} (worst of {report['calls']}), final {report['final_max_abs_err']:.2e}, "
                f"PSNR {psnr} dB; torch {report['seconds']['torch']} s, runtime {report['seconds']['runtime']} s")
     if failure:
@@ -709,13 +756,6 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing
 # --------------------------------------------------------------- bench ----
 
 
-def _bench_script() -> Path:
-    """``benchmarks/latency.py`` of the source checkout this vdeploy is installed from (editable install)."""
-    import vdeploy
-
-    return Path(vdeploy.__file__).resolve().parent.parent / "benchmarks" / "latency.py"
-
-
 @main.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
               add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
@@ -723,21 +763,12 @@ def bench(args: tuple[str, ...]) -> None:
     """PyTorch vs the runtime: latency, sampling, cold start, quality (= python benchmarks/latency.py).
 
     \b
-    Every option is passed on to benchmarks/latency.py; `vdeploy bench --help` lists them. Example:
+    Every option is passed on to vdeploy.bench; `vdeploy bench --help` lists them. Example:
       vdeploy bench --config small --json bench-out/latency.json --plot bench-out/latency.png
     """
-    import importlib.util
-    import sys
+    from vdeploy.bench import main as bench_main
 
-    script = _bench_script()
-    if not script.is_file():
-        raise BadInput(f"vdeploy bench runs {script.relative_to(script.parent.parent)} of a source checkout, and "
-                       f"{script} is not there: install vdeploy editable from a checkout (make install)")
-    spec = importlib.util.spec_from_file_location("vdeploy_bench_latency", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    raise SystemExit(module.main(list(args), prog="vdeploy bench"))
+    raise SystemExit(bench_main(list(args), prog="vdeploy bench"))
 
 
 if __name__ == "__main__":
