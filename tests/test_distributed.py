@@ -2,8 +2,8 @@
 
 The launches are the README's ("Training on several GPUs or machines"), word for word but for the
 tiny config, the CPU, and 127.0.0.1 with a free port: ``torchrun --standalone`` (one node),
-``torchrun --nnodes 2 --rdzv-endpoint`` (two "nodes" on this host) and ``accelerate launch`` with the
-README's config file (two "machines"). Every launched process carries an audit hook (a
+``torchrun --nnodes 2 --rdzv-endpoint`` (two "nodes" on this host), ``accelerate launch --multi_gpu``
+(one node) and ``accelerate launch`` with the README's config file (two "machines", bf16). Every launched process carries an audit hook (a
 ``sitecustomize`` on PYTHONPATH) that records each write, rename, link and delete under the results
 folder, so the tests see which process wrote what, how often, and that every file landed whole.
 
