@@ -204,7 +204,7 @@ def test_dpmpp_matches_diffusers_dpmsolver_multistep(steps, clip, order):
 
 @pytest.mark.parametrize("order", [2, 3])
 @pytest.mark.parametrize("steps", [10, 25])
-@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "logsnr"])
 def test_dpmpp_other_spacings_match_diffusers_given_the_timesteps(spacing, steps, order):
     # (diffusers' own leading/linspace for this scheduler space steps + 1 points and drop t = 0.) These end
     # at t = 0, where diffusers' float32 abar (1 - abar_0 ~ 4e-5 keeps three digits) moves sigma by ~1e-3:
@@ -219,25 +219,31 @@ def test_dpmpp_other_spacings_match_diffusers_given_the_timesteps(spacing, steps
         thresholding=True, sample_max_value=1.0,
     )
     reference.alphas_cumprod = torch.from_numpy(np.cumprod(1 - betas))
-    theirs, _ = diffusers_loop(reference, x, steps, set_timesteps=schedule.respace(1000, steps, spacing))
+    theirs, _ = diffusers_loop(reference, x, steps, set_timesteps=schedule.respace(1000, steps, spacing, betas=betas))
     assert_close(ours, theirs, clipped=True)
 
 
-def test_respaced_ddpm_matches_diffusers_ddpm_scheduler(monkeypatch):
+@pytest.mark.parametrize("spacing", ["trailing", "logsnr"])
+def test_respaced_ddpm_matches_diffusers_ddpm_scheduler(spacing, monkeypatch):
     from diffusers import DDPMScheduler
     from diffusers.schedulers import scheduling_ddpm
 
     betas = schedule.cosine_beta_schedule(1000)
     x = start_noise()
     noise = np.random.default_rng(2).standard_normal((25, *SHAPE), dtype=np.float32)
-    ours = samplers.ddpm(dummy, x, betas, steps=25, noise=noise)
+    ours = samplers.ddpm(dummy, x, betas, steps=25, spacing=spacing, noise=noise)
     it = iter(noise)
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: torch.from_numpy(next(it)))
     reference = DDPMScheduler(
         num_train_timesteps=1000, trained_betas=betas, timestep_spacing="trailing", clip_sample=True,
         variance_type="fixed_small",
     )
-    theirs, _ = diffusers_loop(reference, x, 25)
+    # diffusers has no logsnr spacing: it gets respace's timesteps (custom timesteps step to the next one).
+    # logsnr spends its first steps at t = 999..989, where diffusers' float32 abar (float32 betas multiplied
+    # up in float32) is off by ~1e-4: it gets the seed's float64 abar (measured 4e-5 -> 4e-7)
+    reference.alphas_cumprod = torch.from_numpy(np.cumprod(1 - betas))
+    custom = schedule.respace(1000, 25, spacing, betas=betas) if spacing != "trailing" else None
+    theirs, _ = diffusers_loop(reference, x, 25, set_timesteps=custom)
     assert_close(ours, theirs, clipped=True)
 
 

@@ -3,6 +3,11 @@
 import numpy as np
 import pytest
 
+try:  # torch must be imported before conftest.load_reference stubs torchvision: the stub answers every
+    import torch  # noqa: F401  attribute, __file__ too, and torch's import-time inspect call trips on it
+except ImportError:
+    pass
+
 from vdeploy.runtime import schedule
 
 from runtime_fixtures import upstream
@@ -94,7 +99,7 @@ def lu_lambdas_timesteps(betas, steps):
     return reference.timesteps.numpy()
 
 
-@pytest.mark.parametrize("betas, steps", [(LINEAR, 10), (LINEAR, 25), (LINEAR, 100), (schedule.cosine_beta_schedule(1000), 5)])
+@pytest.mark.parametrize("betas, steps", [(LINEAR, 10), (LINEAR, 20), (LINEAR, 30), (schedule.cosine_beta_schedule(1000), 5)])
 def test_logsnr_spacing_matches_diffusers_lu_lambdas_where_its_timesteps_are_distinct(betas, steps):
     theirs = lu_lambdas_timesteps(betas, steps)
     assert len(np.unique(theirs)) == steps
@@ -114,7 +119,7 @@ def test_logsnr_spacing_is_nearest_in_lambda_and_otherwise_the_next_free_timeste
     nearest = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)  # brute force
     for k in range(1, steps):
         assert ours[k] == nearest[k] or ours[k] == ours[k - 1] - 1 or ours[k] == steps - 1 - k, k
-        if nearest[k] < ours[k - 1]:
+        if steps - 1 - k <= nearest[k] < ours[k - 1]:
             assert ours[k] == nearest[k], f"step {k}: its nearest timestep {nearest[k]} was free"
     if steps == T:
         np.testing.assert_array_equal(ours, np.arange(T - 1, -1, -1))

@@ -305,6 +305,8 @@ def test_machines_batched_together_equal_solo_runs_bit_for_bit():
         (2, "ddim", 3, {"steps": 5, "eta": 0.5, "rng": 4, "spacing": "leading"}),
         (3, "dpmpp", 1, {"steps": 7, "spacing": "linspace", "dynamic_thres_percentile": 0.8}),
         (3, "ddim", 2, {"steps": 9, "clip_denoised": False}),
+        (4, "unipc", 2, {"steps": 9, "order": 3, "variant": "bh1", "spacing": "logsnr"}),
+        (5, "dpmpp3m", 1, {"steps": 8, "dynamic_thres_percentile": 0.9}),
     ] + [(1, name, 1, {"steps": 6}) for name in SAMPLERS if not SAMPLERS[name].draws_noise]
 
     def make(k, name, rows, options):
