@@ -38,6 +38,7 @@ from .atomic import write_text
 FORMAT_VERSION = 2
 READS_VERSIONS = (1, 2)
 MANIFEST_NAME = "vdeploy.json"
+SIGNATURE_NAME = "model.sig"  # runtime/signing.py: covers every other file, so `files` never lists it
 ROLES = ("x", "t", "cond", "cond_scale", "frames", "mask")
 PRECISIONS = ("fp32", "fp16")
 BETA_SCHEDULES = ("cosine",)  # what the training half builds; any schedule runs from its stored betas
@@ -286,11 +287,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def _model_files(model_dir: Path) -> list[str]:
-    """Every file under ``model_dir`` except the manifest and temporaries, as sorted posix relative paths."""
+    """Every file under ``model_dir`` except the manifest, its signature and temporaries, as sorted posix
+    relative paths."""
     return sorted(
         p.relative_to(model_dir).as_posix()
         for p in model_dir.rglob("*")
         if p.is_file() and p.name != MANIFEST_NAME and not (p.name.startswith(f".{MANIFEST_NAME}.") and ".tmp" in p.name)
+        and p.relative_to(model_dir).as_posix() != SIGNATURE_NAME
     )
 
 
@@ -315,7 +318,7 @@ def load(model_dir: str | Path, verify: bool = True) -> Manifest:
         raise ManifestError(f"{model_dir} has no {MANIFEST_NAME}: is it a directory written by `vdeploy export`?")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, UTF-8, an int of 4300+ digits
         raise ManifestError(f"cannot read {path}: {e}") from None
     manifest = from_json(data, where=str(path))
     for name in manifest.files:
@@ -467,7 +470,10 @@ _JSON_NAMES = {"dict": "object", "list": "array", "str": "string", "int": "integ
 
 
 def _short(value) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int of 4300+ digits, a structure nested too deep to print
+        return f"<a {type(value).__name__} too large to print>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 

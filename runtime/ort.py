@@ -113,10 +113,15 @@ class OrtBackend:
                 )
             )
         providers.append("CPUExecutionProvider")
-        if kind == "cpu" and cache and onnx_sha256:
-            self.session = self._cached_cpu_session(ort, options, providers, onnx_sha256)
-        else:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        try:
+            if kind == "cpu" and cache and onnx_sha256:
+                self.session = self._cached_cpu_session(ort, options, providers, onnx_sha256)
+            else:
+                self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise _session_error(self.path, kind, e) from None
         used = self.session.get_providers()[0]
         if used != provider:
             raise BackendUnavailable(f"onnxruntime could not start {provider} (it fell back to {used})")
@@ -221,6 +226,10 @@ class OrtBackend:
                 )
         return options
 
+    def close(self) -> None:
+        """Let go of the session (its memory, mapped weights and device buffers); later runs fail."""
+        self.session = None
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run the graph on ``feeds`` (cast to the declared dtypes); thread-safe."""
         feeds = {spec.name: cast(spec, feeds[spec.name]) for spec in self.inputs}
@@ -237,6 +246,23 @@ class OrtBackend:
 
 
 _CACHE_GRAPH, _CACHE_DATA, _CACHE_META = "model.onnx", "model.data", "meta.json"
+
+# onnxruntime's errors for a file it cannot parse or a graph it cannot build: the file is at fault
+_BAD_GRAPH_ERRORS = ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoSuchFile", "NoModel", "Fail",
+                     "NotImplemented")
+
+
+def _session_error(path: Path, kind: str, error: Exception) -> Exception:
+    """What a failed session creation means: a corrupt graph (ManifestError naming the file), or on a GPU
+    kind an execution provider that cannot start (BackendUnavailable, so ``auto`` tries the next one)."""
+    message = " ".join(str(error).split())
+    if len(message) > 300:
+        message = message[:297] + "..."
+    bad_file = type(error).__name__ in _BAD_GRAPH_ERRORS
+    if kind != "cpu" and not bad_file:
+        return BackendUnavailable(f"onnxruntime could not open {path} with {ORT_PROVIDERS[kind]}: {message}")
+    return ManifestError(f"onnxruntime cannot load {path} ({type(error).__name__}: {message}): "
+                         "a corrupt file or not an ONNX graph; re-export the model directory")
 
 
 def _files_match(folder: Path, digests: dict) -> bool:

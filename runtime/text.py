@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .manifest import ManifestError
 from .ort import OrtBackend
 from .platform import BackendUnavailable
 
@@ -34,7 +35,12 @@ class TextEncoder:
         except ImportError:
             raise BackendUnavailable("tokenizers is not installed: pip install 'vdeploy[cpu]'") from None
         folder = Path(folder)
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for every parse error
+            message = " ".join(str(e).split())[:300]
+            raise ManifestError(f"cannot read the tokenizer {folder / 'tokenizer.json'} ({message}): a corrupt "
+                                "file or not a tokenizers JSON; re-export the model directory") from None
         if max_length is not None or self.tokenizer.truncation is None:
             self.tokenizer.enable_truncation(max_length or 512)
         if self.tokenizer.padding is None:
@@ -43,6 +49,10 @@ class TextEncoder:
             self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token or "[PAD]")
         self.backend = OrtBackend(folder / "model.onnx", kind, threads=threads, onnx_sha256=onnx_sha256)
         self._lock = threading.Lock()  # tokenizer settings are shared state; encoding is cheap
+
+    def close(self) -> None:
+        """Let go of the encoder's onnxruntime session."""
+        self.backend.close()
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         with self._lock:
