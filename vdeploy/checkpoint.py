@@ -74,8 +74,10 @@ def save_checkpoint(data: dict, path: str | os.PathLike) -> Path:
             stale.unlink(missing_ok=True)
         with atomic.atomic_open(path, "wb") as f:
             torch.save(data, f)
-    except OSError as e:
-        raise CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}") from None
+    except (OSError, RuntimeError) as e:  # torch's zip writer may turn a failed write into a RuntimeError
+        cause = next((c for c in (e, e.__context__, e.__cause__) if isinstance(c, OSError)), e)
+        reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[0]
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {reason}; {kept}") from None
     return path
 
 
