@@ -35,8 +35,9 @@ VARIANTS = ("bh1", "bh2")
 
 def _rhos(h: float, r: np.ndarray, p: int, variant: str, corrector: bool):
     """``h phi_1(h)``, ``B(h)`` and the rho coefficients of one UniP-p (``corrector=False``, p - 1 of them)
-    or UniC-p (p of them) update, in data prediction (``hh = -h``), as the paper's Algorithm and diffusers'
-    ``multistep_uni_{p,c}_bh_update`` form them, including their shortcuts rho = 1/2 for UniP-2 and UniC-1."""
+    or UniC-p (p of them) update, in data prediction (``hh = -h``), as the paper's B(h) formulation and
+    diffusers' ``multistep_uni_{p,c}_bh_update`` form them, with their shortcuts rho = 1/2 for UniP-2 and
+    UniC-1."""
     hh = -h
     h_phi_1 = np.expm1(hh)  # e^{hh} - 1
     b_h = hh if variant == "bh1" else h_phi_1
@@ -44,7 +45,8 @@ def _rhos(h: float, r: np.ndarray, p: int, variant: str, corrector: bool):
         return h_phi_1, b_h, np.array([0.5])
     if not corrector and p <= 2:
         return h_phi_1, b_h, np.full(p - 1, 0.5)
-    # R[j, k] = r_k^j (the history's r and 1 for the newest point), b_j = j! h phi_{j+1}(h) / B(h)
+    # R[j, k] = r_k^j (the history's r, then 1), b_j = (j+1)! hh phi_{j+2}(hh) / B(h) with the exponential
+    # integrators' phi_k(z) = (e^z - sum_{l<k} z^l / l!) / z^k, built by phi_{k+1} = (phi_k - 1/k!) / z
     R = np.vander(np.append(r, 1.0), p, increasing=True).T
     b = np.empty(p)
     h_phi_k, factorial = h_phi_1 / hh - 1, 1

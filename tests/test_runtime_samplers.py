@@ -223,6 +223,14 @@ def test_dpmpp_other_spacings_match_diffusers_given_the_timesteps(spacing, steps
     assert_close(ours, theirs, clipped=True)
 
 
+@pytest.mark.parametrize("clip", [True, False])
+def test_first_order_dpmpp_is_ddim(clip):
+    betas = schedule.cosine_beta_schedule(1000)
+    ours = samplers.dpmpp(dummy, start_noise(), betas, steps=10, order=1, clip_denoised=clip)
+    ddim = samplers.ddim(dummy, start_noise(), betas, steps=10, clip_denoised=clip)
+    assert_close(ours, ddim, clip)
+
+
 @pytest.mark.parametrize("spacing", ["trailing", "logsnr"])
 def test_respaced_ddpm_matches_diffusers_ddpm_scheduler(spacing, monkeypatch):
     from diffusers import DDPMScheduler
