@@ -24,6 +24,8 @@ class _AnyAttr(types.ModuleType):
     """A stand-in module whose every attribute is a do-nothing callable (``T.ToTensor()`` etc.)."""
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # module machinery (__file__, __path__, ...) must look absent
+            raise AttributeError(name)
         return lambda *args, **kwargs: None
 
 
