@@ -8,8 +8,8 @@
 #
 # Python: $PYTHON if set, else the checkout's .venv (README set-up with `pip install -e '.[gpu,train,export]'`),
 # else python3 (e.g. a GPU image's python with torch and onnxruntime[-gpu]). Where vdeploy is not installed
-# in that python, the checkout is put on its path through a folder of links (vdeploy, vdeploy.export ->
-# export/, vdeploy.runtime -> runtime/), so nothing is installed.
+# in that python, the checkout is put on its path through a folder of links (vdeploy, vdeploy.bench,
+# vdeploy.export -> export/, vdeploy.runtime -> runtime/), so nothing is installed.
 #
 # What runs on the GPU: torch eager / torch.compile on CUDA (--device cuda); onnxruntime CUDA EP and the
 # TensorRT EP where onnxruntime-gpu provides them; a native TensorRT plan where `tensorrt` and cuda-python
@@ -38,10 +38,11 @@ fi
 shim=
 cleanup() { [[ -n $shim ]] && rm -rf "$shim"; return 0; }
 trap cleanup EXIT
-if ! (cd / && "$py" -c 'import vdeploy.export, vdeploy.runtime' 2>/dev/null); then
+if ! (cd / && "$py" -c 'import vdeploy.bench, vdeploy.export, vdeploy.runtime' 2>/dev/null); then
     shim=$(mktemp -d)
     mkdir "$shim/vdeploy"
     for f in "$root"/vdeploy/*.py; do ln -s "$f" "$shim/vdeploy/"; done
+    ln -s "$root/vdeploy/bench" "$shim/vdeploy/bench"
     ln -s "$root/export" "$shim/vdeploy/export"
     ln -s "$root/runtime" "$shim/vdeploy/runtime"
     export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
@@ -52,7 +53,7 @@ fi
 import sys
 device = sys.argv[1]
 missing = []
-for name in ("numpy", "torch", "onnx", "onnxruntime", "vdeploy.export", "vdeploy.runtime"):
+for name in ("numpy", "torch", "onnx", "onnxruntime", "vdeploy.bench", "vdeploy.export", "vdeploy.runtime"):
     try:
         __import__(name)
     except ImportError as e:

@@ -113,10 +113,10 @@ def run(config: str | None, out: Path, *, ckpt: str | None = None, fp16: bool = 
         unet = Unet3D(**vconfig.unet_kwargs(cfg)).eval()
         manifest = export_unet(unet, cfg, out / "model", tensorrt=options, optimize="none")
     export_seconds = time.perf_counter() - t0
-    engine_entry = manifest["engines"][0]
-    runner = EngineRunner(out / "model" / engine_entry["file"])
+    engine_entry = manifest.engines[0]  # vdeploy.runtime.manifest.Engine
+    runner = EngineRunner(out / "model" / engine_entry.file)
     unet = unet.cuda().eval()
-    cond_dim = manifest["conditioning"]["cond_dim"]
+    cond_dim = manifest.cond_dim
 
     rng = np.random.default_rng(0)
     parity, latency = {}, {}
@@ -152,10 +152,10 @@ def run(config: str | None, out: Path, *, ckpt: str | None = None, fp16: bool = 
         "machine": {"gpu": torch.cuda.get_device_name(0), "tensorrt": trt.__version__, "torch": torch.__version__,
                     "python": platform.python_version()},
         "config": cfg,
-        "engine": engine_entry,
+        "engine": engine_entry.to_json(),
         "export_seconds": round(export_seconds, 1),
         "parity": {"reference": "torch CUDA fp32 eager", "max_abs_err_per_batch": parity,
-                   "max_abs_err": max(parity.values()), "onnxruntime_cpu": manifest["parity"]},
+                   "max_abs_err": max(parity.values()), "onnxruntime_cpu": dict(manifest.parity)},
         "latency": latency,
     }
     (out / "tensorrt_check.json").write_text(json.dumps(report, indent=2))

@@ -1,28 +1,31 @@
-"""Smoke test of benchmarks/latency.py: it runs end to end on a tiny exported model and writes the JSON schema.
+"""Smoke tests of the benchmark (``vdeploy.bench``, ``benchmarks/latency.py``, ``vdeploy bench``): it runs end
+to end on a tiny exported model and writes the JSON schema; its entry points work without the checkout's
+``benchmarks/`` folder; its cold-start child is a real module that never imports torch on the runtime side.
 
 Speed is never asserted here (the build machines are shared and noisy): performance lives in the benchmark's
-own report. Cold start (fresh processes importing torch) is left out to keep this to seconds.
+own report. The cold-start section (fresh processes importing torch) is left out of the end-to-end run.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import runpy
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from export_fixtures import exported_model  # noqa: F401  (pytest fixture)
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "latency.py"
+from vdeploy.bench import main
+from vdeploy.runtime.samplers import SAMPLERS
+from vdeploy.runtime.schedule import SPACINGS
 
-
-def load_latency():
-    spec = importlib.util.spec_from_file_location("vdeploy_bench_latency", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "latency.py"
+ROWS = {"torch-seed", "torch", "ort", "ort-fp16", "ort-cfg", "ort-guided"}
 
 
 def positive_timings(per_call: dict) -> bool:
@@ -30,19 +33,19 @@ def positive_timings(per_call: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_bench_schema(exported_model, tmp_path):  # noqa: F811
-    latency = load_latency()
+def test_bench_schema(exported_model, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
     argv = [
         "--model-dir", str(exported_model.dir), "--work", str(tmp_path / "work"),
-        "--backends", "torch-seed,torch,ort,ort-cfg,ort-guided",
-        "--batches", "1,2", "--repeats", "2", "--warmup", "1", "--threads", "1",
+        "--backends", ",".join(sorted(ROWS)),
+        "--batches", "1,2", "--repeats", "1", "--warmup", "1", "--threads", "1",
         "--loop-steps", "2", "--sampling-rounds", "1", "--dpmpp-steps", "4",
         "--quality-steps", "2,4", "--skip", "coldstart,profile",
         "--json", str(out), "--plot", str(png), "-q",
     ]
-    assert latency.main(argv) == 0
+    assert main(argv) == 0
+    markdown = capsys.readouterr().out
     report = json.loads(out.read_text())
 
     for key in ("machine", "config", "results", "ort_speedup_vs_torch", "loop_overhead_pct"):
@@ -51,12 +54,20 @@ def test_bench_schema(exported_model, tmp_path):  # noqa: F811
     assert report["config"]["model"]["num_frames"] == exported_model.config["num_frames"]
 
     results = report["results"]
-    assert set(results) == {"torch-seed", "torch", "ort", "ort-cfg", "ort-guided"}
+    assert set(results) == ROWS
     for name, entry in results.items():
         assert entry["status"] == "ok", (name, entry.get("error"))
         assert set(entry["per_call_ms"]) == {"1", "2"}, name
         assert positive_timings(entry["per_call_ms"]), (name, entry["per_call_ms"])
+        # every row is checked against torch fp32 on the same input: fp32 ones to round-off (the guided ones
+        # against torch's guided eps), the fp16 graph within fp16's error, and the figure is printed
+        limit = 5e-2 if entry["precision"] == "fp16" else 1e-4
+        assert 0 <= entry["max_abs_err_vs_torch"] < limit, (name, entry["max_abs_err_vs_torch"])
     assert results["ort-cfg"]["denoiser_evals_per_call"] == 2
+    assert results["ort"]["backend"] == "cpu" and results["ort-fp16"]["precision"] == "fp16"
+    fp16_line = next(line for line in markdown.splitlines() if line.startswith("| ort-fp16 |"))
+    assert f"{results['ort-fp16']['max_abs_err_vs_torch']:.2g}" in fp16_line and "fp16" in fp16_line.split("|")[-2]
+    assert set(report["export"]["derived_graph_max_abs_err_vs_plain"]) == {"ort-fp16"}
 
     assert report["ort_speedup_vs_torch"] > 0
     assert 0 <= report["loop_overhead_pct"] < 100
@@ -67,9 +78,24 @@ def test_bench_schema(exported_model, tmp_path):  # noqa: F811
     assert report["flops"]["per_call"]["1"] > 0
     assert report["flops"]["matmul_peak"]["peak_gflops"] > 0
 
+    # quality: every sampler of the table, at every spacing of the table where it takes one, at every step count
     quality = report["quality"]
-    assert [(r["sampler"], r["steps"]) for r in quality["rows"]] == [("dpmpp", 2), ("dpmpp", 4), ("ddim", 2), ("ddim", 4)]
-    assert all(r["max_abs_err"] >= 0 and r["rmse"] >= 0 for r in quality["rows"])
+    pairs = {(name, spacing) for name, spec in SAMPLERS.items()
+             for spacing in (SPACINGS if "spacing" in spec.options else (None,))}
+    assert {r["sampler"] for r in quality["rows"]} == set(SAMPLERS)
+    assert {(r["sampler"], r["spacing"], r["steps"]) for r in quality["rows"]} == {
+        (name, spacing, steps) for name, spacing in pairs for steps in (2, 4)}
+    assert {(f["sampler"], f["spacing"]) for f in quality["fewest_steps"]} == pairs
+    trailing = [r for r in quality["rows"] if r["spacing"] in ("trailing", None)]
+    assert all(r.get("error") is None and r["rmse"] >= 0 and r["max_abs_err"] >= 0 for r in trailing), trailing
+    for f in quality["fewest_steps"]:
+        psnrs = [r["psnr_db"] for r in quality["rows"]
+                 if (r["sampler"], r["spacing"]) == (f["sampler"], f["spacing"]) and r.get("error") is None]
+        reached = [p is None or p >= quality["threshold_db"] for p in psnrs]
+        assert (f["steps"] is None) == (not any(reached)), f
+    for name in SAMPLERS:
+        assert f"| {name} |" in markdown, name
+
     assert report["cold_start"] is None  # skipped
     assert set(report["targets"]) == {"ort_speedup_vs_torch", "loop_overhead_pct", "dpmpp25_speedup_vs_seed1000",
                                       "cold_start_speedup"}
@@ -78,9 +104,53 @@ def test_bench_schema(exported_model, tmp_path):  # noqa: F811
 
 
 def test_bench_bad_input(tmp_path, capsys):
-    latency = load_latency()
-    assert latency.main(["--config", str(tmp_path / "missing.json"), "-q"]) == 2
+    assert main(["--config", str(tmp_path / "missing.json"), "-q"]) == 2
     assert "neither a preset" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        latency.main(["--backends", "torch,nope"])
+        main(["--backends", "torch,nope"])
     assert e.value.code == 2
+    assert "unknown nope" in capsys.readouterr().err
+
+
+def test_entry_points_need_no_checkout(tmp_path, capsys, monkeypatch):
+    """``python -m vdeploy.bench`` from outside the checkout (no benchmarks/ on the path), ``vdeploy bench`` and
+    the documented script all reach the installed package."""
+    import vdeploy.bench
+
+    assert Path(vdeploy.bench.__file__).parent.parts[-2:] == ("vdeploy", "bench")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import sys, runpy; assert not any('benchmarks' in p for p in sys.path), sys.path; "
+            "sys.argv = ['x', '--help']; runpy.run_module('vdeploy.bench', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--quality-steps" in proc.stdout and "python -m vdeploy.bench" in proc.stdout
+
+    from click.testing import CliRunner
+
+    from vdeploy import cli
+
+    result = CliRunner().invoke(cli.main, ["bench", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "usage: vdeploy bench" in result.output and "--backends" in result.output
+
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert e.value.code == 0
+    assert "usage: benchmarks/latency.py" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cold_child_runtime_side(exported_model):  # noqa: F811
+    """The runtime cold-start child is a module run with ``python -m``; it loads and calls the model without
+    importing torch."""
+    from vdeploy.bench.cold_start import child
+
+    timings = child("runtime", [str(exported_model.dir), "cpu", "1"])
+    assert timings["torch_imported"] is False
+    assert 0 < timings["import_s"] and 0 < timings["load_s"] and 0 < timings["first_call_s"]
+    assert timings["to_loaded_s"] < timings["process_s"]
+    assert timings["peak_rss_mib"] >= timings["rss_loaded_mib"] > 0
+    with pytest.raises(RuntimeError, match="cold-start child runtime failed"):
+        child("runtime", [str(exported_model.dir / "missing"), "cpu", "1"])

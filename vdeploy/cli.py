@@ -599,14 +599,29 @@ def _runtime_logging(quiet: bool) -> None:
               help="DDIM stochasticity (0 = deterministic, the default); samplers with an eta option only.")
 @click.option("--spacing", default=None, type=click.Choice(SPACINGS),
               help="How the steps are spread over the training timesteps.  [default: the sampler's own]")
+@click.option("--order", default=None, type=click.IntRange(1, 3),
+              help="Solver order of the multistep samplers (dpmpp, unipc).  [default: the sampler's own]")
+@click.option("--variant", default=None, type=click.Choice(["bh1", "bh2"]), help="UniPC's B(h).  [default: bh2]")
 @click.option("--fps", default=1000 / 120, type=FiniteFloat(min=0.1, max=100),
               help="Frames per second of the written video.  [default: 8.3, the seed's 120 ms a frame]")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="onnxruntime CPU threads.  [default: physical cores]")
 @click.option("--quiet", is_flag=True, help="No progress bar, no timing lines.")
+@click.option("--init", "init_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Known frames: a .gif (its last --init-frames frames are continued) or a .png (image-to-video), "
+                   "resized and center-cropped as the training data; the video starts with them.")
+@click.option("--init-frames", type=click.IntRange(min=1), default=None,
+              help="How many of --init's frames are known.  [default: all, at most half the model's frames]")
+@click.option("--length", type=click.IntRange(min=1), default=None,
+              help="Frames of the written video; more than the model's are sampled window by window, each "
+                   "conditioned on the last frames of the one before.  [default: the model's frame count]")
+@click.option("--resample", default=0, show_default=True, type=click.IntRange(min=0),
+              help="RePaint resampling rounds per step with --init (ddpm and ddim; 0: replacement only).")
 def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: int | None, batch_size: int,
            cond_scale: float, text: tuple[str, ...], cond_file: Path | None, backend: str, precision: str,
-           eta: float | None, spacing: str | None, fps: float, threads: int | None, quiet: bool) -> None:
+           eta: float | None, spacing: str | None, order: int | None, variant: str | None, fps: float,
+           threads: int | None, quiet: bool, init_file: Path | None = None, init_frames: int | None = None, length: int | None = None,
+           resample: int = 0) -> None:
     """Sample videos from an exported model directory, without torch.
 
     \b
@@ -615,6 +630,8 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
       vdeploy sample --model model/ --out sample.gif --seed 0
       vdeploy sample --model model/ --out grid.gif --batch-size 4 --sampler ddim --steps 50
       vdeploy sample --model model/ --out ball.gif --text "a red circle moving left" --cond-scale 3
+      vdeploy sample --model model/ --out next.gif --init clip.gif --init-frames 4 --sampler ddpm --resample 2
+      vdeploy sample --model model/ --out long.gif --init first.png --length 24
     """
     from vdeploy.runtime import BackendUnavailable, ManifestError, Pipeline, save_gif, save_mp4
     from vdeploy.runtime.atomic import unwritable
@@ -635,6 +652,8 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
         except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
             raise BadInput(f"--text {prompt.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text") from None
     cond = _read_cond(cond_file) if cond_file is not None else None
+    if init_file is None and (init_frames is not None or resample):
+        raise BadInput(f"{'--init-frames' if init_frames is not None else '--resample'} needs --init (the known frames)")
     _runtime_logging(quiet)
     t0 = time.perf_counter()
     try:
@@ -642,8 +661,20 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
         if (text or cond is not None) and pipe.cond_dim is None:
             raise BadInput(f"{'--text' if text else '--cond'}: {model_dir} is an unconditional model (no cond_dim): "
                            "it samples without prompts or embeddings; leave the option out")
-        video = pipe(batch_size=batch_size, cond=cond, text=list(text) or None, cond_scale=cond_scale,
-                     sampler=sampler, steps=steps, seed=seed, progress=not quiet, eta=eta, spacing=spacing)
+        run = dict(batch_size=batch_size, cond=cond, text=list(text) or None, cond_scale=cond_scale,
+                   sampler=sampler, steps=steps, progress=not quiet, eta=eta, spacing=spacing, order=order,
+                   variant=variant)
+        f = pipe.shape[1]
+        known = _read_init(init_file, pipe.shape, init_frames) if init_file is not None else None
+        if known is not None:
+            run["resample"] = resample
+        if length is not None and length > f:
+            video = pipe.extend(known, frames=length, overlap=known.shape[1] if known is not None else max(1, f // 2),
+                                seed=seed, **run)
+        else:
+            if known is not None and length is not None and length < known.shape[1]:
+                raise BadInput(f"--length {length} is shorter than the {known.shape[1]} known frames of --init")
+            video = pipe(seed=seed, frames=known, **run)[:, :, :length]
     except (ManifestError, BackendUnavailable, ValueError) as e:
         raise BadInput(str(e)) from None
     except MemoryError:
@@ -656,6 +687,44 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
     b, _, f, h, w = video.shape
     click.echo(f"wrote {out} ({b} video{'s' if b > 1 else ''}, {f} frames, {h}x{w}) with {sampler} "
                f"on {pipe.backend_name} in {time.perf_counter() - t0:.1f} s")
+
+
+def _read_init(path: Path, shape: tuple, count: int | None):
+    """``--init FILE``: the known frames ``(c, k, size, size)`` in [0, 1], the file's last ``k`` frames resized and
+    center-cropped as the training data (``vdeploy.data``, no torch)."""
+    import numpy as np
+    from PIL import Image
+
+    from vdeploy.data import CHANNELS_TO_MODE, DataError, read_gif, resize_center_crop
+
+    c, f, size, _ = shape
+    if c not in CHANNELS_TO_MODE:
+        raise BadInput(f"--init: this model samples {c}-channel videos; an image reads as 1, 3 or 4 channels")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".gif":
+            frames = read_gif(path, channels=c)
+        elif suffix == ".png":
+            with Image.open(path) as im:
+                if im.format != "PNG":
+                    raise BadInput(f"--init {path} is {im.format or 'an unknown format'}, not a PNG")
+                a = np.asarray(im.convert(CHANNELS_TO_MODE[c]))
+            frames = (a[..., None] if a.ndim == 2 else a)[None]
+        else:
+            raise BadInput(f"--init must be a .gif or .png file, got '{path.name}'")
+    except DataError as e:
+        raise BadInput(f"--init: {e}") from None
+    except (OSError, ValueError) as e:
+        raise BadInput(f"--init: cannot read {path}: {e}") from None
+    n = frames.shape[0]
+    k = count if count is not None else min(n, max(1, f // 2))
+    if k > n:
+        raise BadInput(f"--init-frames {k}: {path} has {n} frame{'s' if n > 1 else ''}")
+    if k >= f:
+        raise BadInput(f"--init-frames {k}: this model samples {f} frames, so at most {f - 1} can be known "
+                       "(longer videos: --length)")
+    frames = resize_center_crop(np.ascontiguousarray(frames[n - k:]), size)
+    return frames.transpose(3, 0, 1, 2).astype(np.float32) / 255
 
 
 def _read_cond(path: Path):
@@ -691,6 +760,7 @@ def _read_cond(path: Path):
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Sampler steps (default: the sampler's own; every training step for ddpm).")
 @click.option("--spacing", default=None, type=click.Choice(SPACINGS), help="Timestep spacing (both sides).")
+@click.option("--order", default=None, type=click.IntRange(1, 3), help="Multistep solver order (dpmpp, unipc).")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--cond-scale", default=1.0, show_default=True, type=FiniteFloat(),
               help="Guidance scale (conditioned models).")
@@ -706,7 +776,8 @@ def _read_cond(path: Path):
               help="Tolerance on every per-call and on the final max abs error.  [default: 1e-3; 0.25 for bf16]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report (per_call_max_abs_err, final_max_abs_err, psnr_db, ...) here.")
-def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing: str | None, batch_size: int,
+def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing: str | None, order: int | None,
+           batch_size: int,
            cond_scale: float, seed: int, backend: str, precision: str, config_spec: str | None, ema: bool,
            atol: float | None, json_path: Path | None) -> None:
     """Sample with PyTorch and with the runtime from the same noise; compare every denoiser call.
@@ -732,7 +803,7 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing
         report = run_parity(model_dir, ckpt, sampler=sampler, steps=steps, batch_size=batch_size,
                             cond_scale=cond_scale, seed=seed, backend=backend, precision=precision, ema=ema,
                             config=config_spec, atol=atol, progress=True,
-                            options={"spacing": spacing})
+                            options={"spacing": spacing, "order": order})
     except (ExportError, BackendUnavailable) as e:
         raise BadInput(str(e)) from None
     except ParityError as e:

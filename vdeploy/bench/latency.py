@@ -1,0 +1,83 @@
+"""Per-call denoiser latency: every row warmed up, then timed in rounds in which each row runs once
+(order rotated), so machine noise hits all; and each row's max abs error against torch fp32."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .common import first_line, load_average, progress
+from .rows import Row
+
+
+def _numpy(out) -> np.ndarray:
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    if hasattr(out, "detach"):  # a torch tensor
+        out = out.detach().float().cpu().numpy()
+    return np.asarray(out, dtype=np.float64)
+
+
+def measure_per_call(rows: list[Row], batches: list[int], warmup: int, repeats: int) -> None:
+    """Fill ``first_call_s``, ``times_ms`` (median, min, p90, n per batch) and, at the first batch size,
+    ``output`` of every live row; a row whose call raises is marked failed."""
+    for batch in batches:
+        live = []
+        for row in rows:
+            if row.status != "ok":
+                continue
+            try:
+                fn = row.make(batch)
+                t0 = time.perf_counter()
+                out = fn()
+                row.first_call_s[str(batch)] = round(time.perf_counter() - t0, 4)
+                if batch == batches[0]:
+                    row.output = _numpy(out)
+                for _ in range(max(warmup - 1, 0)):
+                    fn()
+            except Exception as e:  # noqa: BLE001 (e.g. torch.compile without a working compiler)
+                row.status, row.error = "failed", first_line(e)
+                progress(f"{row.name} failed at batch {batch}: {row.error}")
+                continue
+            row.calls[batch] = fn
+            live.append(row)
+        progress(f"batch {batch}: timing {len(live)} rows x {repeats} rounds (load {load_average()})")
+        times: dict[str, list[float]] = {row.name: [] for row in live}
+        for r in range(repeats):
+            order = live[r % len(live):] + live[: r % len(live)] if live else []
+            for row in order:
+                fn = row.calls[batch]
+                t0 = time.perf_counter()
+                fn()
+                times[row.name].append((time.perf_counter() - t0) * 1e3)
+        for row in live:
+            v = np.asarray(times[row.name])
+            row.times_ms[str(batch)] = {
+                "median": round(float(np.median(v)), 3),
+                "min": round(float(v.min()), 3),
+                "p90": round(float(np.percentile(v, 90)), 3),
+                "n": int(v.size),
+            }
+            row.calls.pop(batch, None)  # free the compiled/batched state of this size
+
+
+def record_errors(rows: list[Row], refs: dict, batch: int) -> dict:
+    """Each row's max abs error against torch fp32 (``extra["max_abs_err_vs_torch"]``, at ``batch``), and
+    the derived and reduced-precision CPU graphs against the plain one (``{row: error}``)."""
+    plain = next((r for r in rows if r.backend == "cpu" and r.flavour is None and r.precision == "fp32"
+                  and r.output is not None), None)
+    vs_plain = {}
+    for row in rows:
+        if row.output is None:
+            continue
+        ref = refs.get("guided" if row.guided else "eps")
+        if ref is not None and ref.shape == row.output.shape:
+            row.extra["max_abs_err_vs_torch"] = float(f"{np.abs(row.output - ref).max():.3g}")
+            row.extra["error_batch"] = batch
+        if (plain is not None and row is not plain and row.backend == "cpu" and not row.guided
+                and row.flavour in (None, "slim", "offline")):
+            vs_plain[row.name] = round(float(np.abs(row.output - plain.output).max()), 8)
+    for row in rows:
+        row.output = None
+    return vs_plain

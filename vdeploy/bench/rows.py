@@ -1,0 +1,288 @@
+"""What the per-call section times: one row per way of running the denoiser.
+
+The torch rows are fixed (``TORCH_ROWS``). The runtime rows come from the runtime's backends table:
+every backend of ``BACKENDS`` that can run this model here, at every precision its entry lists
+(``BackendSpec.precisions``), each opened through ``BACKENDS[name].open`` (``open_graph``) with one
+``BackendOptions``; so a backend added to the table gets its rows with no edit here. ``FLAVOURS`` adds
+the CPU comparisons (derived graphs, spinning threads, fused guidance against two calls).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .common import GUIDANCE_SCALE, Inputs, first_line
+
+TORCH_ROWS = {
+    "torch-seed": "torch eager, the seed's video-diffusion-pytorch 0.6.3 Unet3D (same weights)",
+    "torch": "torch eager, vdeploy.model.Unet3D (folded layout, position tables precomputed)",
+    "torch-compile": "torch.compile of vdeploy's Unet3D (inductor)",
+}
+# row names of the onnxruntime backends in earlier reports; other backends' rows carry their table name
+ROW_PREFIX = {"cpu": "ort", "cuda": "ort-cuda", "tensorrt-ep": "ort-trt-ep"}
+# backends that run on a CUDA GPU (the headline compares torch with the runtime on the same device)
+GPU_BACKENDS = ("cuda", "tensorrt-ep", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """A further way of running a backend besides its plain graph at each precision.
+
+    Args:
+        backends: the table names it applies to.
+        graph: ``plain``, ``cfg`` (the fused guidance graph), ``guided`` (the plain graph called twice,
+            with cond and with the null embedding) or a derived graph (``slim``, ``offline``).
+        spin: open with ``BackendOptions(spin=True)``.
+        work_factor: denoiser evaluations per call.
+    """
+
+    backends: tuple[str, ...]
+    graph: str
+    summary: str
+    spin: bool = False
+    work_factor: int = 1
+
+
+FLAVOURS = {
+    "slim": Flavour(("cpu",), "slim", "onnxslim'd graph (what export's --optimize auto keeps when faster)"),
+    "offline": Flavour(("cpu",), "offline", "graph saved after onnxruntime's offline ENABLE_EXTENDED optimization"),
+    "spin": Flavour(("cpu",), "plain", "plain graph, intra-op threads spin-wait (BackendOptions(spin=True))",
+                    spin=True),
+    "cfg": Flavour(("cpu",), "cfg", "fused CFG graph: cond + null as one batch of 2b, one call", work_factor=2),
+    "guided": Flavour(("cpu",), "guided", "guidance as two calls of the plain graph (what --cfg replaces)",
+                      work_factor=2),
+}
+
+
+@dataclass
+class Row:
+    """One way of running the denoiser. ``make(batch)`` returns a zero-argument call that runs it once,
+    synchronously, on fixed inputs of that batch size, and returns its output."""
+
+    name: str
+    family: str  # "torch" | "runtime"
+    description: str
+    make: Callable[[int], Callable[[], object]] | None = None
+    backend: str | None = None  # the BACKENDS name of a runtime row
+    precision: str = "fp32"
+    flavour: str | None = None
+    device: str = "cpu"
+    work_factor: int = 1
+    guided: bool = False  # returns the guided eps (at GUIDANCE_SCALE), not the plain one
+    source: tuple | None = None  # (model dir, manifest, graph name, BackendOptions) it runs
+    status: str = "ok"
+    error: str | None = None
+    setup_s: float = 0.0
+    first_call_s: dict = field(default_factory=dict)
+    times_ms: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    calls: dict = field(default_factory=dict)
+    output: np.ndarray | None = None  # of the first call at the first batch size (for the error)
+
+    @property
+    def shipped(self) -> bool:
+        """What a user gets from ``vdeploy export`` + ``Pipeline.from_dir``: fp32, plain or slim'd graph."""
+        return self.family == "runtime" and self.precision == "fp32" and self.flavour in (None, "slim")
+
+
+def row_name(backend: str, precision: str = "fp32", flavour: str | None = None) -> str:
+    name = ROW_PREFIX.get(backend, backend) + (f"-{flavour}" if flavour else "")
+    return name if precision == "fp32" else f"{name}-{precision}"
+
+
+def row_names() -> list[str]:
+    """Every row this runtime can have (``--backends`` choices)."""
+    from vdeploy.runtime.backends import BACKENDS
+
+    names = list(TORCH_ROWS)
+    for backend, spec in BACKENDS.items():
+        names += [row_name(backend, p) for p in spec.precisions]
+        names += [row_name(backend, flavour=f) for f, fl in FLAVOURS.items() if backend in fl.backends]
+    return names
+
+
+# --------------------------------------------------------------------------------------------- calls --
+
+
+def torch_call(model, inputs: Inputs, batch: int, device, cuda: bool):
+    import torch
+
+    feed = inputs.torch(batch, device)
+    x, t, cond = feed["x"], feed["t"], feed.get("cond")
+
+    def call():
+        with torch.inference_mode():
+            out = model(x, t, cond=cond)
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    return call
+
+
+def runtime_call(backend, graph, inputs: Inputs, batch: int, null_cond=None):
+    """One call of ``backend`` (running ``graph``) on the inputs, fed by role; with ``null_cond``, guidance
+    as two calls (the runtime's ``guided``) at ``GUIDANCE_SCALE``."""
+    from vdeploy.runtime.samplers import guided
+
+    feed = inputs.numpy(batch)
+    names = {role: graph.input(role).name for role in ("x", "t", "cond") if graph.input(role) is not None}
+    feeds = {names[role]: feed[role] for role in names}
+    scale = graph.input("cond_scale")
+    if scale is not None:
+        shape = tuple(d if isinstance(d, int) else batch for d in scale.shape)
+        feeds[scale.name] = np.full(shape, GUIDANCE_SCALE, dtype=np.float32)
+    if null_cond is None:
+        return lambda: backend.run(feeds)[0]
+
+    def denoise(x, t, cond):
+        return backend.run({names["x"]: x, names["t"]: t, names["cond"]: cond})[0]
+
+    g = guided(denoise, null_cond, GUIDANCE_SCALE)
+    return lambda: g(feed["x"], feed["t"], feed["cond"])
+
+
+# ---------------------------------------------------------------------------------------------- rows --
+
+
+def _open(row: Row, opener: Callable[[], Callable[[int], Callable]]) -> Row:
+    """``row`` with ``make`` from ``opener()``; a row that cannot start is kept, with its error."""
+    t0 = time.perf_counter()
+    try:
+        row.make = opener()
+    except Exception as e:  # noqa: BLE001 (a backend that cannot start is reported, not fatal)
+        row.status, row.error = "failed", first_line(e)
+    row.setup_s = time.perf_counter() - t0
+    return row
+
+
+def torch_rows(wanted, unet, config: dict, inputs: Inputs, device: str) -> list[Row]:
+    import torch
+
+    from vdeploy.export.wrapper import Denoiser
+
+    from .models import load_seed_module, seed_unet
+
+    tdev, cuda = torch.device(device), device == "cuda"
+    denoiser = Denoiser(unet, config["num_frames"]).to(tdev).eval()
+
+    def seed():
+        model = seed_unet(load_seed_module(), unet, config, tdev)
+        return lambda batch: torch_call(model, inputs, batch, tdev, cuda)
+
+    def compiled():
+        model = torch.compile(denoiser, dynamic=False)
+        return lambda batch: torch_call(model, inputs, batch, tdev, cuda)
+
+    openers = {"torch-seed": seed, "torch": lambda: (lambda batch: torch_call(denoiser, inputs, batch, tdev, cuda)),
+               "torch-compile": compiled}
+    rows = []
+    for name, description in TORCH_ROWS.items():
+        if name in wanted:
+            row = _open(Row(name, "torch", description, device=device), openers[name])
+            if name == "torch-compile":
+                row.extra["note"] = "compile time is in first_call_s; every batch size compiles once"
+            rows.append(row)
+    return rows
+
+
+def runtime_rows(wanted, model, inputs: Inputs, threads: int) -> tuple[list[Row], list[Row]]:
+    """``(rows, skipped)``: a row for every wanted (backend, precision or flavour) that can run here, and
+    the others with the reason."""
+    from vdeploy.runtime.backends import BACKENDS, BackendOptions, graph_for, open_graph
+
+    manifest = model.manifest
+    null = null_embedding(model)
+    rows: list[Row] = []
+    skipped: list[Row] = []
+
+    def add(name, backend, description, options, where, graph, *, flavour=None, work_factor=1, use_null=False):
+        directory, m = where
+        device = "cuda" if backend in GPU_BACKENDS else "cpu"
+
+        def opener():
+            opened = open_graph(backend, directory, m, graph, options)
+            spec = m.graphs[graph]
+            return lambda batch: runtime_call(opened, spec, inputs, batch, null if use_null else None)
+
+        row = Row(name, "runtime", description, backend=backend, precision=options.precision, flavour=flavour,
+                  device=device, work_factor=work_factor, guided=work_factor == 2,
+                  source=(directory, m, graph, options))
+        rows.append(_open(row, opener))
+
+    def skip(name, backend, description, why):
+        skipped.append(Row(name, "runtime", description, backend=backend, status="skipped", error=why))
+
+    for backend, spec in BACKENDS.items():
+        for precision in spec.precisions:
+            name = row_name(backend, precision)
+            if name not in wanted:
+                continue
+            description = f"{spec.summary}, {precision}"
+            try:
+                options = BackendOptions(precision=precision, threads=threads)
+            except ValueError as e:  # a precision this runtime's options do not take
+                skip(name, backend, description, str(e))
+                continue
+            why = spec.unavailable(manifest, options)
+            graph = graph_for(backend, manifest, options)
+            if why is None and graph is None:
+                why = f"the model dir has no {precision} denoiser graph (export with --{precision})"
+            if why is not None:
+                skip(name, backend, description, why)
+                continue
+            add(name, backend, description, options, (model.path, manifest), graph)
+        for flavour, fl in FLAVOURS.items():
+            name = row_name(backend, flavour=flavour)
+            if backend not in fl.backends or name not in wanted:
+                continue
+            description = f"{spec.summary}, {fl.summary}"
+            options = BackendOptions(threads=threads, spin=fl.spin)
+            where, graph = (model.path, manifest), graph_for(backend, manifest, options)
+            why = spec.unavailable(manifest, options)
+            if fl.graph in ("cfg", "guided") and manifest.cond_dim is None:
+                why = "the model is unconditioned (no cond_dim): pass --cond-dim N for the CFG comparison"
+            elif why is None and fl.graph == "cfg":
+                graph = graph_for(backend, manifest, options, guidance=True)
+                why = None if graph else "no CFG graph exported"
+            elif why is None and fl.graph == "guided":
+                why = None if null is not None else "the model dir has no null embedding"
+            elif why is None and fl.graph != "plain":  # a derived graph
+                if fl.graph in model.derived:
+                    where, graph = model.derived[fl.graph], "denoiser"
+                else:
+                    why = "graph not available (see notes)"
+            if why is not None:
+                skip(name, backend, description, why)
+                continue
+            add(name, backend, description, options, where, graph, flavour=flavour, work_factor=fl.work_factor,
+                use_null=fl.graph == "guided")
+    return rows, skipped
+
+
+def references(unet, config: dict, inputs: Inputs, batch: int, null_cond) -> dict:
+    """torch fp32 (CPU) outputs the rows are checked against: ``eps`` and, for conditioned models, the
+    guided eps at ``GUIDANCE_SCALE``."""
+    import torch
+
+    from vdeploy.export.wrapper import Denoiser
+
+    den = Denoiser(unet, config["num_frames"]).cpu().eval()
+    feed = inputs.torch(batch, "cpu")
+    with torch.inference_mode():
+        eps = den(feed["x"], feed["t"], feed.get("cond")).double().numpy()
+        out = {"eps": eps}
+        if null_cond is not None and "cond" in feed:
+            null = den(feed["x"], feed["t"], torch.from_numpy(null_cond).expand_as(feed["cond"])).double().numpy()
+            out["guided"] = null + (eps - null) * GUIDANCE_SCALE
+    return out
+
+
+def null_embedding(model) -> np.ndarray | None:
+    name = model.manifest.conditioning.null_embedding
+    return None if not name else np.load(Path(model.path) / name).reshape(1, -1).astype(np.float32)
