@@ -742,7 +742,8 @@ def _read_cond(path: Path):
         raise BadInput(f"--cond {path} holds {cond.dtype} values: expected floats of shape (b, cond_dim)")
     if cond.ndim not in (1, 2) or cond.size == 0:
         raise BadInput(f"--cond {path} has shape {cond.shape}: expected (b, cond_dim) with at least one row")
-    cond = cond.astype(np.float32)  # what the graph takes (a float64 1e300 becomes inf here)
+    with np.errstate(over="ignore"):
+        cond = cond.astype(np.float32)  # what the graph takes (a float64 1e300 becomes inf here)
     if not np.isfinite(cond).all():
         raise BadInput(f"--cond {path} holds NaN or Inf (as float32): embeddings must be finite")
     return cond
