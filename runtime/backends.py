@@ -31,8 +31,11 @@ from .platform import (
 
 log = logging.getLogger("vdeploy.runtime")
 
-__all__ = ["BACKENDS", "BackendOptions", "BackendSpec", "BackendUnavailable", "auto_order", "matching_engine",
-           "backend_spec", "graph_for", "open_graph"]
+__all__ = ["BACKENDS", "PRECISIONS", "BackendOptions", "BackendSpec", "BackendUnavailable", "auto_order",
+           "matching_engine", "backend_spec", "graph_for", "open_graph", "precision_refused"]
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")  # every precision some backend takes (BackendSpec.precisions)
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,9 @@ class BackendOptions:
     """Settings for opening a graph, one object through every layer.
 
     Args:
-        precision: ``fp32``, or ``fp16`` (the fp16 graph on onnxruntime CPU/CUDA, the fp16 flag on the
-            TensorRT EP, an fp16 plan for native TensorRT).
+        precision: ``fp32``, ``fp16`` (the fp16 graph on onnxruntime CPU/CUDA, the fp16 flag on the
+            TensorRT EP, an fp16 plan for native TensorRT) or ``bf16`` (OpenVINO's bfloat16 inference
+            precision, where the CPU has it); each backend takes those in its ``BackendSpec.precisions``.
         threads: CPU intra-op threads (default: physical cores).
         device_id: the CUDA device.
         max_batch: the largest batch a TensorRT engine is built for.
@@ -58,8 +62,8 @@ class BackendOptions:
     cache: bool = True
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be 'fp32' or 'fp16', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -178,6 +182,28 @@ def _trt_open(model_dir: Path, manifest: Manifest, graph_name: str, options: Bac
     return TensorRTBackend(model_dir / entry.file, device_id=options.device_id)
 
 
+# --------------------------------------------------------------- OpenVINO ----
+
+
+def _openvino_unavailable(manifest: Manifest, options: BackendOptions) -> str | None:
+    from .openvino import cpu_has_bf16, import_openvino
+
+    try:
+        ov = import_openvino()
+    except BackendUnavailable as e:
+        return str(e)
+    if options.precision == "bf16" and not cpu_has_bf16(ov.Core()):
+        return "this CPU has no native bfloat16 in OpenVINO (no BF16 in its OPTIMIZATION_CAPABILITIES): use fp32"
+    return None
+
+
+def _openvino_open(model_dir: Path, manifest: Manifest, graph_name: str, options: BackendOptions):
+    from .openvino import OpenVINOBackend
+
+    return OpenVINOBackend(model_dir / manifest.graphs[graph_name].file, precision=options.precision,
+                           threads=options.threads)
+
+
 # ------------------------------------------------------------------ table ----
 
 
@@ -189,6 +215,9 @@ BACKENDS: dict[str, BackendSpec] = {
                                "onnxruntime's TensorRT execution provider (engines cached per GPU)",
                                ("fp32", "fp16")),
     "cuda": BackendSpec(_ort_unavailable("cuda"), _ort_open("cuda"), 2, True, "onnxruntime CUDA", ("fp32", "fp16")),
+    "openvino": BackendSpec(_openvino_unavailable, _openvino_open, 5, False,
+                            "OpenVINO on the CPU, compiled per input shape (f32; bf16 where the CPU has it)",
+                            ("fp32", "bf16")),
     "cpu": BackendSpec(_ort_unavailable("cpu"), _ort_open("cpu"), 9, True, "onnxruntime CPU", ("fp32", "fp16")),
 }
 
@@ -201,6 +230,15 @@ def backend_spec(name: str) -> BackendSpec:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {name!r}") from None
 
 
+def precision_refused(name: str, options: BackendOptions) -> str | None:
+    """Why backend ``name`` does not take ``options.precision`` (naming the backends that do), or None."""
+    if options.precision in BACKENDS[name].precisions:
+        return None
+    takers = [n for n, spec in BACKENDS.items() if options.precision in spec.precisions]
+    return (f"backend {name!r} does not take precision {options.precision!r} (it takes "
+            f"{', '.join(BACKENDS[name].precisions)}); {options.precision} runs on: {', '.join(takers)}")
+
+
 def auto_order(manifest: Manifest, options: BackendOptions) -> tuple[list[str], list[str]]:
     """``auto``'s candidates, fastest first, and why the others cannot run here.
 
@@ -210,7 +248,7 @@ def auto_order(manifest: Manifest, options: BackendOptions) -> tuple[list[str], 
     ranked = sorted((spec.auto_rank, name) for name, spec in BACKENDS.items() if spec.auto_rank is not None)
     candidates, skipped = [], []
     for _, name in ranked:
-        reason = BACKENDS[name].unavailable(manifest, options)
+        reason = precision_refused(name, options) or BACKENDS[name].unavailable(manifest, options)
         if reason is None:
             candidates.append(name)
         else:
@@ -219,7 +257,14 @@ def auto_order(manifest: Manifest, options: BackendOptions) -> tuple[list[str], 
 
 
 def graph_for(name: str, manifest: Manifest, options: BackendOptions, *, guidance: bool = False) -> str | None:
-    """Which graph backend ``name`` runs for this precision (and guidance), or None when there is none."""
+    """Which graph backend ``name`` runs for this precision (and guidance), or None when there is none.
+
+    Raises:
+        ValueError: the backend does not take ``options.precision`` (the message names those that do).
+    """
+    refused = precision_refused(name, options)
+    if refused:
+        raise ValueError(refused)
     precision = options.precision if BACKENDS[name].fp16_graph else "fp32"
     return manifest.find_graph(guidance=guidance, precision=precision)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from . import manifest as manifest_lib
-from .backends import BACKENDS, BackendOptions, BackendUnavailable, auto_order, backend_spec, graph_for, open_graph
+from .backends import (BACKENDS, BackendOptions, BackendUnavailable, auto_order, backend_spec, graph_for, open_graph,
+                       precision_refused)
 from .manifest import Manifest, ManifestError
 from .samplers import Machine, drive, guided, sampler_kwargs, sampler_spec
 from .schedule import betas_from_spec
@@ -155,6 +156,9 @@ class Pipeline:
             if not kinds:
                 raise BackendUnavailable("no backend can run here: " + "; ".join(skipped))
         else:
+            refused = precision_refused(backend, options)
+            if refused:
+                raise ValueError(refused)
             reason = BACKENDS[backend].unavailable(manifest, options)
             if reason is not None:
                 raise BackendUnavailable(f"{backend}: {reason}")

@@ -7,6 +7,7 @@ reference is the seed's own sampler, upstream ``GaussianDiffusion.p_sample_loop`
 in ``runtime_fixtures`` (tampered copies are cheap there).
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -112,7 +113,8 @@ def test_fp16_graph_samples_close_to_fp32(exported_model):  # noqa: F811
 
 def test_pipeline_output_contract(uncond):
     pipe = Pipeline.from_dir(uncond)
-    assert pipe.backend_name == "onnxruntime-cpu"
+    auto = "openvino-cpu" if importlib.util.find_spec("openvino") else "onnxruntime-cpu"  # auto, CPU only
+    assert pipe.backend_name == auto
     for sampler, steps in (("dpmpp", 5), ("ddim", 5), ("ddpm", None)):
         video = pipe(batch_size=3, sampler=sampler, steps=steps, seed=1)
         assert video.shape == (3, 3, 4, 8, 8) and video.dtype == np.float32
@@ -300,6 +302,7 @@ def test_missing_onnxruntime_names_the_extra_to_install(uncond):
     result = run_python(f"""
         import sys
         sys.modules["onnxruntime"] = None
+        sys.modules["openvino"] = None  # OpenVINO, where installed, runs without onnxruntime
         from vdeploy.runtime import Pipeline
         Pipeline.from_dir({str(uncond)!r})
     """)

@@ -1,0 +1,211 @@
+"""runtime.openvino: the exported graph compiled by OpenVINO per input shape, against onnxruntime.
+
+Tolerances: f32 <= 1e-4 max abs per call and over a sampling run (OpenVINO with
+``INFERENCE_PRECISION_HINT=f32`` and onnxruntime differ by float32 round-off, ~3e-6 here); bf16 is
+measured and bounded loosely (8 mantissa bits), or refused with a message on CPUs without it.
+Every test but the first needs ``openvino`` (``pip install 'vdeploy[openvino]'``) and skips without it.
+Compiling one shape of the tiny model takes 1-3 s here, so the tests reuse shapes where they can.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from export_fixtures import exported_model, single_thread_torch  # noqa: F401  (pytest fixture)
+from vdeploy.runtime import Pipeline
+from vdeploy.runtime.backends import BACKENDS, BackendOptions, BackendUnavailable, auto_order
+from vdeploy.runtime.manifest import load as load_manifest
+
+single_thread_torch()
+F32_ATOL = 1e-4
+
+
+def feeds(batch: int, size: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((batch, 3, 4, size, size), dtype=np.float32),
+            "t": rng.integers(0, 20, batch), "cond": rng.standard_normal((batch, 6)).astype(np.float64)}
+
+
+@pytest.fixture(scope="module")
+def ov():
+    return pytest.importorskip("openvino")
+
+
+@pytest.fixture(scope="module")
+def graph(exported_model):
+    return exported_model.dir / "denoiser.onnx"
+
+
+@pytest.fixture(scope="module")
+def ort_backend(graph):
+    from vdeploy.runtime.ort import OrtBackend
+
+    return OrtBackend(graph, "cpu", threads=1, cache=False)
+
+
+@pytest.fixture(scope="module")
+def ov_backend(ov, graph):
+    from vdeploy.runtime.openvino import OpenVINOBackend
+
+    backend = OpenVINOBackend(graph, threads=1)
+    yield backend
+    backend.close()
+
+
+def test_missing_openvino_names_the_extra_and_auto_falls_back_to_onnxruntime(exported_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    manifest = load_manifest(exported_model.dir, verify=False)
+    reason = BACKENDS["openvino"].unavailable(manifest, BackendOptions())
+    assert reason and "pip install 'vdeploy[openvino]'" in reason
+    with pytest.raises(BackendUnavailable, match=r"vdeploy\[openvino\]"):
+        Pipeline.from_dir(exported_model.dir, backend="openvino")
+    assert Pipeline.from_dir(exported_model.dir).backend_name == "onnxruntime-cpu"
+
+
+def test_f32_matches_onnxruntime_per_call_and_compiles_once_per_shape(ov_backend, ort_backend):
+    assert ov_backend.name == "openvino-cpu" and ov_backend.kind == "openvino"
+    assert [(s.name, s.dtype, s.shape) for s in ov_backend.inputs] == [
+        ("x", "float32", (None, 3, 4, None, None)), ("t", "int64", (None,)), ("cond", "float32", (None, 6))]
+    assert [(s.name, s.dtype) for s in ov_backend.outputs] == [("eps", "float32")]
+    assert ov_backend.config["INFERENCE_PRECISION_HINT"] == "f32" and ov_backend.config["INFERENCE_NUM_THREADS"] == 1
+    before = ov_backend.compiles
+    shapes = [(1, 16), (3, 16), (3, 8)]  # batch 1 and 3, two spatial sizes of the dynamic-size graph
+    for i, (batch, size) in enumerate(shapes):
+        f = feeds(batch, size, seed=i)  # cond is float64 and t int64: cast to the declared dtypes
+        (out,) = ov_backend.run(f)
+        (ref,) = ort_backend.run(f)
+        assert out.dtype == np.float32 and out.shape == (batch, 3, 4, size, size)
+        err = float(np.abs(out - ref).max())
+        assert err <= F32_ATOL, (batch, size, err)
+        assert ov_backend.compiles == before + i + 1
+        (again,) = ov_backend.run(f)  # same shape: the compiled model from memory
+        assert ov_backend.compiles == before + i + 1
+        np.testing.assert_array_equal(again, out)
+    ov_backend.run(feeds(1, 16, seed=9))  # a shape seen before, other values: no compile
+    assert ov_backend.compiles == before + len(shapes)
+
+
+def test_threads_share_one_compile_and_get_equal_results(ov, graph):
+    from vdeploy.runtime.openvino import OpenVINOBackend
+
+    backend = OpenVINOBackend(graph, threads=1)
+    inputs = [feeds(2, 8, seed=10 + i) for i in range(4)]
+    results: dict[int, list] = {}
+    barrier = threading.Barrier(4)
+
+    def work(i):
+        barrier.wait()  # all four ask for the new shape at once: one compile
+        results[i] = [backend.run(inputs[i])[0] for _ in range(3)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == [0, 1, 2, 3]
+    assert backend.compiles == 1
+    for i in range(4):
+        (alone,) = backend.run(inputs[i])
+        for out in results[i]:
+            np.testing.assert_array_equal(out, alone)
+    assert not np.array_equal(results[0][0], results[1][0])  # different inputs: different outputs
+    backend.close()
+
+
+def test_sampling_run_matches_onnxruntime(ov, exported_model):
+    kwargs = dict(batch_size=2, cond=np.random.default_rng(3).standard_normal((2, 6), dtype=np.float32),
+                  cond_scale=2.0, sampler="ddpm", seed=5)  # all 20 steps: few-step samplers amplify round-off
+    pipe = Pipeline.from_dir(exported_model.dir, backend="openvino", threads=1)
+    assert pipe.backend_name == "openvino-cpu"
+    video = pipe(**kwargs)
+    reference = Pipeline.from_dir(exported_model.dir, backend="cpu", threads=1)(**kwargs)
+    err = float(np.abs(video - reference).max())
+    assert video.shape == reference.shape == (2, 3, 4, 16, 16)
+    assert err <= F32_ATOL, err
+    used = pipe.cfg_backend  # the fused guidance graph: 20 calls at one shape, one compile
+    assert used is not None and used.compiles == 1 and pipe.backend.compiles == 0
+    pipe.close()
+
+
+def test_auto_picks_openvino_and_logs_it(ov, exported_model, caplog):
+    manifest = load_manifest(exported_model.dir, verify=False)
+    candidates, _ = auto_order(manifest, BackendOptions())
+    assert candidates.index("openvino") < candidates.index("cpu")
+    with caplog.at_level(logging.INFO, logger="vdeploy.runtime"):
+        pipe = Pipeline.from_dir(exported_model.dir)
+    assert pipe.backend_name == "openvino-cpu"
+    assert any("backend: openvino-cpu" in r.getMessage() for r in caplog.records)
+    pipe.close()
+
+
+def test_bf16_only_where_it_runs(ov, exported_model, monkeypatch):
+    from vdeploy.runtime import openvino as vov
+
+    for backend in ("cpu", "cuda", "tensorrt", "tensorrt-ep"):  # the others refuse it, naming who takes it
+        with pytest.raises(ValueError, match=r"does not take precision 'bf16'.*bf16 runs on: openvino"):
+            Pipeline.from_dir(exported_model.dir, backend=backend, precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16"):
+        BackendOptions(precision="int8")
+    with pytest.raises(ValueError, match="openvino.*does not take precision 'fp16'"):
+        Pipeline.from_dir(exported_model.dir, backend="openvino", precision="fp16")
+    # a CPU without BF16: refused with the reason, by the table and by the backend
+    with monkeypatch.context() as m:
+        m.setattr(vov, "cpu_has_bf16", lambda core: False)
+        manifest = load_manifest(exported_model.dir, verify=False)
+        assert "no native bfloat16" in BACKENDS["openvino"].unavailable(manifest, BackendOptions(precision="bf16"))
+        with pytest.raises(BackendUnavailable, match="no native bfloat16"):
+            vov.OpenVINOBackend(exported_model.dir / "denoiser.onnx", precision="bf16")
+        with pytest.raises(BackendUnavailable, match="no native bfloat16"):
+            Pipeline.from_dir(exported_model.dir, precision="bf16")  # auto: nothing else takes bf16
+    if not vov.cpu_has_bf16(ov.Core()):
+        pytest.skip("this CPU has no BF16 in OpenVINO: bf16 refused (checked above)")
+    pipe = Pipeline.from_dir(exported_model.dir, precision="bf16", threads=1)  # auto: openvino, bf16
+    assert pipe.backend_name == "openvino-cpu" and pipe.backend.config["INFERENCE_PRECISION_HINT"] == "bf16"
+    f = feeds(1, 16)
+    (out,) = pipe.backend.run(f)
+    from vdeploy.runtime.ort import OrtBackend
+
+    (ref,) = OrtBackend(pipe.backend.path, "cpu", threads=1, cache=False).run(f)
+    err = float(np.abs(out - ref).max())
+    print(f"bf16 per-call max abs err vs onnxruntime f32: {err:.3g} (output max abs {np.abs(ref).max():.3g})")
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert 0 < err < 0.25, err  # bfloat16 really ran (not f32), within its precision
+    pipe.close()
+
+
+def test_cli_parity_bf16_reports_errors_at_the_bf16_tolerance(ov, exported_model, tmp_path):
+    from vdeploy.runtime.openvino import cpu_has_bf16
+
+    if not cpu_has_bf16(ov.Core()):
+        pytest.skip("this CPU has no BF16 in OpenVINO")
+    out = tmp_path / "parity.json"
+    result = CliRunner().invoke(main_cli(), [
+        "parity", "--model", str(exported_model.dir), "--ckpt", str(exported_model.ckpt), "--backend", "openvino",
+        "--precision", "bf16", "--sampler", "ddim", "--steps", "3", "--json", str(out)])
+    print(result.output)
+    report = json.loads(out.read_text())
+    assert report["precision"] == "bf16" and report["backend"] == "openvino-cpu" and report["atol"] == 0.25
+    worst, final = report["max_per_call_abs_err"], report["final_max_abs_err"]
+    assert len(report["per_call_max_abs_err"]) == 3 and worst > 1e-4  # bfloat16 really ran
+    assert (f"on openvino-cpu (bf16, atol 0.25): per-call max abs err {worst:.2e} (worst of 3), "
+            f"final {final:.2e}") in result.output
+    # judged at bf16's tolerance, not fp32's: exit 0 exactly when both errors are within 0.25
+    assert report["passed"] == (worst <= 0.25 and final <= 0.25)
+    assert result.exit_code == (0 if report["passed"] else 1), result.output
+    bad = CliRunner().invoke(main_cli(), [
+        "parity", "--model", str(exported_model.dir), "--ckpt", str(exported_model.ckpt), "--backend", "cpu",
+        "--precision", "bf16", "--sampler", "ddim", "--steps", "3"])
+    assert bad.exit_code == 2 and "bf16 runs on: openvino" in bad.output
+
+
+def main_cli():
+    from vdeploy.cli import main
+
+    return main
