@@ -198,6 +198,7 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
+            self._drop_finished_or_expired()  # cancelled and expired requests free their rows before admission
             with self._cv:
                 while not self._queue and not self._active and not self._closing:
                     self._cv.wait()
@@ -209,7 +210,6 @@ class Batcher:
                 joining = self._admit()
             for job in joining:
                 self._start(job)
-            self._drop_finished_or_expired()
             if not self._active:
                 continue
             start = time.perf_counter()
