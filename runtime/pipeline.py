@@ -273,6 +273,10 @@ class Pipeline:
         step_noise: Iterable[np.ndarray] | None = None,
         callback: Callable[[dict], None] | None = None,
         progress: bool = False,
+        frames: np.ndarray | None = None,
+        known_mask: np.ndarray | None = None,
+        resample: int = 0,
+        frames_noise: Iterable[np.ndarray] | None = None,
         **options,
     ) -> np.ndarray:
         """Sample videos.
@@ -294,6 +298,14 @@ class Pipeline:
             step_noise: explicit per-step noise for samplers that draw it (one array per step).
             callback: called after every step with ``{"i", "t", "x", "x0", "eps"}``.
             progress: show a tqdm progress bar.
+            frames: known frames in [0, 1], ``(c, k, h, w)`` or ``(b, c, k, h, w)`` (a b-row array samples b):
+                the first ``k < f`` frames of every video (image-to-video, continuation), or a full video with
+                ``known_mask``. Training-free (``vdeploy.runtime.conditioning``): every sampler replaces the
+                known frames by their forward-diffused version before each denoiser call; the output's known
+                frames are the given ones. Longer videos: ``extend``.
+            known_mask: booleans ``(f,)`` or ``(b, f)``: which frames of a full-length ``frames`` are known.
+            resample: RePaint resampling rounds per step with ``frames`` (ddpm and ddim; 0: replacement only).
+            frames_noise: explicit noise for the conditioning's own draws (parity; one array per draw).
             **options: the sampler's own options, as its table entry lists them (``eta`` for ddim,
                 ``spacing``, ...); an option the sampler does not take is a ValueError.
 
@@ -309,7 +321,8 @@ class Pipeline:
                 callback(info)
 
         run = self.prepare(batch_size=batch_size, cond=cond, text=text, cond_scale=cond_scale, sampler=sampler,
-                           steps=steps, seed=seed, noise=noise, step_noise=step_noise, callback=on_step, **options)
+                           steps=steps, seed=seed, noise=noise, step_noise=step_noise, callback=on_step, frames=frames,
+                           known_mask=known_mask, resample=resample, frames_noise=frames_noise, **options)
         # timing counts graph calls only: what the runtime adds around them is the "outside" share
         denoise, timing = self.timed_denoiser(run.cond_scale)
         if progress:
@@ -330,6 +343,56 @@ class Pipeline:
         )
         return run.finish(x0)
 
+    def extend(self, video: np.ndarray | None = None, frames: int | None = None, overlap: int = 1,
+               seed: int | None = None, **kwargs) -> np.ndarray:
+        """A video longer than the model's frame count, autoregressively: each window of ``f`` frames is sampled
+        with its first ``overlap`` frames known (the last ``overlap`` frames so far, training-free conditioning
+        as ``__call__(frames=...)``) and adds ``f - overlap`` new frames.
+
+        Args:
+            video: the start, ``(b, c, k, h, w)`` or ``(c, k, h, w)`` in [0, 1], kept as it is (``k >= overlap``);
+                None samples a first window with ``kwargs``.
+            frames: the length of the result (at least the start's).
+            overlap: known frames per window, 1 to ``f - 1``.
+            seed: seeds every window (each gets its own seed drawn from it).
+            **kwargs: for every window's ``__call__`` (``text``/``cond``, ``sampler``, ``steps``, ``resample``,
+                ``cond_scale``, ...; not ``frames``/``known_mask``/``noise``).
+
+        Returns:
+            float32 ``(b, c, frames, h, w)`` in [0, 1]; its first frames are ``video``'s.
+        """
+        f = self.shape[1]
+        if not isinstance(overlap, (int, np.integer)) or not 1 <= overlap < f:
+            raise ValueError(f"overlap must be 1 to {f - 1} frames for this {f}-frame model, got {overlap!r}")
+        clash = sorted({"frames", "known_mask", "noise", "step_noise", "frames_noise"} & set(kwargs))
+        if clash:
+            raise ValueError(f"extend sets each window's {', '.join(clash)} itself")
+        rng = np.random.default_rng(seed)
+        window_seed = lambda: int(rng.integers(2**63 - 1))  # noqa: E731
+        if video is None:
+            video = self(seed=window_seed(), **kwargs)
+        video = np.asarray(video, dtype=np.float32)
+        if video.ndim == 4:
+            video = video[None]
+        if video.ndim != 5 or video.shape[1] != self.shape[0] or video.shape[3:] != self.shape[2:]:
+            c, _, h, w = self.shape
+            raise ValueError(f"video must be (b, {c}, k, {h}, {w}) or ({c}, k, {h}, {w}), got shape {video.shape}")
+        frames = video.shape[2] if frames is None else frames
+        if not isinstance(frames, (int, np.integer)) or frames < video.shape[2]:
+            raise ValueError(f"frames must be an integer >= the video's {video.shape[2]} frames, got {frames!r}")
+        if video.shape[2] < overlap:
+            raise ValueError(f"the video has {video.shape[2]} frames, fewer than overlap {overlap}")
+        kwargs.setdefault("batch_size", video.shape[0])
+        parts, total = [video], video.shape[2]
+        while total < frames:
+            last = np.concatenate(parts[-overlap:], axis=2)[:, :, -overlap:]  # each part has >= 1 frame
+            window = self(frames=last, seed=window_seed(), **kwargs)
+            if parts[0].shape[0] != window.shape[0]:  # one start row for several prompts: every video starts with it
+                parts = [np.broadcast_to(p, (window.shape[0], *p.shape[1:])) for p in parts]
+            parts.append(window[:, :, overlap:])
+            total += f - overlap
+        return np.concatenate(parts, axis=2)[:, :, :frames]
+
     def prepare(
         self,
         batch_size: int = 1,
@@ -342,6 +405,10 @@ class Pipeline:
         noise: np.ndarray | None = None,
         step_noise: Iterable[np.ndarray] | None = None,
         callback: Callable[[dict], None] | None = None,
+        frames: np.ndarray | None = None,
+        known_mask: np.ndarray | None = None,
+        resample: int = 0,
+        frames_noise: Iterable[np.ndarray] | None = None,
         **options,
     ) -> Prepared:
         """Make one sampling run ready without calling the denoiser: ``__call__`` is exactly
@@ -363,6 +430,8 @@ class Pipeline:
                 raise ValueError("noise holds NaN or Inf values")
             if batch_size == 1 and noise.ndim == 5:
                 batch_size = noise.shape[0]  # the noise's batch, as cond's rows give theirs
+        if frames is not None and batch_size == 1 and np.ndim(frames) == 5:
+            batch_size = np.shape(frames)[0]  # so do the known frames' rows
         if text is not None:
             cond = self.encode_text(text)
         cond, batch_size = self._resolve_cond(cond, batch_size)
@@ -384,7 +453,17 @@ class Pipeline:
         }
         if self.config.get("use_dynamic_thres"):
             kwargs["dynamic_thres_percentile"] = self.config.get("dynamic_thres_percentile", 0.9)
-        machine = spec.stepper(x, self.betas, callback=callback, **kwargs)
+        if frames is None:
+            if known_mask is not None or resample or frames_noise is not None:
+                raise ValueError("known_mask, resample and frames_noise need `frames` (the known frames)")
+            machine = spec.stepper(x, self.betas, callback=callback, **kwargs)
+        else:
+            from .conditioning import conditioned_steps, known_frames
+
+            known, mask = known_frames(frames, known_mask, shape)
+            kwargs.pop("rng", None)  # the conditioning wrapper hands the sampler the same generator
+            machine = conditioned_steps(sampler, x, self.betas, known=known, mask=mask, resample=resample,
+                                        known_noise=frames_noise, rng=rng, callback=callback, **kwargs)
         return Prepared(machine, sampler, num_steps, batch_size, float(cond_scale), self.guidance(cond_scale))
 
     def guidance(self, cond_scale: float) -> str:

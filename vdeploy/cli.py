@@ -718,11 +718,11 @@ def _read_init(path: Path, shape: tuple, count: int | None):
         raise BadInput(f"--init: cannot read {path}: {e}") from None
     n = frames.shape[0]
     k = count if count is not None else min(n, max(1, f // 2))
-    if k > n:
-        raise BadInput(f"--init-frames {k}: {path} has {n} frame{'s' if n > 1 else ''}")
     if k >= f:
         raise BadInput(f"--init-frames {k}: this model samples {f} frames, so at most {f - 1} can be known "
                        "(longer videos: --length)")
+    if k > n:
+        raise BadInput(f"--init-frames {k}: {path} has {n} frame{'s' if n > 1 else ''}")
     frames = resize_center_crop(np.ascontiguousarray(frames[n - k:]), size)
     return frames.transpose(3, 0, 1, 2).astype(np.float32) / 255
 
@@ -841,6 +841,85 @@ def bench(args: tuple[str, ...]) -> None:
     from vdeploy.bench import main as bench_main
 
     raise SystemExit(bench_main(list(args), prog="vdeploy bench"))
+
+
+# --------------------------------------------------------------- serve ----
+
+
+def _require_serve_extra(extra: str, *modules: str) -> None:
+    """Refuse in one line, naming the extra, where the serving stack is not installed."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BadInput(f"vdeploy serve needs {', '.join(missing)}, which this install lacks: "
+                       f"pip install 'vdeploy[{extra}]'")
+
+
+@main.command("serve", cls=OneLineErrors)
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Model directory written by `vdeploy export`.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: a free one).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 4096),
+              help="U-Net rows per denoiser call and active at once (a request is b rows, 2b with guidance).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0, 1_000_000),
+              help="Requests waiting to join the batch; past it: 429 with Retry-After.")
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+              help="What runs the denoiser (as vdeploy sample --backend).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime CPU threads.  [default: physical cores]")
+@click.option("--batching/--no-batching", default=True, show_default=True,
+              help="Step-level batching across requests; off: one request at a time, each as vdeploy sample runs it.")
+@click.option("--timeout", default=600.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
+              help="Seconds a request may take, queue included (then 504).")
+@click.option("--grace", default=30.0, show_default=True, type=FiniteFloat(min=0),
+              help="On SIGTERM: seconds to finish in-flight requests (new ones get 503); the rest get 503.")
+@click.option("--max-videos", default=16, show_default=True, type=click.IntRange(1, 4096),
+              help="Videos one request may ask for (batch_size, prompts or cond rows).")
+@click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Serve (extra [ray]): --replicas copies of the app.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 1024),
+              help="With --ray: replicas, each one pipeline and batcher.")
+@click.option("--quiet", is_flag=True, help="Warnings only in the log.")
+def serve_cmd(model_dir: Path, host: str, port: int, max_batch: int, max_queue: int, backend: str,
+              threads: int | None, batching: bool, timeout: float, grace: float, max_videos: int, use_ray: bool,
+              replicas: int, quiet: bool) -> None:
+    """Serve a model directory over HTTP: POST /v1/videos, /healthz, /readyz, /metrics.
+
+    \b
+    Requests at different steps share each denoiser call (step-level batching). Examples:
+      vdeploy serve --model model/ --port 8000
+      curl -s localhost:8000/v1/videos -d '{"prompt": "a red circle moving left", "steps": 25}' -o out.gif
+      vdeploy serve --model model/ --ray --replicas 2
+    """
+    _require_serve_extra("serve", "starlette", "uvicorn", "prometheus_client")
+    if replicas > 1 and not use_ray:
+        raise BadInput("--replicas needs --ray (one process serves one replica)")
+    _runtime_logging(quiet)
+    import logging
+
+    logging.getLogger("vdeploy.runtime.serve").setLevel(logging.WARNING if quiet else logging.INFO)
+    settings = dict(backend=backend, threads=threads, max_batch=max_batch, max_queue=max_queue, batching=batching,
+                    timeout=timeout, max_videos=max_videos, grace=grace)
+    if use_ray:
+        _require_serve_extra("ray", "ray")
+        from vdeploy.runtime.serve.ray_app import run as ray_run
+
+        ray_run(model_dir, host=host, port=port, replicas=replicas, **settings)
+        return
+    from vdeploy.runtime import BackendUnavailable, ManifestError, Pipeline
+    from vdeploy.runtime.serve.app import Service, serve
+
+    try:
+        pipe = Pipeline.from_dir(model_dir, backend=backend, threads=threads)
+    except (ManifestError, BackendUnavailable, ValueError) as e:
+        raise BadInput(str(e)) from None
+    service = Service(pipe=pipe, **{k: v for k, v in settings.items() if k not in ("backend", "threads")})
+    try:
+        serve(service, host, port, log_level="warning" if quiet else "info")
+    except OSError as e:  # the port is taken, the address is not ours
+        raise BadInput(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    finally:
+        pipe.close()
 
 
 if __name__ == "__main__":
