@@ -322,7 +322,9 @@ def load(model_dir: str | Path, verify: bool = True) -> Manifest:
         raise ManifestError(f"cannot read {path}: {e}") from None
     manifest = from_json(data, where=str(path))
     for name in manifest.files:
-        _inside(model_dir, name, f"{path}: files[{name!r}]")
+        target = _inside(model_dir, name, f"{path}: files[{name!r}]")
+        if target.exists() and not target.is_file():  # a FIFO or device would block or never end a read
+            raise ManifestError(f"{path}: files[{name!r}] is not a regular file (a directory, FIFO or device)")
     if verify:
         verify_files(model_dir, manifest.files)
     return manifest
