@@ -80,8 +80,10 @@ class OpenVINOBackend:
         self.config = {
             "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
             "INFERENCE_NUM_THREADS": self.threads,
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1,
+            "NUM_STREAMS": 1,  # one call at a time uses every thread (latency); threads share the stream
+            # unpinned threads, as onnxruntime's: a pinned thread cannot move off a core another process
+            # (the numpy step, other pipelines) is busy on, and every barrier of the call waits for it
+            "ENABLE_CPU_PINNING": False,
         }
         try:
             self._model = self._core.read_model(str(self.path))

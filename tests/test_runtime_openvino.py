@@ -120,14 +120,14 @@ def test_threads_share_one_compile_and_get_equal_results(ov, graph):
 
 
 def test_sampling_run_matches_onnxruntime(ov, exported_model):
-    kwargs = dict(batch_size=2, cond=np.random.default_rng(3).standard_normal((2, 6), dtype=np.float32),
+    kwargs = dict(batch_size=1, cond=np.random.default_rng(3).standard_normal((1, 6), dtype=np.float32),
                   cond_scale=2.0, sampler="ddpm", seed=5)  # all 20 steps: few-step samplers amplify round-off
     pipe = Pipeline.from_dir(exported_model.dir, backend="openvino", threads=1)
     assert pipe.backend_name == "openvino-cpu"
     video = pipe(**kwargs)
     reference = Pipeline.from_dir(exported_model.dir, backend="cpu", threads=1)(**kwargs)
     err = float(np.abs(video - reference).max())
-    assert video.shape == reference.shape == (2, 3, 4, 16, 16)
+    assert video.shape == reference.shape == (1, 3, 4, 16, 16)
     assert err <= F32_ATOL, err
     used = pipe.cfg_backend  # the fused guidance graph: 20 calls at one shape, one compile
     assert used is not None and used.compiles == 1 and pipe.backend.compiles == 0
