@@ -252,3 +252,166 @@ def _torch_ddpm(unet, config: dict, shape, cond, cond_scale, noise, record: list
     finally:
         del unet.forward_with_cond_scale
     return np.clip(video.float().numpy(), 0.0, 1.0)
+
+
+def _stream(seed: int, shape: tuple):
+    """An endless seeded stream of standard-normal arrays (the conditioning's draws; each side its own copy)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield rng.standard_normal(shape, dtype=np.float32)
+
+
+def run_conditioned_parity(
+    model_dir: str | Path,
+    ckpt: str | Path,
+    *,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    known: int = 2,
+    resample: int = 0,
+    batch_size: int = 1,
+    cond_scale: float = 1.0,
+    seed: int = 0,
+    backend: str = "cpu",
+    ema: bool = True,
+    atol: float = DEFAULT_ATOL,
+    options: dict | None = None,
+) -> dict:
+    """Frame-conditioned sampling (``vdeploy.runtime.conditioning``) in PyTorch and in the runtime, same noise.
+
+    The first ``known`` frames are given (seeded uniform frames in [0, 1]). The torch side: for ``ddpm`` over
+    every training step, the seed's own functions, ``GaussianDiffusion.q_sample`` for the replacement and
+    ``p_sample`` for every step and redone step, with the RePaint jump ``sqrt(1 - beta_t) x + sqrt(beta_t) z``
+    written in torch; for other samplers, the runtime's conditioning wrapper around the torch denoiser. The
+    runtime side: ``Pipeline.prepare(frames=...)`` driven through its compiled denoiser. Every denoiser call
+    (resampling's included) is compared.
+
+    Returns:
+        ``{"per_call_max_abs_err", "final_max_abs_err", "known_frames_max_abs_err", "passed", ...}``.
+
+    Raises:
+        ExportError: unusable model directory, checkpoint or arguments.
+    """
+    import torch
+
+    from vdeploy.runtime import Pipeline
+    from vdeploy.runtime.conditioning import conditioned_steps, known_frames
+    from vdeploy.runtime.manifest import ManifestError
+    from vdeploy.runtime.samplers import drive, sampler_kwargs, sampler_spec
+
+    from .exporter import load_unet
+
+    try:
+        spec = sampler_spec(sampler)
+        sampler_kwargs(sampler, 1, options or {})
+        pipe = Pipeline.from_dir(model_dir, backend=backend)
+    except (ManifestError, ValueError) as e:
+        raise ExportError(str(e)) from None
+    unet, unet_config, _ = load_unet(ckpt, ema=ema, default_config=pipe.config)
+    T = len(pipe.betas)
+    n = steps if steps is not None else min(spec.default_steps or T, T)
+    shape = (batch_size, *pipe.shape)
+    c, f, h, w = pipe.shape
+    rng = np.random.default_rng(seed + 1)
+    cond = rng.standard_normal((batch_size, pipe.cond_dim), dtype=np.float32) if pipe.cond_dim else None
+    frames = rng.uniform(0, 1, (batch_size, c, known, h, w)).astype(np.float32)
+    try:
+        x0_known, mask = known_frames(frames, None, shape)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    draws = spec.draws_noise
+
+    # runtime: the Pipeline's own run, every denoiser call recorded
+    runtime_eps: list[np.ndarray] = []
+    noise = _noise(seed, shape, n if draws else 0)
+    try:
+        run = pipe.prepare(batch_size=batch_size, cond=cond, cond_scale=cond_scale, sampler=sampler, steps=n,
+                           noise=next(noise), step_noise=noise if draws else None, frames=frames,
+                           resample=resample, frames_noise=_stream(seed + 2, shape), **(options or {}))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    denoise, _ = pipe.timed_denoiser(run.cond_scale)
+    runtime_video = run.finish(drive(run.machine, lambda x, t, cd: _record(runtime_eps, denoise(x, t, cd))))
+
+    # torch
+    torch_eps: list[np.ndarray] = []
+    noise = _noise(seed, shape, n if draws else 0)
+    full_ddpm = sampler == "ddpm" and n == T
+    with torch.no_grad():
+        if full_ddpm:
+            torch_video = _torch_conditioned_ddpm(unet, unet_config, shape, cond, cond_scale, noise, x0_known, mask,
+                                                  resample, _stream(seed + 2, shape), torch_eps)
+        else:
+            x_T = next(noise)
+            torch_denoise = _torch_denoiser(unet, cond_scale)
+            kwargs = {"cond": cond, "clip_denoised": True,
+                      **sampler_kwargs(sampler, n, options or {}, noise=noise if draws else None)}
+            if unet_config.get("use_dynamic_thres"):
+                kwargs["dynamic_thres_percentile"] = unet_config.get("dynamic_thres_percentile", 0.9)
+            machine = conditioned_steps(sampler, x_T, pipe.betas, known=x0_known, mask=mask, resample=resample,
+                                        known_noise=_stream(seed + 2, shape), **kwargs)
+            x0 = drive(machine, lambda x, t, cd: _record(torch_eps, torch_denoise(x, t, cd)))
+            torch_video = np.clip((x0 + 1) * 0.5, 0.0, 1.0)
+
+    per_call = [float(np.abs(a - b).max()) for a, b in zip(torch_eps, runtime_eps)]
+    final = float(np.abs(torch_video - runtime_video).max())
+    kept = float(np.abs(runtime_video[:, :, :known] - frames).max())
+    worst = max(per_call) if per_call else 0.0
+    return {
+        "sampler": sampler, "steps": n, "known": known, "resample": resample, "cond_scale": cond_scale,
+        "calls": len(runtime_eps), "torch_calls": len(torch_eps),
+        "torch_reference": "GaussianDiffusion.q_sample/p_sample (the seed's), RePaint jump in torch" if full_ddpm
+        else f"vdeploy.runtime.conditioning around {sampler} and Unet3D.forward_with_cond_scale",
+        "per_call_max_abs_err": per_call, "max_per_call_abs_err": worst, "final_max_abs_err": final,
+        "known_frames_max_abs_err": kept, "atol": atol,
+        "passed": len(torch_eps) == len(runtime_eps) and worst <= atol and final <= atol,
+    }
+
+
+def _record(calls: list, eps):
+    calls.append(np.array(eps, dtype=np.float32))
+    return eps
+
+
+def _torch_conditioned_ddpm(unet, config: dict, shape, cond, cond_scale, noise, x0_known, mask, resample: int,
+                            known_noise, record: list) -> np.ndarray:
+    """The seed's ancestral loop with replacement and RePaint resampling, in torch, from explicit noise (the
+    draw order of ``vdeploy.runtime.conditioning``)."""
+    import torch
+
+    from vdeploy import config as vconfig
+    from vdeploy.diffusion import GaussianDiffusion
+
+    diffusion = GaussianDiffusion(unet, **vconfig.diffusion_kwargs(config)).eval()
+    original = unet.forward_with_cond_scale
+    unet.forward_with_cond_scale = lambda *a, **k: _record_torch(record, original(*a, **k))
+    b = shape[0]
+    known_t, mask_t = torch.from_numpy(x0_known), torch.from_numpy(mask)
+    cond_t = torch.from_numpy(cond) if cond is not None else None
+    z = lambda: torch.from_numpy(next(known_noise))  # noqa: E731
+
+    def replace(img, t):  # known frames <- q(x_t | x0_known)
+        return torch.where(mask_t, diffusion.q_sample(known_t, torch.full((b,), t, dtype=torch.long), noise=z()), img)
+
+    try:
+        img = torch.from_numpy(next(noise))
+        for t in reversed(range(diffusion.num_timesteps)):
+            tt = torch.full((b,), t, dtype=torch.long)
+            img = replace(img, t)
+            following = diffusion.p_sample(img, tt, cond=cond_t, cond_scale=cond_scale, noise=torch.from_numpy(next(noise)))
+            if t > 0:
+                beta = diffusion.betas[t]
+                for _ in range(resample):
+                    following = replace(following, t - 1)
+                    x = (1 - beta).sqrt() * following + beta.sqrt() * z()  # x_t ~ q(x_t | x_{t-1})
+                    following = diffusion.p_sample(x, tt, cond=cond_t, cond_scale=cond_scale, noise=z())
+            img = following
+        img = torch.where(mask_t, known_t, img)
+    finally:
+        del unet.forward_with_cond_scale
+    return np.clip(((img + 1) * 0.5).float().numpy(), 0.0, 1.0)
+
+
+def _record_torch(record: list, out):
+    record.append(out.float().numpy().copy())
+    return out

@@ -13,6 +13,7 @@ from vdeploy.runtime.conditioning import RESAMPLERS, _ddim_redo, _ddpm_redo, con
 from vdeploy.runtime.samplers import SAMPLERS, drive
 from vdeploy.runtime.schedule import cosine_beta_schedule
 
+from export_fixtures import exported_model  # noqa: F401  (session fixture)
 from runtime_fixtures import model_dir
 
 T = 50
@@ -243,3 +244,21 @@ def test_cli_sample_init_never_imports_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.is_file()
+
+
+@pytest.mark.parametrize("sampler,steps,resample,cond_scale", [
+    ("ddpm", None, 1, 1.0),   # the seed's q_sample/p_sample loop, every training step, RePaint in torch
+    ("ddim", 5, 1, 2.0),      # the wrapper around the torch denoiser, fused --cfg graph on the runtime side
+    ("dpmpp", 5, 0, 1.0),
+])
+def test_parity_with_torch_from_the_same_noise(exported_model, sampler, steps, resample, cond_scale):
+    from export_fixtures import single_thread_torch
+    from vdeploy.export.parity import run_conditioned_parity
+
+    single_thread_torch()
+    report = run_conditioned_parity(exported_model.dir, exported_model.ckpt, sampler=sampler, steps=steps,
+                                    resample=resample, cond_scale=cond_scale, batch_size=2)
+    n = report["steps"]
+    assert report["calls"] == report["torch_calls"] == n + resample * (n - 1)
+    assert report["max_per_call_abs_err"] <= 1e-3 and report["final_max_abs_err"] <= 1e-3, report
+    assert report["known_frames_max_abs_err"] <= 1e-6 and report["passed"]
