@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -269,7 +270,7 @@ def create_app(service: Service) -> Starlette:
         body = {"status": why}
         if ready:
             body.update(model=str(service.pipe.model_dir), backend=service.pipe.backend_name,
-                        batching=service.batching, max_batch=service.max_batch)
+                        batching=service.batching, max_batch=service.max_batch, pid=os.getpid())
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
