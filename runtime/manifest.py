@@ -381,7 +381,7 @@ def from_json(data, where: str = MANIFEST_NAME) -> Manifest:
     if version not in READS_VERSIONS:
         newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
         raise ManifestError(
-            f"{where} has format version {version!r}; this vdeploy reads versions "
+            f"{where} has format version {_short(version)}; this vdeploy reads versions "
             f"{', '.join(map(str, READS_VERSIONS))}"
             + ("; upgrade vdeploy" if newer else f"; {REEXPORT}")
         )
@@ -397,7 +397,7 @@ def from_json(data, where: str = MANIFEST_NAME) -> Manifest:
     for name, digest in files.items():
         r.path(name, f"files[{name!r}]")
         if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
-            raise ManifestError(f"{where}: files[{name!r}] must be a hex sha256, got {digest!r}")
+            raise ManifestError(f"{where}: files[{name!r}] must be a hex sha256, got {_short(digest)}")
 
     conditioning = _conditioning(r, r.expect(data["conditioning"], dict, "conditioning"), version)
     graphs_json = r.expect(data["graphs"], dict, "graphs")

@@ -255,7 +255,9 @@ class Pipeline:
         """Prompts -> conditioning ``(b, cond_dim)`` through the model directory's text encoder."""
         if self.text_encoder is None:
             raise ValueError(f"{self.model_dir} has no text encoder; pass `cond` embeddings instead")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"`text` must be a string or a list of strings, got {_short(text)}")
         if not texts:
             raise ValueError("`text` is empty")
         return self.text_encoder(texts)
@@ -420,22 +422,30 @@ class Pipeline:
         gets that call's video.
         """
         spec = sampler_spec(sampler)
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if (isinstance(cond_scale, bool) or not isinstance(cond_scale, (int, float, np.integer, np.floating))
+                or not np.isfinite(cond_scale)):
+            raise ValueError(f"cond_scale must be a finite number, got {_short(cond_scale)}")
         if text is not None and cond is not None:
             raise ValueError("pass either `cond` or `text`, not both")
         if noise is not None:
-            noise = np.asarray(noise, dtype=np.float32)
+            noise = _real_array(noise, "noise")
             if not np.all(np.isfinite(noise)):
                 raise ValueError("noise holds NaN or Inf values")
             if batch_size == 1 and noise.ndim == 5:
                 batch_size = noise.shape[0]  # the noise's batch, as cond's rows give theirs
+                if batch_size < 1:
+                    raise ValueError(f"noise has shape {noise.shape}: no videos (batch 0)")
         if frames is not None and batch_size == 1 and np.ndim(frames) == 5:
             batch_size = np.shape(frames)[0]  # so do the known frames' rows
         if text is not None:
             cond = self.encode_text(text)
         cond, batch_size = self._resolve_cond(cond, batch_size)
-        rng = np.random.default_rng(seed)
+        try:
+            rng = np.random.default_rng(seed)
+        except TypeError:
+            raise ValueError(f"seed must be a non-negative integer or None, got {_short(seed)}") from None
         shape = (batch_size, *self.shape)
         if noise is None:
             x = rng.standard_normal(shape, dtype=np.float32)
@@ -443,8 +453,6 @@ class Pipeline:
             x = noise
             if x.shape != shape:
                 raise ValueError(f"noise has shape {x.shape}, expected {shape}")
-        if not np.isfinite(cond_scale):
-            raise ValueError(f"cond_scale must be a finite number, got {cond_scale!r}")
 
         num_steps = steps if steps is not None else (spec.default_steps or len(self.betas))
         kwargs = {
@@ -494,7 +502,7 @@ class Pipeline:
             return np.broadcast_to(self.null_cond.reshape(1, -1), (batch_size, self.cond_dim)).copy(), batch_size
         if self.cond_dim is None:
             raise ValueError("this model is unconditional (no cond_dim): `cond`/`text` cannot be used")
-        cond = np.asarray(cond, dtype=np.float32)
+        cond = _real_array(cond, "cond")
         if cond.ndim == 1:
             cond = cond[None]
         if cond.ndim != 2 or cond.shape[1] != self.cond_dim or cond.shape[0] < 1:
@@ -506,6 +514,23 @@ class Pipeline:
         elif batch_size not in (1, cond.shape[0]):
             raise ValueError(f"batch_size {batch_size} does not match the {cond.shape[0]} rows of cond")
         return cond, cond.shape[0]
+
+
+def _real_array(value, name: str) -> np.ndarray:
+    """``value`` as float32, refusing what is not real numbers (strings, objects, complex) with a ValueError."""
+    try:
+        kind = np.asarray(value).dtype.kind
+        if kind not in "fiub":
+            raise TypeError(kind)
+        with np.errstate(over="ignore"):  # a float64 1e300 becomes inf here, refused by the finite checks
+            return np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an array of real numbers, got {_short(value)}") from None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _timed(denoise):

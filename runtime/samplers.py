@@ -240,8 +240,10 @@ def ddim_steps(
     callback: Callable[[dict], None] | None = None,
 ) -> Machine:
     """``ddim`` as a step machine (see the module docstring)."""
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) or not 0 <= eta <= 1:
+        # eta > 1 adds more noise than DDPM's posterior and a huge one overflows to NaN videos
+        raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior variance), "
+                         f"got {eta!r}"[:200])
     x, betas, cond = _start(x, betas, cond)
     timesteps = respace(len(betas), steps, spacing, betas=betas)
     alphas_cumprod = np.cumprod(1.0 - betas)

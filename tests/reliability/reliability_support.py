@@ -25,6 +25,10 @@ COUNTS = {
     "config_resolve": (400, 4000),
     "config_files": (100, 1000),
     "config_builds": (15, 150),
+    # the runtime half (test_fuzz_runtime.py, test_load.py)
+    "manifest_json": (300, 3000),
+    "pipeline_call": (120, 1200),  # per model: unconditioned and conditioned
+    "load_calls": (40, 200),  # calls on one Pipeline from 8 threads
 }
 
 # the kill test's model: tiny enough that a step and its checkpoint take ~0.1 s
