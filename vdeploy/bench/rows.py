@@ -232,7 +232,8 @@ def runtime_rows(wanted, model, inputs: Inputs, threads: int) -> tuple[list[Row]
             why = spec.unavailable(manifest, options)
             graph = graph_for(backend, manifest, options)
             if why is None and graph is None:
-                why = f"the model dir has no {precision} denoiser graph (export with --{precision})"
+                why = f"the model dir has no {precision} denoiser graph" + (" (export with --fp16)"
+                                                                             if precision == "fp16" else "")
             if why is not None:
                 skip(name, backend, description, why)
                 continue
