@@ -163,3 +163,53 @@ def test_synth_without_torch():
     code = ("import sys, tempfile; from vdeploy.data import synth_dataset; "
             "synth_dataset(tempfile.mkdtemp(), num=2, frames=2, size=8); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_read_gif_turns_every_decoding_failure_into_data_error(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_gif(tmp_path / "missing.gif")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "p.gif.png", format="PNG")
+    with pytest.raises(DataError, match="it is PNG, not a GIF"):
+        read_gif(tmp_path / "p.gif.png")
+    video = np.zeros((2, 6, 6, 3), np.uint8)
+    video[1] = 255
+    data = bytearray(write_gif(video, tmp_path / "v.gif").read_bytes())
+    descriptor = b",\x00\x00\x00\x00\x06\x00\x06\x00"  # image separator, left, top, width, height
+    second = data.index(descriptor, data.index(descriptor) + 1)
+    data[second + 1] = 1  # frame 1 moved one pixel right: past the 6 px screen (found by the fuzzer)
+    (tmp_path / "wide.gif").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="frame 1 is 7x6 but frame 0 is 6x6"):
+        read_gif(tmp_path / "wide.gif")
+    data = bytearray(write_gif(video, tmp_path / "bomb.gif").read_bytes())
+    data[6:10] = b"\xff\xff\xff\xff"  # a logical screen of 65535 x 65535 pixels
+    (tmp_path / "bomb.gif").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="bomb.gif"):
+        read_gif(tmp_path / "bomb.gif")
+
+
+def test_captions_must_be_utf8_text(tmp_path):
+    from vdeploy.data import UnreadableCaptionWarning, read_caption
+
+    gif = write_gif(np.zeros((1, 4, 4, 3), np.uint8), tmp_path / "a.gif")
+    assert read_caption(gif) is None
+    for raw, message in [(b"caf\xe9", "is not UTF-8 text"), (b"a\x00b", "NUL"), (b"  \n", "is empty")]:
+        gif.with_suffix(".txt").write_bytes(raw)
+        with pytest.raises(DataError, match=message):
+            read_caption(gif)
+    gif.with_suffix(".txt").write_bytes(b"\xef\xbb\xbf a red ball \n")
+    assert read_caption(gif) == "a red ball"
+    gif.with_suffix(".txt").write_bytes(b"caf\xe9")
+    with pytest.warns(UnreadableCaptionWarning, match="a.txt is not UTF-8"):
+        assert Dataset(tmp_path, image_size=4, num_frames=1).captions == [None]
+
+
+def test_synth_refuses_a_folder_with_clips_unless_overwrite(tmp_path):
+    synth_dataset(tmp_path, num=3, frames=2, size=8)
+    (tmp_path / "mine.gif").write_bytes((tmp_path / "00000.gif").read_bytes())
+    with pytest.raises(DataError, match="already holds 4 clip"):
+        synth_dataset(tmp_path, num=1, frames=2, size=8)
+    synth_dataset(tmp_path, num=1, frames=2, size=8, overwrite=True)
+    # the earlier synthetic clips went, a file of another name stayed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.gif", "00000.txt", "mine.gif"]

@@ -82,17 +82,20 @@ def read_gif(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
             with Image.open(path) as img:
                 if img.format != "GIF":
                     raise DataError(f"cannot read {path}: it is {img.format or 'an unknown format'}, not a GIF")
-                w, h = img.size
-                frame_bytes = max(1, w * h * channels)
-                frames = []
+                frames, decoded = [], 0
                 for i in itertools.count():
                     try:
                         img.seek(i)
                     except EOFError:
                         break
-                    if (i + 1) * frame_bytes > MAX_VIDEO_BYTES:
+                    w, h = img.size  # a frame reaching past the logical screen makes pillow grow it
+                    decoded += max(1, w * h * channels)
+                    if decoded > MAX_VIDEO_BYTES:
                         raise DataError(f"cannot read {path}: {w}x{h} frames, more than "
                                         f"{MAX_VIDEO_BYTES >> 20} MiB decoded after {i} frames")
+                    if frames and (h, w) != frames[0].shape[:2]:
+                        raise DataError(f"cannot read {path}: frame {i} is {w}x{h} but frame 0 is "
+                                        f"{frames[0].shape[1]}x{frames[0].shape[0]}")
                     frames.append(np.asarray(img.convert(mode)))
     except DataError:
         raise
