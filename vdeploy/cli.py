@@ -607,6 +607,10 @@ def _runtime_logging(quiet: bool) -> None:
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="onnxruntime CPU threads.  [default: physical cores]")
 @click.option("--quiet", is_flag=True, help="No progress bar, no timing lines.")
+@click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Refuse the model directory unless it is signed with this PEM key's private key and unchanged "
+                   "since (vdeploy export --sign-key); checked before anything in it is opened. "
+                   "Needs vdeploy[signing].")
 @click.option("--init", "init_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Known frames: a .gif (its last --init-frames frames are continued) or a .png (image-to-video), "
                    "resized and center-cropped as the training data; the video starts with them.")
@@ -621,7 +625,7 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
            cond_scale: float, text: tuple[str, ...], cond_file: Path | None, backend: str, precision: str,
            eta: float | None, spacing: str | None, order: int | None, variant: str | None, fps: float,
            threads: int | None, quiet: bool, init_file: Path | None = None, init_frames: int | None = None, length: int | None = None,
-           resample: int = 0) -> None:
+           resample: int = 0, public_key: Path | None = None) -> None:
     """Sample videos from an exported model directory, without torch.
 
     \b
@@ -657,7 +661,8 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
     _runtime_logging(quiet)
     t0 = time.perf_counter()
     try:
-        pipe = Pipeline.from_dir(model_dir, backend=backend, precision=precision, threads=threads)
+        pipe = Pipeline.from_dir(model_dir, backend=backend, precision=precision, threads=threads,
+                                 public_key=public_key)
         if (text or cond is not None) and pipe.cond_dim is None:
             raise BadInput(f"{'--text' if text else '--cond'}: {model_dir} is an unconditional model (no cond_dim): "
                            "it samples without prompts or embeddings; leave the option out")

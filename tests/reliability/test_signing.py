@@ -189,6 +189,20 @@ def test_cli_verify(signed, keys):
                     "does not exist")
 
 
+def test_cli_sample_with_a_public_key(signed, keys, tmp_path):
+    runner = CliRunner()
+    args = ["sample", "--model", str(signed), "--out", str(tmp_path / "s.gif"), "--steps", "2", "--backend", "cpu",
+            "--quiet", "--public-key"]
+    ok = runner.invoke(main, [*args, str(keys["alice"][1])])
+    assert ok.exit_code == 0 and (tmp_path / "s.gif").is_file(), ok.output
+    one_line_exit_2(runner.invoke(main, [*args, str(keys["mallory"][1])]), "was not made with the key of")
+    unsigned = model_dir("uncond")
+    result = runner.invoke(main, ["sample", "--model", str(unsigned), "--out", str(tmp_path / "u.gif"), "--quiet",
+                                  "--public-key", str(keys["alice"][1])])
+    one_line_exit_2(result, "is not signed")
+    assert not (tmp_path / "u.gif").exists()
+
+
 def test_cli_verify_checks_the_manifest_too(keys):
     """A directory signed in a broken state (its sha256s wrong) is still refused: signed is not valid."""
     folder = model_dir("uncond")
