@@ -51,7 +51,8 @@ class BackendOptions:
         max_batch: the largest batch a TensorRT engine is built for.
         spin: onnxruntime CPU threads spin-wait between calls (lower latency for one caller on an idle
             machine, worse under load; off by default).
-        cache: keep onnxruntime's CPU-optimized graph in the user cache (faster cold starts).
+        cache: keep onnxruntime's CPU-optimized graph and OpenVINO's compiled models in the user cache
+            (faster cold starts).
     """
 
     precision: str = "fp32"
@@ -201,7 +202,8 @@ def _openvino_open(model_dir: Path, manifest: Manifest, graph_name: str, options
     from .openvino import OpenVINOBackend
 
     return OpenVINOBackend(model_dir / manifest.graphs[graph_name].file, precision=options.precision,
-                           threads=options.threads)
+                           threads=options.threads, cache=options.cache,
+                           onnx_sha256=manifest.files.get(manifest.graphs[graph_name].file))
 
 
 # ------------------------------------------------------------------ table ----

@@ -9,6 +9,7 @@ Compiling one shape of the tiny model takes 1-3 s here, so the tests reuse shape
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -92,10 +93,13 @@ def test_f32_matches_onnxruntime_per_call_and_compiles_once_per_shape(ov_backend
     assert ov_backend.compiles == before + len(shapes)
 
 
-def test_threads_share_one_compile_and_get_equal_results(ov, graph):
-    from vdeploy.runtime.openvino import OpenVINOBackend
+def test_threads_share_one_compile_and_the_disk_cache_serves_the_next_start(ov, graph, tmp_path, monkeypatch):
+    from vdeploy.runtime.openvino import OpenVINOBackend, compiled_cache_dir
 
+    monkeypatch.setenv("VDEPLOY_CACHE", str(tmp_path))
     backend = OpenVINOBackend(graph, threads=1)
+    assert backend.cache_folder == compiled_cache_dir(ov.__version__, "fp32") and backend.cache_folder.is_relative_to(tmp_path)
+    assert compiled_cache_dir(ov.__version__, "bf16") != backend.cache_folder
     inputs = [feeds(2, 8, seed=10 + i) for i in range(4)]
     results: dict[int, list] = {}
     barrier = threading.Barrier(4)
@@ -110,13 +114,38 @@ def test_threads_share_one_compile_and_get_equal_results(ov, graph):
     for t in threads:
         t.join(timeout=120)
     assert sorted(results) == [0, 1, 2, 3]
-    assert backend.compiles == 1
+    assert backend.compiles == 1 and backend.cache_hits == 0
     for i in range(4):
         (alone,) = backend.run(inputs[i])
         for out in results[i]:
             np.testing.assert_array_equal(out, alone)
     assert not np.array_equal(results[0][0], results[1][0])  # different inputs: different outputs
     backend.close()
+    (blob,) = backend.cache_folder.glob("*.blob")
+
+    # the next start imports the compiled model from disk: same numbers
+    second = OpenVINOBackend(graph, threads=1)
+    np.testing.assert_array_equal(second.run(inputs[0])[0], results[0][0])
+    assert second.compiles == 1 and second.cache_hits == 1
+    # a damaged blob is not trusted: compiled afresh (and rewritten), same numbers
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    blob.write_bytes(bytes(data))
+    third = OpenVINOBackend(graph, threads=1)
+    np.testing.assert_array_equal(third.run(inputs[1])[0], results[1][0])
+    assert third.compiles == 1 and third.cache_hits == 0
+    assert blob.read_bytes() != bytes(data)  # rewritten
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.with_suffix(".sha256").read_text()
+    # other weights (a re-export at the same shapes): another entry, never the stale one
+    import onnx
+
+    model = onnx.load(str(graph))
+    model.doc_string = "re-exported"
+    edited = tmp_path / "edited.onnx"
+    onnx.save(model, str(edited))
+    key = ((2, 3, 4, 8, 8), (2,), (2, 6))
+    assert OpenVINOBackend(edited, threads=1).blob_path(key) != blob == backend.blob_path(key)
+    assert OpenVINOBackend(graph, threads=1, cache=False).blob_path(((1,),)) is None
 
 
 def test_sampling_run_matches_onnxruntime(ov, exported_model):
