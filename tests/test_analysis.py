@@ -70,6 +70,7 @@ def test_noise_blank_and_still_clips():
     noisy = rng.uniform(0, 1, (3, 8, 32, 32))
     got = analyze(noisy)
     assert got.clean < 0.2 and got.background > 0.3  # a noise clip is not clean
+    assert got.visible == 0.0 and got.color is None  # and noise is no object at the frame's centre
     blank = np.zeros((3, 8, 32, 32))
     got = analyze(blank)
     assert got.color is None and got.direction == "none" and got.visible == 0.0 and np.isnan(got.centroids).all()
@@ -89,6 +90,8 @@ def test_centroid_error_in_pixels():
     lost[:, 5:] = 0
     half_diag = 0.5 * np.hypot(32, 32)
     assert centroid_error(lost, clip, frames=[5, 6, 7]) == pytest.approx(half_diag)
+    noise = np.random.default_rng(1).uniform(0, 1, clip.shape)
+    assert centroid_error(noise, clip) == pytest.approx(half_diag)  # noise is no object near the centre
     with pytest.raises(ValueError, match="frames"):
         centroid_error(clip[:, :4], clip)
 

@@ -3,7 +3,9 @@
 numpy only (no torch): it reads what the runtime writes. The synthetic clips (``vdeploy.data.synth_clip``) are
 one flat-coloured shape on black moving edge to edge in one of four directions, so a clip is measured by:
 
-* the **object mask** per frame: pixels whose brightest channel is above ``threshold`` (0.3);
+* the **object mask** per frame: pixels whose brightest channel is above ``threshold`` (0.3); a frame whose
+  mask covers more than ``max_area`` (a quarter) of it has no object (it is noise: the synthetic shapes cover
+  about a tenth), so noise never passes for an object at the frame's centre;
 * the **centroid** per frame: the brightness-weighted mean position ``(x, y)`` of the mask, NaN where a
   frame has no object pixel;
 * the **colour**: the mean RGB of the mask over the clip, named by the nearest colour of the synthetic
@@ -33,6 +35,7 @@ PALETTE = {name: np.asarray(rgb, dtype=np.float64) / 255.0 for name, rgb in SYNT
 THRESHOLD = 0.3  # object pixels: brightest channel above this (the palette's dimmest brightest channel is 0.78)
 DARK = 0.1  # background pixels this dark count as clean
 MIN_TRAVEL = 1.0  # px: a fitted travel below this is no motion
+MAX_AREA = 0.25  # a frame whose mask covers more than this fraction has no object (noise)
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,15 @@ def load_clip(clip) -> np.ndarray:
     return np.clip(a, 0.0, 1.0)
 
 
-def analyze(clip, *, threshold: float = THRESHOLD, min_travel: float = MIN_TRAVEL) -> ClipAnalysis:
+def analyze(clip, *, threshold: float = THRESHOLD, min_travel: float = MIN_TRAVEL,
+            max_area: float = MAX_AREA) -> ClipAnalysis:
     """Measure one clip (see the module docstring): an array ``(c, f, h, w)`` in [0, 1] or a GIF path."""
     v = load_clip(clip)
     rgb = v[:3] if v.shape[0] >= 3 else np.repeat(v[:1], 3, axis=0)
     c, f, h, w = rgb.shape
     bright = rgb.max(axis=0)  # (f, h, w)
     mask = bright > threshold
+    mask &= (mask.mean(axis=(1, 2)) <= max_area)[:, None, None]  # a frame mostly "object" is noise: no object
     weight = np.where(mask, bright, 0.0)
     ys, xs = np.mgrid[0:h, 0:w]
     mass = weight.sum(axis=(1, 2))
