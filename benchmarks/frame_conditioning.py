@@ -135,7 +135,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {r['centroid_error_px']:.2f} | {r['direction_ok']:.0%} | {r['visible']:.0%} | "
                      f"{r['clean']:.2f} | {r['seconds']} |")
     lines += ["", "Centroid error: mean px distance to the true centroid over the predicted frames; a frame with no "
-              "object pixel counts the half diagonal. Direction, visibility and cleanliness: `vdeploy.analysis` on the "
+              "object (none, or noise over a quarter of it) counts the half diagonal. Direction, visibility and cleanliness: `vdeploy.analysis` on the "
               "predicted frames alone (a frozen frame has no motion: direction 'none')."]
     return "\n".join(lines) + "\n"
 
