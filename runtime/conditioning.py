@@ -25,6 +25,9 @@ Randomness: one array shaped like ``x`` per draw, from explicit ``known_noise`` 
 ``i``: the replacement at ``t_i``; then per resampling round: the replacement at ``t_{i+1}``, the jump, the
 redone step's own noise (ddpm; ddim with ``eta > 0``). The wrapped machine's own per-step noise comes from its
 own ``noise``/``rng`` as without conditioning.
+
+The machine's ``callback`` runs after its own steps only (not after redone ones), and the ``x`` it was given
+is the array the wrapper then edits (known frames replaced, resampled): copy it in a callback that keeps it.
 """
 
 from __future__ import annotations
