@@ -4,7 +4,8 @@
 #     benchmarks/gpu.sh OUT_DIR [latency.py options...]
 #     benchmarks/gpu.sh gpu-out --config base --repeats 30
 #
-# writes OUT_DIR/latency.json, latency.md (the markdown report), latency.png and latency.log.
+# writes OUT_DIR/latency.json, latency.md (the markdown report), latency.png and latency.log, and the
+# serving load benchmark's serve.json, serve.md and serve.log (benchmarks/serve_load.py, extra [serve]).
 #
 # Python: $PYTHON if set, else the checkout's .venv (README set-up with `pip install -e '.[gpu,train,export]'`),
 # else python3 (e.g. a GPU image's python with torch and onnxruntime[-gpu]). Where vdeploy is not installed
@@ -19,7 +20,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -77,3 +78,13 @@ set -o pipefail
 "$py" "$root/benchmarks/latency.py" --device "$device" --json "$out/latency.json" --plot "$out/latency.png" "$@" \
     2> >(tee "$out/latency.log" >&2) | tee "$out/latency.md"
 echo "gpu.sh: wrote $out/latency.json, latency.md, latency.png, latency.log" >&2
+
+# The serving load benchmark (vdeploy serve, step-level batching on vs off) on the same device, where the
+# [serve] extra is installed; SERVE_BACKEND overrides the backend (e.g. tensorrt-ep).
+if "$py" -c 'import starlette, uvicorn, prometheus_client' 2>/dev/null; then
+    "$py" "$root/benchmarks/serve_load.py" --backend "${SERVE_BACKEND:-$device}" --json "$out/serve.json" \
+        --md "$out/serve.md" 2> >(tee "$out/serve.log" >&2)
+    echo "gpu.sh: wrote $out/serve.json, serve.md, serve.log" >&2
+else
+    echo "gpu.sh: serving load benchmark skipped: the [serve] extra is not installed (pip install 'vdeploy[serve]')" >&2
+fi

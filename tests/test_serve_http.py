@@ -87,7 +87,7 @@ def pipe(fused_model_dir):
 
 @pytest.fixture(scope="module")
 def port(pipe):
-    with running(Service(pipe=pipe, max_batch=8, max_queue=8)) as port:
+    with running(Service(pipe=pipe, max_batch=8, max_queue=8, batching=True)) as port:
         yield port
 
 
@@ -174,7 +174,7 @@ def test_not_json_and_the_cli_wording(port, pipe, tmp_path):
 
 
 def test_a_flood_gets_429_with_retry_after(pipe):
-    with running(Service(pipe=pipe, max_batch=1, max_queue=1)) as port:
+    with running(Service(pipe=pipe, max_batch=1, max_queue=1, batching=True)) as port:
         results = []
         body = {"sampler": "ddpm", "steps": 50, "batch_size": 4, "format": "npy", "seed": 0}
         threads = [threading.Thread(target=lambda: results.append(request(port, "POST", "/v1/videos", body)))
@@ -192,7 +192,7 @@ def test_a_flood_gets_429_with_retry_after(pipe):
 
 
 def test_a_client_that_disconnects_frees_its_slot(pipe):
-    with running(Service(pipe=pipe, max_batch=1, max_queue=4)) as port:
+    with running(Service(pipe=pipe, max_batch=1, max_queue=4, batching=True)) as port:
         body = json.dumps({"sampler": "ddpm", "steps": 50, "batch_size": 8, "seed": 0}).encode()
         sock = socket.create_connection(("127.0.0.1", port))
         sock.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -224,7 +224,7 @@ def test_sigterm_finishes_or_cleanly_refuses_in_flight_work_and_exits_0(tmp_path
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "vdeploy.cli", "serve", "--model", str(model), "--port", str(port), "--backend", "cpu",
-         "--threads", "1", "--grace", "1", "--max-batch", "64"],
+         "--threads", "1", "--grace", "1", "--max-batch", "64", "--batching"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(lambda: _ready(port) or proc.poll() is not None, timeout=60, what="vdeploy serve to be ready")

@@ -873,8 +873,10 @@ def _require_serve_extra(extra: str, *modules: str) -> None:
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="What runs the denoiser (as vdeploy sample --backend).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime CPU threads.  [default: physical cores]")
-@click.option("--batching/--no-batching", default=True, show_default=True,
-              help="Step-level batching across requests; off: one request at a time, each as vdeploy sample runs it.")
+@click.option("--batching/--no-batching", default=False, show_default=True,
+              help="Step-level batching across requests (off: one request at a time, each as vdeploy sample runs it; "
+                   "off is the default: on 2 CPU cores batching measured 0.5-1.1x the throughput, README "
+                   "'Serving'; try it on a GPU).")
 @click.option("--timeout", default=600.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Seconds a request may take, queue included (then 504).")
 @click.option("--grace", default=30.0, show_default=True, type=FiniteFloat(min=0),

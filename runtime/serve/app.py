@@ -51,14 +51,15 @@ class Service:
     Args:
         model_dir: the model directory; or give ``pipe``, an opened Pipeline.
         backend, threads: as ``Pipeline.from_dir`` takes them.
-        max_batch, max_queue, batching: the batcher's (see :class:`Batcher`).
+        max_batch, max_queue, batching: the batcher's (see :class:`Batcher`); batching is off by default, the
+            winner of ``benchmarks/serve_load.py`` on CPU (README "Serving").
         timeout: seconds a request may take from submission (None: no limit).
         max_videos: videos one request may ask for.
         grace: seconds a SIGTERM drain may take before the rest is refused with 503.
     """
 
     def __init__(self, model_dir=None, *, pipe=None, backend: str = "auto", threads: int | None = None,
-                 max_batch: int = 8, max_queue: int = 64, batching: bool = True, timeout: float | None = 600.0,
+                 max_batch: int = 8, max_queue: int = 64, batching: bool = False, timeout: float | None = 600.0,
                  max_videos: int = 16, grace: float = 30.0):
         if (model_dir is None) == (pipe is None):
             raise ValueError("give either model_dir or pipe")
