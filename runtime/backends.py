@@ -118,6 +118,7 @@ def _ort_unavailable(kind: str):
 
 def _ort_open(kind: str):
     def open_ort(model_dir: Path, manifest: Manifest, graph_name: str, options: BackendOptions):
+        from .onnx_external import graph_digest
         from .ort import OrtBackend
 
         graph = manifest.graphs[graph_name]
@@ -131,7 +132,7 @@ def _ort_open(kind: str):
         return OrtBackend(
             model_dir / graph.file, kind, threads=options.threads if kind == "cpu" else None,
             device_id=options.device_id, fp16=options.precision == "fp16", profile=profile,
-            onnx_sha256=manifest.files.get(graph.file), cache=options.cache, spin=options.spin,
+            onnx_sha256=graph_digest(model_dir, graph.file, manifest.files), cache=options.cache, spin=options.spin,
         )
 
     return open_ort

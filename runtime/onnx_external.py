@@ -30,6 +30,7 @@ and the like) skipped by their length (a 4,500-node U-Net: 0.08 s). Malformed by
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -194,3 +195,17 @@ def check_external_data(model_dir: str | Path, graph_file: str, files: Mapping[s
             raise ManifestError(f"{where}: {name} is not listed with a sha256 in the manifest's files")
         used.append(name)
     return used
+
+
+def graph_digest(model_dir: str | Path, graph_file: str, files: Mapping[str, str]) -> str | None:
+    """What identifies a graph's contents for the caches keyed by it (onnxruntime's optimized graph, TensorRT
+    EP engines): its sha256, or where it reads external data, a sha256 over its own and every external file's
+    (new weights in an unchanged ``.onnx`` are a different graph). None when the graph is not listed."""
+    digest = files.get(graph_file)
+    if digest is None:
+        return None
+    used = check_external_data(model_dir, graph_file, files)
+    if not used:
+        return digest
+    parts = [digest] + [f"{name}:{files[name]}" for name in sorted(used)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()

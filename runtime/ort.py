@@ -271,7 +271,7 @@ def _files_match(folder: Path, digests: dict) -> bool:
     try:
         if {p.name for p in folder.iterdir()} - {_CACHE_META} != set(digests):
             return False
-        verify_files(folder, {"files": digests})
+        verify_files(folder, digests)
     except (OSError, ManifestError):
         return False
     return True

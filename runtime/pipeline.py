@@ -195,6 +195,7 @@ class Pipeline:
 
             conditioning = manifest.conditioning
             if conditioning.text_encoder:
+                from .onnx_external import graph_digest
                 from .text import TextEncoder
 
                 text_kind = "cuda" if kind in ("cuda", "tensorrt-ep", "tensorrt") and \
@@ -205,7 +206,7 @@ class Pipeline:
                     text_kind,
                     max_length=conditioning.max_length,
                     threads=options.threads,
-                    onnx_sha256=manifest.files.get(model_file),
+                    onnx_sha256=graph_digest(model_dir, model_file, manifest.files),
                 )
             return cls(model_dir, manifest, plain, cfg, text_encoder, graph=graph, cfg_graph=cfg_graph)
         except BaseException:

@@ -160,6 +160,42 @@ def test_external_data_inside_and_hashed_runs_and_matches(tmp_path):
     np.testing.assert_array_equal(video, reference)
 
 
+def test_the_graph_cache_hits_and_is_keyed_by_external_weights_too(tmp_path, monkeypatch):
+    """The second open of a graph reads onnxruntime's cached optimized copy (no rebuild); new weights in the
+    external data file behind an unchanged .onnx are a different graph, not a stale cache hit."""
+    import logging
+
+    monkeypatch.setenv("VDEPLOY_CACHE", str(tmp_path / "cache"))
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("vdeploy.runtime")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        folder = model_dir("uncond")
+        data = _to_external(folder)
+        first = Pipeline.from_dir(folder, backend="cpu")(steps=2, seed=0, sampler="ddim")
+        assert any("cached the optimized graph" in m for m in messages), messages
+        messages.clear()
+        again = Pipeline.from_dir(folder, backend="cpu")(steps=2, seed=0, sampler="ddim")
+        assert not any("optimized graph" in m for m in messages), messages  # a hit: nothing rebuilt
+        np.testing.assert_array_equal(again, first)
+
+        graph_bytes = (folder / "denoiser.onnx").read_bytes()
+        data.write_bytes((np.frombuffer(data.read_bytes(), np.float32) * 1.5).tobytes())
+        rehash(folder)
+        assert (folder / "denoiser.onnx").read_bytes() == graph_bytes
+        changed = Pipeline.from_dir(folder, backend="cpu")(steps=2, seed=0, sampler="ddim")
+        uncached = Pipeline.from_dir(folder, backend="cpu", cache=False)(steps=2, seed=0, sampler="ddim")
+        np.testing.assert_array_equal(changed, uncached)
+        assert not np.array_equal(changed, first)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _opens_recorded(monkeypatch) -> list:
     """Every onnxruntime session the runtime starts, by path (none may start for a refused directory)."""
     import onnxruntime
