@@ -261,3 +261,19 @@ def _ready(port) -> bool:
         return request(port, "GET", "/readyz", timeout=2)[0] == 200
     except OSError:
         return False
+
+
+def test_mp4_without_an_encoder_is_422_and_the_cli_refuses_bad_settings(pipe, tmp_path):
+    from click.testing import CliRunner
+
+    from vdeploy.cli import main
+    from vdeploy.runtime.serve.requests import Invalid, parse
+
+    with pytest.raises(Invalid, match="mp4 needs an encoder library on the server") as e:
+        parse({"format": "mp4"}, pipe, can_mp4=False)
+    assert e.value.field == "format"
+    assert parse({"format": "mp4"}, pipe, can_mp4=True).format == "mp4"
+    result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "missing"), "--backend", "cpu"])
+    assert result.exit_code == 2 and result.output.startswith("Error: ") and len(result.output.splitlines()) == 1
+    result = CliRunner().invoke(main, ["serve", "--model", str(pipe.model_dir), "--replicas", "2"])
+    assert result.exit_code == 2 and "--replicas needs --ray" in result.output
