@@ -130,6 +130,21 @@ def test_health_ready_and_a_video_as_npy_gif_and_async(pipe, port):
     assert metric(port, "vdeploy_batch_rows_count") > 0 and metric(port, "vdeploy_queue_depth") == 0
 
 
+def test_known_frames_condition_the_video_as_in_the_pipeline(pipe, port):
+    import io
+
+    frames = np.random.default_rng(0).uniform(0, 1, (3, 2, 8, 8)).astype(np.float32)
+    ask = {"frames": frames.tolist(), "steps": 4, "seed": 5, "format": "npy", "sampler": "ddim"}
+    status, _, raw = request(port, "POST", "/v1/videos", ask)
+    assert status == 200, raw[:300]
+    video = np.load(io.BytesIO(raw))
+    assert_close(video, pipe(frames=frames, steps=4, seed=5, sampler="ddim"), "frames")
+    np.testing.assert_allclose(video[0, :, :2], frames, atol=1e-6)  # the known frames come back as given
+    status, _, raw = request(port, "POST", "/v1/videos", {"frames": frames[:, :, :4, :4].tolist(), "steps": 2})
+    answer = json.loads(raw)
+    assert status == 422 and answer["field"] == "frames" and "this model samples 3 channels of 8x8" in answer["error"]
+
+
 BAD = [
     ({"sampler": "euler"}, "sampler", "'euler' is not one of 'dpmpp', 'dpmpp3m', 'unipc', 'ddim', 'ddpm'"),
     ({"steps": 0}, "steps", "0 is not in the range 1<=x<=50"),
@@ -147,6 +162,9 @@ BAD = [
     ({"batch_size": 2, "prompt": ["a", "b", "c"]}, "batch_size", "2 does not match the 3 rows of prompt/cond"),
     ({"batch_size": 99}, "batch_size", "99 is not in the range 1<=x<=16"),
     ({"async": "yes"}, "async", "'yes' is not a valid boolean"),
+    ({"frames": [[["a"]]]}, "frames", "expected a nested list of numbers in [0, 1]"),
+    ({"frames": [[[[0.5] * 8] * 8] * 2] * 3, "known_mask": [1, 0]}, "known_mask", "expected a list of booleans"),
+    ({"resample": -1}, "resample", "-1 is not in the range 0<=x<=100"),
     ({"stpes": 4}, "stpes", "unknown field stpes (the fields are: prompt, cond, sampler"),
     ([1, 2], None, "the body must be a JSON object"),
 ]

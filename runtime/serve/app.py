@@ -39,7 +39,7 @@ from starlette.routing import Route
 
 from .batcher import Batcher, Closed, Job, QueueFull, RequestTimeout
 from .metrics import Metrics
-from .requests import FORMATS, Invalid, parse
+from .requests import FORMATS, FRAME_FIELDS, Invalid, parse
 
 log = logging.getLogger("vdeploy.runtime.serve")
 MAX_JOBS = 256  # async jobs kept (finished ones are dropped oldest first)
@@ -137,8 +137,12 @@ class Service:
         request = parse(body, self.pipe, max_videos=self.max_videos)
         try:
             job = self.batcher.submit(timeout=self.timeout, **request.kwargs)
-        except ValueError as e:  # a check of Pipeline.prepare the parser does not repeat
-            raise Invalid(None, str(e)) from None
+        except ValueError as e:  # a check of Pipeline.prepare the parser does not repeat (the known frames' shape...)
+            message = str(e)
+            field = next((f for f in FRAME_FIELDS if f in request.kwargs and f in message), None)
+            if field is None and "frames" in request.kwargs and "frame" in message:
+                field = "frames"
+            raise Invalid(field, message) from None
         if request.run_async:
             self._keep(job, request.format, request.fps)
         return job, request.format, request.fps, request.run_async

@@ -19,7 +19,8 @@ from ..schedule import SPACINGS
 
 FORMATS = {"gif": "image/gif", "mp4": "video/mp4", "npy": "application/x-npy"}
 FIELDS = ("prompt", "cond", "sampler", "steps", "seed", "cond_scale", "spacing", "eta", "order", "batch_size",
-          "format", "fps", "async")
+          "frames", "known_mask", "resample", "format", "fps", "async")
+FRAME_FIELDS = ("frames", "known_mask", "resample")  # checked by Pipeline.prepare (runtime.conditioning)
 MAX_PROMPT_CHARS = 2000
 
 
@@ -126,6 +127,17 @@ def _cond(value, pipe: Pipeline, max_videos: int) -> np.ndarray:
     return cond
 
 
+def _numbers(value, field: str, expected: str) -> np.ndarray:
+    """A nested JSON list of numbers (no booleans, no strings) as a float64 array, or Invalid naming ``field``."""
+    if not isinstance(value, list) or _has_bool(value):
+        raise Invalid(field, f"expected {expected}")
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):  # ragged or not numbers
+        raise Invalid(field, f"expected {expected}") from None
+    return a
+
+
 def _has_bool(value) -> bool:
     if isinstance(value, bool):
         return True
@@ -182,6 +194,18 @@ def parse(body, pipe: Pipeline, *, max_videos: int = 16, can_mp4: bool | None = 
         kwargs["text"] = prompt
     elif body.get("cond") is not None:
         kwargs["cond"] = _cond(body["cond"], pipe, max_videos)
+    if body.get("frames") is not None:
+        frames = _numbers(body["frames"], "frames", "a nested list of numbers in [0, 1], (c, k, h, w) or (b, c, k, h, w)")
+        kwargs["frames"] = frames.astype(np.float32)
+    if body.get("known_mask") is not None:
+        mask = body["known_mask"]
+        if not isinstance(mask, list) or not mask or not all(
+                isinstance(v, bool) or (isinstance(v, list) and v and all(isinstance(w, bool) for w in v)) for v in mask):
+            raise Invalid("known_mask", "expected a list of booleans (f,) or a list of such lists (b, f)")
+        kwargs["known_mask"] = np.asarray(mask, dtype=bool)
+    resample = _int(body, "resample", 0, 100)
+    if resample:
+        kwargs["resample"] = resample
     rows = len(kwargs["text"]) if isinstance(kwargs.get("text"), list) else (
         kwargs["cond"].shape[0] if "cond" in kwargs else 1)
     if batch_size != 1 and rows not in (1, batch_size):
