@@ -123,7 +123,8 @@ def write_strip(path: Path, clips, videos, known: int, scale: int = 4) -> None:
 def markdown(report: dict) -> str:
     a = report["args"]
     lines = [f"### Prompt adherence ({len(PROMPTS)} prompts x {len(a['seeds'])} seeds, cond_scale {a['cond_scale']})",
-             "", "| sampler | adherence | colour ok | direction ok | background clean | s |", "|---|---|---|---|---|---|"]
+             "", "| sampler | adherence | colour ok | direction ok | background clean | s |",
+             "|---|---|---|---|---|---|"]
     for name, r in report["adherence"].items():
         lines.append(f"| {name} | {r['adherence']:.0%} | {r['color_ok']:.0%} | {r['direction_ok']:.0%} | "
                      f"{r['clean']:.2f} | {r['seconds']} |")
@@ -135,8 +136,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {r['centroid_error_px']:.2f} | {r['direction_ok']:.0%} | {r['visible']:.0%} | "
                      f"{r['clean']:.2f} | {r['seconds']} |")
     lines += ["", "Centroid error: mean px distance to the true centroid over the predicted frames; a frame with no "
-              "object (none, or noise over a quarter of it) counts the half diagonal. Direction, visibility and cleanliness: `vdeploy.analysis` on the "
-              "predicted frames alone (a frozen frame has no motion: direction 'none')."]
+              "object (none, or noise over a quarter of it) counts the half diagonal. Direction, visibility and "
+              "cleanliness: `vdeploy.analysis` on the predicted frames alone (a frozen frame has no motion: direction 'none')."]
     return "\n".join(lines) + "\n"
 
 

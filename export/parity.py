@@ -398,7 +398,8 @@ def _torch_conditioned_ddpm(unet, config: dict, shape, cond, cond_scale, noise, 
         for t in reversed(range(diffusion.num_timesteps)):
             tt = torch.full((b,), t, dtype=torch.long)
             img = replace(img, t)
-            following = diffusion.p_sample(img, tt, cond=cond_t, cond_scale=cond_scale, noise=torch.from_numpy(next(noise)))
+            z_step = torch.from_numpy(next(noise))
+            following = diffusion.p_sample(img, tt, cond=cond_t, cond_scale=cond_scale, noise=z_step)
             if t > 0:
                 beta = diffusion.betas[t]
                 for _ in range(resample):

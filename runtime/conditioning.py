@@ -181,9 +181,9 @@ def conditioned_steps(
     if spec.draws_noise and kwargs.get("noise") is None:
         kwargs.setdefault("rng", rng)
     machine = spec.stepper(x, betas, **kwargs)  # bad sampler arguments raise here, before any step
-    return _conditioned(machine, np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)), known, mask,
-                        int(resample), RESAMPLERS.get(sampler), _noise_source(known_noise, rng, x.shape, "conditioning"),
-                        kwargs)
+    draw = _noise_source(known_noise, rng, x.shape, "conditioning")
+    abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    return _conditioned(machine, abar, known, mask, int(resample), RESAMPLERS.get(sampler), draw, kwargs)
 
 
 def _conditioned(machine, abar, known, mask, resample, redo, draw_at, kwargs) -> Machine:
