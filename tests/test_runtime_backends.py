@@ -389,7 +389,7 @@ def test_auto_picks_a_matching_native_plan_and_samples_through_it(monkeypatch):
     replace(manifest.load(folder), engines=(replace(engine, tensorrt_version="10.0.0"),)).write(folder)
     auto = "openvino-cpu" if importlib.util.find_spec("openvino") else "onnxruntime-cpu"  # auto, CPU only
     assert Pipeline.from_dir(folder).backend_name == auto
-    with pytest.raises(BackendUnavailable, match="no TensorRT plan of graph 'denoiser' for this GPU"):
+    with pytest.raises(BackendUnavailable, match="tensorrt: no TensorRT plan of this model for this GPU and TensorRT version"):
         Pipeline.from_dir(folder, backend="tensorrt")
 
 
