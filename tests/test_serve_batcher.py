@@ -1,38 +1,24 @@
 """The cross-request batcher: results equal solo ``Pipeline.__call__`` runs; cancel, timeout, queue, close.
 
 Models: the runtime fixtures' tiny conditioned model (text encoder, no fused graph: guidance as two rows a
-request) and the same with a fused ``--cfg`` graph, and the unconditioned one. Tolerance: batching changes
-the batch dimension of the convolutions, so eps agrees to float32 round-off (~1e-7), not bit for bit. On
-the videos (in [0, 1]) that is 0.6-3.4e-6 max for most runs (measured here: dpmpp/ddim, 2-8 steps, 4
-requests of 2 rows), but a sampler's first step on this 50-step cosine schedule computes
-``x0 = (x - sigma eps) / alpha`` with alpha ~ 3e-3, which magnifies eps's round-off ~300x on the pixels
-that x0's clip does not absorb: one 3-step request measured 1.2e-3 on 18 of its 768 values (2.3%). The check is
-therefore: 95% of the values within 1e-5 and all within 5e-3 (a misrouted row is off by ~0.1-1 almost
-everywhere). Unbatched mode runs a solo call's exact denoiser calls and must be bit-equal.
+request) and the same with a fused ``--cfg`` graph, and the unconditioned one. Batched results are checked
+with ``serve_fixtures.assert_close`` (float32 round-off; its docstring has the measured tolerance);
+unbatched mode runs a solo call's exact denoiser calls and must be bit-equal.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+
 import numpy as np
 import pytest
 
 from runtime_fixtures import COND_DIM, model_dir
-from serve_fixtures import fused_model_dir  # noqa: F401 (fixture)
+from serve_fixtures import assert_close, fused_model_dir, wait_for  # noqa: F401 (fixture)
 from vdeploy.runtime import Pipeline
 from vdeploy.runtime.samplers import drive
 from vdeploy.runtime.serve import Batcher, Closed, QueueFull, RequestTimeout
-
-ATOL, MAX_DIFF = 1e-5, 5e-3
-
-
-def assert_close(video, solo, what=""):
-    assert video.shape == solo.shape and video.dtype == np.float32, what
-    diff = np.abs(video - solo)
-    assert np.percentile(diff, 95) <= ATOL and diff.max() <= MAX_DIFF, (
-        f"{what}: |batched - solo| 95th percentile {np.percentile(diff, 95):.3g}, max {diff.max():.3g}")
-    return float(diff.max())
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +30,6 @@ def pipes(fused_model_dir):
     }
     assert out["fused"].cfg_backend is not None and out["two-calls"].cfg_backend is None
     return out
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.002)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 COND_JOBS = [  # (joins after the first job's step k, request)

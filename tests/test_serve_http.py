@@ -8,10 +8,8 @@ SIGTERM test runs ``vdeploy serve`` as a subprocess.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -28,37 +26,9 @@ pytest.importorskip("uvicorn", reason="the serving extra is not installed: pip i
 import uvicorn  # noqa: E402
 
 from runtime_fixtures import COND_DIM, model_dir  # noqa: E402
-from serve_fixtures import fused_model_dir  # noqa: E402,F401 (fixture)
-from test_serve_batcher import assert_close  # noqa: E402
+from serve_fixtures import assert_close, fused_model_dir, metric, request, wait_for  # noqa: E402,F401
 from vdeploy.runtime import Pipeline  # noqa: E402
 from vdeploy.runtime.serve.app import Service, create_app  # noqa: E402
-
-
-def request(port, method, path, body=None, timeout=60):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def metric(port, name) -> float:
-    text = request(port, "GET", "/metrics")[2].decode()
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 @contextlib.contextmanager

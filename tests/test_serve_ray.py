@@ -17,8 +17,7 @@ serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip
 pytest.importorskip("starlette", reason="the serving extra is not installed: pip install 'vdeploy[serve]'")
 
 from runtime_fixtures import model_dir  # noqa: E402
-from test_serve_batcher import assert_close  # noqa: E402
-from test_serve_http import request, wait_for  # noqa: E402
+from serve_fixtures import assert_close, request, wait_for  # noqa: E402
 from vdeploy.runtime import Pipeline  # noqa: E402
 from vdeploy.runtime.serve.ray_app import build_app, deployment  # noqa: E402
 
