@@ -97,18 +97,22 @@ def nonfinite_tensors(data: dict, keys: tuple[str, ...] = ("model", "ema")) -> l
 def link_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Make ``dst`` the same file as ``src`` atomically (hard link, or a copy where links fail)."""
     src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        tmp.unlink()
+    for stale in atomic.stale_temps(dst):  # left by a run that was killed while linking
+        stale.unlink(missing_ok=True)
+    tmp = atomic.temp_name(dst)
     try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
 
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, dst)
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     atomic.fsync_dir(dst.parent)
     return dst
 

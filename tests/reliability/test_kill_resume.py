@@ -119,6 +119,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     for a, b in zip(ours["optimizer"]["state"].values(), theirs["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a), "Adam's state differs from the uninterrupted run"
     assert _check_every_checkpoint_loads(results) == steps
+    assert not _writing(results), "a killed write's temporary checkpoint was left behind"  # later saves clean up
     # the milestone numbering survived the kills: one checkpoint per step, as in the uninterrupted run
     numbered = sorted(int(m.group(1)) for p in results.glob("model-*.pt") if (m := re.match(r"model-(\d+)\.pt", p.name)))
     assert numbered == list(range(1, steps + 1))
