@@ -242,10 +242,11 @@ def _load_failure(path: Path, e: Exception) -> str:
                 "tensor or a plain container; the file was not loaded, because loading it could run code")
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if "Weights only load failed" in text:  # drop torch's boilerplate (and its weights_only=False advice)
+        boilerplate = ("weights_only", "Weights only", "Please file an issue", "documentation")
         detail = [line.replace("WeightsUnpickler error:", "").strip() for line in lines
-                  if not any(w in line for w in ("weights_only", "Weights only", "Please file an issue", "documentation"))]
-        detail = [d for d in detail if d]
-        return (f"cannot load checkpoint {path}: the safe loader stopped at '{detail[0] if detail else 'an unknown step'}' "
+                  if not any(w in line for w in boilerplate)]
+        where = next((d for d in detail if d), "an unknown step")
+        return (f"cannot load checkpoint {path}: the safe loader stopped at '{where}' "
                 "(a corrupt file, or a pickle of more than tensors and plain containers); it was not loaded")
     return f"cannot load checkpoint {path}: {lines[0] if lines else type(e).__name__}"
 

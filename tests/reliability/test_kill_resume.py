@@ -77,8 +77,8 @@ def _run_and_kill(args: list[str], results: Path, rng: random.Random, in_write: 
     return writing and proc.returncode == -signal.SIGKILL, out
 
 
-def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_data, tiny_config,  # noqa: F811
-                                                                            request):
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(  # noqa: F811 (fixtures)
+        tmp_path, tiny_data, tiny_config, request):
     kills = count("kills", request.config.getoption("--reliability-full"))
     steps = kills + 3  # every run is killed after at least one more step: the last kill leaves two to do
     rng = random.Random(11)
@@ -121,5 +121,6 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert _check_every_checkpoint_loads(results) == steps
     assert not _writing(results), "a killed write's temporary checkpoint was left behind"  # later saves clean up
     # the milestone numbering survived the kills: one checkpoint per step, as in the uninterrupted run
-    numbered = sorted(int(m.group(1)) for p in results.glob("model-*.pt") if (m := re.match(r"model-(\d+)\.pt", p.name)))
+    names = (re.match(r"model-(\d+)\.pt", p.name) for p in results.glob("model-*.pt"))
+    numbered = sorted(int(m.group(1)) for m in names if m)
     assert numbered == list(range(1, steps + 1))
