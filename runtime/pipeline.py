@@ -255,6 +255,9 @@ class Pipeline:
     def encode_text(self, text: str | list[str]) -> np.ndarray:
         """Prompts -> conditioning ``(b, cond_dim)`` through the model directory's text encoder."""
         if self.text_encoder is None:
+            if self.cond_dim is None:
+                raise ValueError(f"{self.model_dir} is an unconditional model (no cond_dim): it samples without "
+                                 "prompts; leave `text` out")
             raise ValueError(f"{self.model_dir} has no text encoder; pass `cond` embeddings instead")
         texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
         if texts is None or not all(isinstance(t, str) for t in texts):
