@@ -69,7 +69,7 @@ def test_a_new_sampler_entry_works_from_vdeploy_sample(tmp_path):
     env = {**os.environ, "VDEPLOY_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
-    assert "with once on onnxruntime-cpu" in result.stdout and out.stat().st_size > 0
+    assert "with once on " in result.stdout and out.stat().st_size > 0
 
 
 def test_a_new_backend_entry_is_picked_by_auto_and_named_by_the_cli(monkeypatch, tmp_path):

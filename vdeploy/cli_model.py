@@ -1,0 +1,243 @@
+"""``vdeploy export``, ``verify``, ``parity`` and ``bench``: the commands that see torch and the compiled graph."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from vdeploy.cli import BadInput, FiniteFloat, OneLineErrors, _require_extra, main
+# the tables every command reads its choices from (numpy-only modules: no torch, no onnxruntime)
+from vdeploy.runtime.backends import BACKENDS
+from vdeploy.runtime.samplers import SAMPLERS
+from vdeploy.runtime.schedule import SPACINGS
+
+
+# -------------------------------------------------------------- export ----
+
+
+def _log_progress() -> None:
+    """Progress lines of the export/parity stage (logger ``vdeploy.export``) on stderr."""
+    import logging
+
+    logger = logging.getLogger("vdeploy.export")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+@main.command("export", cls=OneLineErrors)
+@click.option("--ckpt", required=True, type=click.Path(path_type=Path),
+              help="vdeploy checkpoint, or a video-diffusion-pytorch 0.6.3 model-N.pt.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Model directory to write (a previous one is replaced; written to a temp dir, renamed at the end).")
+@click.option("--config", "config_spec", default=None,
+              help="Architecture: preset (tiny|small|base) or JSON file; needed when the checkpoint holds none.")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Export the EMA weights or the raw ones.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 20), help="ONNX opset (17-20).")
+@click.option("--cfg", is_flag=True, help="Also export denoiser_cfg.onnx: cond and null in one call, cond_scale input.")
+@click.option("--fp16", is_flag=True, help="Also export denoiser_fp16.onnx (float16, fp32 I/O; softmax/norm stats fp32).")
+@click.option("--optimize", type=click.Choice(["auto", "none", "onnxslim"]), default="auto", show_default=True,
+              help="auto: keep the onnxslim graph only when it measurably runs faster (ORT CPU, 2 threads).")
+@click.option("--static-size", is_flag=True, help="Fix height/width to the config's image_size (batch stays dynamic).")
+@click.option("--atol", default=1e-4, show_default=True, type=FiniteFloat(min=0, min_open=True),
+              help="fp32 tolerance against PyTorch.")
+@click.option("--fp16-atol", default=5e-2, show_default=True, type=FiniteFloat(min=0, min_open=True),
+              help="fp16 tolerance against fp32 PyTorch.")
+@click.option("--text-encoder", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Local HF text encoder dir to export (default for text-conditioned models: the embedded MiniLM).")
+@click.option("--tensorrt", is_flag=True, help="Build a TensorRT engine (needs tensorrt and a CUDA GPU).")
+@click.option("--trt-fp32", is_flag=True, help="Build the TensorRT engine without the FP16 flag.")
+@click.option("--min-shapes", default=None, help="TensorRT profile, trtexec syntax: x:1x3x8x32x32,t:1,...")
+@click.option("--opt-shapes", default=None, help="TensorRT profile opt shapes (trtexec syntax).")
+@click.option("--max-shapes", default=None, help="TensorRT profile max shapes (trtexec syntax).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TensorRT timing cache file (read if present, written after the build).")
+@click.option("--workspace", default=4096, show_default=True, type=click.IntRange(min=64),
+              help="TensorRT workspace limit in MiB.")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Sign the directory with this EC private key (unencrypted PEM; P-256/384/521): OUT/model.sig, "
+                   "checked by `vdeploy verify` and Pipeline.from_dir(public_key=...). Needs vdeploy[signing].")
+def export_cmd(ckpt: Path, out: Path, config_spec: str | None, ema: bool, opset: int, cfg: bool, fp16: bool,
+               optimize: str, static_size: bool, atol: float, fp16_atol: float, text_encoder: Path | None,
+               tensorrt: bool, trt_fp32: bool, min_shapes: str | None, opt_shapes: str | None, max_shapes: str | None,
+               timing_cache: Path | None, workspace: int, sign_key: Path | None) -> None:
+    """Export a checkpoint's denoiser to a checked model directory (ONNX, optional TensorRT).
+
+    \b
+    Writes OUT/denoiser.onnx (x, t[, cond] -> eps; batch, height and width dynamic, frames fixed),
+    optionally denoiser_cfg.onnx (--cfg), denoiser_fp16.onnx (--fp16), a TensorRT plan (--tensorrt),
+    null_cond_emb.npy and text_encoder/ for conditioned models, and vdeploy.json. Every graph is
+    checked (onnx.checker, names, shapes) and compared with PyTorch at batch 1 and 3; the export
+    fails, leaving nothing behind, when an error exceeds --atol.
+    """
+    _require_extra("export", "torch", "onnx", "onnxruntime")
+    if sign_key is not None:  # a key that cannot sign is refused before the slow work
+        from vdeploy.runtime.signing import SignatureError, check_private_key, sign_dir
+
+        try:
+            check_private_key(sign_key)
+        except SignatureError as e:
+            raise BadInput(f"--sign-key: {e}") from None
+    _log_progress()
+    from vdeploy.export import ExportError, ValidationError, export_onnx
+    from vdeploy.export.tensorrt import TensorRTOptions, parse_shapes
+
+    try:
+        trt = None
+        if tensorrt:
+            trt = TensorRTOptions(
+                fp16=not trt_fp32,
+                min_shapes=parse_shapes(min_shapes),
+                opt_shapes=parse_shapes(opt_shapes),
+                max_shapes=parse_shapes(max_shapes),
+                workspace_mb=workspace,
+                timing_cache=str(timing_cache) if timing_cache else None,
+            )
+        t0 = time.perf_counter()
+        manifest = export_onnx(
+            ckpt, out, config=config_spec, ema=ema, opset=opset, cfg=cfg, fp16=fp16, optimize=optimize,
+            dynamic_size=not static_size, atol=atol, fp16_atol=fp16_atol, text_encoder=text_encoder, tensorrt=trt,
+        )
+    except ExportError as e:
+        raise BadInput(str(e)) from None
+    except ValidationError as e:
+        raise click.ClickException(f"export failed its checks, nothing written: {e}") from None
+    for graph, result in manifest.parity.items():
+        worst = max(result["max_abs_err"].values())
+        click.echo(f"{graph}: max abs err vs PyTorch {worst:.2e} (atol {result['atol']:g}) over "
+                   + ", ".join(f"{k} {v:.1e}" for k, v in result["max_abs_err"].items()))
+    click.echo(f"wrote {out} ({', '.join(manifest.files)}) in {time.perf_counter() - t0:.1f} s")
+    if sign_key is not None:
+        try:
+            signature = sign_dir(out, sign_key)
+        except SignatureError as e:
+            raise BadInput(f"wrote {out} but could not sign it: {e}") from None
+        click.echo(f"signed {out} with {sign_key}: {signature.name}")
+
+
+# -------------------------------------------------------------- verify ----
+
+
+@main.command("verify", cls=OneLineErrors)
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--public-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The PEM public key of whoever signed the directory (vdeploy export --sign-key).")
+def verify(model_dir: Path, public_key: Path) -> None:
+    """Check that MODEL_DIR was signed with the private key of --public-key and is unchanged since.
+
+    \b
+    Then checks vdeploy.json as `vdeploy sample` would (format version, paths, every file's sha256).
+    Exit 0: valid; 2: unsigned, signed by another key, modified, or an unusable manifest (one line).
+    Needs vdeploy[signing].
+    """
+    from vdeploy.runtime import manifest as manifest_lib
+    from vdeploy.runtime.signing import verify_dir
+
+    try:
+        verify_dir(model_dir, public_key)
+        manifest = manifest_lib.load(model_dir)
+    except manifest_lib.ManifestError as e:
+        raise BadInput(str(e)) from None
+    click.echo(f"{model_dir}: signed with the key of {public_key}, unchanged since; "
+               f"{len(manifest.files)} files match vdeploy.json")
+
+
+# -------------------------------------------------------------- parity ----
+
+
+@main.command("parity", cls=OneLineErrors)
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Model directory written by `vdeploy export`.")
+@click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="The checkpoint it was exported from.")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddpm", show_default=True,
+              help="ddpm: the seed's p_sample_loop on the torch side; the others: the numpy sampler around torch.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Sampler steps (default: the sampler's own; every training step for ddpm).")
+@click.option("--spacing", default=None, type=click.Choice(SPACINGS), help="Timestep spacing (both sides).")
+@click.option("--order", default=None, type=click.IntRange(1, 3), help="Multistep solver order (dpmpp, unipc).")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--cond-scale", default=1.0, show_default=True, type=FiniteFloat(),
+              help="Guidance scale (conditioned models).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the noise and the embeddings.")
+@click.option("--backend", default="cpu", show_default=True,
+              type=click.Choice(["auto", *BACKENDS]), help="Runtime backend.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="What the runtime runs (bf16: --backend openvino).")
+@click.option("--config", "config_spec", default=None,
+              help="Architecture, where the checkpoint holds none (default: the model directory's).")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Compare with the EMA or the raw weights.")
+@click.option("--atol", default=None, type=FiniteFloat(min=0, min_open=True),
+              help="Tolerance on every per-call and on the final max abs error.  [default: 1e-3; 0.25 for bf16]")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report (per_call_max_abs_err, final_max_abs_err, psnr_db, ...) here.")
+def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing: str | None, order: int | None,
+           batch_size: int,
+           cond_scale: float, seed: int, backend: str, precision: str, config_spec: str | None, ema: bool,
+           atol: float | None, json_path: Path | None) -> None:
+    """Sample with PyTorch and with the runtime from the same noise; compare every denoiser call.
+
+    Reports the max abs error of each call, of the final video and its PSNR; exits 1 when an error
+    exceeds --atol (the report is still written), 2 on bad input.
+    """
+    _require_extra("parity", "torch", "onnxruntime")
+    from vdeploy.runtime.atomic import unwritable, write_text
+
+    why = json_path is not None and unwritable(json_path)
+    if why:  # found now, not after both sampling runs
+        raise BadInput(f"--json {json_path}: cannot write there ({why})")
+    _log_progress()
+    import json
+
+    from vdeploy.export import ExportError
+    from vdeploy.export.parity import ParityError, run_parity
+    from vdeploy.runtime.backends import BackendUnavailable
+
+    failure = None
+    try:
+        report = run_parity(model_dir, ckpt, sampler=sampler, steps=steps, batch_size=batch_size,
+                            cond_scale=cond_scale, seed=seed, backend=backend, precision=precision, ema=ema,
+                            config=config_spec, atol=atol, progress=True,
+                            options={"spacing": spacing, "order": order})
+    except (ExportError, BackendUnavailable) as e:
+        raise BadInput(str(e)) from None
+    except ParityError as e:
+        report, failure = e.report, str(e)
+    if json_path is not None:
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(json_path, json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise click.ClickException(f"cannot write {json_path}: {e.strerror or e} (an earlier file there is "
+                                       "unchanged)") from None
+    psnr = "inf" if report["psnr_db"] is None else f"{report['psnr_db']:.1f}"
+    click.echo(f"{report['sampler']} {report['steps']} steps on {report['backend']} ({report['precision']}, atol "
+               f"{report['atol']:g}): per-call max abs err "
+               f"{report['max_per_call_abs_err']:.2e} (worst of {report['calls']}), final {report['final_max_abs_err']:.2e}, "
+               f"PSNR {psnr} dB; torch {report['seconds']['torch']} s, runtime {report['seconds']['runtime']} s")
+    if failure:
+        raise click.ClickException(failure)
+
+
+# --------------------------------------------------------------- bench ----
+
+
+@main.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """PyTorch vs the runtime: latency, sampling, cold start, quality (= python benchmarks/latency.py).
+
+    \b
+    Every option is passed on to vdeploy.bench; `vdeploy bench --help` lists them. Example:
+      vdeploy bench --config small --json bench-out/latency.json --plot bench-out/latency.png
+    """
+    from vdeploy.bench import main as bench_main
+
+    raise SystemExit(bench_main(list(args), prog="vdeploy bench"))
+
+
