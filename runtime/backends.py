@@ -218,7 +218,9 @@ BACKENDS: dict[str, BackendSpec] = {
                                "onnxruntime's TensorRT execution provider (engines cached per GPU)",
                                ("fp32", "fp16")),
     "cuda": BackendSpec(_ort_unavailable("cuda"), _ort_open("cuda"), 2, True, "onnxruntime CUDA", ("fp32", "fp16")),
-    "openvino": BackendSpec(_openvino_unavailable, _openvino_open, 5, False,
+    # after onnxruntime CPU in `auto`: faster per call on an idle CPU, but a slower cold start, and it crashed
+    # (SIGSEGV) in processes that had also loaded torch (README, "Performance"); explicit backend="openvino"
+    "openvino": BackendSpec(_openvino_unavailable, _openvino_open, 10, False,
                             "OpenVINO on the CPU, compiled per input shape (f32; bf16 where the CPU has it)",
                             ("fp32", "bf16")),
     "cpu": BackendSpec(_ort_unavailable("cpu"), _ort_open("cpu"), 9, True, "onnxruntime CPU", ("fp32", "fp16")),

@@ -163,10 +163,14 @@ def test_sampling_run_matches_onnxruntime(ov, exported_model):
     pipe.close()
 
 
-def test_auto_picks_openvino_and_logs_it(ov, exported_model, caplog):
+def test_auto_prefers_onnxruntime_and_falls_back_to_openvino(ov, exported_model, caplog, monkeypatch):
+    import sys
+
     manifest = load_manifest(exported_model.dir, verify=False)
     candidates, _ = auto_order(manifest, BackendOptions())
-    assert candidates.index("openvino") < candidates.index("cpu")
+    assert candidates.index("cpu") < candidates.index("openvino")
+    assert Pipeline.from_dir(exported_model.dir).backend_name == "onnxruntime-cpu"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # a runtime install with OpenVINO alone
     with caplog.at_level(logging.INFO, logger="vdeploy.runtime"):
         pipe = Pipeline.from_dir(exported_model.dir)
     assert pipe.backend_name == "openvino-cpu"
