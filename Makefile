@@ -50,8 +50,11 @@ demo: install
 	@echo "demo done: $(DEMO)/sample.gif (runtime, no torch), $(DEMO)/continuation.gif, $(DEMO)/results/ (training)," \
 		"$(DEMO)/parity.json, $(DEMO)/frame_conditioning.md"
 
+# OpenVINO's tests run in a process of their own: in a process that had also loaded torch and
+# onnxruntime, OpenVINO's compiled models crashed a later test (SIGSEGV) in three runs of the suite.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/test_runtime_openvino.py
+	$(PY) -m pytest -q tests/test_runtime_openvino.py
 
 bench: install
 	$(PY) benchmarks/latency.py --config small --json bench-out/latency.json --plot bench-out/latency.png \
