@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# [ray] (Ray Serve, ~80 MB wheel, tests/test_serve_ray.py ~35 s) is left out; add it to run that test
-	$(PIP) install -q -c constraints-cpu.txt -e '.[cpu,train,export,openvino,serve,dev]'
+	$(PIP) install -q -c constraints-cpu.txt -e '.[cpu,train,export,openvino,serve,signing,dev]'
 	# reference package for the compatibility tests; --no-deps: it declares torchvision,
 	# which would replace the CPU torch with a CUDA build.
 	$(PIP) install -q --no-deps video-diffusion-pytorch==0.6.3
