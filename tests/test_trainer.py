@@ -110,7 +110,8 @@ def test_load_denoiser_state_gives_strict_unet_weights_and_config(data_dir, tmp_
 def test_seed_format_checkpoint_loads(data_dir, tmp_path, ref_vdp):
     # what video-diffusion-pytorch 0.6.3's Trainer.save writes
     torch.manual_seed(0)
-    unet = ref_vdp.Unet3D(**{k: v for k, v in unet_kwargs(CONFIG).items() if k != "norm_type"})
+    unet = ref_vdp.Unet3D(**{k: v for k, v in unet_kwargs(CONFIG).items() if k not in ("norm_type",
+                                                                                      "frame_conditioning")})
     ref_diffusion = ref_vdp.GaussianDiffusion(unet, **diffusion_kwargs(CONFIG))
     seed_ckpt = {"step": 1000, "model": ref_diffusion.state_dict(), "ema": ref_diffusion.state_dict(),
                  "scaler": torch.amp.GradScaler("cuda", enabled=False).state_dict()}

@@ -11,7 +11,9 @@ import numbers
 from pathlib import Path
 
 # Unet3D keyword arguments and their defaults, as in video-diffusion-pytorch 0.6.3, plus
-# ``norm_type``: "group" (0.6.3, GroupNorm in Block) or "rms" (0.7.0, RMSNorm in Block).
+# ``norm_type``: "group" (0.6.3, GroupNorm in Block) or "rms" (0.7.0, RMSNorm in Block), and
+# ``frame_conditioning``: MCVD-style masked frame conditioning (known frames and a per-frame mask as extra
+# input channels of the stem conv; off: upstream's model).
 UNET_DEFAULTS: dict = {
     "dim": None,  # required
     "cond_dim": None,
@@ -27,6 +29,7 @@ UNET_DEFAULTS: dict = {
     "block_type": "resnet",
     "resnet_groups": 8,
     "norm_type": "group",
+    "frame_conditioning": False,
 }
 
 # GaussianDiffusion keyword arguments and their defaults (``channels`` is shared with Unet3D).
@@ -78,7 +81,8 @@ _LIMITS = {
     "timesteps": 100_000,
 }
 _MAX_DIM_MULT, _MAX_LEVELS = 64, 8
-_BOOLS = ("use_bert_text_cond", "use_sparse_linear_attn", "text_use_bert_cls", "use_dynamic_thres")
+_BOOLS = ("use_bert_text_cond", "use_sparse_linear_attn", "text_use_bert_cls", "use_dynamic_thres",
+          "frame_conditioning")
 _CHOICES = {"norm_type": ("group", "rms"), "loss_type": ("l1", "l2"), "block_type": ("resnet",),
             "beta_schedule": ("cosine",), "prediction_type": ("eps",)}
 
