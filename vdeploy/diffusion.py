@@ -13,7 +13,13 @@ Added for parity with the numpy runtime:
 * ``callback(i, t, x)`` after every step (``i``: loop index 0..T-1, ``t``: timestep, ``x``: the
   new sample in model space [-1, 1]);
 * a tqdm bar that ``progress=False`` turns off;
-* ``cond`` may be a list of captions when a :class:`vdeploy.text.TextEncoder` is attached.
+* ``cond`` may be a list of captions when a :class:`vdeploy.text.TextEncoder` is attached;
+* masked frame conditioning (MCVD, Voleti et al. 2022) for a denoiser built with ``frame_conditioning``:
+  ``p_losses(..., mask=)`` gives the denoiser the clean video and a per-frame mask and averages the loss
+  over the unknown frames only; sampling with ``frames=``, ``mask=`` gives the denoiser the known frames at
+  every step, keeps the sample's known frames at q(x_t | x_0) (the forward-diffused truth the model saw in
+  training, drawn with the noise each step draws anyway, so no extra random draws) and returns the given
+  frames where they are known.
 
 Notation (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"; cosine schedule from
 Nichol & Dhariwal 2021): ``betas`` = beta_t, ``alphas_cumprod`` = alpha-bar_t,
@@ -198,13 +204,17 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------- reverse process ----
 
-    def p_mean_variance(self, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool, cond=None, cond_scale: float = 1.0):
+    def p_mean_variance(self, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool, cond=None, cond_scale: float = 1.0,
+                        frames: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """Mean and variance of p(x_{t-1} | x_t) with x_0 predicted from eps and thresholded.
 
         Static thresholding clamps x_0 to [-1, 1]; dynamic (Imagen) clamps to [-s, s] and divides
         by s, s = max(1, the ``dynamic_thres_percentile`` quantile of |x_0| per sample).
+        ``frames`` (model space [-1, 1], ``(b, c, f, h, w)``) and ``mask`` (``(b, f)``, 1 = known) go to a
+        frame-conditioned denoiser.
         """
-        eps = self.denoise_fn.forward_with_cond_scale(x, t, cond=cond, cond_scale=cond_scale)
+        frame_kw = {} if frames is None and mask is None else {"frames": frames, "mask": mask}
+        eps = self.denoise_fn.forward_with_cond_scale(x, t, cond=cond, cond_scale=cond_scale, **frame_kw)
         x_recon = self.predict_start_from_noise(x, t=t, noise=eps)
         if clip_denoised:
             s = 1.0
@@ -217,19 +227,29 @@ class GaussianDiffusion(nn.Module):
 
     @torch.inference_mode()
     def p_sample(self, x: torch.Tensor, t: torch.Tensor, cond=None, cond_scale: float = 1.0, clip_denoised: bool = True,
-                 *, noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 *, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 frames: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """One ancestral step x_t -> x_{t-1} = mean + exp(log_var / 2) * z, z = 0 where t == 0.
 
         ``noise`` is z; drawn (from ``generator`` or torch's global RNG) when not given.
+        With ``frames`` (model space [-1, 1]) and ``mask`` (``(b, f)``, 1 = known) for a frame-conditioned
+        denoiser: the denoiser sees them, and the known frames of x_{t-1} are q(x_{t-1} | frames) drawn with
+        the same z, ``sqrt(abar_{t-1}) frames + sqrt(1 - abar_{t-1}) z`` (the frames themselves after t = 0).
         """
         b = x.shape[0]
         model_mean, _, model_log_variance = self.p_mean_variance(
-            x=x, t=t, clip_denoised=clip_denoised, cond=cond, cond_scale=cond_scale
+            x=x, t=t, clip_denoised=clip_denoised, cond=cond, cond_scale=cond_scale, frames=frames, mask=mask
         )
         if noise is None:
             noise = _randn(x.shape, x.device, x.dtype, generator)
         nonzero_mask = (1 - (t == 0).float()).reshape(b, *((1,) * (x.ndim - 1)))
-        return model_mean + nonzero_mask * (0.5 * model_log_variance).exp() * noise
+        out = model_mean + nonzero_mask * (0.5 * model_log_variance).exp() * noise
+        if frames is not None:
+            # abar_{t-1}: alphas_cumprod_prev[t], 1 at t = 0 (so the known frames come out exact)
+            abar_prev = extract(self.alphas_cumprod_prev, t, x.shape)
+            known = abar_prev.sqrt() * frames + (1 - abar_prev).sqrt() * nonzero_mask * noise
+            out = torch.where(_known(mask, x.shape), known, out)
+        return out
 
     @torch.inference_mode()
     def p_sample_loop(
@@ -242,6 +262,8 @@ class GaussianDiffusion(nn.Module):
         noise: Iterable[torch.Tensor] | None = None,
         callback: StepCallback | None = None,
         progress: bool = True,
+        frames: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """DDPM ancestral sampling over all T steps; returns the video in [0, 1].
 
@@ -255,23 +277,53 @@ class GaussianDiffusion(nn.Module):
                 in loop order (T + 1 tensors in all; the last, for t=0, is masked out).
             callback: ``callback(i, t, x)`` after each step, ``x`` the new sample in [-1, 1].
             progress: show a tqdm bar.
+            frames: known frames for a frame-conditioned denoiser, ``shape`` videos in [0, 1] (values at
+                unknown frames are ignored); they reach the denoiser at every step, the sample's known
+                frames are kept at q(x_t | frames) (drawn with x_T and each step's noise: no extra draws),
+                and the result holds them unchanged.
+            mask: ``(batch, frames)`` float or bool, 1 where ``frames`` is known; required with ``frames``.
         """
         if generator is not None and noise is not None:
             raise ValueError("pass either generator or noise, not both")
         device = self.betas.device
         cond = self.embed_text(cond, device)
+        given = None
+        if frames is not None or mask is not None:
+            given, frames, mask = self._check_frames(frames, mask, shape, device)
         noise_iter = _NoiseStream(noise, shape, device) if noise is not None else None
         b = shape[0]
         img = noise_iter.next("x_T") if noise_iter else _randn(shape, device, torch.float32, generator)
+        if frames is not None:  # the first call's known frames: q(x_{T-1} | frames) with x_T's draw
+            t_first = torch.full((b,), self.num_timesteps - 1, device=device, dtype=torch.long)
+            img = torch.where(_known(mask, shape), self.q_sample(frames, t_first, noise=img), img)
         steps = reversed(range(0, self.num_timesteps))
         bar = tqdm(steps, desc="sampling loop time step", total=self.num_timesteps, disable=not progress, leave=False)
         for i, t in enumerate(bar):
             z = noise_iter.next(f"step {i} (t={t})") if noise_iter else None
             img = self.p_sample(img, torch.full((b,), t, device=device, dtype=torch.long), cond=cond,
-                                cond_scale=cond_scale, noise=z, generator=generator)
+                                cond_scale=cond_scale, noise=z, generator=generator, frames=frames, mask=mask)
             if callback is not None:
                 callback(i, t, img)
-        return unnormalize_img(img)
+        video = unnormalize_img(img)
+        if given is not None:  # exactly the given frames, not their round trip through [-1, 1]
+            video = torch.where(_known(mask, shape), given, video)
+        return video
+
+    def _check_frames(self, frames, mask, shape, device):
+        """Validate ``sample``'s known frames: ``(frames in [0, 1], frames in [-1, 1], mask)`` on ``device``."""
+        if not getattr(self.denoise_fn, "frame_conditioning", False):
+            raise ValueError("frames/mask need a denoiser built with frame_conditioning=True (config "
+                             "'frame_conditioning': true, trained so); this one is not")
+        if frames is None or mask is None:
+            raise ValueError("pass frames and mask together (the mask says which frames are known)")
+        frames, mask = torch.as_tensor(frames), torch.as_tensor(mask)
+        if tuple(frames.shape) != tuple(shape):
+            raise ValueError(f"frames must have the sample's shape {tuple(shape)} (values at unknown frames are "
+                             f"ignored), got {tuple(frames.shape)}")
+        if tuple(mask.shape) != tuple(shape[:1]) + tuple(shape[2:3]):
+            raise ValueError(f"mask must have shape (batch, frames) = {(shape[0], shape[2])}, got {tuple(mask.shape)}")
+        given = frames.to(device=device, dtype=torch.float32)
+        return given, normalize_img(given), mask.to(device=device, dtype=torch.float32)
 
     @torch.inference_mode()
     def sample(
@@ -284,18 +336,21 @@ class GaussianDiffusion(nn.Module):
         noise: Iterable[torch.Tensor] | None = None,
         callback: StepCallback | None = None,
         progress: bool = True,
+        frames: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample ``(batch, channels, num_frames, image_size, image_size)`` videos in [0, 1].
 
         ``cond`` (an embedding or, with a text encoder attached, a list of captions) fixes the
-        batch size; the keyword arguments are those of :meth:`p_sample_loop`.
+        batch size, and so do ``frames`` (known frames, videos in [0, 1]) with their ``mask``
+        ``(batch, num_frames)``; the keyword arguments are those of :meth:`p_sample_loop`.
         """
         device = next(self.denoise_fn.parameters()).device
         cond = self.embed_text(cond, device)
-        batch_size = cond.shape[0] if cond is not None else batch_size
+        batch_size = cond.shape[0] if cond is not None else frames.shape[0] if frames is not None else batch_size
         shape = (batch_size, self.channels, self.num_frames, self.image_size, self.image_size)
         return self.p_sample_loop(shape, cond=cond, cond_scale=cond_scale, generator=generator, noise=noise,
-                                  callback=callback, progress=progress)
+                                  callback=callback, progress=progress, frames=frames, mask=mask)
 
     @torch.inference_mode()
     def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, t: int | None = None, lam: float = 0.5, *,
@@ -322,22 +377,41 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------ loss ----
 
     def p_losses(self, x_start: torch.Tensor, t: torch.Tensor, cond=None, noise: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor:
-        """The denoising loss (l1 or l2) between the true noise and the denoiser's prediction."""
+                 mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """The denoising loss (l1 or l2) between the true noise and the denoiser's prediction.
+
+        Args:
+            x_start: clean videos in model space [-1, 1].
+            t: ``(b,)`` long diffusion steps.
+            cond: conditioning embeddings (or captions, see :meth:`embed_text`).
+            noise: the noise (drawn with torch's global RNG when None).
+            mask: ``(b, f)``, 1 = known frame, for a frame-conditioned denoiser (MCVD): it gets
+                ``frames=x_start, mask=mask``, and the loss is the mean over the unknown frames only
+                (a row without known frames is plain generation; known frames add nothing).
+            **kwargs: to the denoiser (``null_cond_prob``, ``focus_present_mask``, ...).
+        """
         if noise is None:
             noise = torch.randn_like(x_start)
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         cond = self.embed_text(cond, x_start.device)
-        x_recon = self.denoise_fn(x_noisy, t, cond=cond, **kwargs)
-        if self.loss_type == "l1":
-            return F.l1_loss(noise, x_recon)
-        return F.mse_loss(noise, x_recon)
+        if mask is None:
+            x_recon = self.denoise_fn(x_noisy, t, cond=cond, **kwargs)
+            if self.loss_type == "l1":
+                return F.l1_loss(noise, x_recon)
+            return F.mse_loss(noise, x_recon)
+        x_recon = self.denoise_fn(x_noisy, t, cond=cond, frames=x_start, mask=mask, **kwargs)
+        err = (noise - x_recon).abs() if self.loss_type == "l1" else (noise - x_recon) ** 2
+        b, c, f, h, w = err.shape
+        unknown = 1 - mask.to(err.dtype).reshape(b, 1, f, 1, 1)
+        # the mean over the unknown frames' elements; all frames known (nothing to learn): 0
+        count = (unknown.sum() * (c * h * w)).clamp(min=1)
+        return (err * unknown).sum() / count
 
     def forward(self, x: torch.Tensor, *args, t: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Training loss for videos ``x`` in [0, 1], shape ``(b, channels, num_frames, image_size, image_size)``.
 
         Draws t uniformly (torch's global RNG, as the seed) unless ``t`` (``(b,)`` long) is given,
-        normalizes to [-1, 1] and calls :meth:`p_losses` (``noise``, ``cond``, ``null_cond_prob``,
+        normalizes to [-1, 1] and calls :meth:`p_losses` (``noise``, ``cond``, ``mask``, ``null_cond_prob``,
         ``focus_present_mask``, ``prob_focus_present`` pass through).
         """
         expected = (self.channels, self.num_frames, self.image_size, self.image_size)
@@ -351,6 +425,11 @@ class GaussianDiffusion(nn.Module):
             t = torch.randint(0, self.num_timesteps, (b,), device=device).long()
         x = normalize_img(x)
         return self.p_losses(x, t, *args, **kwargs)
+
+
+def _known(mask: torch.Tensor, shape) -> torch.Tensor:
+    """A ``(b, f)`` known-frame mask as bool ``(b, 1, f, 1, 1)``, to select frames of ``shape`` videos."""
+    return (mask != 0).reshape(shape[0], 1, shape[2], 1, 1)
 
 
 def _randn(shape, device: torch.device, dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
@@ -372,7 +451,8 @@ class _NoiseStream:
         try:
             z = next(self._it)
         except StopIteration:
-            raise ValueError(f"explicit noise ran out at {what}: it must yield x_T and then one tensor per step") from None
+            raise ValueError(f"explicit noise ran out at {what}: it must yield x_T and then one tensor per "
+                             "step") from None
         z = torch.as_tensor(z)
         if tuple(z.shape) != self.shape:
             raise ValueError(f"explicit noise for {what} has shape {tuple(z.shape)}, expected {self.shape}")
