@@ -86,6 +86,25 @@ class FiniteFloat(click.FloatRange):
         return super()._describe_range() if self.min is not None or self.max is not None else ""
 
 
+class MaskProbs(click.ParamType):
+    """``G,P,I``: three finite non-negative numbers with a positive sum, normalized to sum 1."""
+
+    name = "G,P,I"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        try:
+            probs = [float(p) for p in parts]
+        except ValueError:
+            probs = []
+        if len(probs) != 3 or not all(math.isfinite(p) and p >= 0 for p in probs) or sum(probs) <= 0:
+            self.fail(f"{value!r} is not three finite non-negative numbers G,P,I (generation, prediction, "
+                      "interpolation) with a positive sum, e.g. 0.4,0.4,0.2", param, ctx)
+        return tuple(p / sum(probs) for p in probs)
+
+
 @main.group()
 def data() -> None:
     """Datasets: folders of GIFs with optional captions (name.txt beside name.gif)."""
@@ -157,6 +176,15 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int, overwrite
 @click.option("--text-encoder", default=None, metavar="DIR|default",
               help="Condition on captions through this local text encoder ('default': the bundled MiniLM). "
                    "Sets the model's cond_dim to the encoder width.")
+@click.option("--frame-conditioning", is_flag=True,
+              help="Train with masked frame conditioning (MCVD): the model also takes known frames and a per-frame "
+                   "mask, so it generates, predicts (first frames known, image-to-video) and interpolates (first "
+                   "and last known). Sets the config's frame_conditioning (a checkpoint's config is kept with "
+                   "--resume).")
+@click.option("--mask-probs", default=None, type=MaskProbs(),
+              help="With frame conditioning: how often a training clip is generation, prediction (the first k "
+                   "frames known, k uniform in 1..f-1) or interpolation (first and last known), normalized.  "
+                   "[default: 0.4,0.4,0.2, or the checkpoint's with --resume]")
 @click.option("--sample-rows", default=2, show_default=True, type=click.IntRange(1, 16),
               help="Milestone samples form a rows x rows grid (the seed's default is 4).")
 @click.option("--ema-decay", default=0.995, show_default=True, type=FiniteFloat(0, 1))
@@ -166,7 +194,8 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int, overwrite
               help="Update the EMA every this many steps.")
 @click.option("--cond-scale", default=1.0, show_default=True, type=FiniteFloat(),
               help="Classifier-free guidance scale for the milestone samples of a conditional model.")
-@click.option("--max-grad-norm", default=None, type=FiniteFloat(min=0, min_open=True), help="Clip gradients to this norm.")
+@click.option("--max-grad-norm", default=None, type=FiniteFloat(min=0, min_open=True),
+              help="Clip gradients to this norm.")
 @click.option("--max-bad-steps", default=5, show_default=True, type=click.IntRange(1, 10_000),
               help="A step with a NaN/Inf loss or gradient is skipped; this many in a row stop training "
                    "(the last good checkpoint is kept).")
@@ -181,7 +210,8 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
           sample_rows: int,
           ema_decay: float, ema_start: int, ema_every: int, cond_scale: float, max_grad_norm: float | None,
           null_cond_prob: float, seed: int,
-          cpu: bool, workers: int, quiet: bool, mixed_precision: str | None, max_bad_steps: int) -> None:
+          cpu: bool, workers: int, quiet: bool, mixed_precision: str | None, max_bad_steps: int,
+          frame_conditioning: bool, mask_probs: tuple[float, float, float] | None) -> None:
     """Train a video-diffusion U-Net on a folder of GIFs.
 
     Runs as one process, or as several under torchrun or accelerate launch (one per GPU; gloo
@@ -192,6 +222,7 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
     Examples:
       vdeploy train --data demo/data --results demo/results --config tiny
       vdeploy train --data demo/data --results demo/results --text-encoder default
+      vdeploy train --data demo/data --results demo/results --frame-conditioning --mask-probs 0.4,0.4,0.2
       vdeploy train --data demo/data --results demo/results --steps 2000 --resume
       torchrun --standalone --nproc-per-node 2 -m vdeploy.cli train --data demo/data --results demo/results
     """
@@ -229,6 +260,8 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
                 old.unlink()
     try:
         config = vconfig.load(config_spec or "tiny") if (config_spec or not resume) else None
+        if config is not None and frame_conditioning:
+            config = vconfig.resolve({**config, "frame_conditioning": True})
     except vconfig.ConfigError as e:
         raise BadInput(str(e)) from None
 
@@ -263,6 +296,9 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
                            "leave out --config to resume")
         else:
             config = stored_config
+        if frame_conditioning and not config["frame_conditioning"]:
+            raise BadInput(f"--frame-conditioning: {resume_path} was trained without frame conditioning, and a "
+                           "resumed run keeps its model; start a new run (another --results) to add it")
         if text_encoder is None and stored.get("text_encoder"):
             text_encoder = stored["text_encoder"]
         # the run continues with its own settings unless a flag says otherwise
@@ -284,6 +320,8 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
         null_cond_prob = kept.get("null_cond_prob", null_cond_prob)
         cond_scale = kept.get("cond_scale", cond_scale)
         sample_rows = kept.get("num_sample_rows", sample_rows)
+        if kept.get("mask_probs") is not None:
+            mask_probs = tuple(kept["mask_probs"])
         # precision is one setting: --amp, --mixed-precision or accelerate launch's choice replace the stored one
         if "ACCELERATE_MIXED_PRECISION" not in os.environ and "amp" in kept and (
                 "mixed_precision" in kept or "mixed_precision" not in stored["trainer"]):
@@ -298,6 +336,9 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
             else:
                 notes.append(f"resuming a {stored_world}-process run on {world}: its global batch of "
                              f"{batch_size * stored_world} does not divide, so it becomes {batch_size * world}")
+    if mask_probs is not None and not config["frame_conditioning"]:
+        raise BadInput("--mask-probs needs a frame-conditioned model: add --frame-conditioning (or a config with "
+                       "\"frame_conditioning\": true)")
     save_every = min(save_every, steps)
     precision = "fp16" if amp else (mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no")
     on_cpu = (cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
@@ -350,7 +391,7 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
             num_sample_rows=sample_rows, max_grad_norm=max_grad_norm, ema_decay=ema_decay, step_start_ema=ema_start,
             update_ema_every=ema_every, config=config, seed=seed, null_cond_prob=null_cond_prob,
             cond_scale=cond_scale, num_workers=workers, progress=not quiet, cpu=cpu,
-            mixed_precision=None if amp else mixed_precision, max_bad_steps=max_bad_steps,
+            mixed_precision=None if amp else mixed_precision, max_bad_steps=max_bad_steps, mask_probs=mask_probs,
         )
     except (ValueError, TypeError) as e:  # settings a --resume'd checkpoint stored (NaN lr, ...), data errors
         where = f" (settings stored in {resume_path})" if resume_path is not None else ""
@@ -362,6 +403,9 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
             raise BadInput(f"cannot resume from {resume_path}: {str(e).splitlines()[0]}") from None
     n_params = sum(p.numel() for p in unet.parameters())
     cond_note = f", conditioned on captions via {encoder.path}" if encoder is not None else ""
+    if trainer.mask_probs is not None:
+        cond_note += (", frame-conditioned (generation/prediction/interpolation "
+                      f"{'/'.join(f'{p:.2g}' for p in trainer.mask_probs)})")
     acc = trainer.accelerator
     echo = click.echo if acc.is_main_process else (lambda *args, **kwargs: None)
     for note in notes:
@@ -407,7 +451,7 @@ _RESUMED = {
     "ema_decay": "ema_decay", "step_start_ema": "ema_start", "update_ema_every": "ema_every",
     "max_grad_norm": "max_grad_norm", "seed": "seed", "null_cond_prob": "null_cond_prob",
     "cond_scale": "cond_scale", "num_sample_rows": "sample_rows", "mixed_precision": "mixed_precision",
-    "max_bad_steps": "max_bad_steps",
+    "max_bad_steps": "max_bad_steps", "mask_probs": "mask_probs",
 }
 
 

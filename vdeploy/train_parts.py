@@ -1,9 +1,10 @@
-"""The trainer's small parts, each its own concern: the EMA, the resumable data order, the log trimming on
-resume, graceful Ctrl-C, the indexed dataset wrapper and the ``Accelerator`` set-up."""
+"""The trainer's small parts, each its own concern: the EMA, the resumable data order, the frame-conditioning
+masks, the log trimming on resume, graceful Ctrl-C, the indexed dataset wrapper and the ``Accelerator`` set-up."""
 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
@@ -75,6 +76,61 @@ class DataOrder:
             )
         self.seed, self.consumed = int(state["seed"]), int(state["consumed"])
         self._epoch = -1
+
+
+# masked frame conditioning (MCVD, Voleti et al. 2022): what each clip of a batch is trained for
+MASK_KINDS = ("generation", "prediction", "interpolation")
+DEFAULT_MASK_PROBS = (0.4, 0.4, 0.2)
+
+
+def check_mask_probs(probs, num_frames: int) -> tuple[float, float, float]:
+    """``(generation, prediction, interpolation)`` probabilities, validated and normalized to sum 1.
+
+    Raises:
+        ValueError: not three finite non-negative numbers with a positive sum, or a kind with a positive
+            probability that ``num_frames`` frames cannot hold (prediction needs 2, interpolation 3: with 2
+            frames both would be known and nothing left to learn).
+    """
+    try:
+        values = [float(p) for p in probs]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 3 or not all(math.isfinite(p) and p >= 0 for p in values) or sum(values) <= 0:
+        raise ValueError(f"mask_probs must be three finite non-negative numbers (generation, prediction, "
+                         f"interpolation) with a positive sum, got {probs!r}")
+    for kind, p, need in zip(MASK_KINDS[1:], values[1:], (2, 3)):
+        if p > 0 and num_frames < need:
+            raise ValueError(f"mask_probs gives {kind} probability {p:g}, but {kind} needs at least {need} frames "
+                             f"and the model has {num_frames}: give it probability 0")
+    total = sum(values)
+    return tuple(p / total for p in values)
+
+
+def frame_masks(u: torch.Tensor, num_frames: int, probs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Known-frame masks for a batch of clips from two uniforms each.
+
+    ``u[:, 0]`` picks the kind with ``probs`` (:data:`MASK_KINDS`): generation knows no frame; prediction the
+    first k frames, ``k = 1 + floor(u[:, 1] * (f - 1))`` uniform in 1..f-1; interpolation the first and the
+    last frame. A kind of probability 0 is never picked.
+
+    Args:
+        u: ``(b, 2)`` uniforms in [0, 1).
+        num_frames: frames per clip ``f``.
+        probs: normalized ``(generation, prediction, interpolation)`` probabilities.
+
+    Returns:
+        ``mask`` ``(b, f)`` float32 (1 = known) and ``kind`` ``(b,)`` long (an index into :data:`MASK_KINDS`).
+    """
+    device = u.device
+    cum = torch.tensor(probs, dtype=torch.float64).cumsum(0)[:2].to(device)
+    last = max(i for i, p in enumerate(probs) if p > 0)  # float round-off in cum never reaches past it
+    kind = (u[:, :1].double() >= cum).sum(dim=1).clamp(max=last)
+    k = (1 + (u[:, 1].double() * (num_frames - 1)).floor().long()).clamp(1, max(num_frames - 1, 1))
+    pos = torch.arange(num_frames, device=device)
+    prediction = pos[None, :] < k[:, None]
+    interpolation = ((pos == 0) | (pos == num_frames - 1))[None, :].expand_as(prediction)
+    mask = torch.where((kind == 1)[:, None], prediction, (kind == 2)[:, None] & interpolation)
+    return mask.float(), kind
 
 
 def _log_lines_until(path: Path, step: int) -> list[str]:

@@ -15,6 +15,9 @@ a sample GIF grid every ``save_and_sample_every`` steps). What it adds:
   draws) come from a generator seeded by (seed, step, micro-batch, its place in the global
   batch), so they depend neither on the process count nor on where a run was resumed;
 * caption conditioning through the diffusion model's text encoder, embeddings cached once;
+* masked frame conditioning (MCVD, Voleti et al. 2022) for a U-Net built with ``frame_conditioning``:
+  every clip is trained for generation, prediction (the first k frames known) or interpolation (the
+  first and last known), drawn with ``mask_probs`` from its own generator like its noise;
 * ``model-last.pt`` (and ``sample-last.gif``) pointing at the newest milestone;
 * a tqdm bar with the loss and it/s, and ``log.jsonl`` with one line per step.
 
@@ -46,12 +49,15 @@ from vdeploy.runtime import atomic
 from vdeploy.data import DataError, Dataset, video_tensor_to_gif
 from vdeploy.diffusion import GaussianDiffusion
 from vdeploy.train_parts import (  # noqa: F401 (EMA, DataOrder, num_to_groups: public names of this module)
+    DEFAULT_MASK_PROBS,
     EMA,
     DataOrder,
     _GracefulStop,
     _Indexed,
     _log_lines_until,
     _make_accelerator,
+    check_mask_probs,
+    frame_masks,
     num_to_groups,
 )
 
@@ -82,6 +88,10 @@ class Trainer:
         max_bad_steps: an optimizer step whose loss or gradient is NaN/Inf is skipped (a warning, and
             ``skipped_steps`` in ``log.jsonl``); this many in a row stop training with
             :class:`NonFiniteTrainingError`, leaving the last good checkpoint as it is.
+        mask_probs: for a U-Net built with ``frame_conditioning``: the probabilities ``(generation,
+            prediction, interpolation)`` of each clip's known-frame mask (normalized; default
+            ``DEFAULT_MASK_PROBS``). The loss covers the unknown frames only; milestone samples are plain
+            generation. Refused for a model without frame conditioning.
     """
 
     def __init__(
@@ -113,6 +123,7 @@ class Trainer:
         cpu: bool = False,
         mixed_precision: str | None = None,
         max_bad_steps: int = 5,
+        mask_probs: tuple[float, float, float] | None = None,
     ):
         if train_batch_size < 1 or gradient_accumulate_every < 1 or save_and_sample_every < 1:
             raise ValueError("train_batch_size, gradient_accumulate_every and save_and_sample_every must be >= 1")
@@ -167,6 +178,12 @@ class Trainer:
 
         unet = diffusion_model.denoise_fn
         self.has_cond = bool(getattr(unet, "has_cond", False))
+        self.frame_conditioning = bool(getattr(unet, "frame_conditioning", False))
+        if mask_probs is not None and not self.frame_conditioning:
+            raise ValueError("mask_probs is for a frame-conditioned model (config 'frame_conditioning': true); "
+                             "this model has no frame conditioning")
+        self.mask_probs = (check_mask_probs(DEFAULT_MASK_PROBS if mask_probs is None else mask_probs,
+                                            diffusion_model.num_frames) if self.frame_conditioning else None)
         self.text_encoder = diffusion_model.text_encoder
         self.cond_table = self._embed_captions(diffusion_model) if self.has_cond else None
 
@@ -244,30 +261,35 @@ class Trainer:
         """The random draws of micro-batch ``micro`` of the current step, for this process's videos.
 
         Video k of the global batch (this process holds ``rank * batch_size`` onwards) draws its
-        t, its noise and two uniforms (caption dropout, focus on the present) from a generator
-        seeded by ``(seed, step, micro, k)``: one process with N*b videos draws what N with b do,
-        and a resumed run what an uninterrupted one would.
+        t, its noise and two uniforms (caption dropout, focus on the present), and for a
+        frame-conditioned model two more (the mask's kind, the number of known frames), from a
+        generator seeded by ``(seed, step, micro, k)``: one process with N*b videos draws what N
+        with b do, and a resumed run what an uninterrupted one would.
 
         Returns:
-            ``t`` ``(b,)`` long, ``noise`` ``(b, c, f, h, w)`` float32, ``u`` ``(b, 2)`` in [0, 1).
+            ``t`` ``(b,)`` long, ``noise`` ``(b, c, f, h, w)`` float32, ``u`` ``(b, 2)`` (``(b, 4)`` with
+            frame conditioning) in [0, 1).
         """
         m = self.unwrapped_model
         shape = (m.channels, m.num_frames, m.image_size, m.image_size)
         first = self.accelerator.process_index * batch_size
+        n_uniform = 4 if self.frame_conditioning else 2
         t, noise, u = [], [], []
         for k in range(first, first + batch_size):
             seq = np.random.SeedSequence([self.seed % 2**63, self.step, micro, k])
             g = torch.Generator(self.device).manual_seed(int(seq.generate_state(1, np.uint64)[0] >> 1))
             t.append(torch.randint(0, m.num_timesteps, (1,), generator=g, device=self.device))
             noise.append(torch.randn(shape, generator=g, device=self.device))
-            u.append(torch.rand(2, generator=g, device=self.device))
+            u.append(torch.rand(n_uniform, generator=g, device=self.device))
         return torch.cat(t), torch.stack(noise), torch.stack(u)
 
     def _loss_kwargs(self, micro: int, data: torch.Tensor, cond, prob_focus_present: float, focus_present_mask):
-        """The model's keyword arguments for one micro-batch: its t and noise, caption dropout and
-        focus-present masks drawn here (:meth:`step_noise`) rather than inside the model."""
+        """The model's keyword arguments for one micro-batch: its t and noise, caption dropout,
+        focus-present and known-frame masks drawn here (:meth:`step_noise`) rather than inside the model."""
         t, noise, u = self.step_noise(micro, data.shape[0])
         kwargs = {"t": t, "noise": noise, "focus_present_mask": focus_present_mask}
+        if self.frame_conditioning:
+            kwargs["mask"] = frame_masks(u[:, 2:4], data.shape[2], self.mask_probs)[0]
         if focus_present_mask is None and prob_focus_present > 0:
             kwargs["focus_present_mask"] = u[:, 1] < prob_focus_present  # the denoiser's prob_mask_like
         if self.has_cond:
@@ -313,6 +335,7 @@ class Trainer:
                 "seed": self.seed, "null_cond_prob": self.null_cond_prob, "cond_scale": self.cond_scale,
                 "num_sample_rows": self.num_sample_rows, "num_processes": self.accelerator.num_processes,
                 "mixed_precision": self.mixed_precision,
+                "mask_probs": list(self.mask_probs) if self.mask_probs is not None else None,
             },
         )
 
@@ -466,7 +489,8 @@ class Trainer:
             while self.step < self.train_num_steps:
                 if agreed_stop or (acc.num_processes == 1 and stop.requested):
                     self.interrupted = True
-                    log_fn({"step": self.step, "loss": loss_value, "checkpoint": str(self.save("last")), "stopped": True})
+                    saved = str(self.save("last"))
+                    log_fn({"step": self.step, "loss": loss_value, "checkpoint": saved, "stopped": True})
                     if main:
                         logger.warning("interrupted: saved %s at step %d", self.results_folder / ckpt_io.LAST_NAME,
                                        self.step)
