@@ -12,7 +12,8 @@ On an exported text-conditioned model trained on ``vdeploy data synth`` clips it
   never drew: ``--clip-seed``), the first ``k`` of ``f`` frames known, the centroid error in pixels of the next
   frames against the true ones, for replacement and RePaint resampling (``--resample``) with ``--sampler``,
   against two baselines: "freeze the last known frame" and "unconditioned sample" (the caption alone); also
-  the fraction whose predicted frames alone move in the clip's direction, show the object, and are clean;
+  the fraction whose predicted frames alone move in the clip's direction, show the object, and are clean; on a
+  model trained with frame conditioning (config ``frame_conditioning``) also its trained method;
 * a PNG strip per clip (``--png``): known frames | each method's predicted frames | the true frames.
 
 Output: a markdown table on stdout (and ``--md``), ``--json`` with every number and the arguments.
@@ -72,17 +73,21 @@ def continuation_table(pipe, clips, known, sampler, steps, resample, cond_scale,
     from vdeploy.analysis import analyze, centroid_error, parse_prompt
 
     f = pipe.shape[1]
-    methods = {
-        "replacement": lambda clip, text, s: pipe(frames=clip[:, :known], text=text, sampler=sampler, steps=steps,
-                                                  seed=s, cond_scale=cond_scale)[0],
-        f"resampling (n={resample})": lambda clip, text, s: pipe(
-            frames=clip[:, :known], text=text, sampler=sampler, steps=steps, seed=s, cond_scale=cond_scale,
-            resample=resample)[0],
+    def conditioned(method, rounds=0):
+        return lambda clip, text, s: pipe(frames=clip[:, :known], text=text, sampler=sampler, steps=steps, seed=s,
+                                          cond_scale=cond_scale, resample=rounds, conditioning=method)[0]
+
+    methods = {}
+    if pipe.frame_conditioned:  # the model was trained with masked frame conditioning
+        methods["trained (masked conditioning)"] = conditioned("trained")
+    methods.update({
+        "replacement": conditioned("replacement"),
+        f"resampling (n={resample})": conditioned("replacement", resample),
         "freeze last known frame": lambda clip, text, s: np.concatenate(
             [clip[:, :known], np.repeat(clip[:, known - 1:known], f - known, axis=1)], axis=1),
         "unconditioned sample": lambda clip, text, s: pipe(text=text, sampler=sampler, steps=steps, seed=s,
                                                            cond_scale=cond_scale)[0],
-    }
+    })
     rows, videos = {}, {}
     for name, run in methods.items():
         t0 = time.perf_counter()

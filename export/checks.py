@@ -129,8 +129,9 @@ def denoiser_cases(
     Args:
         spec: the graph's spec (which inputs exist).
         config: resolved model config (shapes, timesteps).
-        reference: ``reference(x, t, cond, kind, cond_scale) -> eps`` on numpy arrays, where ``kind`` is
-            ``"cond"``, ``"uncond"`` (upstream's ``null_cond_prob=1``), or ``"cfg"``.
+        reference: ``reference(x, t, cond, kind, cond_scale, **inputs) -> eps`` on numpy arrays, where ``kind``
+            is ``"cond"``, ``"uncond"`` (upstream's ``null_cond_prob=1``), or ``"cfg"``; ``inputs`` are a
+            frame-conditioned graph's ``frames`` and ``mask``.
         null_embedding: ``(1, cond_dim)`` learned null embedding, fed as ``cond`` for the unconditional case.
         extra_size: also check batch 1 at this height and width (a dynamic-size graph).
     """
@@ -153,6 +154,11 @@ def denoiser_cases(
             if spec.guidance:
                 scale = np.array([rng.uniform(1.5, 5.0)], dtype=np.float32)
                 feed["cond_scale"] = scale
+            inputs = {}
+            if "frames" in names:  # a frame-conditioned model: each row knows its first k frames (k = 0..f-1)
+                inputs = {"frames": rng.uniform(-1, 1, x.shape).astype(np.float32),
+                          "mask": (np.arange(f)[None] < rng.integers(0, f, size=(b, 1))).astype(np.float32)}
+                feed.update(inputs)
             name = f"b{b}_{kind}" + (f"_{size}px" if size != s else "")
-            cases.append(Case(name, feed, reference(x, t, cond, kind, scale)))
+            cases.append(Case(name, feed, reference(x, t, cond, kind, scale, **inputs)))
     return cases

@@ -359,6 +359,9 @@ def _trace(module, spec: ExportSpec, config: dict, path: Path) -> None:
     names = spec.input_names
     if "cond" in names:
         args.append(torch.randn(b, spec.inputs[names.index("cond")].shape[1], generator=rng))
+    if "frames" in names:
+        args.append(torch.randn(b, c, f, s, s, generator=rng).clamp(-1, 1))
+        args.append((torch.arange(f) < f // 2).float().expand(b, f).contiguous())
     if "cond_scale" in names:
         args.append(torch.tensor([3.0]))
     log.info("tracing %s (opset %d, dynamic axes %s)", spec.file, spec.opset, spec.dynamic_axes)
@@ -407,16 +410,17 @@ def _reference(unet):
     """PyTorch reference for parity cases: the model itself (not the wrapper), on numpy arrays."""
     import torch
 
-    def reference(x, t, cond, kind, scale):
+    def reference(x, t, cond, kind, scale, **inputs):
         with torch.no_grad():
             xt, tt = torch.from_numpy(x), torch.from_numpy(t)
             ct = torch.from_numpy(cond) if cond is not None else None
+            frame_kw = {role: torch.from_numpy(v) for role, v in inputs.items()}  # frames, mask
             if kind == "cfg":
-                out = unet.forward_with_cond_scale(xt, tt, cond=ct, cond_scale=float(scale[0]))
+                out = unet.forward_with_cond_scale(xt, tt, cond=ct, cond_scale=float(scale[0]), **frame_kw)
             elif kind == "uncond":
-                out = unet(xt, tt, cond=ct, null_cond_prob=1.0)
+                out = unet(xt, tt, cond=ct, null_cond_prob=1.0, **frame_kw)
             else:
-                out = unet(xt, tt, cond=ct)
+                out = unet(xt, tt, cond=ct, **frame_kw)
         return out.float().numpy()
 
     return reference

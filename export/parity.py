@@ -209,12 +209,14 @@ def run_parity(
 
 
 def _torch_denoiser(unet, cond_scale: float):
-    """``eps = denoise(x, t, cond)`` on numpy arrays through the torch model (with guidance)."""
+    """``eps = denoise(x, t, cond[, frames=, mask=])`` on numpy arrays through the torch model (with guidance)."""
     import torch
 
-    def denoise(x, t, cond):
+    def denoise(x, t, cond, **inputs):
         c = torch.from_numpy(np.ascontiguousarray(cond)) if cond is not None else None
-        out = unet.forward_with_cond_scale(torch.from_numpy(x), torch.from_numpy(t), cond=c, cond_scale=cond_scale)
+        frame_kw = {role: torch.from_numpy(np.ascontiguousarray(v)) for role, v in inputs.items()}  # frames, mask
+        out = unet.forward_with_cond_scale(torch.from_numpy(x), torch.from_numpy(t), cond=c, cond_scale=cond_scale,
+                                           **frame_kw)
         return out.float().numpy()
 
     return denoise
@@ -276,15 +278,17 @@ def run_conditioned_parity(
     ema: bool = True,
     atol: float = DEFAULT_ATOL,
     options: dict | None = None,
+    conditioning: str = "auto",
 ) -> dict:
     """Frame-conditioned sampling (``vdeploy.runtime.conditioning``) in PyTorch and in the runtime, same noise.
 
     The first ``known`` frames are given (seeded uniform frames in [0, 1]). The torch side: for ``ddpm`` over
     every training step, the seed's own functions, ``GaussianDiffusion.q_sample`` for the replacement and
     ``p_sample`` for every step and redone step, with the RePaint jump ``sqrt(1 - beta_t) x + sqrt(beta_t) z``
-    written in torch; for other samplers, the runtime's conditioning wrapper around the torch denoiser. The
-    runtime side: ``Pipeline.prepare(frames=...)`` driven through its compiled denoiser. Every denoiser call
-    (resampling's included) is compared.
+    written in torch (the trained method: the U-Net also given the known frames and the mask); for other
+    samplers, the runtime's conditioning wrapper around the torch denoiser. The runtime side:
+    ``Pipeline.prepare(frames=..., conditioning=...)`` driven through its compiled denoiser. Every denoiser
+    call (resampling's included) is compared.
 
     Returns:
         ``{"per_call_max_abs_err", "final_max_abs_err", "known_frames_max_abs_err", "passed", ...}``.
@@ -327,11 +331,14 @@ def run_conditioned_parity(
     try:
         run = pipe.prepare(batch_size=batch_size, cond=cond, cond_scale=cond_scale, sampler=sampler, steps=n,
                            noise=next(noise), step_noise=noise if draws else None, frames=frames,
-                           resample=resample, frames_noise=_stream(seed + 2, shape), **(options or {}))
+                           resample=resample, frames_noise=_stream(seed + 2, shape), conditioning=conditioning,
+                           **(options or {}))
     except ValueError as e:
         raise ExportError(str(e)) from None
+    trained = run.conditioning == "trained"
     denoise, _ = pipe.timed_denoiser(run.cond_scale)
-    runtime_video = run.finish(drive(run.machine, lambda x, t, cd: _record(runtime_eps, denoise(x, t, cd))))
+    runtime_video = run.finish(drive(run.machine,
+                                     lambda x, t, cd, **inp: _record(runtime_eps, denoise(x, t, cd, **inp))))
 
     # torch
     torch_eps: list[np.ndarray] = []
@@ -340,7 +347,7 @@ def run_conditioned_parity(
     with torch.no_grad():
         if full_ddpm:
             torch_video = _torch_conditioned_ddpm(unet, unet_config, shape, cond, cond_scale, noise, x0_known, mask,
-                                                  resample, _stream(seed + 2, shape), torch_eps)
+                                                  resample, _stream(seed + 2, shape), torch_eps, trained=trained)
         else:
             x_T = next(noise)
             torch_denoise = _torch_denoiser(unet, cond_scale)
@@ -349,8 +356,8 @@ def run_conditioned_parity(
             if unet_config.get("use_dynamic_thres"):
                 kwargs["dynamic_thres_percentile"] = unet_config.get("dynamic_thres_percentile", 0.9)
             machine = conditioned_steps(sampler, x_T, pipe.betas, known=x0_known, mask=mask, resample=resample,
-                                        known_noise=_stream(seed + 2, shape), **kwargs)
-            x0 = drive(machine, lambda x, t, cd: _record(torch_eps, torch_denoise(x, t, cd)))
+                                        trained=trained, known_noise=_stream(seed + 2, shape), **kwargs)
+            x0 = drive(machine, lambda x, t, cd, **inp: _record(torch_eps, torch_denoise(x, t, cd, **inp)))
             torch_video = np.clip((x0 + 1) * 0.5, 0.0, 1.0)
 
     per_call = [float(np.abs(a - b).max()) for a, b in zip(torch_eps, runtime_eps)]
@@ -359,6 +366,7 @@ def run_conditioned_parity(
     worst = max(per_call) if per_call else 0.0
     return {
         "sampler": sampler, "steps": n, "known": known, "resample": resample, "cond_scale": cond_scale,
+        "conditioning": run.conditioning,
         "calls": len(runtime_eps), "torch_calls": len(torch_eps),
         "torch_reference": "GaussianDiffusion.q_sample/p_sample (the seed's), RePaint jump in torch" if full_ddpm
         else f"vdeploy.runtime.conditioning around {sampler} and Unet3D.forward_with_cond_scale",
@@ -374,19 +382,21 @@ def _record(calls: list, eps):
 
 
 def _torch_conditioned_ddpm(unet, config: dict, shape, cond, cond_scale, noise, x0_known, mask, resample: int,
-                            known_noise, record: list) -> np.ndarray:
+                            known_noise, record: list, trained: bool = False) -> np.ndarray:
     """The seed's ancestral loop with replacement and RePaint resampling, in torch, from explicit noise (the
-    draw order of ``vdeploy.runtime.conditioning``)."""
+    draw order of ``vdeploy.runtime.conditioning``); ``trained``: the U-Net also gets the known frames and the
+    mask on every call (a model trained with frame conditioning)."""
     import torch
 
     from vdeploy import config as vconfig
     from vdeploy.diffusion import GaussianDiffusion
 
     diffusion = GaussianDiffusion(unet, **vconfig.diffusion_kwargs(config)).eval()
-    original = unet.forward_with_cond_scale
-    unet.forward_with_cond_scale = lambda *a, **k: _record_torch(record, original(*a, **k))
-    b = shape[0]
+    b, _, f = shape[:3]
     known_t, mask_t = torch.from_numpy(x0_known), torch.from_numpy(mask)
+    frame_kw = {"frames": known_t, "mask": mask_t.reshape(b, f).float()} if trained else {}
+    original = unet.forward_with_cond_scale
+    unet.forward_with_cond_scale = lambda *a, **k: _record_torch(record, original(*a, **frame_kw, **k))
     cond_t = torch.from_numpy(cond) if cond is not None else None
     z = lambda: torch.from_numpy(next(known_noise))  # noqa: E731
 

@@ -70,7 +70,7 @@ def denoiser_spec(
     config: dict, cond_dim: int | None, *, guidance: bool = False, name: str | None = None, file: str | None = None,
     dynamic_size: bool = True, opset: int = DEFAULT_OPSET, atol: float = FP32_ATOL,
 ) -> ExportSpec:
-    """The spec of ``eps = denoiser(x, t[, cond][, cond_scale])`` for a resolved model config.
+    """The spec of ``eps = denoiser(x, t[, cond][, frames, mask][, cond_scale])`` for a resolved model config.
 
     Batch is always dynamic; height and width are dynamic when ``dynamic_size`` (any multiple of
     ``2 ** (len(dim_mults) - 1)``); frames are static: the temporal position tables are folded in.
@@ -88,6 +88,9 @@ def denoiser_spec(
     inputs = [TensorSpec("x", "float32", ("batch", c, f, h, w), "x"), TensorSpec("t", "int64", ("batch",), "t")]
     if cond_dim is not None:
         inputs.append(TensorSpec("cond", "float32", ("batch", cond_dim), "cond"))
+    if config.get("frame_conditioning"):  # known frames (model space, zeros where unknown) and 1 = known
+        inputs.append(TensorSpec("frames", "float32", ("batch", c, f, h, w), "frames"))
+        inputs.append(TensorSpec("mask", "float32", ("batch", f), "mask"))
     if guidance:
         if cond_dim is None:
             raise ExportError("--cfg needs a conditioned model (cond_dim or use_bert_text_cond); this one has none")

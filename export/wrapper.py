@@ -1,9 +1,10 @@
 """Thin torch modules that are what gets traced: one denoiser contract, no training-only arguments.
 
-``Denoiser.forward(x, t[, cond])`` is ``unet(x, t, cond)`` for a fixed frame count with the temporal
-position tables (relative position bias, rotary cos/sin) held as buffers, so the trace turns them into
-graph constants. ``CfgDenoiser`` adds ``cond_scale`` and runs the conditional and the null prediction
-as one batch of 2b. ``PooledTextEncoder`` is a local HF BERT plus the seed's ``bert_embed`` pooling.
+``Denoiser.forward(x, t[, cond][, frames, mask])`` is ``unet(x, t, cond, frames=, mask=)`` for a fixed frame
+count with the temporal position tables (relative position bias, rotary cos/sin) held as buffers, so the
+trace turns them into graph constants; ``frames``/``mask`` exist for a model trained with frame conditioning.
+``CfgDenoiser`` adds ``cond_scale`` and runs the conditional and the null prediction as one batch of 2b.
+``PooledTextEncoder`` is a local HF BERT plus the seed's ``bert_embed`` pooling.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Denoiser(nn.Module):
         self.unet = unet
         self.num_frames = num_frames
         self.has_cond = bool(getattr(unet, "has_cond", False))
+        self.frame_conditioning = bool(getattr(unet, "frame_conditioning", False))
         self._table_names: list[str] = []
         if hasattr(unet, "position_tables"):
             with torch.no_grad():
@@ -38,20 +40,31 @@ class Denoiser(nn.Module):
             return None
         return {name: getattr(self, f"table_{name}") for name in self._table_names}
 
-    def eps(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+    def eps(self, x: Tensor, t: Tensor, cond: Tensor | None, frames: Tensor | None = None,
+            mask: Tensor | None = None) -> Tensor:
         tables = self.tables()
         kwargs = {"tables": tables} if tables is not None else {}
+        if self.frame_conditioning:
+            kwargs.update(frames=frames, mask=mask)
         return self.unet(x, t, cond=cond, **kwargs)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        return self.eps(x, t, cond)
+    def split(self, inputs: tuple, named: dict) -> dict[str, Tensor]:
+        """The inputs by role: positional in graph order ``x, t[, cond][, frames, mask][, cond_scale]`` (what the
+        trace passes), or by keyword."""
+        roles = ["x", "t"] + (["cond"] if self.has_cond else []) + (["frames", "mask"] if self.frame_conditioning
+                                                                      else []) + ["cond_scale"]
+        return {**dict(zip(roles, inputs)), **named}
+
+    def forward(self, *inputs: Tensor, **named: Tensor) -> Tensor:
+        named = self.split(inputs, named)
+        return self.eps(named["x"], named["t"], named.get("cond"), named.get("frames"), named.get("mask"))
 
 
 class CfgDenoiser(Denoiser):
     """Classifier-free guidance in one call: ``null + (cond_eps - null) * cond_scale``.
 
-    ``x``, ``t`` are repeated and ``cond`` is stacked on the learned null embedding, so the U-Net runs
-    once on a batch of 2b (what upstream's ``forward_with_cond_scale`` computes in two calls).
+    ``x``, ``t`` (and ``frames``, ``mask``) are repeated and ``cond`` is stacked on the learned null embedding, so
+    the U-Net runs once on a batch of 2b (what upstream's ``forward_with_cond_scale`` computes in two calls).
     """
 
     def __init__(self, unet: nn.Module, num_frames: int):
@@ -59,11 +72,15 @@ class CfgDenoiser(Denoiser):
         if not self.has_cond:
             raise ValueError("a CFG graph needs a conditioned model")
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor, cond_scale: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, *inputs: Tensor, **named: Tensor) -> Tensor:
+        named = self.split(inputs, named)
+        x, cond = named["x"], named["cond"]
         null = self.unet.null_cond_emb.expand(x.shape[0], -1)
-        eps = self.eps(torch.cat((x, x)), torch.cat((t, t)), torch.cat((cond, null)))
+        frames, mask = named.get("frames"), named.get("mask")
+        twice = (lambda v: None if v is None else torch.cat((v, v)))  # noqa: E731
+        eps = self.eps(twice(x), twice(named["t"]), torch.cat((cond, null)), twice(frames), twice(mask))
         cond_eps, null_eps = eps.chunk(2)
-        return null_eps + (cond_eps - null_eps) * cond_scale
+        return null_eps + (cond_eps - null_eps) * named["cond_scale"]
 
 
 class PooledTextEncoder(nn.Module):

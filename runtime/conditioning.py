@@ -1,7 +1,8 @@
-"""Training-free frame conditioning as a wrapper over the step machines: image-to-video, continuation, in-filling.
+"""Frame conditioning as a wrapper over the step machines: image-to-video, continuation, in-filling.
 
 An unconditionally trained video model samples a video whose known frames are given (Ho et al. 2022, "Video
-Diffusion Models", §3.1) by two methods, both here for every sampler of ``SAMPLERS`` with no per-sampler code:
+Diffusion Models", §3.1) by two training-free methods, both here for every sampler of ``SAMPLERS`` with no
+per-sampler code:
 
 * **replacement**: before every denoiser call at timestep ``t`` the known frames of the sample are replaced
   by a fresh draw of their forward-diffused version ``q(x_t | x0_known) = N(sqrt(abar_t) x0, (1 - abar_t) I)``
@@ -15,6 +16,12 @@ Diffusion Models", §3.1) by two methods, both here for every sampler of ``SAMPL
   needs the sampler's step from any level to the next as a function (``RESAMPLERS``): ddpm's posterior
   sample and ddim's update, both between training levels ``abar_t -> abar_s``. Multistep samplers (dpmpp,
   dpmpp3m, unipc) carry a history that a jump back would invalidate: replacement only for them.
+
+A model trained with masked frame conditioning (config ``frame_conditioning``, MCVD-style: Voleti et al. 2022)
+takes the known frames and a per-frame mask as graph inputs. The **trained** method (``trained=True``) is
+replacement plus those inputs on every request (``StepRequest.inputs``: ``frames`` in [-1, 1], zeros where
+unknown, and ``mask`` float32 ``(b, f)``), so the sample's known frames are what the model saw in training (the
+forward-diffused truth) and the model itself conditions on the clean ones.
 
 Levels come from the requests: every request carries the training timestep ``t`` (also for respaced
 samplers, whose respaced chain has ``abar`` of the training timesteps), so ``q(x_t | x0)`` is read from the
@@ -33,6 +40,7 @@ is the array the wrapper then edits (known frames replaced, resampled): copy it 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace as with_fields
 
 import numpy as np
 
@@ -143,6 +151,7 @@ def conditioned_steps(
     known: np.ndarray,
     mask: np.ndarray,
     resample: int = 0,
+    trained: bool = False,
     known_noise: Iterable[np.ndarray] | None = None,
     rng: np.random.Generator | None = None,
     **kwargs,
@@ -155,6 +164,8 @@ def conditioned_steps(
         betas: the float64 training betas.
         known, mask: from ``known_frames``: the known x0 in [-1, 1] and the bool mask ``(b, 1, f, 1, 1)``.
         resample: RePaint resampling rounds per step (0: replacement only); ddpm and ddim only.
+        trained: also give the denoiser the known frames and the mask on every request (the trained method,
+            for a model exported with ``frames``/``mask`` inputs).
         known_noise, rng: the conditioning's own draws (module docstring: explicit arrays, else from ``rng``);
             ``rng`` also goes to the sampler when it draws noise and has no explicit ``noise`` in ``kwargs``.
         **kwargs: the sampler's keywords (``cond``, ``steps``, ``clip_denoised``, ``callback``, ...).
@@ -183,10 +194,14 @@ def conditioned_steps(
     machine = spec.stepper(x, betas, **kwargs)  # bad sampler arguments raise here, before any step
     draw = _noise_source(known_noise, rng, x.shape, "conditioning")
     abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
-    return _conditioned(machine, abar, known, mask, int(resample), RESAMPLERS.get(sampler), draw, kwargs)
+    inputs = None
+    if trained:
+        b, _, f = x.shape[:3]
+        inputs = {"frames": known, "mask": mask.reshape(b, f).astype(np.float32)}
+    return _conditioned(machine, abar, known, mask, int(resample), RESAMPLERS.get(sampler), draw, kwargs, inputs)
 
 
-def _conditioned(machine, abar, known, mask, resample, redo, draw_at, kwargs) -> Machine:
+def _conditioned(machine, abar, known, mask, resample, redo, draw_at, kwargs, inputs) -> Machine:
     b = known.shape[0]
     draws = [0]
 
@@ -202,10 +217,13 @@ def _conditioned(machine, abar, known, mask, resample, redo, draw_at, kwargs) ->
         a = level(t)
         np.copyto(x, (np.sqrt(a) * known + np.sqrt(1 - a) * draw()).astype(np.float32), where=mask)
 
+    def ask(request):  # the trained method's graph inputs ride on every request; the same x array
+        return with_fields(request, inputs=inputs) if inputs is not None else request
+
     request = next(machine)
     while True:
         replace(request.x, request.t)
-        eps = yield request
+        eps = yield ask(request)
         try:
             following = machine.send(eps)
         except StopIteration as done:
@@ -217,6 +235,6 @@ def _conditioned(machine, abar, known, mask, resample, redo, draw_at, kwargs) ->
             # RePaint: known at t_{i+1}, jump back x_{t_i} ~ q(x_{t_i} | x_{t_{i+1}}), redo step t_i -> t_{i+1}
             replace(following.x, following.t)
             x = (np.sqrt(a_t / a_s) * following.x + np.sqrt(1 - a_t / a_s) * draw()).astype(np.float32)
-            eps = yield StepRequest(x, request.t, request.cond, request.i)
+            eps = yield StepRequest(x, request.t, request.cond, request.i, inputs)
             following.x[...] = redo(x, np.asarray(eps, dtype=np.float32), a_t, a_s, draw, **kwargs)
         request = following

@@ -239,10 +239,14 @@ def _text_graph(r: _Reader, data, version: int) -> Graph:
 def _check_denoiser_graph(r: _Reader, name: str, graph: Graph, manifest: Manifest) -> None:
     """The roles and shapes a denoiser graph must have to fit the config."""
     key = f"graphs.{name}"
+    framed = manifest.config.get("frame_conditioning") is True
     needed = ["x", "t"] + (["cond"] if manifest.cond_dim is not None else []) + (["cond_scale"] if graph.guidance else [])
+    needed += ["frames", "mask"] if framed else []
     missing = [role for role in needed if graph.input(role) is None]
     if missing:
         r.fail(f"{key}.inputs", f"lack the role(s) {', '.join(missing)} (it has {', '.join(graph.roles) or 'none'})")
+    if not framed and (graph.input("frames") is not None or graph.input("mask") is not None):
+        r.fail(f"{key}.inputs", "have frames/mask inputs, but the config's frame_conditioning is not true")
     if manifest.cond_dim is None and graph.input("cond") is not None:
         r.fail(f"{key}.inputs", "have a cond input, but conditioning.cond_dim is not set")
     if graph.input("cond_scale") is not None and not graph.guidance:
@@ -261,5 +265,11 @@ def _check_denoiser_graph(r: _Reader, name: str, graph: Graph, manifest: Manifes
     if cond is not None and (len(cond.shape) != 2 or (isinstance(cond.shape[1], int)
                                                        and cond.shape[1] != manifest.cond_dim)):
         r.fail(f"{key}.inputs[cond].shape", f"is {list(cond.shape)}, expected (batch, {manifest.cond_dim})")
+    frames, mask = graph.input("frames"), graph.input("mask")
+    if frames is not None and len(frames.shape) != 5:
+        r.fail(f"{key}.inputs[frames].shape", f"is {list(frames.shape)}, expected 5 axes like x (b, c, f, h, w)")
+    f = manifest.video_shape[1]
+    if mask is not None and (len(mask.shape) != 2 or (isinstance(mask.shape[1], int) and mask.shape[1] != f)):
+        r.fail(f"{key}.inputs[mask].shape", f"is {list(mask.shape)}, expected (batch, {f})")
     if not graph.outputs:
         r.fail(f"{key}.outputs", "are empty; the first output must be eps")

@@ -21,6 +21,8 @@ from .schedule import betas_from_spec
 log = logging.getLogger("vdeploy.runtime")
 
 DEFAULT_SAMPLER = "dpmpp"
+# how known frames condition a run (Pipeline.__call__'s ``conditioning``); "auto" picks "trained" where it exists
+CONDITIONING = ("auto", "trained", "replacement")
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Prepared:
         sampler, steps, batch_size: what the run is (steps and batch resolved from the defaults).
         cond_scale: the guidance scale, a float.
         guidance: ``Pipeline.guidance(cond_scale)``: ``"none"``, ``"fused"`` or ``"two-calls"``.
+        conditioning: how the known frames condition the run (``"trained"``, ``"replacement"``), None without.
     """
 
     machine: Machine
@@ -40,6 +43,7 @@ class Prepared:
     batch_size: int
     cond_scale: float
     guidance: str
+    conditioning: str | None = None
 
     @staticmethod
     def finish(x0: np.ndarray) -> np.ndarray:
@@ -59,6 +63,8 @@ class Pipeline:
         shape: ``(channels, num_frames, image_size, image_size)`` of one video.
         betas: the float64 training betas.
         cond_dim: the conditioning width, or None for an unconditional model.
+        frame_conditioned: the model was trained with masked frame conditioning (its graphs take ``frames``
+            and ``mask``): ``frames=`` uses the trained method by default.
         backend_name: what runs the denoiser (e.g. ``"onnxruntime-cpu"``).
     """
 
@@ -78,6 +84,7 @@ class Pipeline:
         if cfg_backend is not None:
             self.cfg_graph = manifest.graphs[cfg_graph or manifest.find_graph(guidance=True)]
         self.text_encoder = text_encoder
+        self.frame_conditioned = self.graph.input("frames") is not None
         self.backend_name = backend.name
 
     @classmethod
@@ -228,14 +235,39 @@ class Pipeline:
         graph = self.graph
         x_name, t_name = graph.input("x").name, graph.input("t").name
         cond_spec = graph.input("cond")
+        frame_inputs = self._frame_inputs(graph)
 
-        def denoise(x, t, cond):
-            feeds = {x_name: x, t_name: t}
+        def denoise(x, t, cond, **inputs):
+            feeds = {x_name: x, t_name: t, **frame_inputs(x, inputs)}
             if cond_spec is not None:
                 feeds[cond_spec.name] = cond
             return np.asarray(backend.run(feeds)[0], dtype=np.float32)
 
         return denoise
+
+    def _frame_inputs(self, graph) -> Callable:
+        """``(x, {"frames", "mask"} or {}) -> feeds`` of a graph's frame-conditioning inputs: as given, zeros
+        (plain generation) when not given; a graph without them refuses them."""
+        frames_spec, mask_spec = graph.input("frames"), graph.input("mask")
+        if frames_spec is None:
+            def refuse(x, inputs):
+                if inputs:
+                    raise ValueError(f"{self.model_dir} was not trained with frame conditioning: its graph takes "
+                                     f"no {', '.join(sorted(inputs))}")
+                return {}
+            return refuse
+
+        def feeds(x, inputs):
+            unknown = sorted(set(inputs) - {"frames", "mask"})
+            if unknown:
+                raise ValueError(f"unknown denoiser input(s) {', '.join(unknown)} (frames, mask)")
+            b, _, f = x.shape[:3]
+            frames = inputs.get("frames")
+            mask = inputs.get("mask")
+            return {frames_spec.name: np.zeros_like(x) if frames is None else frames,
+                    mask_spec.name: np.zeros((b, f), np.float32) if mask is None else mask}
+
+        return feeds
 
     def _fused_cfg_denoiser(self, cond_scale: float) -> Callable:
         """One call of the ``--cfg`` graph: conditional and null predictions combined inside the graph."""
@@ -243,11 +275,12 @@ class Pipeline:
         graph = self.cfg_graph
         x_name, t_name, cond_name = graph.input("x").name, graph.input("t").name, graph.input("cond").name
         scale_spec = graph.input("cond_scale")
+        frame_inputs = self._frame_inputs(graph)
 
-        def denoise(x, t, cond):
+        def denoise(x, t, cond, **inputs):
             shape = tuple(d if isinstance(d, int) else x.shape[0] for d in scale_spec.shape)
             scale = np.full(shape, cond_scale, dtype=np.float32)
-            feeds = {x_name: x, t_name: t, cond_name: cond, scale_spec.name: scale}
+            feeds = {x_name: x, t_name: t, cond_name: cond, scale_spec.name: scale, **frame_inputs(x, inputs)}
             return np.asarray(backend.run(feeds)[0], dtype=np.float32)
 
         return denoise
@@ -283,6 +316,7 @@ class Pipeline:
         known_mask: np.ndarray | None = None,
         resample: int = 0,
         frames_noise: Iterable[np.ndarray] | None = None,
+        conditioning: str = "auto",
         **options,
     ) -> np.ndarray:
         """Sample videos.
@@ -306,12 +340,15 @@ class Pipeline:
             progress: show a tqdm progress bar.
             frames: known frames in [0, 1], ``(c, k, h, w)`` or ``(b, c, k, h, w)`` (a b-row array samples b):
                 the first ``k < f`` frames of every video (image-to-video, continuation), or a full video with
-                ``known_mask``. Training-free (``vdeploy.runtime.conditioning``): every sampler replaces the
-                known frames by their forward-diffused version before each denoiser call; the output's known
-                frames are the given ones. Longer videos: ``extend``.
+                ``known_mask`` (interpolation, in-filling). Every sampler replaces the known frames by their
+                forward-diffused version before each denoiser call (``vdeploy.runtime.conditioning``); a
+                model trained with frame conditioning also gets them as inputs. The output's known frames are
+                the given ones. Longer videos: ``extend``.
             known_mask: booleans ``(f,)`` or ``(b, f)``: which frames of a full-length ``frames`` are known.
-            resample: RePaint resampling rounds per step with ``frames`` (ddpm and ddim; 0: replacement only).
+            resample: RePaint resampling rounds per step with ``frames`` (ddpm and ddim; 0: none).
             frames_noise: explicit noise for the conditioning's own draws (parity; one array per draw).
+            conditioning: ``"auto"`` (``"trained"`` when the model has frame conditioning, else
+                ``"replacement"``), ``"trained"`` or ``"replacement"`` (training-free, any model).
             **options: the sampler's own options, as its table entry lists them (``eta`` for ddim,
                 ``spacing``, ...); an option the sampler does not take is a ValueError.
 
@@ -328,7 +365,8 @@ class Pipeline:
 
         run = self.prepare(batch_size=batch_size, cond=cond, text=text, cond_scale=cond_scale, sampler=sampler,
                            steps=steps, seed=seed, noise=noise, step_noise=step_noise, callback=on_step, frames=frames,
-                           known_mask=known_mask, resample=resample, frames_noise=frames_noise, **options)
+                           known_mask=known_mask, resample=resample, frames_noise=frames_noise,
+                           conditioning=conditioning, **options)
         # timing counts graph calls only: what the runtime adds around them is the "outside" share
         denoise, timing = self.timed_denoiser(run.cond_scale)
         if progress:
@@ -352,8 +390,8 @@ class Pipeline:
     def extend(self, video: np.ndarray | None = None, frames: int | None = None, overlap: int = 1,
                seed: int | None = None, **kwargs) -> np.ndarray:
         """A video longer than the model's frame count, autoregressively: each window of ``f`` frames is sampled
-        with its first ``overlap`` frames known (the last ``overlap`` frames so far, training-free conditioning
-        as ``__call__(frames=...)``) and adds ``f - overlap`` new frames.
+        with its first ``overlap`` frames known (the last ``overlap`` frames so far, conditioned as
+        ``__call__(frames=...)``: the trained method where the model has it) and adds ``f - overlap`` new frames.
 
         Args:
             video: the start, ``(b, c, k, h, w)`` or ``(c, k, h, w)`` in [0, 1], kept as it is (``k >= overlap``);
@@ -362,7 +400,8 @@ class Pipeline:
             overlap: known frames per window, 1 to ``f - 1``.
             seed: seeds every window (each gets its own seed drawn from it).
             **kwargs: for every window's ``__call__`` (``text``/``cond``, ``sampler``, ``steps``, ``resample``,
-                ``cond_scale``, ...; not ``frames``/``known_mask``/``noise``).
+                ``conditioning``, ``cond_scale``, ...; not ``frames``/``known_mask``/``noise``); a first window
+                sampled from nothing (``video=None``) takes them less ``resample``/``conditioning``.
 
         Returns:
             float32 ``(b, c, frames, h, w)`` in [0, 1]; its first frames are ``video``'s.
@@ -376,7 +415,8 @@ class Pipeline:
         rng = np.random.default_rng(seed)
         window_seed = lambda: int(rng.integers(2**63 - 1))  # noqa: E731
         if video is None:
-            video = self(seed=window_seed(), **kwargs)
+            plain = {k: v for k, v in kwargs.items() if k not in ("resample", "conditioning")}
+            video = self(seed=window_seed(), **plain)
         video = np.asarray(video, dtype=np.float32)
         if video.ndim == 4:
             video = video[None]
@@ -415,6 +455,7 @@ class Pipeline:
         known_mask: np.ndarray | None = None,
         resample: int = 0,
         frames_noise: Iterable[np.ndarray] | None = None,
+        conditioning: str = "auto",
         **options,
     ) -> Prepared:
         """Make one sampling run ready without calling the denoiser: ``__call__`` is exactly
@@ -465,18 +506,29 @@ class Pipeline:
         }
         if self.config.get("use_dynamic_thres"):
             kwargs["dynamic_thres_percentile"] = self.config.get("dynamic_thres_percentile", 0.9)
+        if conditioning not in CONDITIONING:
+            raise ValueError(f"conditioning must be one of {', '.join(CONDITIONING)}, got {_short(conditioning)}")
+        if conditioning == "trained" and not self.frame_conditioned:
+            raise ValueError(f"{self.model_dir} was not trained with frame conditioning (config "
+                             "frame_conditioning): use conditioning='replacement' (training-free) or 'auto'")
+        method = None
         if frames is None:
-            if known_mask is not None or resample or frames_noise is not None:
-                raise ValueError("known_mask, resample and frames_noise need `frames` (the known frames)")
+            if known_mask is not None or resample or frames_noise is not None or conditioning != "auto":
+                raise ValueError("known_mask, resample, frames_noise and conditioning need `frames` (the known "
+                                 "frames)")
             machine = spec.stepper(x, self.betas, callback=callback, **kwargs)
         else:
             from .conditioning import conditioned_steps, known_frames
 
+            method = "trained" if conditioning == "trained" or (
+                conditioning == "auto" and self.frame_conditioned) else "replacement"
             known, mask = known_frames(frames, known_mask, shape)
             kwargs.pop("rng", None)  # the conditioning wrapper hands the sampler the same generator
             machine = conditioned_steps(sampler, x, self.betas, known=known, mask=mask, resample=resample,
-                                        known_noise=frames_noise, rng=rng, callback=callback, **kwargs)
-        return Prepared(machine, sampler, num_steps, batch_size, float(cond_scale), self.guidance(cond_scale))
+                                        trained=method == "trained", known_noise=frames_noise, rng=rng,
+                                        callback=callback, **kwargs)
+        return Prepared(machine, sampler, num_steps, batch_size, float(cond_scale), self.guidance(cond_scale),
+                        method)
 
     def guidance(self, cond_scale: float) -> str:
         """How a run at ``cond_scale`` calls the graphs: ``"none"`` (the plain graph; unconditional models and
@@ -541,9 +593,9 @@ def _timed(denoise):
     """Wrap a denoiser to count its calls and seconds (local to one sampling run, so thread-safe)."""
     timing = [0, 0.0]
 
-    def timed(x, t, cond):
+    def timed(x, t, cond, **inputs):
         start = time.perf_counter()
-        out = denoise(x, t, cond)
+        out = denoise(x, t, cond, **inputs)
         timing[0] += 1
         timing[1] += time.perf_counter() - start
         return out

@@ -245,7 +245,7 @@ def trt_profile(inputs, video_shape: tuple, *, max_batch: int = DEFAULT_MAX_BATC
                         shape.append(d)
                     elif axis == 0:
                         shape.append(batch)
-                    elif spec.role == "x" and axis in (3, 4):
+                    elif spec.role in ("x", "frames") and axis in (3, 4):
                         shape.append(height if axis == 3 else width)
                     elif spec.role == "cond" and axis == 1 and cond_dim:
                         shape.append(cond_dim)

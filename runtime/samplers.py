@@ -2,7 +2,9 @@
 
 The contract: ``eps = denoise(x, t, cond)`` with ``x`` float32 ``(b, c, f, h, w)``, ``t`` int64 ``(b,)``
 (training timesteps, also for respaced samplers), ``cond`` float32 ``(b, D)`` or None; ``eps`` the
-predicted noise, shaped like ``x``. Every sampler returns the final x0 estimate (in [-1, 1] when the
+predicted noise, shaped like ``x``. A model trained with frame conditioning takes two more per-row inputs by
+keyword, ``denoise(x, t, cond, frames=..., mask=...)`` (``vdeploy.runtime.conditioning.trained_steps``); a
+denoiser called without them samples plain generation. Every sampler returns the final x0 estimate (in [-1, 1] when the
 denoised prediction is clipped) as float32.
 
 Each sampler computes its per-step coefficients once, in float64, and casts them to float32 tables;
@@ -15,9 +17,10 @@ Step machines. Every sampler ``name`` has a resumable form ``name_steps(x, betas
 arguments less ``denoise``. Calling it checks them and precomputes the tables (bad arguments raise
 there, before any step) and returns a generator, the machine, that speaks this protocol:
 
-- it yields a ``StepRequest(x, t, cond, i)``: "evaluate the denoiser at ``x`` (float32 ``(b, c, f, h,
-  w)``), ``t`` (int64 ``(b,)``), ``cond`` (float32 ``(b, D)``, or None)"; ``i`` is the step index,
-  0, 1, ..., steps - 1. Start it with ``next(machine)`` (or ``machine.send(None)``);
+- it yields a ``StepRequest(x, t, cond, i, inputs)``: "evaluate the denoiser at ``x`` (float32 ``(b, c, f,
+  h, w)``), ``t`` (int64 ``(b,)``), ``cond`` (float32 ``(b, D)``, or None) and ``inputs`` (None, or the
+  frame-conditioned graph's per-row ``{"frames", "mask"}``)"; ``i`` is the step index, 0, 1, ..., steps - 1.
+  Start it with ``next(machine)`` (or ``machine.send(None)``);
 - it receives that ``eps`` (any array-like shaped like ``x``; cast to float32) by ``machine.send(eps)``,
   which advances one step, calls ``callback`` and answers with the next request;
 - after the last step ``send`` raises ``StopIteration`` whose ``value`` is the final x0 (float32).
@@ -25,8 +28,8 @@ there, before any step) and returns a generator, the machine, that speaks this p
 ``drive(machine, denoise)`` runs one machine with one denoiser call per request; each pure function
 is exactly ``drive(name_steps(...), denoise)``. The machine never calls the denoiser, so a driver may
 gather the requests of many machines (different samplers, steps or timesteps; same ``(c, f, h, w)``)
-into one call, concatenating their ``x``, ``t`` and ``cond`` along the batch, and send each machine its
-rows of the output. A machine keeps all its state (sample, multistep history, noise source, tables)
+into one call, concatenating their ``x``, ``t``, ``cond`` and ``inputs`` along the batch, and send each
+machine its rows of the output. A machine keeps all its state (sample, multistep history, noise source, tables)
 local, assumes nothing about its driver, and copies nothing: it never writes into an array it was
 given or has yielded (the starting noise, ``cond``, a request's ``x``, a received ``eps``, which may be
 a view into a batched output), so requests and callback arrays stay valid after later steps.
@@ -53,12 +56,15 @@ class StepRequest:
         t: int64 ``(b,)``, the training timestep of every row.
         cond: float32 ``(b, D)``, or None for an unconditional run.
         i: the step index, 0 to steps - 1.
+        inputs: None, or the per-row inputs of a frame-conditioned graph by role: ``{"frames": float32
+            (b, c, f, h, w) in [-1, 1], "mask": float32 (b, f), 1 = known}``, passed as keywords to the denoiser.
     """
 
     x: np.ndarray
     t: np.ndarray
     cond: np.ndarray | None
     i: int
+    inputs: Mapping[str, np.ndarray] | None = None
 
 
 Machine = Generator[StepRequest, np.ndarray, np.ndarray]
@@ -72,7 +78,10 @@ def drive(machine: Machine, denoise: Denoise) -> np.ndarray:
             request = send(eps)
         except StopIteration as done:
             return done.value
-        eps = denoise(request.x, request.t, request.cond)
+        if request.inputs:
+            eps = denoise(request.x, request.t, request.cond, **request.inputs)
+        else:
+            eps = denoise(request.x, request.t, request.cond)
 
 
 def _machine(x: np.ndarray, cond, timesteps: np.ndarray, update, callback) -> Machine:
@@ -99,11 +108,11 @@ def guided(denoise: Denoise, null_cond: np.ndarray, cond_scale: float) -> Denois
     if cond_scale == 1:
         return denoise
 
-    def guided_denoise(x, t, cond):
+    def guided_denoise(x, t, cond, **inputs):
         if cond is None:
             raise ValueError("classifier-free guidance needs a cond")
-        eps = denoise(x, t, cond)
-        null = denoise(x, t, np.broadcast_to(null_cond, cond.shape))
+        eps = denoise(x, t, cond, **inputs)
+        null = denoise(x, t, np.broadcast_to(null_cond, cond.shape), **inputs)  # the same known frames
         return null + (eps - null) * cond_scale
 
     return guided_denoise

@@ -10,7 +10,7 @@ import click
 from vdeploy.cli import BadInput, FiniteFloat, OneLineErrors, main
 # the tables every command reads its choices from (numpy-only modules: no torch, no onnxruntime)
 from vdeploy.runtime.backends import BACKENDS
-from vdeploy.runtime.pipeline import DEFAULT_SAMPLER
+from vdeploy.runtime.pipeline import CONDITIONING, DEFAULT_SAMPLER
 from vdeploy.runtime.samplers import SAMPLERS
 from vdeploy.runtime.schedule import SPACINGS
 
@@ -81,11 +81,15 @@ def _runtime_logging(quiet: bool) -> None:
                    "conditioned on the last frames of the one before.  [default: the model's frame count]")
 @click.option("--resample", default=0, show_default=True, type=click.IntRange(min=0),
               help="RePaint resampling rounds per step with --init (ddpm and ddim; 0: replacement only).")
+@click.option("--conditioning", type=click.Choice(CONDITIONING), default="auto", show_default=True,
+              help="How --init's frames condition the video: 'trained' (a model trained with frame conditioning "
+                   "gets them as inputs), 'replacement' (training-free, any model); auto: trained where the model "
+                   "has it.")
 def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: int | None, batch_size: int,
            cond_scale: float, text: tuple[str, ...], cond_file: Path | None, backend: str, precision: str,
            eta: float | None, spacing: str | None, order: int | None, variant: str | None, fps: float,
            threads: int | None, quiet: bool, init_file: Path | None = None, init_frames: int | None = None, length: int | None = None,
-           resample: int = 0, public_key: Path | None = None) -> None:
+           resample: int = 0, public_key: Path | None = None, conditioning: str = "auto") -> None:
     """Sample videos from an exported model directory, without torch.
 
     \b
@@ -116,8 +120,9 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
         except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
             raise BadInput(f"--text {prompt.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text") from None
     cond = _read_cond(cond_file) if cond_file is not None else None
-    if init_file is None and (init_frames is not None or resample):
-        raise BadInput(f"{'--init-frames' if init_frames is not None else '--resample'} needs --init (the known frames)")
+    if init_file is None and (init_frames is not None or resample or conditioning != "auto"):
+        flag = "--init-frames" if init_frames is not None else "--resample" if resample else "--conditioning"
+        raise BadInput(f"{flag} needs --init (the known frames)")
     _runtime_logging(quiet)
     t0 = time.perf_counter()
     try:
@@ -131,8 +136,11 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
                    variant=variant)
         f = pipe.shape[1]
         known = _read_init(init_file, pipe.shape, init_frames) if init_file is not None else None
+        method = None
         if known is not None:
-            run["resample"] = resample
+            run.update(resample=resample, conditioning=conditioning)
+            method = conditioning if conditioning != "auto" else (
+                "trained" if pipe.frame_conditioned else "replacement")
         if length is not None and length > f:
             video = pipe.extend(known, frames=length, overlap=known.shape[1] if known is not None else max(1, f // 2),
                                 seed=seed, **run)
@@ -150,8 +158,9 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
         kept = "; the earlier file there is unchanged" if out.exists() else ""
         raise BadInput(f"cannot write {out}: {getattr(e, 'strerror', None) or e}{kept}") from None
     b, _, f, h, w = video.shape
+    known_text = f", {known.shape[1]} known frame(s) by {method} conditioning" if known is not None else ""
     click.echo(f"wrote {out} ({b} video{'s' if b > 1 else ''}, {f} frames, {h}x{w}) with {sampler} "
-               f"on {pipe.backend_name} in {time.perf_counter() - t0:.1f} s")
+               f"on {pipe.backend_name}{known_text} in {time.perf_counter() - t0:.1f} s")
 
 
 def _read_init(path: Path, shape: tuple, count: int | None):

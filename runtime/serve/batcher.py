@@ -283,7 +283,7 @@ class Batcher:
     def _solo_step(self, entry: _Active) -> None:
         r = entry.request
         start = time.perf_counter()
-        eps = entry.denoise(r.x, r.t, r.cond)
+        eps = entry.denoise(r.x, r.t, r.cond, **(r.inputs or {}))
         self._called(entry.job.rows, time.perf_counter() - start)
         self._advance(entry, eps)
 
@@ -306,23 +306,25 @@ class Batcher:
 
     def _call(self, key: tuple, entries: list[_Active]) -> None:
         """One denoiser call over ``entries``' requests; each machine gets its rows."""
-        xs, ts, conds = [], [], []
+        xs, ts, conds, extras = [], [], [], []
+        framed = any(entry.request.inputs for entry in entries)
         for entry in entries:
             r, guidance = entry.request, entry.job.run.guidance
-            xs.append(r.x)
-            ts.append(r.t)
-            conds.append(r.cond)
-            if guidance == "two-calls":  # the null rows of classifier-free guidance, after the cond rows
+            copies = 2 if guidance == "two-calls" else 1  # the null rows of guidance, after the cond rows
+            for copy in range(copies):
                 xs.append(r.x)
                 ts.append(r.t)
-                conds.append(np.broadcast_to(self._null, r.cond.shape))
-        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        t = ts[0] if len(ts) == 1 else np.concatenate(ts)
-        cond = None if conds[0] is None else (conds[0] if len(conds) == 1 else np.concatenate(conds))
+                conds.append(r.cond if copy == 0 else np.broadcast_to(self._null, r.cond.shape))
+                if framed:  # a frame-conditioned model's inputs; zeros (generation) for rows without
+                    extras.append(r.inputs or _generation_inputs(r.x))
+        x = _cat(xs)
+        t = _cat(ts)
+        cond = None if conds[0] is None else _cat(conds)
+        inputs = {role: _cat([e[role] for e in extras]) for role in ("frames", "mask")} if framed else {}
         denoise = self._plain if key[0] == "plain" else self.pipe.timed_denoiser(key[1])[0]
         start = time.perf_counter()
         try:
-            eps = denoise(x, t, cond)
+            eps = denoise(x, t, cond, **inputs)
         except Exception as e:
             log.exception("denoiser call of %d rows failed", x.shape[0])
             for entry in entries:
@@ -373,3 +375,13 @@ def _fail(job: Job, error: BaseException) -> None:
         job.status = "failed"
     except InvalidStateError:  # cancelled or finished meanwhile
         pass
+
+
+def _cat(arrays: list) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _generation_inputs(x: np.ndarray) -> dict:
+    """A frame-conditioned graph's inputs for a row that knows no frame (plain generation)."""
+    b, _, f = x.shape[:3]
+    return {"frames": np.zeros_like(x), "mask": np.zeros((b, f), np.float32)}

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..pipeline import DEFAULT_SAMPLER, Pipeline
+from ..pipeline import CONDITIONING, DEFAULT_SAMPLER, Pipeline
 from ..samplers import SAMPLERS, sampler_kwargs
 from ..schedule import SPACINGS
 
 FORMATS = {"gif": "image/gif", "mp4": "video/mp4", "npy": "application/x-npy"}
 FIELDS = ("prompt", "cond", "sampler", "steps", "seed", "cond_scale", "spacing", "eta", "order", "batch_size",
-          "frames", "known_mask", "resample", "format", "fps", "async")
-FRAME_FIELDS = ("frames", "known_mask", "resample")  # checked by Pipeline.prepare (runtime.conditioning)
+          "frames", "known_mask", "resample", "conditioning", "format", "fps", "async")
+FRAME_FIELDS = ("frames", "known_mask", "resample", "conditioning")  # checked by Pipeline.prepare (runtime.conditioning)
 MAX_PROMPT_CHARS = 2000
 
 
@@ -206,6 +206,11 @@ def parse(body, pipe: Pipeline, *, max_videos: int = 16, can_mp4: bool | None = 
     resample = _int(body, "resample", 0, 100)
     if resample:
         kwargs["resample"] = resample
+    conditioning = body.get("conditioning")
+    if conditioning is not None:
+        if conditioning not in CONDITIONING:
+            raise Invalid("conditioning", f"{conditioning!r} is not one of {', '.join(CONDITIONING)}")
+        kwargs["conditioning"] = conditioning
     rows = len(kwargs["text"]) if isinstance(kwargs.get("text"), list) else (
         kwargs["cond"].shape[0] if "cond" in kwargs else 1)
     if batch_size != 1 and rows not in (1, batch_size):

@@ -96,6 +96,8 @@ def seed_unet(module, unet, config: dict, device):
     kwargs = vconfig.unet_kwargs(config)
     if kwargs.pop("norm_type") != "group":
         raise RuntimeError("the seed 0.6.3 model has GroupNorm only (config norm_type is not 'group')")
+    if kwargs.pop("frame_conditioning", False):
+        raise RuntimeError("the seed 0.6.3 model has no frame conditioning (config frame_conditioning is true)")
     model = module.Unet3D(**kwargs)
     model.load_state_dict(unet.state_dict(), strict=True)
     return model.eval().requires_grad_(False).to(device)
