@@ -197,3 +197,19 @@ def test_cli_sample_init_picks_the_trained_path(framed, tmp_path):
     result = CliRunner().invoke(main, ["sample", "--model", str(framed[0]), "--out", str(out), "--steps", "2",
                                        "--conditioning", "trained"])
     assert result.exit_code == 2 and "--conditioning needs --init" in result.output
+
+
+def test_cli_parity_known_frames(framed, tmp_path):
+    from click.testing import CliRunner
+
+    from vdeploy.cli import main
+
+    out = tmp_path / "p.json"
+    args = ["parity", "--model", str(framed[0]), "--ckpt", str(framed[1]), "--sampler", "dpmpp", "--steps", "3"]
+    result = CliRunner().invoke(main, [*args, "--known", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2 known frame(s) by trained conditioning" in result.output
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["conditioning"] == "trained" and report["max_per_call_abs_err"] <= 1e-3
+    result = CliRunner().invoke(main, [*args, "--resample", "1"])
+    assert result.exit_code == 2 and "--resample needs --known" in result.output

@@ -10,6 +10,7 @@ import click
 from vdeploy.cli import BadInput, FiniteFloat, OneLineErrors, _require_extra, main
 # the tables every command reads its choices from (numpy-only modules: no torch, no onnxruntime)
 from vdeploy.runtime.backends import BACKENDS
+from vdeploy.runtime.pipeline import CONDITIONING
 from vdeploy.runtime.samplers import SAMPLERS
 from vdeploy.runtime.schedule import SPACINGS
 
@@ -175,28 +176,60 @@ def verify(model_dir: Path, public_key: Path) -> None:
               help="Tolerance on every per-call and on the final max abs error.  [default: 1e-3; 0.25 for bf16]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report (per_call_max_abs_err, final_max_abs_err, psnr_db, ...) here.")
+@click.option("--known", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Frame-conditioned parity: the first K frames known (seeded frames), sampled as "
+                   "--conditioning says on both sides.")
+@click.option("--conditioning", type=click.Choice(CONDITIONING), default="auto", show_default=True,
+              help="With --known: 'trained' (the model's frames/mask inputs), 'replacement'; auto: trained where "
+                   "the model has it.")
+@click.option("--resample", default=0, show_default=True, type=click.IntRange(min=0),
+              help="With --known: RePaint resampling rounds per step (ddpm, ddim).")
 def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing: str | None, order: int | None,
            batch_size: int,
            cond_scale: float, seed: int, backend: str, precision: str, config_spec: str | None, ema: bool,
-           atol: float | None, json_path: Path | None) -> None:
+           atol: float | None, json_path: Path | None, known: int = 0, conditioning: str = "auto",
+           resample: int = 0) -> None:
     """Sample with PyTorch and with the runtime from the same noise; compare every denoiser call.
 
     Reports the max abs error of each call, of the final video and its PSNR; exits 1 when an error
-    exceeds --atol (the report is still written), 2 on bad input.
+    exceeds --atol (the report is still written), 2 on bad input. With --known K the first K frames are
+    given (frame-conditioned sampling, vdeploy.export.parity.run_conditioned_parity).
     """
+    if not known and (conditioning != "auto" or resample):
+        raise BadInput(f"{'--conditioning' if conditioning != 'auto' else '--resample'} needs --known")
+    if known and (precision != "fp32" or config_spec is not None):
+        raise BadInput("--known compares the fp32 graph with the checkpoint's own config: leave out --precision "
+                       "and --config")
     _require_extra("parity", "torch", "onnxruntime")
-    from vdeploy.runtime.atomic import unwritable, write_text
+    from vdeploy.runtime.atomic import unwritable
 
     why = json_path is not None and unwritable(json_path)
     if why:  # found now, not after both sampling runs
         raise BadInput(f"--json {json_path}: cannot write there ({why})")
     _log_progress()
-    import json
-
     from vdeploy.export import ExportError
     from vdeploy.export.parity import ParityError, run_parity
     from vdeploy.runtime.backends import BackendUnavailable
 
+    if known:
+        from vdeploy.export.parity import DEFAULT_ATOL, run_conditioned_parity
+
+        try:
+            report = run_conditioned_parity(model_dir, ckpt, sampler=sampler, steps=steps, known=known,
+                                            resample=resample, batch_size=batch_size, cond_scale=cond_scale,
+                                            seed=seed, backend=backend, ema=ema, atol=atol or DEFAULT_ATOL,
+                                            options={"spacing": spacing, "order": order},
+                                            conditioning=conditioning)
+        except (ExportError, BackendUnavailable) as e:
+            raise BadInput(str(e)) from None
+        _write_report(json_path, report)
+        click.echo(f"{report['sampler']} {report['steps']} steps, {known} known frame(s) by {report['conditioning']} "
+                   f"conditioning on {backend} (atol {report['atol']:g}): per-call max abs err "
+                   f"{report['max_per_call_abs_err']:.2e} (worst of {report['calls']}), final "
+                   f"{report['final_max_abs_err']:.2e}, known frames {report['known_frames_max_abs_err']:.2e}")
+        if not report["passed"]:
+            raise click.ClickException("runtime and PyTorch disagree past --atol (or in their call counts)")
+        return
     failure = None
     try:
         report = run_parity(model_dir, ckpt, sampler=sampler, steps=steps, batch_size=batch_size,
@@ -207,13 +240,7 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing
         raise BadInput(str(e)) from None
     except ParityError as e:
         report, failure = e.report, str(e)
-    if json_path is not None:
-        try:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            write_text(json_path, json.dumps(report, indent=2) + "\n")
-        except OSError as e:
-            raise click.ClickException(f"cannot write {json_path}: {e.strerror or e} (an earlier file there is "
-                                       "unchanged)") from None
+    _write_report(json_path, report)
     psnr = "inf" if report["psnr_db"] is None else f"{report['psnr_db']:.1f}"
     click.echo(f"{report['sampler']} {report['steps']} steps on {report['backend']} ({report['precision']}, atol "
                f"{report['atol']:g}): per-call max abs err "
@@ -221,6 +248,21 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing
                f"PSNR {psnr} dB; torch {report['seconds']['torch']} s, runtime {report['seconds']['runtime']} s")
     if failure:
         raise click.ClickException(failure)
+
+
+def _write_report(json_path: Path | None, report: dict) -> None:
+    import json
+
+    from vdeploy.runtime.atomic import write_text
+
+    if json_path is None:
+        return
+    try:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(json_path, json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise click.ClickException(f"cannot write {json_path}: {e.strerror or e} (an earlier file there is "
+                                   "unchanged)") from None
 
 
 # --------------------------------------------------------------- bench ----
