@@ -14,6 +14,8 @@ On an exported text-conditioned model trained on ``vdeploy data synth`` clips it
   against two baselines: "freeze the last known frame" and "unconditioned sample" (the caption alone); also
   the fraction whose predicted frames alone move in the clip's direction, show the object, and are clean; on a
   model trained with frame conditioning (config ``frame_conditioning``) also its trained method;
+* **interpolation**: the first and last frame known, the centroid error of the frames between (trained where the
+  model has it, replacement, and a cross-fade of the two known frames);
 * a PNG strip per clip (``--png``): known frames | each method's predicted frames | the true frames.
 
 Output: a markdown table on stdout (and ``--md``), ``--json`` with every number and the arguments.
@@ -107,6 +109,32 @@ def continuation_table(pipe, clips, known, sampler, steps, resample, cond_scale,
     return rows, videos
 
 
+def interpolation_table(pipe, clips, sampler, steps, cond_scale, seed):
+    """First and last frame known: centroid error of the frames between, per method and a cross-fade baseline."""
+    from vdeploy.analysis import centroid_error
+
+    f = pipe.shape[1]
+    mask = np.zeros(f, bool)
+    mask[[0, f - 1]] = True
+    ramp = np.linspace(0, 1, f, dtype=np.float32)[None, :, None, None]
+
+    def conditioned(method):
+        return lambda clip, text, s: pipe(frames=clip, known_mask=mask, text=text, sampler=sampler, steps=steps,
+                                          seed=s, cond_scale=cond_scale, conditioning=method)[0]
+
+    methods = {"trained (masked conditioning)": conditioned("trained")} if pipe.frame_conditioned else {}
+    methods["replacement"] = conditioned("replacement")
+    methods["baseline: cross-fade first to last"] = lambda clip, text, s: (1 - ramp) * clip[:, :1] + ramp * clip[:, -1:]
+    rows = {}
+    for name, run in methods.items():
+        t0 = time.perf_counter()
+        errors = [centroid_error(run(clip, text, seed + i), clip, frames=range(1, f - 1))
+                  for i, (clip, text) in enumerate(clips)]
+        rows[name] = {"centroid_error_px": float(np.mean(errors)), "per_clip_px": [round(e, 2) for e in errors],
+                      "seconds": round(time.perf_counter() - t0, 1)}
+    return rows
+
+
 def write_strip(path: Path, clips, videos, known: int, scale: int = 4) -> None:
     """One block per clip: rows truth, then each method; known frames left of a white bar, predicted right."""
     from PIL import Image
@@ -140,6 +168,11 @@ def markdown(report: dict) -> str:
     for name, r in report["continuation"].items():
         lines.append(f"| {name} | {r['centroid_error_px']:.2f} | {r['direction_ok']:.0%} | {r['visible']:.0%} | "
                      f"{r['clean']:.2f} | {r['seconds']} |")
+    if report.get("interpolation"):
+        lines += ["", f"### Interpolation: first and last of {report['frames']} frames known, the same clips", "",
+                  "| method | centroid error, frames between (px) | s |", "|---|---|---|"]
+        for name, r in report["interpolation"].items():
+            lines.append(f"| {name} | {r['centroid_error_px']:.2f} | {r['seconds']} |")
     lines += ["", "Centroid error: mean px distance to the true centroid over the predicted frames; a frame with no "
               "object (none, or noise over a quarter of it) counts the half diagonal. Direction, visibility and "
               "cleanliness: `vdeploy.analysis` on the predicted frames alone (a frozen frame has no motion: direction 'none')."]
@@ -176,6 +209,7 @@ def main(argv=None) -> int:
               "adherence": adherence_table(pipe, a.samplers.split(","), seeds, a.cond_scale)}
     report["continuation"], videos = continuation_table(pipe, clips, a.known, a.sampler, a.steps, a.resample,
                                                         a.cond_scale, a.seed)
+    report["interpolation"] = interpolation_table(pipe, clips, a.sampler, a.steps, a.cond_scale, a.seed)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     text = markdown(report)
     print(text)

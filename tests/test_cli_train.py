@@ -49,7 +49,9 @@ def test_train_help_documents_the_options():
     for option in ("--data", "--results", "--config", "--steps", "--batch-size", "--lr", "--grad-accum", "--amp",
                    "--save-every", "--resume", "--text-encoder"):
         assert option in result.output
-    assert "tiny, small, base" in result.output
+    from vdeploy.config import PRESETS
+
+    assert f"({', '.join(PRESETS)})" in " ".join(result.output.split())
 
 
 def test_data_synth_help():

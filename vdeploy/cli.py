@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from vdeploy import config as vconfig  # torch-free: the presets for --help
+
 
 class BadInput(click.ClickException):
     """A user error: printed as one line ``Error: ...``, exit code 2, no traceback."""
@@ -152,7 +154,7 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int, overwrite
 @click.option("--results", default="results", show_default=True, type=click.Path(path_type=Path),
               help="Output folder: model-N.pt checkpoints, model-last.pt, N.gif sample grids, log.jsonl.")
 @click.option("--config", "config_spec", default=None,
-              help="Model config: a preset (tiny, small, base) or a JSON file.  [default: tiny, or the "
+              help=f"Model config: a preset ({', '.join(vconfig.PRESETS)}) or a JSON file.  [default: tiny, or the "
                    "checkpoint's with --resume]")
 @click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Train until this many optimizer steps in all (a resumed run continues to it).")
@@ -229,7 +231,6 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
     import logging
     import os
 
-    from vdeploy import config as vconfig
     from vdeploy.runtime.atomic import unwritable
 
     # ---- everything that can be checked before torch is imported
