@@ -77,6 +77,31 @@ def _ddim_redo(x, eps, a_t, a_s, draw, *, eta=0.0, clip_denoised=True, dynamic_t
     return out.astype(np.float32)
 
 
+def frame_feeds(graph, where) -> Callable[[np.ndarray, dict], dict]:
+    """``(x, {"frames", "mask"} or {}) -> feeds`` of a denoiser graph's frame-conditioning inputs (found by role):
+    as given, zeros (plain generation) when not given; a graph without them (a model not trained with frame
+    conditioning, ``where``) refuses them with a ValueError."""
+    frames_spec, mask_spec = graph.input("frames"), graph.input("mask")
+    if frames_spec is None:
+        def refuse(x, inputs):
+            if inputs:
+                raise ValueError(f"{where} was not trained with frame conditioning: its graph takes no "
+                                 f"{', '.join(sorted(inputs))}")
+            return {}
+        return refuse
+
+    def feeds(x, inputs):
+        unknown = sorted(set(inputs) - {"frames", "mask"})
+        if unknown:
+            raise ValueError(f"unknown denoiser input(s) {', '.join(unknown)} (frames, mask)")
+        b, _, f = x.shape[:3]
+        frames, mask = inputs.get("frames"), inputs.get("mask")
+        return {frames_spec.name: np.zeros_like(x) if frames is None else frames,
+                mask_spec.name: np.zeros((b, f), np.float32) if mask is None else mask}
+
+    return feeds
+
+
 # the single-step samplers whose step can be redone from any level: RePaint resampling is offered for these
 RESAMPLERS: dict[str, Callable] = {"ddpm": _ddpm_redo, "ddim": _ddim_redo}
 

@@ -15,8 +15,9 @@ from . import manifest as manifest_lib
 from .backends import (BACKENDS, BackendOptions, BackendUnavailable, auto_order, backend_spec, graph_for, open_graph,
                        precision_refused)
 from .manifest import Manifest, ManifestError
+from .conditioning import conditioned_steps, frame_feeds, known_frames
+from .model_files import check_external_data_files, null_embedding, schedule_betas
 from .samplers import Machine, drive, guided, sampler_kwargs, sampler_spec
-from .schedule import betas_from_spec
 
 log = logging.getLogger("vdeploy.runtime")
 
@@ -74,9 +75,9 @@ class Pipeline:
         self.manifest = manifest
         self.config = dict(manifest.config)
         self.shape = manifest.video_shape
-        self.betas = _betas(manifest, self.model_dir / manifest_lib.MANIFEST_NAME)
+        self.betas = schedule_betas(manifest, self.model_dir / manifest_lib.MANIFEST_NAME)
         self.cond_dim = manifest.cond_dim
-        self.null_cond = _null_embedding(self.model_dir, manifest)
+        self.null_cond = null_embedding(self.model_dir, manifest)
         self.backend = backend
         self.cfg_backend = cfg_backend
         self.graph = manifest.graphs[graph]
@@ -153,9 +154,9 @@ class Pipeline:
     def _open_dir(cls, model_dir: Path, manifest: Manifest, backend: str, options: BackendOptions) -> Pipeline:
         """``from_dir`` after the manifest is read: pick the backend, open the denoiser graphs on it."""
         where = model_dir / manifest_lib.MANIFEST_NAME
-        _betas(manifest, where)
-        _null_embedding(model_dir, manifest)
-        _check_external_data(model_dir, manifest)
+        schedule_betas(manifest, where)
+        null_embedding(model_dir, manifest)
+        check_external_data_files(model_dir, manifest)
         if backend == "auto":
             kinds, skipped = auto_order(manifest, options)
             for reason in skipped:
@@ -235,7 +236,7 @@ class Pipeline:
         graph = self.graph
         x_name, t_name = graph.input("x").name, graph.input("t").name
         cond_spec = graph.input("cond")
-        frame_inputs = self._frame_inputs(graph)
+        frame_inputs = frame_feeds(graph, self.model_dir)
 
         def denoise(x, t, cond, **inputs):
             feeds = {x_name: x, t_name: t, **frame_inputs(x, inputs)}
@@ -245,37 +246,13 @@ class Pipeline:
 
         return denoise
 
-    def _frame_inputs(self, graph) -> Callable:
-        """``(x, {"frames", "mask"} or {}) -> feeds`` of a graph's frame-conditioning inputs: as given, zeros
-        (plain generation) when not given; a graph without them refuses them."""
-        frames_spec, mask_spec = graph.input("frames"), graph.input("mask")
-        if frames_spec is None:
-            def refuse(x, inputs):
-                if inputs:
-                    raise ValueError(f"{self.model_dir} was not trained with frame conditioning: its graph takes "
-                                     f"no {', '.join(sorted(inputs))}")
-                return {}
-            return refuse
-
-        def feeds(x, inputs):
-            unknown = sorted(set(inputs) - {"frames", "mask"})
-            if unknown:
-                raise ValueError(f"unknown denoiser input(s) {', '.join(unknown)} (frames, mask)")
-            b, _, f = x.shape[:3]
-            frames = inputs.get("frames")
-            mask = inputs.get("mask")
-            return {frames_spec.name: np.zeros_like(x) if frames is None else frames,
-                    mask_spec.name: np.zeros((b, f), np.float32) if mask is None else mask}
-
-        return feeds
-
     def _fused_cfg_denoiser(self, cond_scale: float) -> Callable:
         """One call of the ``--cfg`` graph: conditional and null predictions combined inside the graph."""
         backend = self.cfg_backend
         graph = self.cfg_graph
         x_name, t_name, cond_name = graph.input("x").name, graph.input("t").name, graph.input("cond").name
         scale_spec = graph.input("cond_scale")
-        frame_inputs = self._frame_inputs(graph)
+        frame_inputs = frame_feeds(graph, self.model_dir)
 
         def denoise(x, t, cond, **inputs):
             shape = tuple(d if isinstance(d, int) else x.shape[0] for d in scale_spec.shape)
@@ -518,8 +495,6 @@ class Pipeline:
                                  "frames)")
             machine = spec.stepper(x, self.betas, callback=callback, **kwargs)
         else:
-            from .conditioning import conditioned_steps, known_frames
-
             method = "trained" if conditioning == "trained" or (
                 conditioning == "auto" and self.frame_conditioned) else "replacement"
             known, mask = known_frames(frames, known_mask, shape)
@@ -601,45 +576,3 @@ def _timed(denoise):
         return out
 
     return timed, timing
-
-
-def _check_external_data(model_dir: Path, manifest: Manifest) -> None:
-    """Every ONNX graph of the directory (denoisers, text encoder) keeps its external data inside it, in
-    files the manifest hashes: checked before onnxruntime opens any (``onnx_external``)."""
-    from .onnx_external import check_external_data
-
-    graphs = [g.file for g in manifest.graphs.values()] + list(manifest.conditioning.text_encoder_files[:1])
-    for name in dict.fromkeys(graphs):
-        check_external_data(model_dir, name, manifest.files)
-
-
-def _betas(manifest: Manifest, where) -> np.ndarray:
-    try:
-        return betas_from_spec(manifest.schedule.as_dict())
-    except (ValueError, TypeError) as e:
-        raise ManifestError(f"{where}: bad schedule: {e}") from None
-
-
-def _null_embedding(model_dir: Path, manifest: Manifest) -> np.ndarray | None:
-    """The learned null embedding ``(1, cond_dim)``; every malformed file is a ManifestError naming it."""
-    name = manifest.conditioning.null_embedding
-    if not name:
-        return None
-    try:
-        # mapped, not read: a header claiming terabytes is refused by its size below, not allocated
-        null = np.load(model_dir / name, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as e:
-        if "pickle" in str(e) or "Python objects" in str(e):  # never follow numpy's allow_pickle advice
-            raise ManifestError(f"the null embedding {model_dir / name} is not a .npy array (pickled data or "
-                                "another format); it was not loaded: loading a pickle could run code") from None
-        raise ManifestError(f"cannot read the null embedding {model_dir / name}: {e}") from None
-    if not isinstance(null, np.ndarray):  # an .npz archive
-        null.close()
-        raise ManifestError(f"the null embedding {model_dir / name} is an .npz archive, expected one .npy array")
-    cond_dim = manifest.cond_dim
-    if null.size != cond_dim or null.ndim > 2 or not np.issubdtype(null.dtype, np.floating):
-        raise ManifestError(f"null embedding {model_dir / name} has shape {null.shape} ({null.dtype}), "
-                            f"expected float ({cond_dim},) or (1, {cond_dim})")
-    if not np.all(np.isfinite(null)):
-        raise ManifestError(f"null embedding {model_dir / name} holds NaN or Inf values")
-    return null.astype(np.float32).reshape(1, -1)
