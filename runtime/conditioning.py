@@ -77,6 +77,12 @@ def _ddim_redo(x, eps, a_t, a_s, draw, *, eta=0.0, clip_denoised=True, dynamic_t
     return out.astype(np.float32)
 
 
+def generation_inputs(x: np.ndarray) -> dict[str, np.ndarray]:
+    """A frame-conditioned graph's ``frames``/``mask`` for rows of ``x`` that know no frame (plain generation)."""
+    b, _, f = x.shape[:3]
+    return {"frames": np.zeros_like(x), "mask": np.zeros((b, f), np.float32)}
+
+
 def frame_feeds(graph, where) -> Callable[[np.ndarray, dict], dict]:
     """``(x, {"frames", "mask"} or {}) -> feeds`` of a denoiser graph's frame-conditioning inputs (found by role):
     as given, zeros (plain generation) when not given; a graph without them (a model not trained with frame
@@ -94,10 +100,8 @@ def frame_feeds(graph, where) -> Callable[[np.ndarray, dict], dict]:
         unknown = sorted(set(inputs) - {"frames", "mask"})
         if unknown:
             raise ValueError(f"unknown denoiser input(s) {', '.join(unknown)} (frames, mask)")
-        b, _, f = x.shape[:3]
-        frames, mask = inputs.get("frames"), inputs.get("mask")
-        return {frames_spec.name: np.zeros_like(x) if frames is None else frames,
-                mask_spec.name: np.zeros((b, f), np.float32) if mask is None else mask}
+        given = inputs if set(inputs) == {"frames", "mask"} else {**generation_inputs(x), **inputs}
+        return {frames_spec.name: given["frames"], mask_spec.name: given["mask"]}
 
     return feeds
 

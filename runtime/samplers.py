@@ -3,9 +3,9 @@
 The contract: ``eps = denoise(x, t, cond)`` with ``x`` float32 ``(b, c, f, h, w)``, ``t`` int64 ``(b,)``
 (training timesteps, also for respaced samplers), ``cond`` float32 ``(b, D)`` or None; ``eps`` the
 predicted noise, shaped like ``x``. A model trained with frame conditioning takes two more per-row inputs by
-keyword, ``denoise(x, t, cond, frames=..., mask=...)`` (``vdeploy.runtime.conditioning.trained_steps``); a
-denoiser called without them samples plain generation. Every sampler returns the final x0 estimate (in [-1, 1] when the
-denoised prediction is clipped) as float32.
+keyword, ``denoise(x, t, cond, frames=..., mask=...)`` (``vdeploy.runtime.conditioning.conditioned_steps``
+with ``trained=True``); a denoiser called without them samples plain generation. Every sampler returns the
+final x0 estimate (in [-1, 1] when the denoised prediction is clipped) as float32.
 
 Each sampler computes its per-step coefficients once, in float64, and casts them to float32 tables;
 the loop only indexes them. Randomness comes from explicit ``noise`` (an iterable of arrays, one per
@@ -78,10 +78,7 @@ def drive(machine: Machine, denoise: Denoise) -> np.ndarray:
             request = send(eps)
         except StopIteration as done:
             return done.value
-        if request.inputs:
-            eps = denoise(request.x, request.t, request.cond, **request.inputs)
-        else:
-            eps = denoise(request.x, request.t, request.cond)
+        eps = denoise(request.x, request.t, request.cond, **(request.inputs or {}))
 
 
 def _machine(x: np.ndarray, cond, timesteps: np.ndarray, update, callback) -> Machine:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..conditioning import generation_inputs
 from ..pipeline import Pipeline, Prepared
 from ..samplers import StepRequest
 
@@ -316,7 +317,7 @@ class Batcher:
                 ts.append(r.t)
                 conds.append(r.cond if copy == 0 else np.broadcast_to(self._null, r.cond.shape))
                 if framed:  # a frame-conditioned model's inputs; zeros (generation) for rows without
-                    extras.append(r.inputs or _generation_inputs(r.x))
+                    extras.append(r.inputs or generation_inputs(r.x))
         x = _cat(xs)
         t = _cat(ts)
         cond = None if conds[0] is None else _cat(conds)
@@ -379,9 +380,3 @@ def _fail(job: Job, error: BaseException) -> None:
 
 def _cat(arrays: list) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-
-def _generation_inputs(x: np.ndarray) -> dict:
-    """A frame-conditioned graph's inputs for a row that knows no frame (plain generation)."""
-    b, _, f = x.shape[:3]
-    return {"frames": np.zeros_like(x), "mask": np.zeros((b, f), np.float32)}
