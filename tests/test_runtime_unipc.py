@@ -18,7 +18,8 @@ import torch
 from vdeploy.runtime import schedule, unipc
 from vdeploy.runtime.unipc_multistep import unipc_steps
 
-from test_runtime_samplers import assert_close, dummy, start_noise
+from reference_tolerance import assert_matches_reference
+from test_runtime_samplers import dummy, start_noise
 
 CLIPS = {
     "none": ({"clip_denoised": False}, {"thresholding": False}),
@@ -28,7 +29,7 @@ CLIPS = {
 }
 
 
-def diffusers_unipc(x, betas, steps, timesteps, **config):
+def diffusers_unipc(x, betas, steps, timesteps, dtype=torch.float32, **config):
     """diffusers' loop; returns its final sample and the data prediction it formed at the last step.
 
     diffusers casts ``trained_betas`` to float32 and multiplies them up in float32, where ``1 - abar_0``
@@ -47,25 +48,18 @@ def diffusers_unipc(x, betas, steps, timesteps, **config):
         sigmas = (((1 - abar) / abar) ** 0.5).numpy()[timesteps]
         scheduler.timesteps = torch.from_numpy(np.asarray(timesteps, dtype=np.int64))
         scheduler.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
-    sample = torch.from_numpy(x)
+    sample = torch.from_numpy(x).to(dtype)
     for t in scheduler.timesteps:
-        eps = torch.from_numpy(dummy(sample.numpy(), np.full(x.shape[0], int(t)), None))
+        eps = torch.from_numpy(dummy(sample.numpy(), np.full(x.shape[0], int(t)), None)).to(dtype)
         sample = scheduler.step(eps, t, sample).prev_sample
     return sample.numpy(), scheduler.model_outputs[-1].numpy(), scheduler.timesteps.numpy()
 
 
-# Tolerances (max abs error of the final x0). Clipped: 1e-5 (measured <= 9e-6), but 1e-4 for bh1 (measured
-# <= 5e-5) and 3e-5 for order 3 on logsnr's 10 uneven steps (measured 2.0e-5). The float32 round-off
-# behind them starts at the first step: at t = 999, x0 = (x - sigma eps) / alpha with 1 / alpha ~ 3e4
-# cancels ~3 digits, and the x0 entries the clamp leaves alone carry that into the run (diffusers' own
-# float32 run is as far from its float64 run as ours); bh1's B(h) = h weights x0 differences ~3x more
-# than bh2's e^h - 1 at these step sizes (h ~ 3), and logsnr's first steps (999, 998, 997, 996, 986: step
-# ratios up to ~7) make the third-order extrapolation weights large. Unclipped, the cancellation stays in
-# the output: 3e-4 of its range (assert_close, as for DDIM and DPM-Solver++; measured <= 1.5e-4).
-def clipped_atol(variant, order, spacing, steps):
-    if variant == "bh1":
-        return 1e-4
-    return 3e-5 if order == 3 and spacing == "logsnr" and steps < 15 else 1e-5
+# Tolerances: tests/reference_tolerance.py, from diffusers' own float32 round-off measured in the same test.
+# Where it is large: at t = 999, x0 = (x - sigma eps) / alpha with 1 / alpha ~ 3e4 cancels ~3 digits (in
+# diffusers as here), bh1's B(h) = h weights x0 differences ~3x more than bh2's e^h - 1 at these step sizes
+# (h ~ 3), and logsnr's first steps (999, 998, 997, 996, 986: step ratios up to ~7) make the third-order
+# extrapolation weights large; the measurement carries each of them.
 
 
 @pytest.mark.parametrize("steps, spacing", [(10, "trailing"), (10, "linspace"), (10, "leading"), (10, "logsnr"),
@@ -83,21 +77,23 @@ def test_unipc_matches_diffusers(variant, order, clip, steps, spacing):
     # feeds the solver the fractional lambdas, not those of the timesteps the model sees): it gets
     # respace's timesteps instead
     timesteps = schedule.respace(1000, steps, spacing, betas=betas)
-    final, last_x0, used = diffusers_unipc(
-        x, betas, steps, None if spacing == "trailing" else timesteps, solver_order=order, solver_type=variant,
-        timestep_spacing="trailing", **their_kwargs,
-    )
-    np.testing.assert_array_equal(used, timesteps)
+    runs = {}
+
+    def reference(dtype, which):
+        if dtype not in runs:
+            runs[dtype] = diffusers_unipc(
+                x, betas, steps, None if spacing == "trailing" else timesteps, dtype, solver_order=order,
+                solver_type=variant, timestep_spacing="trailing", **their_kwargs,
+            )
+        return runs[dtype][which]
+
+    np.testing.assert_array_equal(reference(torch.float32, 2), timesteps)
     assert ours.dtype == np.float32
     # the last step (to sigma = 0) is first order and returns that step's x0 under any B(h); diffusers'
     # bh1 turns it into NaN there (B(h) = -inf times an empty correction), so compare with its x0
-    if clip == "none":
-        assert_close(ours, last_x0, clipped=False)
-    else:
-        np.testing.assert_allclose(ours, last_x0, rtol=0, atol=clipped_atol(variant, order, spacing, steps))
+    assert_matches_reference(ours, lambda dtype: reference(dtype, 1), steps)
     if variant == "bh2":  # and with its final sample
-        np.testing.assert_allclose(ours, final, rtol=0, atol=3e-4 * np.abs(final).max() if clip == "none"
-                                   else clipped_atol(variant, order, spacing, steps))
+        assert_matches_reference(ours, lambda dtype: reference(dtype, 0), steps)
 
 
 def test_unipc_orders_and_variants_differ_beyond_the_tolerance():
