@@ -1,5 +1,5 @@
-"""Writing sampled videos: GIF with pillow (a batch becomes a grid, as the seed's trainer does), MP4 when an
-encoder library is installed (PyAV or imageio-ffmpeg).
+"""Writing sampled videos: GIF with pillow (a batch becomes a grid, as the seed's trainer does), MP4 with
+PyAV (the ``[video]`` extra: FFmpeg's libraries in its wheels, encoding in process from numpy frames).
 
 Both write atomically (:mod:`.atomic`): an encoder that fails, a full disk or a kill leaves an existing
 file at the path byte for byte as it was.
@@ -20,20 +20,20 @@ _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 def to_frames(video: np.ndarray, pad: int = 2) -> np.ndarray:
     """``(c, f, h, w)`` or ``(b, c, f, h, w)`` floats in [0, 1] -> uint8 frames ``(f, H, W, c)``.
 
-    A batch is laid out as a grid, ``ceil(sqrt(b))`` videos a row, each padded by ``pad`` black pixels
-    (the seed's trainer: ``F.pad(videos, (2, 2, 2, 2))`` then ``'(i j) c f h w -> c f (i h) (j w)'``).
-    Values map to bytes as torchvision's ``ToPILImage`` does (``x * 255`` truncated).
+    A batch of two or more is laid out as a grid, ``ceil(sqrt(b))`` videos a row, each padded by ``pad``
+    black pixels (the seed's trainer: ``F.pad(videos, (2, 2, 2, 2))`` then ``'(i j) c f h w -> c f (i h)
+    (j w)'``); a single video, ``(c, f, h, w)`` or a batch of one, keeps the model's size. Values map to bytes
+    as torchvision's ``ToPILImage`` does (``x * 255`` truncated).
     """
     video = np.asarray(video, dtype=np.float32)
     if video.ndim == 4:
         video = video[None]
-        pad = 0
     if video.ndim != 5:
         raise ValueError(f"video must be (c, f, h, w) or (b, c, f, h, w), got shape {video.shape}")
     b, c, f, h, w = video.shape
     if c not in _MODES:
         raise ValueError(f"video has {c} channels; GIF/MP4 frames need 1, 3 or 4")
-    if b > 1 or pad:
+    if b > 1:
         video = np.pad(video, ((0, 0), (0, 0), (0, 0), (pad, pad), (pad, pad)))
         cols = math.ceil(math.sqrt(b))
         rows = math.ceil(b / cols)
@@ -71,53 +71,46 @@ def save_gif(video: np.ndarray, path: str | Path, fps: float = 1000 / 120, loop:
     return path
 
 
+# H.264 in yuv420p plays everywhere; CRF 17 is x264's "visually lossless" end, which the small frames of a
+# video-diffusion model afford (tests/test_runtime_video.py states what survives the round trip).
+MP4_CRF = 17
+
+
 def save_mp4(video: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
-    """Write a video (or a batch, as a grid) as H.264 MP4, with PyAV or imageio-ffmpeg, whichever imports.
+    """Write a video (or a batch, as a grid) as H.264 MP4 (yuv420p, CRF :data:`MP4_CRF`) with PyAV.
+
+    Odd frame sizes are padded by one black row or column (yuv420p needs even sizes).
 
     Raises:
-        RuntimeError: neither encoder library is installed (the message says what to install).
+        RuntimeError: PyAV is not installed (the message says what to install).
     """
     frames = to_frames(video)
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, axis=-1)
     frames = frames[..., :3]
-    # yuv420p needs even sizes
     f, h, w, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-    path = Path(path)
     try:
         import av
     except ImportError:
-        av = None
-    if av is None:
-        try:
-            import imageio_ffmpeg
-        except ImportError:
-            raise RuntimeError("writing MP4 needs an encoder library: pip install av (or imageio-ffmpeg)") from None
+        raise RuntimeError("writing MP4 needs PyAV: pip install 'vdeploy[video]' (or pip install av)") from None
+    path = Path(path)
     with atomic_path(path) as tmp:
-        if av is not None:
-            _mp4_av(av, frames, tmp, fps)
-        else:
-            _mp4_imageio(imageio_ffmpeg, frames, tmp, fps)
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=round(fps), options={"crf": str(MP4_CRF)})
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())  # flush the encoder's delayed frames
     return path
 
 
-def _mp4_av(av, frames: np.ndarray, path: Path, fps: float) -> None:
-    with av.open(str(path), mode="w") as container:  # the temporary name keeps the .mp4 suffix
-        stream = container.add_stream("libx264", rate=round(fps))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+def read_mp4(path: str | Path) -> tuple[np.ndarray, float]:
+    """An MP4's frames as uint8 ``(f, H, W, 3)`` RGB and its frame rate, with PyAV (for checks and tests)."""
+    import av
 
-
-def _mp4_imageio(imageio_ffmpeg, frames: np.ndarray, path: Path, fps: float) -> None:
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-        macro_block_size=1,
-    )
-    writer.send(None)  # start the encoder
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return np.stack(frames), float(stream.average_rate)

@@ -257,7 +257,7 @@ def test_mp4_without_an_encoder_is_422_and_the_cli_refuses_bad_settings(pipe, tm
     from vdeploy.cli import main
     from vdeploy.runtime.serve.requests import Invalid, parse
 
-    with pytest.raises(Invalid, match="mp4 needs an encoder library on the server") as e:
+    with pytest.raises(Invalid, match="mp4 needs PyAV on the server") as e:
         parse({"format": "mp4"}, pipe, can_mp4=False)
     assert e.value.field == "format"
     assert parse({"format": "mp4"}, pipe, can_mp4=True).format == "mp4"

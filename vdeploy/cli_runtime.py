@@ -35,7 +35,7 @@ def _runtime_logging(quiet: bool) -> None:
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Model directory written by `vdeploy export` (vdeploy.json is checked: version, sha256, shapes).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output .gif (or .mp4 with PyAV/imageio-ffmpeg installed); a batch becomes a grid.")
+              help="Output .gif, or .mp4 (PyAV: the [video] extra); a batch becomes a grid, one video keeps its size.")
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=DEFAULT_SAMPLER, show_default=True,
               help="; ".join(f"{name}: {spec.summary}" for name, spec in SAMPLERS.items()) + ".")
 @click.option("--steps", type=click.IntRange(min=1), default=None,

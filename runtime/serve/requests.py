@@ -179,7 +179,7 @@ def parse(body, pipe: Pipeline, *, max_videos: int = 16, can_mp4: bool | None = 
     batch_size = _int(body, "batch_size", 1, max_videos, default=1)
     fmt = _choice(body, "format", list(FORMATS), "gif")
     if fmt == "mp4" and not (can_mp4 if can_mp4 is not None else mp4_available()):
-        raise Invalid("format", "mp4 needs an encoder library on the server (pip install av, or imageio-ffmpeg); "
+        raise Invalid("format", "mp4 needs PyAV on the server (pip install 'vdeploy[video]'); "
                                 "ask for gif or npy")
     fps = _float(body, "fps", lo=0.1, hi=100.0, default=1000 / 120)
     run_async = body.get("async", False)
@@ -220,5 +220,5 @@ def parse(body, pipe: Pipeline, *, max_videos: int = 16, can_mp4: bool | None = 
 
 
 def mp4_available() -> bool:
-    """PyAV or imageio-ffmpeg importable (what ``save_mp4`` needs)."""
-    return any(importlib.util.find_spec(name) is not None for name in ("av", "imageio_ffmpeg"))
+    """PyAV importable (what ``save_mp4`` needs)."""
+    return importlib.util.find_spec("av") is not None
