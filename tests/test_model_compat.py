@@ -1,10 +1,18 @@
 """vdeploy.model.Unet3D against the real video-diffusion-pytorch package (0.6.3 GroupNorm, 0.7.0 RMSNorm).
 
-State dicts must load both ways with strict=True and outputs must agree to 1e-5 in float32, for every
+State dicts must load both ways with strict=True and outputs must agree to float32 round-off, for every
 feature of the seed; the export-friendly formulation must trace to ONNX and match in onnxruntime.
+
+Tolerance: ``test_outputs_match_reference`` measures the reference's own float32 round-off on each case (the
+same reference in float64, ``r = max |ref32 - ref64|``) and asks ours to be within ``4 r`` (plus 8 ulp of
+the output's magnitude) of the float64 reference; tests/reference_tolerance.py gives the argument. ``ATOL``
+bounds the other comparisons, on the same networks: it sits inside the range that derivation gives for them
+(5.6e-6 to 2.0e-5, median 1.2e-5, errors at most 0.29 of it; torch 2.13.0 CPU, 2026-12-04).
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -53,6 +61,22 @@ def inputs(cfg: dict, batch: int, frames: int, size: int, seed: int = 1):
     t = torch.randint(0, 1000, (batch,), generator=g)
     cond = torch.randn(batch, cfg["cond_dim"], generator=g) if cfg.get("cond_dim") else None
     return x, t, cond
+
+
+def roundoff_tolerance(ref: torch.nn.Module, *args) -> tuple[torch.Tensor, float]:
+    """The reference's float64 output for ``args`` and the tolerance its own float32 round-off gives."""
+    from reference_tolerance import MARGIN, ULP
+
+    as64 = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    ref32 = ref(*args)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the tensors the reference makes inside forward (positions, ...)
+    try:
+        ref64 = copy.deepcopy(ref).double()(*as64)
+    finally:
+        torch.set_default_dtype(default)
+    roundoff = (ref32.double() - ref64).abs().max().item()
+    return ref64, MARGIN * roundoff + 8 * ULP * max(1.0, ref64.abs().max().item())
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,10 +162,10 @@ def test_outputs_match_reference(ref_vdp, ref_vdp070, norm_type, name, shape):
     ref, ours = make_pair(reference_class(ref_vdp, ref_vdp070, norm_type), cfg, norm_type)
     x, t, cond = inputs(cfg, *shape)
     with torch.no_grad():
-        expected, got = ref(x, t, cond), ours(x, t, cond)
+        (expected, atol), got = roundoff_tolerance(ref, x, t, cond), ours(x, t, cond)
     assert got.shape == (shape[0], cfg.get("out_dim") or cfg.get("channels", 3), shape[1], shape[2], shape[2])
     assert got.is_contiguous()
-    assert max_diff(got, expected) <= ATOL
+    assert max_diff(got.double(), expected) <= atol
     assert expected.abs().max() > 0.1  # not a vacuous comparison
 
 
