@@ -47,9 +47,17 @@ UNCOND_JOBS = [
 ]
 
 
-def run_staggered(pipe, jobs, **batcher_kwargs):
+def run_staggered(pipe, jobs, traces=None, **batcher_kwargs):
+    """Submit ``jobs`` (each after the first job's step ``after``); returns the videos and the real rows of
+    every denoiser call (``traces``: a list to collect the calls' ``CallTrace``). Batching on unless given."""
     calls = []
-    batcher = Batcher(pipe, on_call=lambda rows, s: calls.append(rows), **batcher_kwargs)
+
+    def on_call(trace):
+        calls.append(trace.rows)
+        if traces is not None:
+            traces.append(trace)
+
+    batcher = Batcher(pipe, on_call=on_call, **{"batching": "on", **batcher_kwargs})
     try:
         submitted = []
         for after, kwargs in jobs:
@@ -94,9 +102,12 @@ def test_max_batch_bounds_every_call_and_a_big_request_runs_alone(pipes):
     pipe = pipes["two-calls"]
     jobs = [(0, dict(seed=i, steps=3, text="a ball", cond_scale=2.0)) for i in range(4)]  # 2 rows each
     jobs.append((0, dict(seed=9, steps=2, text=["a", "b", "c"], cond_scale=2.0)))  # 6 rows > max_batch
-    results, calls = run_staggered(pipe, jobs, max_batch=4)
-    # pairs of 2-row requests (the first may start alone, before the others are queued), then the big one alone
-    assert 6 in calls and 4 in calls and all(rows <= 4 for rows in calls if rows != 6), calls
+    traces = []
+    results, calls = run_staggered(pipe, jobs, traces, max_batch=4, warm=False)  # flat costs: 4 rows one call
+    # every call one of the buckets 1, 2, 4; at most 4 requests' rows active, so pairs of 2-row requests share
+    # calls; the 6-row request runs alone, over two calls (4 + 2) a step
+    assert {t.batch for t in traces} <= {1, 2, 4} and 4 in calls, [(t.rows, t.padded) for t in traces]
+    assert calls[-2:] == [4, 2], calls
     for (_, kwargs), video in zip(jobs, results):
         assert_close(video, pipe(**kwargs), str(kwargs))
 

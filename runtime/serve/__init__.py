@@ -8,6 +8,6 @@
 Only the batcher is imported here; the app's modules import their web stack when they are imported.
 """
 
-from .batcher import Batcher, Closed, Job, QueueFull, RequestTimeout
+from .batcher import Batcher, CallTrace, Closed, Job, QueueFull, RequestTimeout
 
-__all__ = ["Batcher", "Closed", "Job", "QueueFull", "RequestTimeout"]
+__all__ = ["Batcher", "CallTrace", "Closed", "Job", "QueueFull", "RequestTimeout"]

@@ -51,21 +51,21 @@ class Service:
     Args:
         model_dir: the model directory; or give ``pipe``, an opened Pipeline.
         backend, threads: as ``Pipeline.from_dir`` takes them.
-        max_batch, max_queue, batching: the batcher's (see :class:`Batcher`); batching is off by default, the
-            winner of ``benchmarks/serve_load.py`` on CPU (README "Serving").
+        max_batch, max_queue, batching, buckets: the batcher's (see :class:`Batcher`); batching ``"auto"`` by
+            default (decided by the warm-up's measurement; afterwards ``batching`` holds the decision, a bool).
         timeout: seconds a request may take from submission (None: no limit).
         max_videos: videos one request may ask for.
         grace: seconds a SIGTERM drain may take before the rest is refused with 503.
     """
 
     def __init__(self, model_dir=None, *, pipe=None, backend: str = "auto", threads: int | None = None,
-                 max_batch: int = 8, max_queue: int = 64, batching: bool = False, timeout: float | None = 600.0,
-                 max_videos: int = 16, grace: float = 30.0):
+                 max_batch: int = 8, max_queue: int = 64, batching: bool | str = "auto", buckets=None,
+                 timeout: float | None = 600.0, max_videos: int = 16, grace: float = 30.0):
         if (model_dir is None) == (pipe is None):
             raise ValueError("give either model_dir or pipe")
         self.model_dir = model_dir
         self.backend, self.threads = backend, threads
-        self.max_batch, self.max_queue, self.batching = max_batch, max_queue, batching
+        self.max_batch, self.max_queue, self.batching, self.buckets = max_batch, max_queue, batching, buckets
         self.timeout, self.max_videos, self.grace = timeout, max_videos, grace
         self.metrics = Metrics(self)
         self.pipe = pipe
@@ -85,11 +85,14 @@ class Service:
                 from ..pipeline import Pipeline
 
                 self.pipe = Pipeline.from_dir(self.model_dir, backend=self.backend, threads=self.threads)
-            self.batcher = Batcher(self.pipe, max_batch=self.max_batch, max_queue=self.max_queue,
-                                   batching=self.batching, on_call=self.metrics.on_call,
-                                   on_step=self.metrics.on_step)
-            log.info("serving %s on %s (batching %s, max batch %d rows, queue %d)", self.pipe.model_dir,
-                     self.pipe.backend_name, "on" if self.batching else "off", self.max_batch, self.max_queue)
+            batcher = Batcher(self.pipe, max_batch=self.max_batch, max_queue=self.max_queue, batching=self.batching,
+                              buckets=self.buckets, on_call=self.metrics.on_call, on_step=self.metrics.on_step)
+            self.metrics.warmed(batcher)  # /readyz turns ready below, after the warm-up of the batch shapes
+            self.batching, self.batcher = batcher.batching, batcher
+            log.info("serving %s on %s (batching %s: %s; buckets %s; warm-up %.1f s; max batch %d rows, queue %d)",
+                     self.pipe.model_dir, self.pipe.backend_name, "on" if self.batching else "off",
+                     batcher.warmup.why, ",".join(map(str, batcher.buckets)), batcher.warmup.wall, self.max_batch,
+                     self.max_queue)
         except Exception as e:  # ManifestError, BackendUnavailable, ...: the process stays up, not ready
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("cannot load the model: %s", self.load_error)

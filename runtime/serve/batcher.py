@@ -8,20 +8,24 @@ and one worker thread that owns the denoiser. Each request is the pipeline's own
 ``Pipeline.__call__``); at every step boundary the worker
 
 1. drops the requests that were cancelled (their future's ``cancel()``) or ran past their deadline, and
-   admits queued ones while the rows fit in ``max_batch``;
-2. groups the active requests' pending ``StepRequest`` by graph: the plain denoiser (unguided requests, and
-   guided ones as two rows each, cond and null, when the model directory has no fused ``--cfg`` graph) or
-   the fused graph (one group per ``cond_scale``, which that graph takes as one scalar);
-3. makes one call per group on the concatenated rows (split into calls of at most ``max_batch`` rows), and
-   sends each machine its rows of the output (two-row guidance combined as ``null + (cond - null) * scale``,
-   ``guided``'s formula); a finished machine's video resolves its future, and it leaves.
+   admits queued ones while the rows fit in ``max_batch`` (a request never waits for a batch to fill: it
+   joins at the next boundary);
+2. stacks the active requests' pending ``StepRequest`` rows for the plain denoiser graph: a guided request
+   as two rows per video, cond and null (also where the model directory has a fused ``--cfg`` graph: so
+   guided, plain and frame-conditioned requests all share the same calls and the same few shapes);
+3. covers the rows with calls of fixed batch sizes, the buckets (``buckets.cover``: the bucket calls of
+   least measured cost), pads each call with copies of a real row, drops the padding rows' outputs, and
+   sends each machine its rows (guidance combined as ``null + (cond - null) * scale``, ``guided``'s
+   formula); a finished machine's video resolves its future, and it leaves.
 
-Rows count U-Net evaluations: a request of b videos is b rows, 2b with guidance (fused or not). With
-``batching=False`` the worker runs one request at a time through ``Pipeline.timed_denoiser``, exactly
-the calls of a solo ``Pipeline.__call__`` (the benchmark's baseline).
+Rows count U-Net evaluations: a request of b videos is b rows, 2b with guidance. Before the worker starts,
+the constructor warms each bucket's shape and times it (``buckets.warm_up``), which also decides
+``batching="auto"``. With batching off the worker runs one request at a time through
+``Pipeline.timed_denoiser``, exactly the calls of a solo ``Pipeline.__call__`` (fused guidance included).
 
 Per-request results equal a solo ``Pipeline.__call__`` with the same arguments to float32 round-off (the
-convolutions see another batch size): the tests measure it. Numpy only, never torch.
+convolutions see another batch size): the tests measure it. Every call is traced (:class:`CallTrace`: real
+and padding rows, seconds in the denoiser and in the batcher around it) for the metrics. Numpy only.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import numpy as np
 from ..conditioning import generation_inputs
 from ..pipeline import Pipeline, Prepared
 from ..samplers import StepRequest
+from .buckets import Warmup, batching_mode, bucket_sizes, cover, pad, warm_up
 
 log = logging.getLogger("vdeploy.runtime.serve")
 
@@ -82,6 +87,31 @@ class Job(Future):
         return done
 
 
+@dataclass(frozen=True)
+class CallTrace:
+    """One denoiser call, as the worker made it (``on_call``'s argument).
+
+    Attributes:
+        rows: real U-Net rows (requests' rows; guidance counts two a video).
+        padded: padding rows added to reach the bucket (0 with batching off).
+        denoise_s: seconds in the denoiser (the backend's run, its casts and copies).
+        batcher_s: the batcher's own seconds around it: its share (equal among the boundary's calls) of the
+            boundary's stacking, padding, splitting, guidance arithmetic and sampler updates.
+        shape_changed: the call's batch differs from the previous call's (a new shape for the backend).
+    """
+
+    rows: int
+    padded: int
+    denoise_s: float
+    batcher_s: float
+    shape_changed: bool
+
+    @property
+    def batch(self) -> int:
+        """The call's batch size: the bucket (rows + padding)."""
+        return self.rows + self.padded
+
+
 @dataclass
 class _Active:
     job: Job
@@ -95,29 +125,47 @@ class Batcher:
 
     Args:
         pipe: the loaded pipeline; the batcher's worker thread is the only caller of its denoiser.
-        max_batch: the most U-Net rows in one denoiser call, and the rows that may be active at once (a
-            larger single request runs alone).
+        max_batch: the most U-Net rows active at once, and the largest bucket (a larger single request runs
+            alone, over several calls).
         max_queue: requests waiting to join beyond those active; one more raises :class:`QueueFull`.
-        batching: False runs one request at a time, as a solo ``Pipeline.__call__`` would.
-        on_call: ``on_call(rows, seconds)`` after every denoiser call (metrics).
+        batching: ``"auto"`` (on where warm-up measures the cost per row falling with the batch), ``"on"``,
+            ``"off"`` (one request at a time, as a solo ``Pipeline.__call__`` would); True/False: on/off.
+        buckets: the batch sizes calls are padded to (``buckets.bucket_sizes``; default 1, 2, 4, ... up to
+            ``max_batch``). The backend sees no other batch size while batching is on.
+        warm: warm and time the buckets before the worker starts (False: no warm-up; ``auto`` then means
+            on, and every bucket is taken to cost its rows).
+        on_call: ``on_call(trace)`` with a :class:`CallTrace` after every step boundary, once per call of it.
         on_step: ``on_step(seconds, active)`` after every step boundary's calls (metrics).
+
+    Attributes:
+        batching: the decision, a bool; ``mode``: what was asked; ``buckets``: the sizes; ``warmup``: what
+            warm-up measured (``buckets.Warmup``: seconds per bucket, the decision's reason, its wall time).
     """
 
-    def __init__(self, pipe: Pipeline, *, max_batch: int = 8, max_queue: int = 64, batching: bool = True,
-                 on_call: Callable[[int, float], None] | None = None,
+    def __init__(self, pipe: Pipeline, *, max_batch: int = 8, max_queue: int = 64, batching: str | bool = "auto",
+                 buckets: str | tuple[int, ...] | None = None, warm: bool = True,
+                 on_call: Callable[[CallTrace], None] | None = None,
                  on_step: Callable[[float, int], None] | None = None):
-        if not isinstance(max_batch, int) or max_batch < 1:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if not isinstance(max_queue, int) or max_queue < 0:
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be a non-negative integer, got {max_queue!r}")
         self.pipe = pipe
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.batching = batching
+        self.mode = batching_mode(batching)
+        self.buckets = bucket_sizes(buckets, max_batch)
         self._on_call = on_call
         self._on_step = on_step
         self._plain = pipe.denoiser()
         self._null = pipe.null_cond
+        if warm:
+            self.warmup = warm_up(self._warm_call, self.buckets, self.mode)
+        else:
+            self.warmup = Warmup(self.mode != "off", {s: float(s) for s in self.buckets}, "not warmed")
+        self.batching = self.warmup.batching
+        self._plans: dict[int, list[int]] = {}
+        self._last_batch = 0
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
         self._active: list[_Active] = []
@@ -214,17 +262,19 @@ class Batcher:
             if not self._active:
                 continue
             start = time.perf_counter()
+            calls: list[tuple[int, int, float]] = []  # (rows, padding, denoiser seconds) of this boundary
             try:
                 if self.batching:
-                    self._batched_step()
+                    self._batched_step(calls)
                 else:
-                    self._solo_step(self._active[0])
+                    self._solo_step(self._active[0], calls)
             except Exception:  # a bug here must not kill the worker: fail the batch, keep serving
                 log.exception("batcher step failed")
                 for entry in self._active:
                     _fail(entry.job, RuntimeError("the denoiser step failed (see the server log)"))
             seconds = time.perf_counter() - start
             self._step_seconds = seconds
+            self._trace(calls, seconds)
             if self._on_step is not None:
                 self._on_step(seconds, len(self._active))
             self._active = [a for a in self._active if not a.job.done()]
@@ -281,62 +331,72 @@ class Batcher:
         self._queue.clear()
         self._active = []
 
-    def _solo_step(self, entry: _Active) -> None:
+    def _warm_call(self, rows: int) -> None:
+        """One call of the plain denoiser on ``rows`` rows of noise at a middle timestep (warm-up)."""
+        pipe = self.pipe
+        x = np.random.default_rng(0).standard_normal((rows, *pipe.shape), dtype=np.float32)
+        t = np.full((rows,), len(pipe.betas) // 2, dtype=np.int64)
+        cond = None
+        if pipe.cond_dim is not None:
+            null = self._null if self._null is not None else np.zeros(pipe.cond_dim, np.float32)
+            cond = np.broadcast_to(np.asarray(null, np.float32).reshape(1, -1), (rows, pipe.cond_dim))
+        self._plain(x, t, cond, **(generation_inputs(x) if pipe.frame_conditioned else {}))
+
+    def _solo_step(self, entry: _Active, calls: list) -> None:
         r = entry.request
         start = time.perf_counter()
         eps = entry.denoise(r.x, r.t, r.cond, **(r.inputs or {}))
-        self._called(entry.job.rows, time.perf_counter() - start)
+        calls.append((entry.job.rows, 0, time.perf_counter() - start))
         self._advance(entry, eps)
 
-    def _batched_step(self) -> None:
-        groups: dict = {}
-        for entry in self._active:
-            run = entry.job.run
-            key = ("fused", run.cond_scale) if run.guidance == "fused" else ("plain",)
-            groups.setdefault(key, []).append(entry)
-        for key, entries in groups.items():
-            chunk, rows = [], 0
-            for entry in entries:
-                if chunk and rows + entry.job.rows > self.max_batch:
-                    self._call(key, chunk)
-                    chunk, rows = [], 0
-                chunk.append(entry)
-                rows += entry.job.rows
-            if chunk:
-                self._call(key, chunk)
+    def _plan(self, rows: int) -> list[int]:
+        """The bucket sizes of the calls that hold ``rows`` rows (cached per row count)."""
+        plan = self._plans.get(rows)
+        if plan is None:
+            plan = self._plans[rows] = cover(rows, self.warmup.seconds)
+        return plan
 
-    def _call(self, key: tuple, entries: list[_Active]) -> None:
-        """One denoiser call over ``entries``' requests; each machine gets its rows."""
+    def _batched_step(self, calls: list) -> None:
+        """One boundary: every active request's rows stacked, run as bucket calls, handed back."""
+        entries = self._active
         xs, ts, conds, extras = [], [], [], []
         framed = any(entry.request.inputs for entry in entries)
         for entry in entries:
-            r, guidance = entry.request, entry.job.run.guidance
-            copies = 2 if guidance == "two-calls" else 1  # the null rows of guidance, after the cond rows
+            r = entry.request
+            copies = 1 if entry.job.run.guidance == "none" else 2  # the null rows of guidance, after the cond rows
             for copy in range(copies):
                 xs.append(r.x)
                 ts.append(r.t)
                 conds.append(r.cond if copy == 0 else np.broadcast_to(self._null, r.cond.shape))
                 if framed:  # a frame-conditioned model's inputs; zeros (generation) for rows without
                     extras.append(r.inputs or generation_inputs(r.x))
-        x = _cat(xs)
-        t = _cat(ts)
-        cond = None if conds[0] is None else _cat(conds)
-        inputs = {role: _cat([e[role] for e in extras]) for role in ("frames", "mask")} if framed else {}
-        denoise = self._plain if key[0] == "plain" else self.pipe.timed_denoiser(key[1])[0]
-        start = time.perf_counter()
+        feeds = {"x": _cat(xs), "t": _cat(ts)}
+        if conds[0] is not None:
+            feeds["cond"] = _cat(conds)
+        if framed:
+            feeds.update({role: _cat([e[role] for e in extras]) for role in ("frames", "mask")})
+        n = feeds["x"].shape[0]
+        outs, at = [], 0
         try:
-            eps = denoise(x, t, cond, **inputs)
+            for size in self._plan(n):
+                real = min(size, n - at)
+                part = {name: pad(value[at : at + real], size) for name, value in feeds.items()}
+                start = time.perf_counter()
+                eps = self._plain(part.pop("x"), part.pop("t"), part.pop("cond", None), **part)
+                calls.append((real, size - real, time.perf_counter() - start))
+                outs.append(eps[:real])
+                at += real
         except Exception as e:
-            log.exception("denoiser call of %d rows failed", x.shape[0])
+            log.exception("denoiser call of %d rows failed", n)
             for entry in entries:
                 entry.job.run.machine.close()
                 _fail(entry.job, RuntimeError(f"the denoiser failed: {e}"))
             return
-        self._called(sum(entry.job.rows for entry in entries), time.perf_counter() - start)
+        eps = _cat(outs)
         at = 0
         for entry in entries:
             b, run = entry.request.x.shape[0], entry.job.run
-            if run.guidance == "two-calls":
+            if run.guidance != "none":
                 cond_eps, null_eps = eps[at : at + b], eps[at + b : at + 2 * b]
                 out = null_eps + (cond_eps - null_eps) * run.cond_scale  # guided()'s formula, Python float scale
                 at += 2 * b
@@ -345,9 +405,16 @@ class Batcher:
                 at += b
             self._advance(entry, out)
 
-    def _called(self, rows: int, seconds: float) -> None:
-        if self._on_call is not None:
-            self._on_call(rows, seconds)
+    def _trace(self, calls: list[tuple[int, int, float]], seconds: float) -> None:
+        """``on_call`` for each call of a boundary that took ``seconds``; the rest of it is the batcher's."""
+        if not calls:
+            return
+        around = max(0.0, seconds - sum(c[2] for c in calls)) / len(calls)
+        for rows, padding, denoise_s in calls:
+            batch = rows + padding
+            changed, self._last_batch = batch != self._last_batch, batch
+            if self._on_call is not None:
+                self._on_call(CallTrace(rows, padding, denoise_s, around, changed))
 
     def _advance(self, entry: _Active, eps: np.ndarray) -> None:
         job = entry.job
