@@ -248,10 +248,14 @@ def _require_serve_extra(extra: str, *modules: str) -> None:
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="What runs the denoiser (as vdeploy sample --backend).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime CPU threads.  [default: physical cores]")
-@click.option("--batching/--no-batching", default=False, show_default=True,
-              help="Step-level batching across requests (off: one request at a time, each as vdeploy sample runs it; "
-                   "off is the default: on 2 CPU cores batching measured 0.5-1.1x the throughput, README "
-                   "'Serving'; try it on a GPU).")
+@click.option("--batching", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              is_flag=False, flag_value="on",
+              help="Step-level batching across requests; auto: on where warm-up measures the cost per row falling "
+                   "with the batch (a GPU), off where it is flat (a CPU); off: one request at a time, as vdeploy "
+                   "sample runs it. --batching alone: on.")
+@click.option("--buckets", default=None, metavar="SIZES",
+              help="Batch sizes every batched call is padded to, e.g. 1,2,4,8 (each warmed at start).  "
+                   "[default: 1,2,4,... up to --max-batch]")
 @click.option("--timeout", default=600.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Seconds a request may take, queue included (then 504).")
 @click.option("--grace", default=30.0, show_default=True, type=FiniteFloat(min=0),
@@ -263,8 +267,8 @@ def _require_serve_extra(extra: str, *modules: str) -> None:
               help="With --ray: replicas, each one pipeline and batcher.")
 @click.option("--quiet", is_flag=True, help="Warnings only in the log.")
 def serve_cmd(model_dir: Path, host: str, port: int, max_batch: int, max_queue: int, backend: str,
-              threads: int | None, batching: bool, timeout: float, grace: float, max_videos: int, use_ray: bool,
-              replicas: int, quiet: bool) -> None:
+              threads: int | None, batching: str, buckets: str | None, timeout: float, grace: float,
+              max_videos: int, use_ray: bool, replicas: int, quiet: bool) -> None:
     """Serve a model directory over HTTP: POST /v1/videos, /healthz, /readyz, /metrics.
 
     \b
@@ -280,8 +284,15 @@ def serve_cmd(model_dir: Path, host: str, port: int, max_batch: int, max_queue: 
     import logging
 
     logging.getLogger("vdeploy.runtime.serve").setLevel(logging.WARNING if quiet else logging.INFO)
+    if buckets is not None:
+        from vdeploy.runtime.serve.buckets import bucket_sizes
+
+        try:
+            buckets = ",".join(map(str, bucket_sizes(buckets, max_batch)))
+        except ValueError as e:
+            raise BadInput(f"--buckets: {e}") from None
     settings = dict(backend=backend, threads=threads, max_batch=max_batch, max_queue=max_queue, batching=batching,
-                    timeout=timeout, max_videos=max_videos, grace=grace)
+                    buckets=buckets, timeout=timeout, max_videos=max_videos, grace=grace)
     if use_ray:
         _require_serve_extra("ray", "ray")
         from vdeploy.runtime.serve.ray_app import run as ray_run

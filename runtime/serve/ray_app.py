@@ -22,7 +22,8 @@ import signal
 import threading
 from pathlib import Path
 
-SERVICE_KEYS = ("backend", "threads", "max_batch", "max_queue", "batching", "timeout", "max_videos", "grace")
+SERVICE_KEYS = ("backend", "threads", "max_batch", "max_queue", "batching", "buckets", "timeout", "max_videos",
+                "grace")
 
 
 def deployment(model_dir, *, replicas: int = 1, autoscaling_config: dict | None = None,
