@@ -1,19 +1,24 @@
-"""Load benchmark of ``vdeploy serve``: throughput, latency, errors and RSS at several concurrencies,
-step-level batching on vs off, in one run.
+"""Load benchmark of ``vdeploy serve``: throughput, latency, errors, RSS and the batcher's per-call trace at
+several concurrencies, step-level batching on vs off vs auto, in one run.
 
     python benchmarks/serve_load.py --json bench-out/serve.json --md bench-out/serve.md
     python benchmarks/serve_load.py --model demo/model --steps 25 --concurrency 1,2,4,8
-    python benchmarks/serve_load.py --backend cuda --max-batch 16          # on a GPU machine
+    python benchmarks/serve_load.py --backend cuda --quick --json gpu-out/serve.json --md gpu-out/serve.md
 
 Without ``--model`` it exports a random-weight model of ``--config`` (default ``small``: dim 32, mults
 1,2,4,8, 8 frames, 32 px) with ``vdeploy.export.export_unet`` (needs the [train,export] extras; the weights
-do not change the speed). For each mode it starts ``vdeploy serve`` as a subprocess on a free 127.0.0.1
-port (both at once: an idle server costs no CPU), warms each up at every concurrency level, then at each
-concurrency c keeps c clients busy until ``--requests`` x c requests are answered (stdlib ``http.client``,
-one thread per client), in ``--rounds`` rounds that alternate the modes, so load from other processes that
-drifts during the run hits both alike. Reported per (mode, c), the round with the best throughput (all
-rounds are in the JSON): videos/min, p50/p95 latency, errors (non-200 answers), the server's RSS (VmRSS
-after the level, and its peak VmHWM), and the mean rows per denoiser call from ``/metrics``.
+do not change the speed). For each mode it starts ``vdeploy serve --batching MODE`` as a subprocess on a
+free 127.0.0.1 port (all at once: an idle server costs no CPU; each warms its batch shapes before
+``/readyz`` answers 200), sends each a few requests at every concurrency level, then at each concurrency c
+keeps c clients busy until ``--requests`` x c requests are answered (stdlib ``http.client``, one thread per
+client), in ``--rounds`` rounds that alternate the order of the modes, so load from other processes that
+drifts during the run hits all alike. Reported per (mode, c), the round with the best throughput (all rounds
+are in the JSON): videos/min, p50/p95 latency, errors (non-200 answers), the server's RSS (VmRSS after the
+level, and its peak VmHWM), and from the difference of ``/metrics`` over the level: denoiser calls, mean
+real and padding rows per call, calls and mean seconds per call by batch size, shape changes per second,
+the batcher's own seconds, and the share of the level's wall time the denoiser was not running (at
+concurrency 1: the server's overhead per request: HTTP, parsing, sampler steps, encoding). ``--quick``
+is a short run (3 requests per client, 1 round) for a GPU, where the whole run takes a minute or two.
 """
 
 from __future__ import annotations
@@ -75,10 +80,48 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def metric(port: int, name: str) -> float:
-    text = get(port, "/metrics")[1].decode()
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else float("nan")
+def metrics(port: int) -> dict[str, float]:
+    """``/metrics`` as ``{'name{labels}': value}`` (Prometheus text format, comments dropped)."""
+    out = {}
+    for line in get(port, "/metrics")[1].decode().splitlines():
+        match = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
+        if match:
+            out[match.group(1)] = float(match.group(2))
+    return out
+
+
+def by_batch(snapshot: dict[str, float], name: str) -> dict[int, float]:
+    """``name{batch="8"}`` samples as ``{8: value}``."""
+    out = {}
+    for key, value in snapshot.items():
+        match = re.fullmatch(rf'{re.escape(name)}\{{batch="(\d+)"\}}', key)
+        if match:
+            out[int(match.group(1))] = value
+    return out
+
+
+def trace(before: dict, after: dict, wall: float) -> dict:
+    """The batcher's per-call trace over a level, from two ``/metrics`` snapshots."""
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    calls = delta("vdeploy_batch_rows_count")
+    counts = {b: n - by_batch(before, "vdeploy_denoiser_call_seconds_count").get(b, 0)
+              for b, n in by_batch(after, "vdeploy_denoiser_call_seconds_count").items()}
+    sums = {b: s - by_batch(before, "vdeploy_denoiser_call_seconds_sum").get(b, 0)
+            for b, s in by_batch(after, "vdeploy_denoiser_call_seconds_sum").items()}
+    denoiser = sum(sums.values())
+    return {
+        "calls": int(calls),
+        "rows_per_call": round(delta("vdeploy_batch_rows_sum") / calls, 2) if calls else None,
+        "padded_per_call": round(delta("vdeploy_batch_padded_rows_sum") / calls, 2) if calls else None,
+        "calls_by_batch": {b: int(n) for b, n in sorted(counts.items()) if n},
+        "ms_per_call_by_batch": {b: round(1e3 * sums[b] / n, 1) for b, n in sorted(counts.items()) if n},
+        "shape_changes_per_s": round(delta("vdeploy_shape_changes_total") / wall, 2),
+        "denoiser_s": round(denoiser, 3),
+        "batcher_s": round(delta("vdeploy_batcher_seconds_sum"), 3),
+        "not_in_denoiser": round(1 - denoiser / wall, 4),
+    }
 
 
 def rss_mib(pid: int) -> tuple[float, float]:
@@ -103,21 +146,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, model: Path, batching: bool, log) -> tuple[subprocess.Popen, int]:
+def start_server(args, model: Path, mode: str, log) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "vdeploy.cli", "serve", "--model", str(model), "--port", str(port),
            "--backend", args.backend, "--max-batch", str(args.max_batch), "--max-queue", str(max(args.levels) * 2),
-           "--batching" if batching else "--no-batching", "--quiet"]
+           "--batching", mode, "--quiet"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.buckets:
+        cmd += ["--buckets", args.buckets]
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    end = time.monotonic() + 300
+    end = time.monotonic() + 600
     while get(port, "/readyz")[0] != 200:
         if server.poll() is not None or time.monotonic() > end:
             server.kill()
             raise SystemExit(f"vdeploy serve did not become ready (exit {server.poll()}); see the log")
         time.sleep(0.2)
     return server, port
+
+
+def warmup_report(port: int, started: float) -> dict:
+    """What the server's warm-up measured and decided (its gauges), and seconds from start to ready."""
+    snapshot = metrics(port)
+    return {"batching": bool(snapshot.get("vdeploy_batching")), "warmup_s": round(snapshot.get("vdeploy_warmup_seconds", 0), 2),
+            "ready_after_s": round(time.monotonic() - started, 1),
+            "ms_per_row_by_batch": {b: round(1e3 * v, 1) for b, v in sorted(by_batch(snapshot, "vdeploy_warmup_row_seconds").items())}}
 
 
 def fire(port: int, body: dict, clients: int, total: int) -> tuple[list[float], int, float]:
@@ -144,86 +197,128 @@ def fire(port: int, body: dict, clients: int, total: int) -> tuple[list[float], 
     return latencies, errors, time.perf_counter() - start
 
 
-def measure(args, server, port: int, batching: bool, c: int, round_: int) -> dict:
+def measure(args, server, port: int, mode: str, c: int, round_: int) -> dict:
     body = {"steps": args.steps, "sampler": args.sampler, "format": "npy"}
-    calls0, rows0 = metric(port, "vdeploy_batch_rows_count"), metric(port, "vdeploy_batch_rows_sum")
+    if args.cond_scale is not None:
+        body["cond_scale"] = args.cond_scale
+    before = metrics(port)
     latencies, errors, wall = fire(port, body, c, args.requests * c)
-    calls = metric(port, "vdeploy_batch_rows_count") - calls0
+    after = metrics(port)
     rss, peak = rss_mib(server.pid)
     row = {
-        "batching": batching, "concurrency": c, "round": round_, "requests": args.requests * c,
+        "mode": mode, "concurrency": c, "round": round_, "requests": args.requests * c,
         "ok": len(latencies), "errors": errors, "seconds": round(wall, 2),
         "videos_per_min": round(60 * len(latencies) / wall, 1),
         "p50_s": round(percentile(latencies, 0.5), 3) if latencies else None,
         "p95_s": round(percentile(latencies, 0.95), 3) if latencies else None,
-        "rows_per_call": round((metric(port, "vdeploy_batch_rows_sum") - rows0) / calls, 2) if calls else None,
+        **trace(before, after, wall),
         "rss_mib": round(rss), "peak_rss_mib": round(peak),
     }
-    print(f"round {round_} batching {'on ' if batching else 'off'} c={c}: {row['videos_per_min']} videos/min, "
-          f"p50 {row['p50_s']} s, p95 {row['p95_s']} s, errors {errors}, rows/call {row['rows_per_call']}, "
+    print(f"round {round_} {mode:>4} c={c}: {row['videos_per_min']} videos/min, p50 {row['p50_s']} s, "
+          f"p95 {row['p95_s']} s, errors {errors}, rows/call {row['rows_per_call']} (+{row['padded_per_call']} "
+          f"padding), calls {row['calls_by_batch']}, not in denoiser {100 * row['not_in_denoiser']:.1f}%, "
           f"RSS {row['rss_mib']} MiB", file=sys.stderr, flush=True)
     return row
 
 
-def run(args, model: Path, log) -> list[dict]:
-    """Both servers up at once (an idle one costs no CPU); every level measured in rounds that alternate the
-    modes (on, off, off, on, ...), so a load that drifts on a shared machine hits both alike."""
-    modes = [mode == "on" for mode in args.modes.split(",")]
-    servers = {}
+def run(args, model: Path, log) -> tuple[list[dict], dict]:
+    """Every mode's server up at once (an idle one costs no CPU); every level measured in rounds that rotate
+    the order of the modes, so a load that drifts on a shared machine hits all alike."""
+    modes = args.modes.split(",")
+    servers, warmups = {}, {}
     try:
-        for batching in modes:
-            servers[batching] = start_server(args, model, batching, log)
+        for mode in modes:
+            started = time.monotonic()
+            servers[mode] = start_server(args, model, mode, log)
+            warmups[mode] = warmup_report(servers[mode][1], started)
+            print(f"server {mode}: {warmups[mode]}", file=sys.stderr, flush=True)
         warm = {"steps": args.steps, "sampler": args.sampler, "format": "npy", "seed": 0}
-        for batching, (_, port) in servers.items():  # every batch size the levels will see (graph caches, arenas)
+        for mode, (_, port) in servers.items():  # the HTTP path and each level's batch sizes once
             for c in args.levels:
                 fire(port, warm, c, c)
         rows = []
         for c in args.levels:
             for round_ in range(args.rounds):
-                for batching in (modes if round_ % 2 == 0 else modes[::-1]):
-                    server, port = servers[batching]
-                    rows.append(measure(args, server, port, batching, c, round_))
-        return rows
+                shift = round_ % len(modes)
+                order = modes[shift:] + modes[:shift]
+                for mode in (order if round_ % 2 == 0 else order[::-1]):
+                    server, port = servers[mode]
+                    rows.append(measure(args, server, port, mode, c, round_))
+        return rows, warmups
     finally:
-        for batching, (server, _) in servers.items():
+        for mode, (server, _) in servers.items():
             server.terminate()
             try:
                 code = server.wait(60)
             except subprocess.TimeoutExpired:
                 server.kill()
                 code = "killed"
-            print(f"vdeploy serve (batching {'on' if batching else 'off'}) exited {code} after SIGTERM", file=sys.stderr)
+            print(f"vdeploy serve (batching {mode}) exited {code} after SIGTERM", file=sys.stderr)
 
 
 def best_rounds(rows: list[dict]) -> list[dict]:
     """Per (mode, concurrency) the round with the highest throughput (the least disturbed by other load)."""
     best = {}
     for row in rows:
-        key = (row["batching"], row["concurrency"])
+        key = (row["mode"], row["concurrency"])
         if key not in best or row["videos_per_min"] > best[key]["videos_per_min"]:
             best[key] = row
-    return [best[k] for k in sorted(best, key=lambda k: (not k[0], k[1]))]
+    return [best[k] for k in sorted(best, key=lambda k: (k[0], k[1]))]
+
+
+def comparison(rows: list[dict], best: list[dict]) -> list[dict]:
+    """Per concurrency: throughput of each mode (best round), auto against the better of on/off, both from
+    the best rounds and as the median over rounds of the per-round ratio (rounds interleave the modes)."""
+    out = []
+    for c in sorted({r["concurrency"] for r in best}):
+        entry = {"concurrency": c, **{r["mode"]: r["videos_per_min"] for r in best if r["concurrency"] == c}}
+        if all(m in entry for m in ("on", "off", "auto")):
+            entry["auto_vs_best"] = round(entry["auto"] / max(entry["on"], entry["off"]), 3)
+            per_round = {}
+            for r in rows:
+                if r["concurrency"] == c:
+                    per_round.setdefault(r["round"], {})[r["mode"]] = r["videos_per_min"]
+            ratios = sorted(v["auto"] / max(v["on"], v["off"]) for v in per_round.values()
+                            if {"on", "off", "auto"} <= set(v) and max(v["on"], v["off"]) > 0)
+            if ratios:
+                entry["auto_vs_best_median_round"] = round(ratios[len(ratios) // 2], 3)
+        if "on" in entry and "off" in entry and entry["off"]:
+            entry["on_vs_off"] = round(entry["on"] / entry["off"], 3)
+        out.append(entry)
+    return out
 
 
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
         f"`vdeploy serve` load, {report['date']}, {report['machine']}: model {s['model']} ({s['config']}), "
-        f"{s['sampler']} {s['steps']} steps a request, backend {s['backend']}, max batch {s['max_batch']} rows, "
-        f"{s['requests']} x c requests per level; best of {s['rounds']} alternating rounds.",
+        f"{s['sampler']} {s['steps']} steps a request{', cond_scale ' + str(s['cond_scale']) if s['cond_scale'] else ''}, "
+        f"backend {s['backend']}, max batch {s['max_batch']} rows, buckets {s['buckets'] or 'default'}, "
+        f"{s['requests']} x c requests per level; best of {s['rounds']} interleaved rounds.",
         "",
-        "| batching | concurrency | videos/min | p50 s | p95 s | errors | rows/call | RSS MiB (peak) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "Warm-up (each server before /readyz): " + "; ".join(
+            f"{m}: batching {'on' if w['batching'] else 'off'}, {w['warmup_s']} s, ms/row by batch "
+            f"{w['ms_per_row_by_batch']}" for m, w in report["warmup"].items()) + ".",
+        "",
+    ]
+    if any("auto_vs_best" in e for e in report["comparison"]):
+        lines += ["| concurrency | on videos/min | off | auto | auto / better of on, off (median round) | on / off |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for e in report["comparison"]:
+            lines.append(f"| {e['concurrency']} | {e.get('on')} | {e.get('off')} | {e.get('auto')} | "
+                         f"{e.get('auto_vs_best')} ({e.get('auto_vs_best_median_round')}) | {e.get('on_vs_off')} |")
+        lines.append("")
+    lines += [
+        "| batching | c | videos/min | p50 s | p95 s | errors | rows/call | padding/call | calls by batch | "
+        "ms/call by batch | shape changes/s | not in denoiser | RSS MiB (peak) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |",
     ]
     for r in report["best"]:
-        lines.append(f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['videos_per_min']} | {r['p50_s']} | "
-                     f"{r['p95_s']} | {r['errors']} | {r['rows_per_call']} | {r['rss_mib']} ({r['peak_rss_mib']}) |")
-    on = {r["concurrency"]: r for r in report["best"] if r["batching"]}
-    off = {r["concurrency"]: r for r in report["best"] if not r["batching"]}
-    ratios = [f"c={c}: {on[c]['videos_per_min'] / off[c]['videos_per_min']:.2f}x"
-              for c in sorted(on) if c in off and off[c]["videos_per_min"]]
-    if ratios:
-        lines += ["", "Throughput, batching on / off: " + ", ".join(ratios) + "."]
+        calls = " ".join(f"{b}:{n}" for b, n in r["calls_by_batch"].items())
+        ms = " ".join(f"{b}:{v}" for b, v in r["ms_per_call_by_batch"].items())
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['videos_per_min']} | {r['p50_s']} | {r['p95_s']} | "
+                     f"{r['errors']} | {r['rows_per_call']} | {r['padded_per_call']} | {calls} | {ms} | "
+                     f"{r['shape_changes_per_s']} | {100 * r['not_in_denoiser']:.1f}% | {r['rss_mib']} ({r['peak_rss_mib']}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,17 +329,29 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="small", help="preset of the random model (default: small)")
     parser.add_argument("--steps", type=int, default=4, help="denoiser steps a request (default: 4)")
     parser.add_argument("--sampler", default="dpmpp")
+    parser.add_argument("--cond-scale", type=float, default=None,
+                        help="guidance scale of every request (a conditioned --model; guided rows count two)")
     parser.add_argument("--concurrency", default="1,2,4,8", help="client counts (default: 1,2,4,8)")
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level (default: 2)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per level, modes alternating (default: 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per level, mode order rotating (default: 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run (a GPU in a minute or two): --requests 3 --rounds 1 unless given")
     parser.add_argument("--backend", default="cpu", help="vdeploy serve --backend (default: cpu, onnxruntime)")
     parser.add_argument("--threads", type=int, default=None, help="vdeploy serve --threads")
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--modes", default="on,off", help="batching modes to run: on,off (default both)")
+    parser.add_argument("--buckets", default=None, help="vdeploy serve --buckets (default: the server's)")
+    parser.add_argument("--modes", default="on,off,auto", help="batching modes to run (default: on,off,auto)")
     parser.add_argument("--json", type=Path, help="write the report as JSON")
     parser.add_argument("--md", type=Path, help="write the markdown table")
     args = parser.parse_args(argv)
+    if args.quick:
+        given = set(argv if argv is not None else sys.argv[1:])
+        args.requests = args.requests if "--requests" in given else 3
+        args.rounds = args.rounds if "--rounds" in given else 1
     args.levels = [int(c) for c in args.concurrency.split(",")]
+    for mode in args.modes.split(","):
+        if mode not in ("on", "off", "auto"):
+            parser.error(f"--modes: {mode!r} is not one of on, off, auto")
     for path in (args.json, args.md):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,19 +362,22 @@ def main(argv=None) -> int:
             model = export_random_model(args.config, Path(tmp) / "model")
         log_path = Path(tmp) / "serve.log"
         with open(log_path, "w") as log:
-            rows = run(args, model, log)
+            rows, warmups = run(args, model, log)
         server_log = log_path.read_text()
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "settings": {"model": str(args.model or f"random {args.config}"), "config": args.config, "steps": args.steps,
-                     "sampler": args.sampler, "backend": args.backend, "max_batch": args.max_batch,
-                     "requests": args.requests, "rounds": args.rounds},
+                     "sampler": args.sampler, "cond_scale": args.cond_scale, "backend": args.backend,
+                     "max_batch": args.max_batch, "buckets": args.buckets, "requests": args.requests,
+                     "rounds": args.rounds},
+        "warmup": warmups,
         "best": best_rounds(rows),
         "rows": rows,
         "server_log_tail": server_log[-2000:],
     }
+    report["comparison"] = comparison(rows, report["best"])
     table = markdown(report)
     print(table)
     if args.json:

@@ -164,3 +164,16 @@ def test_service_is_ready_after_warm_up_and_exports_the_call_trace(fused):
             assert line in text, line
     finally:
         service.close()
+
+
+def test_cli_refuses_bad_buckets_in_one_line(tmp_path):
+    pytest.importorskip("starlette", reason="the serving extra is not installed: pip install 'vdeploy[serve]'")
+    from click.testing import CliRunner
+
+    from vdeploy.cli import main
+
+    for args, message in ((["--buckets", "1,16"], "Error: --buckets: bucket 16 is not a batch size from 1 to max batch 8"),
+                          (["--buckets", "2", "--max-batch", "1"], "bucket 2 is not a batch size from 1 to max batch 1"),
+                          (["--batching", "maybe"], "'maybe' is not one of 'auto', 'on', 'off'")):
+        result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path), *args])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output

@@ -68,6 +68,6 @@ def test_build_app_reads_key_value_arguments():
         build_app({})
     with pytest.raises(ValueError, match="unknown service setting colour"):
         build_app({"model_dir": "m", "colour": "red"})
-    app = build_app({"model_dir": "m", "replicas": "3", "max_batch": "4", "batching": "false",
+    app = build_app({"model_dir": "m", "replicas": "3", "max_batch": "4", "batching": "auto", "buckets": "1,2,4",
                      "autoscaling_config": '{"min_replicas": 1, "max_replicas": 4}'})
     assert type(app).__name__ == "Application"
