@@ -280,7 +280,7 @@ def run_conditioned_parity(
     options: dict | None = None,
     conditioning: str = "auto",
 ) -> dict:
-    """Frame-conditioned sampling (``vdeploy.runtime.conditioning``) in PyTorch and in the runtime, same noise.
+    """Frame-conditioned sampling (``vdeploy.runtime.frame_conditioning``) in PyTorch and in the runtime, same noise.
 
     The first ``known`` frames are given (seeded uniform frames in [0, 1]). The torch side: for ``ddpm`` over
     every training step, the seed's own functions, ``GaussianDiffusion.q_sample`` for the replacement and
@@ -299,7 +299,7 @@ def run_conditioned_parity(
     import torch
 
     from vdeploy.runtime import Pipeline
-    from vdeploy.runtime.conditioning import conditioned_steps, known_frames
+    from vdeploy.runtime.frame_conditioning import conditioned_steps, known_frames
     from vdeploy.runtime.manifest import ManifestError
     from vdeploy.runtime.samplers import drive, sampler_kwargs, sampler_spec
 
@@ -369,7 +369,7 @@ def run_conditioned_parity(
         "conditioning": run.conditioning,
         "calls": len(runtime_eps), "torch_calls": len(torch_eps),
         "torch_reference": "GaussianDiffusion.q_sample/p_sample (the seed's), RePaint jump in torch" if full_ddpm
-        else f"vdeploy.runtime.conditioning around {sampler} and Unet3D.forward_with_cond_scale",
+        else f"vdeploy.runtime.frame_conditioning around {sampler} and Unet3D.forward_with_cond_scale",
         "per_call_max_abs_err": per_call, "max_per_call_abs_err": worst, "final_max_abs_err": final,
         "known_frames_max_abs_err": kept, "atol": atol,
         "passed": len(torch_eps) == len(runtime_eps) and worst <= atol and final <= atol,
@@ -384,7 +384,7 @@ def _record(calls: list, eps):
 def _torch_conditioned_ddpm(unet, config: dict, shape, cond, cond_scale, noise, x0_known, mask, resample: int,
                             known_noise, record: list, trained: bool = False) -> np.ndarray:
     """The seed's ancestral loop with replacement and RePaint resampling, in torch, from explicit noise (the
-    draw order of ``vdeploy.runtime.conditioning``); ``trained``: the U-Net also gets the known frames and the
+    draw order of ``vdeploy.runtime.frame_conditioning``); ``trained``: the U-Net also gets the known frames and the
     mask on every call (a model trained with frame conditioning)."""
     import torch
 

@@ -15,7 +15,7 @@ from . import manifest as manifest_lib
 from .backends import (BACKENDS, BackendOptions, BackendUnavailable, auto_order, backend_spec, graph_for, open_graph,
                        precision_refused)
 from .manifest import Manifest, ManifestError
-from .conditioning import conditioned_steps, frame_feeds, known_frames
+from .frame_conditioning import conditioned_steps, frame_feeds, known_frames
 from .model_files import check_external_data_files, null_embedding, schedule_betas
 from .samplers import Machine, drive, guided, sampler_kwargs, sampler_spec
 
@@ -318,7 +318,7 @@ class Pipeline:
             frames: known frames in [0, 1], ``(c, k, h, w)`` or ``(b, c, k, h, w)`` (a b-row array samples b):
                 the first ``k < f`` frames of every video (image-to-video, continuation), or a full video with
                 ``known_mask`` (interpolation, in-filling). Every sampler replaces the known frames by their
-                forward-diffused version before each denoiser call (``vdeploy.runtime.conditioning``); a
+                forward-diffused version before each denoiser call (``vdeploy.runtime.frame_conditioning``); a
                 model trained with frame conditioning also gets them as inputs. The output's known frames are
                 the given ones. Longer videos: ``extend``.
             known_mask: booleans ``(f,)`` or ``(b, f)``: which frames of a full-length ``frames`` are known.

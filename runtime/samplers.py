@@ -3,7 +3,7 @@
 The contract: ``eps = denoise(x, t, cond)`` with ``x`` float32 ``(b, c, f, h, w)``, ``t`` int64 ``(b,)``
 (training timesteps, also for respaced samplers), ``cond`` float32 ``(b, D)`` or None; ``eps`` the
 predicted noise, shaped like ``x``. A model trained with frame conditioning takes two more per-row inputs by
-keyword, ``denoise(x, t, cond, frames=..., mask=...)`` (``vdeploy.runtime.conditioning.conditioned_steps``
+keyword, ``denoise(x, t, cond, frames=..., mask=...)`` (``vdeploy.runtime.frame_conditioning.conditioned_steps``
 with ``trained=True``); a denoiser called without them samples plain generation. Every sampler returns the
 final x0 estimate (in [-1, 1] when the denoised prediction is clipped) as float32.
 
@@ -37,132 +37,87 @@ a view into a batched output), so requests and callback arrays stay valid after 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .schedule import respace, respaced_betas, seed_buffers
+from .schedule import SPACINGS, respace, respaced_betas, seed_buffers
+from .steps import (Denoise, Machine, StepRequest, check_order, clip_x0, drive, guided, noise_source, start,  # noqa: F401
+                    step_loop, to_eps_x0)
+from .unipc_multistep import VARIANTS, unipc, unipc_steps
 
-Denoise = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
-
-
-@dataclass(frozen=True)
-class StepRequest:
-    """One denoiser evaluation a step machine asks for: ``eps = denoise(x, t, cond)``.
-
-    Attributes:
-        x: float32 ``(b, c, f, h, w)``, the sample at this step (the machine never writes into it).
-        t: int64 ``(b,)``, the training timestep of every row.
-        cond: float32 ``(b, D)``, or None for an unconditional run.
-        i: the step index, 0 to steps - 1.
-        inputs: None, or the per-row inputs of a frame-conditioned graph by role: ``{"frames": float32
-            (b, c, f, h, w) in [-1, 1], "mask": float32 (b, f), 1 = known}``, passed as keywords to the denoiser.
-    """
-
-    x: np.ndarray
-    t: np.ndarray
-    cond: np.ndarray | None
-    i: int
-    inputs: Mapping[str, np.ndarray] | None = None
+f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
 
 
-Machine = Generator[StepRequest, np.ndarray, np.ndarray]
+# ------------------------------------------------- the single steps ----
+# One step of each single-step sampler as plain arithmetic on arrays, given its float32 coefficients: the step
+# machines index their precomputed tables into it, and the RePaint redo (``frame_conditioning``) calls it
+# between any two training levels with ``level_coefficients``.
 
 
-def drive(machine: Machine, denoise: Denoise) -> np.ndarray:
-    """Run a step machine to its end, one ``denoise`` call per request; returns its final x0."""
-    send, eps = machine.send, None
-    while True:
-        try:
-            request = send(eps)
-        except StopIteration as done:
-            return done.value
-        eps = denoise(request.x, request.t, request.cond, **(request.inputs or {}))
+def ddpm_step(x, output, c: Mapping, z, *, clip_denoised=True, dynamic_thres_percentile=None,
+              prediction_type="eps"):
+    """Ancestral DDPM: ``x_s ~ q(x_s | x_t, x0) = N(coef1 x0 + coef2 x_t, std^2)`` (Ho et al. 2020); ``z`` None:
+    the mean (t = 0). ``c``: ``recip``, ``recipm1``, ``coef1``, ``coef2``, ``std``. Returns ``(x_s, x0, eps)``."""
+    eps, x0 = to_eps_x0(output, x, c["recip"], c["recipm1"], prediction_type)
+    if clip_denoised:
+        clip_x0(x0, dynamic_thres_percentile)
+    mean = c["coef1"] * x0 + c["coef2"] * x
+    return (mean + c["std"] * z if z is not None else mean), x0, eps
 
 
-def _machine(x: np.ndarray, cond, timesteps: np.ndarray, update, callback) -> Machine:
-    """The step loop every sampler shares: one request per timestep, then ``x, x0, eps = update(i, x, eps)``."""
-    b = x.shape[0]
-    for i, t in enumerate(timesteps):
-        eps = np.asarray((yield StepRequest(x, np.full((b,), t, dtype=np.int64), cond, i)), dtype=np.float32)
-        if eps.shape != x.shape:
-            raise ValueError(f"step {i}: eps has shape {eps.shape}, expected {x.shape} (the request's x)")
-        x, x0, eps = update(i, x, eps)
-        if callback is not None:
-            callback({"i": i, "t": int(t), "x": x, "x0": x0, "eps": eps})
-    return x
+def ddim_step(x, output, c: Mapping, z, *, clip_denoised=True, dynamic_thres_percentile=None,
+              prediction_type="eps"):
+    """DDIM (Song et al. 2021, eq. 12); a clipped x0 re-derives eps; ``z`` None: no noise (eta = 0). ``c``:
+    ``recip``, ``recipm1``, ``eps_from_x``, ``eps_from_x0``, ``sqrt_a_prev``, ``dir_coef``, ``sigma``."""
+    # "predicted x0" = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
+    eps, x0 = to_eps_x0(output, x, c["recip"], c["recipm1"], prediction_type)
+    if clip_denoised:
+        clip_x0(x0, dynamic_thres_percentile)
+        eps = c["eps_from_x"] * x - c["eps_from_x0"] * x0
+    # x_{t-1} = sqrt(alpha_{t-1}) x0 + sqrt(1 - alpha_{t-1} - sigma_t^2) eps + sigma_t z
+    x = c["sqrt_a_prev"] * x0 + c["dir_coef"] * eps
+    if z is not None:
+        x += c["sigma"] * z  # x is this step's new array
+    return x, x0, eps
 
 
-def guided(denoise: Denoise, null_cond: np.ndarray, cond_scale: float) -> Denoise:
-    """Classifier-free guidance (Ho & Salimans 2022) as a denoiser, exactly upstream's ``forward_with_cond_scale``.
-
-    Two calls: with ``cond`` and with the learned null embedding, combined as
-    ``null + (cond - null) * cond_scale``. At ``cond_scale == 1`` it is the conditional call alone.
-    """
-    null_cond = np.asarray(null_cond, dtype=np.float32).reshape(1, -1)
-    cond_scale = float(cond_scale)  # a Python float keeps float32 arithmetic float32
-    if cond_scale == 1:
-        return denoise
-
-    def guided_denoise(x, t, cond, **inputs):
-        if cond is None:
-            raise ValueError("classifier-free guidance needs a cond")
-        eps = denoise(x, t, cond, **inputs)
-        null = denoise(x, t, np.broadcast_to(null_cond, cond.shape), **inputs)  # the same known frames
-        return null + (eps - null) * cond_scale
-
-    return guided_denoise
+def _ddpm_coefficients(a_t, a_s) -> dict:
+    """ddpm's step coefficients from level ``abar_t`` to ``abar_s`` (float64 in, float32 out; the respaced
+    chain's posterior, whose beta is ``1 - abar_t / abar_s``)."""
+    beta = 1 - a_t / a_s
+    return {"recip": f32(np.sqrt(1 / a_t)), "recipm1": f32(np.sqrt(1 / a_t - 1)),
+            "coef1": f32(beta * np.sqrt(a_s) / (1 - a_t)), "coef2": f32((1 - a_s) * np.sqrt(1 - beta) / (1 - a_t)),
+            "std": f32(np.sqrt(beta * (1 - a_s) / (1 - a_t)))}
 
 
-def clip_x0(x0: np.ndarray, dynamic_thres_percentile: float | None = None) -> np.ndarray:
-    """The seed's ``clip_denoised``: clamp to [-1, 1], or its dynamic thresholding (Saharia et al. 2022).
-
-    Dynamic: ``s`` = the percentile of ``|x0|`` per sample (``np.quantile`` linear, as ``torch.quantile``),
-    at least 1; ``x0`` is clamped to ``[-s, s]`` and divided by ``s``. Works in place on ``x0``.
-    """
-    if dynamic_thres_percentile is None:
-        return np.clip(x0, -1.0, 1.0, out=x0)
-    b = x0.shape[0]
-    s = np.quantile(np.abs(x0).reshape(b, -1), dynamic_thres_percentile, axis=-1)
-    s = np.maximum(s, 1.0).astype(x0.dtype).reshape(b, *(1,) * (x0.ndim - 1))
-    np.clip(x0, -s, s, out=x0)
-    x0 /= s
-    return x0
+def _ddim_coefficients(a_t, a_prev, eta) -> dict:
+    """ddim's step coefficients from ``abar_t`` to ``abar_prev`` (paper notation: alpha_t is the cumulative
+    product, sigma_t its eq. 16); float64 in, float32 out."""
+    sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    return {"recip": f32(np.sqrt(1 / a_t)), "recipm1": f32(np.sqrt(1 / a_t - 1)),
+            "eps_from_x": f32(1 / np.sqrt(1 - a_t)), "eps_from_x0": f32(np.sqrt(a_t / (1 - a_t))),
+            "sqrt_a_prev": f32(np.sqrt(a_prev)), "sigma": f32(sigma),
+            "dir_coef": f32(np.sqrt(np.maximum(1 - a_prev - sigma**2, 0)))}  # eta > 1 would make it negative
 
 
-def _noise_source(noise: Iterable[np.ndarray] | None, rng: np.random.Generator | None, shape, what: str):
-    """A function returning the next per-step noise array: from ``noise`` if given, else from ``rng``."""
-    if noise is not None:
-        it = iter(noise)
-
-        def draw(i):
-            try:
-                z = next(it)
-            except StopIteration:
-                raise ValueError(f"{what}: `noise` ran out at step {i}; it needs one array per step") from None
-            z = np.asarray(z, dtype=np.float32)
-            if z.shape != shape:
-                raise ValueError(f"{what}: noise for step {i} has shape {z.shape}, expected {shape}")
-            return z
-
-        return draw
-    rng = rng if rng is not None else np.random.default_rng()
-    return lambda i: rng.standard_normal(shape, dtype=np.float32)
+def ddpm_level_step(x, output, a_t, a_s, draw, *, clip_denoised=True, dynamic_thres_percentile=None,
+                    prediction_type="eps", **_):
+    """``ddpm_step`` from training level ``abar_t`` to ``abar_s`` (per-row float64 arrays), noise from ``draw()``."""
+    return ddpm_step(x, output, _ddpm_coefficients(a_t, a_s), draw(), clip_denoised=clip_denoised,
+                     dynamic_thres_percentile=dynamic_thres_percentile, prediction_type=prediction_type)[0]
 
 
-def _start(x: np.ndarray, betas: np.ndarray, cond):
-    x = np.asarray(x, dtype=np.float32)  # no copy: nothing writes into x (the caller's noise stays untouched)
-    if x.ndim != 5:
-        raise ValueError(f"x must be (b, c, f, h, w), got shape {x.shape}")
-    if cond is not None:
-        cond = np.asarray(cond, dtype=np.float32)
-    return x, np.asarray(betas, dtype=np.float64), cond
+def ddim_level_step(x, output, a_t, a_s, draw, *, eta=0.0, clip_denoised=True, dynamic_thres_percentile=None,
+                    prediction_type="eps", **_):
+    """``ddim_step`` from training level ``abar_t`` to ``abar_s``; noise from ``draw()`` when ``eta > 0``."""
+    return ddim_step(x, output, _ddim_coefficients(a_t, a_s, eta), draw() if eta > 0 else None,
+                     clip_denoised=clip_denoised, dynamic_thres_percentile=dynamic_thres_percentile,
+                     prediction_type=prediction_type)[0]
 
 
-def _check_order(order) -> None:
-    if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+# ------------------------------------------------- the step machines ----
 
 
 def ddpm_steps(
@@ -176,10 +131,11 @@ def ddpm_steps(
     rng: np.random.Generator | None = None,
     clip_denoised: bool = True,
     dynamic_thres_percentile: float | None = None,
+    prediction_type: str = "eps",
     callback: Callable[[dict], None] | None = None,
 ) -> Machine:
     """``ddpm`` as a step machine (see the module docstring)."""
-    x, betas, cond = _start(x, betas, cond)
+    x, betas, cond = start(x, betas, cond)
     T = len(betas)
     if steps is None or steps == T:
         timesteps = np.arange(T - 1, -1, -1, dtype=np.int64)
@@ -187,24 +143,21 @@ def ddpm_steps(
         timesteps = respace(T, steps, spacing, betas=betas)
         betas = respaced_betas(betas, timesteps)
     tab = seed_buffers(betas)
-    # q(x_{t-1} | x_t, x0) = N(coef1 * x0 + coef2 * x_t, exp(logvar)); x0 = sqrt(1/a_t) x_t - sqrt(1/a_t - 1) eps
-    recip, recipm1 = tab["sqrt_recip_alphas_cumprod"], tab["sqrt_recipm1_alphas_cumprod"]
-    coef1, coef2 = tab["posterior_mean_coef1"], tab["posterior_mean_coef2"]
-    std = np.exp(np.float32(0.5) * tab["posterior_log_variance_clipped"])
-    draw = _noise_source(noise, rng, x.shape, "ddpm")
-    n = len(timesteps)
+    # q(x_{t-1} | x_t, x0) = N(coef1 * x0 + coef2 * x_t, exp(logvar)); x0 = sqrt(1/a_t) x_t - sqrt(1/a_t - 1) eps;
+    # the tables run in the machine's step order (the chain's, reversed)
+    coefs = {"recip": tab["sqrt_recip_alphas_cumprod"][::-1], "recipm1": tab["sqrt_recipm1_alphas_cumprod"][::-1],
+             "coef1": tab["posterior_mean_coef1"][::-1], "coef2": tab["posterior_mean_coef2"][::-1],
+             "std": np.exp(np.float32(0.5) * tab["posterior_log_variance_clipped"])[::-1]}
+    draw = noise_source(noise, rng, x.shape, "ddpm")
+    last = len(timesteps) - 1
+    kw = {"clip_denoised": clip_denoised, "dynamic_thres_percentile": dynamic_thres_percentile,
+          "prediction_type": prediction_type}
 
     def update(i, x, eps):
-        j = n - 1 - i  # index into the (possibly respaced) chain's tables
-        x0 = recip[j] * x - recipm1[j] * eps
-        if clip_denoised:
-            clip_x0(x0, dynamic_thres_percentile)
-        mean = coef1[j] * x0 + coef2[j] * x
-        z = draw(i)
-        x = mean + std[j] * z if j > 0 else mean  # no noise at t = 0 (the seed's nonzero_mask)
-        return x, x0, eps
+        z = draw(i)  # drawn at every step, the last too, as the seed draws it
+        return ddpm_step(x, eps, {k: v[i] for k, v in coefs.items()}, z if i < last else None, **kw)  # t = 0: mean
 
-    return _machine(x, cond, timesteps, update, callback)
+    return step_loop(x, cond, timesteps, update, callback)
 
 
 def ddpm(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.ndarray:
@@ -243,6 +196,7 @@ def ddim_steps(
     rng: np.random.Generator | None = None,
     clip_denoised: bool = True,
     dynamic_thres_percentile: float | None = None,
+    prediction_type: str = "eps",
     callback: Callable[[dict], None] | None = None,
 ) -> Machine:
     """``ddim`` as a step machine (see the module docstring)."""
@@ -250,33 +204,19 @@ def ddim_steps(
         # eta > 1 adds more noise than DDPM's posterior and a huge one overflows to NaN videos
         raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior variance), "
                          f"got {eta!r}"[:200])
-    x, betas, cond = _start(x, betas, cond)
+    x, betas, cond = start(x, betas, cond)
     timesteps = respace(len(betas), steps, spacing, betas=betas)
     alphas_cumprod = np.cumprod(1.0 - betas)
-    # paper notation: alpha_t here is the cumulative product (the paper's alpha_t), sigma_t its eq. 16
     a_t = alphas_cumprod[timesteps]
-    a_prev = np.concatenate([alphas_cumprod[timesteps[1:]], [1.0]])
-    sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
-    recip, recipm1 = f32(np.sqrt(1 / a_t)), f32(np.sqrt(1 / a_t - 1))
-    eps_from_x, eps_from_x0 = f32(1 / np.sqrt(1 - a_t)), f32(np.sqrt(a_t / (1 - a_t)))
-    sqrt_a_prev, sigma32 = f32(np.sqrt(a_prev)), f32(sigma)
-    dir_coef = f32(np.sqrt(np.maximum(1 - a_prev - sigma**2, 0)))  # eta > 1 would make it negative
-    draw = _noise_source(noise, rng, x.shape, "ddim") if eta > 0 else None
+    coefs = _ddim_coefficients(a_t, np.concatenate([alphas_cumprod[timesteps[1:]], [1.0]]), eta)
+    draw = noise_source(noise, rng, x.shape, "ddim") if eta > 0 else None
+    kw = {"clip_denoised": clip_denoised, "dynamic_thres_percentile": dynamic_thres_percentile,
+          "prediction_type": prediction_type}
 
     def update(i, x, eps):
-        # "predicted x0" = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
-        x0 = recip[i] * x - recipm1[i] * eps
-        if clip_denoised:
-            clip_x0(x0, dynamic_thres_percentile)
-            eps = eps_from_x[i] * x - eps_from_x0[i] * x0
-        # x_{t-1} = sqrt(alpha_{t-1}) x0 + sqrt(1 - alpha_{t-1} - sigma_t^2) eps + sigma_t z
-        x = sqrt_a_prev[i] * x0 + dir_coef[i] * eps
-        if draw is not None:
-            x += sigma32[i] * draw(i)  # x is this step's new array
-        return x, x0, eps
+        return ddim_step(x, eps, {k: v[i] for k, v in coefs.items()}, draw(i) if draw is not None else None, **kw)
 
-    return _machine(x, cond, timesteps, update, callback)
+    return step_loop(x, cond, timesteps, update, callback)
 
 
 def ddim(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.ndarray:
@@ -304,11 +244,12 @@ def dpmpp_steps(
     spacing: str = "trailing",
     clip_denoised: bool = True,
     dynamic_thres_percentile: float | None = None,
+    prediction_type: str = "eps",
     callback: Callable[[dict], None] | None = None,
 ) -> Machine:
     """``dpmpp`` as a step machine (see the module docstring)."""
-    _check_order(order)
-    x, betas, cond = _start(x, betas, cond)
+    check_order(order)
+    x, betas, cond = start(x, betas, cond)
     timesteps = respace(len(betas), steps, spacing, betas=betas)
     alphas_cumprod = np.cumprod(1.0 - betas)[timesteps]
     # paper notation: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t);
@@ -325,7 +266,6 @@ def dpmpp_steps(
     k[-1] = 1
     if n < 15 and n >= 2:
         k[-2] = min(k[-2], 2)
-    f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
     recip, recipm1 = f32(1 / alpha[:n]), f32(sigma[:n] / alpha[:n])  # x0 = (x - sigma eps) / alpha
     ratio = f32(sigma[1:] / sigma[:n])  # sigma_{t_i} / sigma_{t_{i-1}}
     phi = f32(-alpha[1:] * np.expm1(-h))  # alpha_{t_i} (1 - e^{-h_i})
@@ -353,7 +293,7 @@ def dpmpp_steps(
     history = []  # the data predictions x0_i, x0_{i-1}, ... (newest first), at most `order`
 
     def update(i, x, eps):
-        x0 = recip[i] * x - recipm1[i] * eps
+        eps, x0 = to_eps_x0(eps, x, recip[i], recipm1[i], prediction_type)
         if clip_denoised:
             clip_x0(x0, dynamic_thres_percentile)
         history.insert(0, x0)
@@ -369,7 +309,7 @@ def dpmpp_steps(
         x = ratio[i] * x + phi[i] * d
         return x, x0, eps
 
-    return _machine(x, cond, timesteps, update, callback)
+    return step_loop(x, cond, timesteps, update, callback)
 
 
 def dpmpp(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.ndarray:
@@ -400,46 +340,141 @@ def dpmpp3m(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.
 
 
 @dataclass(frozen=True)
+class SamplerOption:
+    """One keyword option a sampler takes, typed: it generates the click flag (``vdeploy sample``/``parity``)
+    and the server's request field, and checks the value.
+
+    Args:
+        name: the keyword (``--name`` on the command line, with ``_`` as ``-``; the JSON field ``name``).
+        kind: ``int``, ``float`` or ``str``.
+        help: one line for ``--help``.
+        choices: the values a ``str`` option takes.
+        min, max: the closed range of a number (None: unbounded).
+    """
+
+    name: str
+    kind: type
+    help: str
+    choices: tuple = ()
+    min: float | None = None
+    max: float | None = None
+
+    def check(self, value):
+        """``value`` as this option's type, or a ValueError worded as the command line's (click's) messages."""
+        if self.kind is str:
+            if value not in self.choices:
+                raise ValueError(f"{value!r} is not one of {', '.join(repr(c) for c in self.choices)}")
+            return value
+        number = (int, float) if self.kind is float else int
+        if isinstance(value, bool) or not isinstance(value, number):
+            raise ValueError(f"{value!r} is not a valid {'float' if self.kind is float else 'integer'}")
+        value = self.kind(value)
+        if self.kind is float and not np.isfinite(value):
+            raise ValueError(f"{value!r} is not a finite number")
+        lo, hi = self.min, self.max
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bound = f"{lo}<=x<={hi}" if lo is not None and hi is not None else f"x>={lo}" if lo is not None \
+                else f"x<={hi}"
+            raise ValueError(f"{value} is not in the range {bound}")
+        return value
+
+
+# the options the built-in samplers share (one definition each)
+SPACING = SamplerOption("spacing", str, "How the steps are spread over the training timesteps.", SPACINGS)
+ORDER = SamplerOption("order", int, "Solver order of the multistep samplers.", min=1, max=3)
+ETA = SamplerOption("eta", float, "DDIM stochasticity (0 = deterministic, the default).", min=0.0)
+VARIANT = SamplerOption("variant", str, "UniPC's B(h).", VARIANTS)
+
+
+@dataclass(frozen=True)
 class SamplerSpec:
-    """One entry of the samplers table, read by the Pipeline, parity, the CLI and the benchmark.
+    """One entry of the samplers table, read by the Pipeline (``SamplerRun``), parity, the CLI, the server and
+    the benchmark.
 
     Args:
         fn: the pure function ``fn(denoise, x, betas, *, cond, steps, clip_denoised,
-            dynamic_thres_percentile, callback, **options) -> x0``.
+            dynamic_thres_percentile, prediction_type, callback, **options) -> x0``.
         stepper: its step machine, ``stepper(x, betas, *, <the same keywords>)`` (the module docstring
             has the protocol); ``fn(denoise, ...) == drive(stepper(...), denoise)`` bit for bit.
         default_steps: steps when the caller gives none (None: every training timestep).
         draws_noise: takes per-step noise (``noise``/``rng``): ancestral or ``eta > 0``.
-        options: the further keyword options a caller may set (``spacing``, ``eta``, ``order``...).
+        options: the further keyword options a caller may set, typed (``SamplerOption``s; stored by name).
+            Each generates a flag of ``vdeploy sample``/``parity`` and a field of the server's requests.
         summary: one line for ``--help`` and the docs.
         defaults: option values the Pipeline, the CLI and parity use when the caller gives none (the pure
             function's own keyword defaults stay as they are), chosen by the benchmark's quality table.
+        level_step: for single-step samplers, the step between any two training levels,
+            ``level_step(x, eps, abar_t, abar_s, draw, **kwargs) -> x_s``: RePaint resampling redoes steps with it
+            (``vdeploy.runtime.frame_conditioning``); None for multistep samplers (replacement only).
     """
 
     fn: Callable[..., np.ndarray]
     stepper: Callable[..., Machine]
     default_steps: int | None
     draws_noise: bool
-    options: tuple[str, ...]
+    options: Mapping[str, SamplerOption]
     summary: str
     defaults: Mapping[str, object] = field(default_factory=dict)
+    level_step: Callable | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.options, Mapping):  # a tuple of SamplerOption
+            object.__setattr__(self, "options", {option.name: option for option in self.options})
 
-from .unipc_multistep import unipc, unipc_steps  # noqa: E402 (it builds on the machinery above)
 
 SAMPLERS: dict[str, SamplerSpec] = {
     # the default: with logsnr spacing, 13 steps reach the PSNR that 25 trailing steps had (README, "Samplers")
-    "dpmpp": SamplerSpec(dpmpp, dpmpp_steps, 13, False, ("spacing", "order"),
+    "dpmpp": SamplerSpec(dpmpp, dpmpp_steps, 13, False, (SPACING, ORDER),
                          "DPM-Solver++ 2M (Lu et al. 2022; order 1-3), deterministic", {"spacing": "logsnr"}),
-    "dpmpp3m": SamplerSpec(dpmpp3m, dpmpp3m_steps, 25, False, ("spacing",),
+    "dpmpp3m": SamplerSpec(dpmpp3m, dpmpp3m_steps, 25, False, (SPACING,),
                            "DPM-Solver++ 3M (Lu et al. 2022), deterministic"),
-    "unipc": SamplerSpec(unipc, unipc_steps, 25, False, ("spacing", "order", "variant"),
+    "unipc": SamplerSpec(unipc, unipc_steps, 25, False, (SPACING, ORDER, VARIANT),
                          "UniPC predictor-corrector (Zhao et al. 2023; bh2, order 2), deterministic"),
-    "ddim": SamplerSpec(ddim, ddim_steps, 25, True, ("eta", "spacing"),
-                        "DDIM (Song et al. 2021); eta > 0 adds noise"),
-    "ddpm": SamplerSpec(ddpm, ddpm_steps, None, True, ("spacing",),
-                        "the seed's ancestral DDPM loop (all timesteps)"),
+    "ddim": SamplerSpec(ddim, ddim_steps, 25, True, (ETA, SPACING),
+                        "DDIM (Song et al. 2021); eta > 0 adds noise", level_step=ddim_level_step),
+    "ddpm": SamplerSpec(ddpm, ddpm_steps, None, True, (SPACING,),
+                        "the seed's ancestral DDPM loop (all timesteps)", level_step=ddpm_level_step),
 }
+
+
+def sampler_options() -> dict[str, SamplerOption]:
+    """Every option of the samplers table by name (each name once; the samplers taking it in
+    ``samplers_taking``): what ``vdeploy sample``/``parity`` turn into flags."""
+    out: dict[str, SamplerOption] = {}
+    for spec in SAMPLERS.values():
+        for name, option in spec.options.items():
+            out.setdefault(name, option)
+    return out
+
+
+def samplers_taking(name: str) -> list[str]:
+    """The samplers whose table entry lists option ``name``."""
+    return [sampler for sampler, spec in SAMPLERS.items() if name in spec.options]
+
+
+def request_fields(body: Mapping) -> dict:
+    """The sampler options of a request body (the server's JSON): every option of the table whose name is in
+    ``body`` and not None, type- and range-checked by its ``SamplerOption``.
+
+    Raises:
+        OptionError: the first bad value (``.field`` names it, ``.message`` says why).
+    """
+    out = {}
+    for name, option in sampler_options().items():
+        if body.get(name) is not None:
+            try:
+                out[name] = option.check(body[name])
+            except ValueError as e:
+                raise OptionError(name, str(e)) from None
+    return out
+
+
+class OptionError(ValueError):
+    """A bad sampler option value: ``field`` (its name) and ``message``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 def sampler_spec(name: str) -> SamplerSpec:

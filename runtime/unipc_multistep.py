@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .samplers import Denoise, Machine, _check_order, _machine, _start, clip_x0, drive
+from .steps import Denoise, Machine, check_order, clip_x0, drive, start, step_loop, to_eps_x0
 from .schedule import respace
 
 VARIANTS = ("bh1", "bh2")
@@ -69,13 +69,14 @@ def unipc_steps(
     spacing: str = "trailing",
     clip_denoised: bool = True,
     dynamic_thres_percentile: float | None = None,
+    prediction_type: str = "eps",
     callback: Callable[[dict], None] | None = None,
 ) -> Machine:
-    """``unipc`` as a step machine (see ``vdeploy.runtime.samplers``)."""
-    _check_order(order)
+    """``unipc`` as a step machine (the protocol: ``vdeploy.runtime.samplers``)."""
+    check_order(order)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    x, betas, cond = _start(x, betas, cond)
+    x, betas, cond = start(x, betas, cond)
     timesteps = respace(len(betas), steps, spacing, betas=betas)
     abar = np.cumprod(1.0 - betas)[timesteps]
     n = len(timesteps)
@@ -119,7 +120,7 @@ def unipc_steps(
     def update(i, x, eps):
         nonlocal x_last
         # 1. the data prediction at the (uncorrected) sample the denoiser saw
-        m = recip[i] * x - recipm1[i] * eps
+        eps, m = to_eps_x0(eps, x, recip[i], recipm1[i], prediction_type)
         if clip_denoised:
             clip_x0(m, dynamic_thres_percentile)
         # 2. UniC: correct x_i with m_i
@@ -138,7 +139,7 @@ def unipc_steps(
             x += w[k] * history[k]
         return x, m, eps
 
-    return _machine(x, cond, timesteps, update, callback)
+    return step_loop(x, cond, timesteps, update, callback)
 
 
 def unipc(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.ndarray:

@@ -20,10 +20,10 @@ from vdeploy.runtime.samplers import SamplerSpec, StepRequest, drive
 # A one-step sampler: the x0 prediction from pure noise at the last training timestep.
 ONE_STEP = textwrap.dedent('''
     import numpy as np
-    from vdeploy.runtime.samplers import SamplerSpec, StepRequest, drive, clip_x0
+    from vdeploy.runtime.samplers import SamplerOption, SamplerSpec, StepRequest, drive, clip_x0
 
     def once_steps(x, betas, *, cond=None, steps=1, clip_denoised=True, dynamic_thres_percentile=None,
-                   callback=None, scale=1.0):
+                   prediction_type="eps", callback=None, scale=1.0):
         abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))[-1]
         t = np.full((x.shape[0],), len(betas) - 1, dtype=np.int64)
         eps = yield StepRequest(x, t, cond, 0)
@@ -33,7 +33,8 @@ ONE_STEP = textwrap.dedent('''
     def once(denoise, x, betas, **kwargs):
         return drive(once_steps(np.asarray(x, np.float32), betas, **kwargs), denoise)
 
-    SPEC = SamplerSpec(once, once_steps, 1, False, ("scale",), "one x0 prediction (test)")
+    SPEC = SamplerSpec(once, once_steps, 1, False, (SamplerOption("scale", float, "x0 times this (test)"),),
+                       "one x0 prediction (test)")
 ''')
 
 

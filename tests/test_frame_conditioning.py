@@ -1,4 +1,4 @@
-"""Training-free frame conditioning (runtime/conditioning.py): replacement and RePaint resampling over the step
+"""Training-free frame conditioning (runtime/frame_conditioning.py): replacement and RePaint resampling over the step
 machines, Pipeline(frames=...), Pipeline.extend."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from vdeploy.runtime.conditioning import RESAMPLERS, _ddim_redo, _ddpm_redo, conditioned_steps, known_frames
+from vdeploy.runtime.frame_conditioning import conditioned_steps, known_frames, resamplers
 from vdeploy.runtime.samplers import SAMPLERS, drive
 from vdeploy.runtime.schedule import cosine_beta_schedule
 
@@ -86,7 +86,7 @@ def test_resampling_redoes_each_step_but_the_last(sampler, eta):
     np.testing.assert_allclose(a[:, :, :2], known[:, :, :2], atol=1e-6)
 
 
-@pytest.mark.parametrize("sampler", sorted(set(SAMPLERS) - set(RESAMPLERS)))
+@pytest.mark.parametrize("sampler", sorted(set(SAMPLERS) - set(resamplers())))
 def test_resampling_is_refused_for_multistep_samplers(sampler):
     _, (known, mask) = _known()
     with pytest.raises(ValueError, match="single-step sampler .*resample=0"):
@@ -98,8 +98,9 @@ def test_resampling_is_refused_for_multistep_samplers(sampler):
 def test_the_redo_steps_are_the_samplers_own_steps():
     """ddpm's and ddim's redo from level t_i to t_{i+1} reproduce the machine's own step (float32 round-off)."""
     z = np.random.default_rng(5).standard_normal(SHAPE, dtype=np.float32)
-    for name, redo, opts in [("ddpm", _ddpm_redo, {"noise": iter([z] * 6)}), ("ddim", _ddim_redo, {"eta": 0.0}),
-                             ("ddim", _ddim_redo, {"eta": 0.7, "noise": iter([z] * 6)})]:
+    for name, opts in [("ddpm", {"noise": iter([z] * 6)}), ("ddim", {"eta": 0.0}),
+                       ("ddim", {"eta": 0.7, "noise": iter([z] * 6)})]:
+        redo = SAMPLERS[name].level_step
         machine = SAMPLERS[name].stepper(_x(), BETAS, steps=6, **opts)
         r0 = next(machine)
         x0 = r0.x.copy()
@@ -185,7 +186,7 @@ def test_extend_makes_a_longer_video_keeping_the_start(pipe):
 
 
 def test_conditioning_is_torch_free():
-    code = "import sys; sys.modules['torch'] = None; import vdeploy.runtime.conditioning, vdeploy.runtime"
+    code = "import sys; sys.modules['torch'] = None; import vdeploy.runtime.frame_conditioning, vdeploy.runtime"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..conditioning import generation_inputs
+from ..frame_conditioning import generation_inputs
 from ..pipeline import Pipeline, Prepared
 from ..samplers import StepRequest
 from .buckets import Warmup, batching_mode, bucket_sizes, cover, pad, warm_up

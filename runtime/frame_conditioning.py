@@ -13,8 +13,9 @@ per-sampler code:
   (known frames replaced at ``t_{i+1}``) the sample jumps back, ``x_{t_i} ~ q(x_{t_i} | x_{t_{i+1}})`` with
   fresh noise, and the step is redone, ``resample`` times per step (not after the last step), so the
   unknown frames are harmonised with the known ones: ``1 + resample`` denoiser calls per step. The redo
-  needs the sampler's step from any level to the next as a function (``RESAMPLERS``): ddpm's posterior
-  sample and ddim's update, both between training levels ``abar_t -> abar_s``. Multistep samplers (dpmpp,
+  needs the sampler's single step from any level to the next (its table entry's ``level_step``, the same
+  arithmetic its machine steps with): ddpm's posterior sample and ddim's update, between training levels
+  ``abar_t -> abar_s``. Multistep samplers (dpmpp,
   dpmpp3m, unipc) carry a history that a jump back would invalidate: replacement only for them.
 
 A model trained with masked frame conditioning (config ``frame_conditioning``, MCVD-style: Voleti et al. 2022)
@@ -44,37 +45,8 @@ from dataclasses import replace as with_fields
 
 import numpy as np
 
-from .samplers import Machine, StepRequest, _noise_source, clip_x0, sampler_spec
-
-
-def _x0_from_eps(x, eps, a_t, clip_denoised, dynamic_thres_percentile):
-    # x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-    x0 = (np.sqrt(1 / a_t) * x - np.sqrt(1 / a_t - 1) * eps).astype(np.float32)
-    if clip_denoised:
-        clip_x0(x0, dynamic_thres_percentile)
-    return x0
-
-
-def _ddpm_redo(x, eps, a_t, a_s, draw, *, clip_denoised=True, dynamic_thres_percentile=None, **_):
-    """Ancestral DDPM step ``abar_t -> abar_s`` (the respaced chain's posterior q(x_s | x_t, x0), Ho et al. 2020)."""
-    x0 = _x0_from_eps(x, eps, a_t, clip_denoised, dynamic_thres_percentile)
-    beta = 1 - a_t / a_s  # the (respaced) beta of this step
-    coef1 = beta * np.sqrt(a_s) / (1 - a_t)
-    coef2 = (1 - a_s) * np.sqrt(1 - beta) / (1 - a_t)
-    std = np.sqrt(beta * (1 - a_s) / (1 - a_t))
-    return (coef1 * x0 + coef2 * x + std * draw()).astype(np.float32)
-
-
-def _ddim_redo(x, eps, a_t, a_s, draw, *, eta=0.0, clip_denoised=True, dynamic_thres_percentile=None, **_):
-    """DDIM step ``abar_t -> abar_s`` (Song et al. 2021, eq. 12), eps re-derived from a clipped x0 as ``ddim``."""
-    x0 = _x0_from_eps(x, eps, a_t, clip_denoised, dynamic_thres_percentile)
-    if clip_denoised:
-        eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
-    sigma = eta * np.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
-    out = np.sqrt(a_s) * x0 + np.sqrt(np.maximum(1 - a_s - sigma**2, 0)) * eps
-    if eta > 0:
-        out = out + sigma * draw()
-    return out.astype(np.float32)
+from .samplers import SAMPLERS, sampler_spec
+from .steps import Machine, StepRequest, noise_source
 
 
 def generation_inputs(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -106,8 +78,10 @@ def frame_feeds(graph, where) -> Callable[[np.ndarray, dict], dict]:
     return feeds
 
 
-# the single-step samplers whose step can be redone from any level: RePaint resampling is offered for these
-RESAMPLERS: dict[str, Callable] = {"ddpm": _ddpm_redo, "ddim": _ddim_redo}
+def resamplers() -> list[str]:
+    """The samplers whose step can be redone from any level (a ``level_step`` in their table entry): RePaint
+    resampling is offered for these."""
+    return [name for name, spec in SAMPLERS.items() if spec.level_step is not None]
 
 
 def known_frames(frames, known_mask, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -209,8 +183,8 @@ def conditioned_steps(
     spec = sampler_spec(sampler)
     if not isinstance(resample, (int, np.integer)) or isinstance(resample, bool) or resample < 0:
         raise ValueError(f"resample must be an integer >= 0, got {resample!r}")
-    if resample and sampler not in RESAMPLERS:
-        raise ValueError(f"resample (RePaint) needs a single-step sampler ({', '.join(RESAMPLERS)}); {sampler!r} "
+    if resample and spec.level_step is None:
+        raise ValueError(f"resample (RePaint) needs a single-step sampler ({', '.join(resamplers())}); {sampler!r} "
                          "is multistep: use resample=0 (replacement) with it")
     x = np.array(x, dtype=np.float32)  # a copy: the requests' x are written in place
     known = np.asarray(known, dtype=np.float32)
@@ -221,13 +195,13 @@ def conditioned_steps(
     if spec.draws_noise and kwargs.get("noise") is None:
         kwargs.setdefault("rng", rng)
     machine = spec.stepper(x, betas, **kwargs)  # bad sampler arguments raise here, before any step
-    draw = _noise_source(known_noise, rng, x.shape, "conditioning")
+    draw = noise_source(known_noise, rng, x.shape, "conditioning")
     abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
     inputs = None
     if trained:
         b, _, f = x.shape[:3]
         inputs = {"frames": known, "mask": mask.reshape(b, f).astype(np.float32)}
-    return _conditioned(machine, abar, known, mask, int(resample), RESAMPLERS.get(sampler), draw, kwargs, inputs)
+    return _conditioned(machine, abar, known, mask, int(resample), spec.level_step, draw, kwargs, inputs)
 
 
 def _conditioned(machine, abar, known, mask, resample, redo, draw_at, kwargs, inputs) -> Machine:
