@@ -1,8 +1,9 @@
 """The backends table: what can run a compiled denoiser graph, and how to open one.
 
-One interface for every backend: ``backend.inputs`` / ``backend.outputs`` (``TensorSpec``s with numpy
-dtype names and shapes, symbolic dims as strings), ``backend.run(feeds) -> list[np.ndarray]`` with every
-input cast to the dtype the graph declares, safe to call from several threads at once, and ``close()``.
+One interface for every backend, the ``Backend`` protocol: ``name``, ``path``, ``inputs`` / ``outputs``
+(``TensorSpec``s with numpy dtype names and shapes, symbolic dims as strings), ``run(feeds) ->
+list[np.ndarray]`` with every input cast to the dtype the graph declares, safe to call from several threads at
+once, and ``close()``.
 
 ``BACKENDS`` maps a name to a :class:`BackendSpec`: whether it can run here (and why not), how to open one
 graph of a model directory with one :class:`BackendOptions`, and its place in ``auto``'s order. The
@@ -13,11 +14,14 @@ entry here plus its own module. Modules are imported only when their backend is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
-from .manifest import Engine, Manifest, ManifestError
+import numpy as np
+
+from .manifest import Engine, Manifest, ManifestError, TensorSpec
 from .platform import (
     DEFAULT_MAX_BATCH,
     BackendUnavailable,
@@ -31,11 +35,31 @@ from .platform import (
 
 log = logging.getLogger("vdeploy.runtime")
 
-__all__ = ["BACKENDS", "PRECISIONS", "BackendOptions", "BackendSpec", "BackendUnavailable", "auto_order",
-           "matching_engine", "backend_spec", "graph_for", "open_graph", "precision_refused"]
+__all__ = ["BACKENDS", "Backend", "BackendOptions", "BackendSpec", "BackendUnavailable", "auto_order",
+           "matching_engine", "backend_spec", "graph_for", "open_graph", "precision_refused", "precisions"]
 
 
-PRECISIONS = ("fp32", "fp16", "bf16")  # every precision some backend takes (BackendSpec.precisions)
+@runtime_checkable
+class Backend(Protocol):
+    """What ``BackendSpec.open`` returns: one graph, ready to run (every backend module's class is checked
+    against this in tests/test_extension_points.py).
+
+    Attributes:
+        name: what runs it, for logs and reports (``"onnxruntime-cpu"``, ``"tensorrt"``, ...).
+        path: the file it runs (the ONNX graph or the TensorRT plan).
+        inputs, outputs: ``TensorSpec``s with numpy dtype names and shapes (symbolic dims as strings).
+    """
+
+    name: str
+    path: Path
+    inputs: Sequence[TensorSpec]
+    outputs: Sequence[TensorSpec]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs for ``feeds`` (input name -> array, cast to the declared dtypes); thread-safe."""
+
+    def close(self) -> None:
+        """Release sessions, device memory, compiled models."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +87,8 @@ class BackendOptions:
     cache: bool = True
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in precisions():
+            raise ValueError(f"precision must be one of {', '.join(precisions())}, got {self.precision!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -84,7 +108,8 @@ class BackendSpec:
             from the fp32 graph).
         summary: one line for ``--help`` and the docs.
         precisions: the ``BackendOptions.precision`` values it really runs (the benchmark times one row
-            per precision listed here).
+            per precision listed here; ``--precision``'s choices and ``BackendOptions`` take their union).
+        device: where it computes, ``"cpu"`` or ``"cuda"`` (the text encoder runs on CUDA beside a CUDA one).
     """
 
     unavailable: Callable[[Manifest, BackendOptions], str | None]
@@ -93,6 +118,7 @@ class BackendSpec:
     fp16_graph: bool
     summary: str
     precisions: tuple[str, ...] = ("fp32",)
+    device: str = "cpu"
 
 
 # ----------------------------------------------------------- onnxruntime ----
@@ -213,11 +239,12 @@ def _openvino_open(model_dir: Path, manifest: Manifest, graph_name: str, options
 BACKENDS: dict[str, BackendSpec] = {
     "tensorrt": BackendSpec(_trt_unavailable, _trt_open, 0, False,
                             "a native TensorRT plan built for this GPU (vdeploy export --tensorrt)",
-                            ("fp32", "fp16")),
+                            ("fp32", "fp16"), "cuda"),
     "tensorrt-ep": BackendSpec(_ort_unavailable("tensorrt-ep"), _ort_open("tensorrt-ep"), 1, False,
                                "onnxruntime's TensorRT execution provider (engines cached per GPU)",
-                               ("fp32", "fp16")),
-    "cuda": BackendSpec(_ort_unavailable("cuda"), _ort_open("cuda"), 2, True, "onnxruntime CUDA", ("fp32", "fp16")),
+                               ("fp32", "fp16"), "cuda"),
+    "cuda": BackendSpec(_ort_unavailable("cuda"), _ort_open("cuda"), 2, True, "onnxruntime CUDA", ("fp32", "fp16"),
+                        "cuda"),
     # after onnxruntime CPU in `auto`: faster per call on an idle CPU, but a slower cold start, and it crashed
     # (SIGSEGV) in processes that had also loaded torch (README, "Performance"); explicit backend="openvino"
     "openvino": BackendSpec(_openvino_unavailable, _openvino_open, 10, False,
@@ -225,6 +252,11 @@ BACKENDS: dict[str, BackendSpec] = {
                             ("fp32", "bf16")),
     "cpu": BackendSpec(_ort_unavailable("cpu"), _ort_open("cpu"), 9, True, "onnxruntime CPU", ("fp32", "fp16")),
 }
+
+
+def precisions() -> tuple[str, ...]:
+    """Every precision some backend runs (the union of ``BackendSpec.precisions``, in table order)."""
+    return tuple(dict.fromkeys(p for spec in BACKENDS.values() for p in spec.precisions))
 
 
 def backend_spec(name: str) -> BackendSpec:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from .manifest import (
+from .manifest_types import (
     BETA_SCHEDULES,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -55,6 +55,10 @@ def from_json(data, where: str = MANIFEST_NAME) -> Manifest:
     graphs = {name: _graph(r, g, f"graphs.{name}", version) for name, g in graphs_json.items()}
     if "denoiser" not in graphs:
         raise ManifestError(f"{where} lists no 'denoiser' graph")
+    # the top-level precision summarizes the graphs' (written by Manifest.to_json): it must agree with them
+    summary, precisions = data.get("precision"), sorted({g.precision for g in graphs.values()})
+    if version >= 2 and summary is not None and summary != precisions:
+        raise ManifestError(f"{where}: precision is {_short(summary)} but the graphs are {precisions}; {REEXPORT}")
     engines = tuple(_engine(r, e, f"engines[{i}]", graphs) for i, e in enumerate(r.expect(
         _given(data, "engines", []), list, "engines")))
     schedule = _schedule(r, r.expect(data["schedule"], dict, "schedule"), config)

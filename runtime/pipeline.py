@@ -206,7 +206,7 @@ class Pipeline:
                 from .onnx_external import graph_digest
                 from .text import TextEncoder
 
-                text_kind = "cuda" if kind in ("cuda", "tensorrt-ep", "tensorrt") and \
+                text_kind = "cuda" if BACKENDS[kind].device == "cuda" and \
                     BACKENDS["cuda"].unavailable(manifest, options) is None else "cpu"
                 model_file = conditioning.text_encoder_files[0]
                 text_encoder = TextEncoder(

@@ -145,3 +145,11 @@ def test_write_refuses_a_manifest_naming_a_missing_file(tmp_path):
     with pytest.raises(ManifestError, match="references missing file.s.: null.npy"):
         written(tmp_path, m)
     assert not (tmp_path / "vdeploy.json").exists()
+
+
+def test_the_top_level_precision_must_agree_with_the_graphs(tmp_path):
+    """`precision` summarizes the graphs' precisions; a manifest whose summary disagrees is refused."""
+    assert written(tmp_path).to_json()["precision"] == ["fp32"]
+    edit(tmp_path, lambda d: d.update(precision=["fp16"]))
+    with pytest.raises(ManifestError, match=r"precision is \['fp16'\] but the graphs are \['fp32'\]"):
+        manifest.load(tmp_path)

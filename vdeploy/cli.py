@@ -1,7 +1,9 @@
-"""The ``vdeploy`` command line: the group, its shared option types, and the training-half commands.
+"""The ``vdeploy`` command line: the training-half commands (data, train), and the entry point.
 
-The commands of the other stages live beside it, one module per concern, and register on ``main``:
-``cli_model.py`` (export, verify, parity, bench) and ``cli_runtime.py`` (sample, serve). Each command
+The group and its shared option types are ``cli_options.py``; the commands of the other stages live beside it,
+one module per concern, and register on its ``main``: ``cli_model.py`` (export, verify, parity, bench) and
+``cli_runtime.py`` (sample, serve). This module imports them (so ``vdeploy.cli:main`` has every command); they
+import only ``cli_options``. Each command
 imports its stage inside its body, so ``vdeploy sample`` never loads torch. Bad input (a missing file, a
 config that does not fit) is a one-line message and exit code 2.
 """
@@ -15,78 +17,12 @@ from pathlib import Path
 import click
 
 from vdeploy import config as vconfig  # torch-free: the presets for --help
-
-
-class BadInput(click.ClickException):
-    """A user error: printed as one line ``Error: ...``, exit code 2, no traceback."""
-
-    exit_code = 2
-
-
-def _require_extra(command: str, *modules: str) -> None:
-    """Refuse, in one line naming the extra to install, a torch-side command on a runtime-only install.
-
-    Looks the modules up without importing them, so it costs nothing where they are installed.
-    """
-    import importlib.util
-
-    missing = []
-    for name in modules:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):  # ValueError: sys.modules[name] is None (import blocked)
-            found = False
-        if not found:
-            missing.append(name)
-    if missing:
-        raise BadInput(f"vdeploy {command} needs {', '.join(missing)}, which this install lacks (the runtime-only "
-                       "install samples without torch): pip install 'vdeploy[train,export]'")
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="vdeploy")
-def main() -> None:
-    """vdeploy: train a video-diffusion U-Net, export it to ONNX/TensorRT, sample it without torch.
-
-    \b
-    Typical flow:
-      vdeploy data synth data/               # a synthetic GIF dataset with captions
-      vdeploy train --data data/ --results results/ --config tiny
-      vdeploy export --ckpt results/model-last.pt --out model/
-      vdeploy sample --model model/ --out sample.gif
-      vdeploy parity --model model/ --ckpt results/model-last.pt
-    """
+from vdeploy.cli_options import (  # noqa: F401 (the shared group and types, also imported from here)
+    BadInput, FiniteFloat, OneLineErrors, main, require_extra,
+)
 
 
 # ---------------------------------------------------------------- data ----
-
-class OneLineErrors(click.Command):
-    """A command whose usage errors (missing or malformed options) are one line and exit code 2."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.exceptions.NoArgsIsHelpError:
-            raise
-        except click.UsageError as e:
-            raise BadInput(f"{e.format_message()} (see '{ctx.command_path} --help')") from None
-
-
-class FiniteFloat(click.FloatRange):
-    """``click.FloatRange`` that refuses nan and inf too (FloatRange lets nan through any bound)."""
-
-    name = "finite float"
-
-    def convert(self, value, param, ctx):
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            bounds = f" (expected {self._describe_range()})" if self._describe_range() else ""
-            self.fail(f"{value!r} is not a finite number{bounds}", param, ctx)
-        return rv
-
-    def _describe_range(self) -> str:  # click shows it in --help; unbounded: nothing (not "x<=None")
-        return super()._describe_range() if self.min is not None or self.max is not None else ""
-
 
 class MaskProbs(click.ParamType):
     """``G,P,I``: three finite non-negative numbers with a positive sum, normalized to sum 1."""
@@ -234,7 +170,7 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
     from vdeploy.runtime.atomic import unwritable
 
     # ---- everything that can be checked before torch is imported
-    _require_extra("train", "torch", "accelerate", "safetensors")
+    require_extra("train", "torch", "accelerate", "safetensors")
     if data_dir.exists() and not data_dir.is_dir():
         raise BadInput(f"--data {data_dir} is a file, not a directory: pass the folder that holds the GIFs")
     if not data_dir.is_dir():
@@ -461,10 +397,8 @@ def _config_core(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "cond_dim"}
 
 
-# the other stages' commands register on `main` when their modules are imported
+# the other stages' commands register on `main` (vdeploy.cli_options) when their modules are imported
 from vdeploy import cli_model, cli_runtime  # noqa: E402,F401
 
-if __name__ == "__main__":  # python -m vdeploy.cli (torchrun): the commands registered on vdeploy.cli's group
-    from vdeploy.cli import main as registered
-
-    registered()
+if __name__ == "__main__":  # python -m vdeploy.cli (torchrun)
+    main()

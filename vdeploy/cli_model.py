@@ -7,12 +7,10 @@ from pathlib import Path
 
 import click
 
-from vdeploy.cli import BadInput, FiniteFloat, OneLineErrors, _require_extra, main
+from vdeploy.cli_options import (BadInput, FiniteFloat, OneLineErrors, backend_choice, main, precision_choice,
+                                 require_extra, sampler_choice, sampler_option_flags, sampler_options_of)
 # the tables every command reads its choices from (numpy-only modules: no torch, no onnxruntime)
-from vdeploy.runtime.backends import BACKENDS
 from vdeploy.runtime.pipeline import CONDITIONING
-from vdeploy.runtime.samplers import SAMPLERS
-from vdeploy.runtime.schedule import SPACINGS
 
 
 # -------------------------------------------------------------- export ----
@@ -76,7 +74,7 @@ def export_cmd(ckpt: Path, out: Path, config_spec: str | None, ema: bool, opset:
     checked (onnx.checker, names, shapes) and compared with PyTorch at batch 1 and 3; the export
     fails, leaving nothing behind, when an error exceeds --atol.
     """
-    _require_extra("export", "torch", "onnx", "onnxruntime")
+    require_extra("export", "torch", "onnx", "onnxruntime")
     if sign_key is not None:  # a key that cannot sign is refused before the slow work
         from vdeploy.runtime.signing import SignatureError, check_private_key, sign_dir
 
@@ -155,19 +153,18 @@ def verify(model_dir: Path, public_key: Path) -> None:
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Model directory written by `vdeploy export`.")
 @click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="The checkpoint it was exported from.")
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddpm", show_default=True,
+@click.option("--sampler", type=sampler_choice(), default="ddpm", show_default=True,
               help="ddpm: the seed's p_sample_loop on the torch side; the others: the numpy sampler around torch.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Sampler steps (default: the sampler's own; every training step for ddpm).")
-@click.option("--spacing", default=None, type=click.Choice(SPACINGS), help="Timestep spacing (both sides).")
-@click.option("--order", default=None, type=click.IntRange(1, 3), help="Multistep solver order (dpmpp, unipc).")
+@sampler_option_flags
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--cond-scale", default=1.0, show_default=True, type=FiniteFloat(),
               help="Guidance scale (conditioned models).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the noise and the embeddings.")
 @click.option("--backend", default="cpu", show_default=True,
-              type=click.Choice(["auto", *BACKENDS]), help="Runtime backend.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              type=backend_choice(), help="Runtime backend.")
+@click.option("--precision", default="fp32", show_default=True, type=precision_choice(),
               help="What the runtime runs (bf16: --backend openvino).")
 @click.option("--config", "config_spec", default=None,
               help="Architecture, where the checkpoint holds none (default: the model directory's).")
@@ -184,23 +181,23 @@ def verify(model_dir: Path, public_key: Path) -> None:
                    "the model has it.")
 @click.option("--resample", default=0, show_default=True, type=click.IntRange(min=0),
               help="With --known: RePaint resampling rounds per step (ddpm, ddim).")
-def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing: str | None, order: int | None,
-           batch_size: int,
+def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, batch_size: int,
            cond_scale: float, seed: int, backend: str, precision: str, config_spec: str | None, ema: bool,
            atol: float | None, json_path: Path | None, known: int = 0, conditioning: str = "auto",
-           resample: int = 0) -> None:
+           resample: int = 0, **flags) -> None:
     """Sample with PyTorch and with the runtime from the same noise; compare every denoiser call.
 
     Reports the max abs error of each call, of the final video and its PSNR; exits 1 when an error
     exceeds --atol (the report is still written), 2 on bad input. With --known K the first K frames are
     given (frame-conditioned sampling, vdeploy.export.parity.run_conditioned_parity).
     """
+    options = sampler_options_of(flags)
     if not known and (conditioning != "auto" or resample):
         raise BadInput(f"{'--conditioning' if conditioning != 'auto' else '--resample'} needs --known")
     if known and (precision != "fp32" or config_spec is not None):
         raise BadInput("--known compares the fp32 graph with the checkpoint's own config: leave out --precision "
                        "and --config")
-    _require_extra("parity", "torch", "onnxruntime")
+    require_extra("parity", "torch", "onnxruntime")
     from vdeploy.runtime.atomic import unwritable
 
     why = json_path is not None and unwritable(json_path)
@@ -218,7 +215,7 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing
             report = run_conditioned_parity(model_dir, ckpt, sampler=sampler, steps=steps, known=known,
                                             resample=resample, batch_size=batch_size, cond_scale=cond_scale,
                                             seed=seed, backend=backend, ema=ema, atol=atol or DEFAULT_ATOL,
-                                            options={"spacing": spacing, "order": order},
+                                            options=options,
                                             conditioning=conditioning)
         except (ExportError, BackendUnavailable) as e:
             raise BadInput(str(e)) from None
@@ -235,7 +232,7 @@ def parity(model_dir: Path, ckpt: Path, sampler: str, steps: int | None, spacing
         report = run_parity(model_dir, ckpt, sampler=sampler, steps=steps, batch_size=batch_size,
                             cond_scale=cond_scale, seed=seed, backend=backend, precision=precision, ema=ema,
                             config=config_spec, atol=atol, progress=True,
-                            options={"spacing": spacing, "order": order})
+                            options=options)
     except (ExportError, BackendUnavailable) as e:
         raise BadInput(str(e)) from None
     except ParityError as e:

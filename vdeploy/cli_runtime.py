@@ -7,12 +7,11 @@ from pathlib import Path
 
 import click
 
-from vdeploy.cli import BadInput, FiniteFloat, OneLineErrors, main
+from vdeploy.cli_options import (BadInput, FiniteFloat, OneLineErrors, auto_help, backend_choice, main,
+                                 precision_choice, sampler_choice, sampler_option_flags, sampler_options_of)
 # the tables every command reads its choices from (numpy-only modules: no torch, no onnxruntime)
-from vdeploy.runtime.backends import BACKENDS
 from vdeploy.runtime.pipeline import CONDITIONING, DEFAULT_SAMPLER
 from vdeploy.runtime.samplers import SAMPLERS
-from vdeploy.runtime.schedule import SPACINGS
 
 
 # -------------------------------------------------------------- sample ----
@@ -36,7 +35,7 @@ def _runtime_logging(quiet: bool) -> None:
               help="Model directory written by `vdeploy export` (vdeploy.json is checked: version, sha256, shapes).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output .gif, or .mp4 (PyAV: the [video] extra); a batch becomes a grid, one video keeps its size.")
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=DEFAULT_SAMPLER, show_default=True,
+@click.option("--sampler", type=sampler_choice(), default=DEFAULT_SAMPLER, show_default=True,
               help="; ".join(f"{name}: {spec.summary}" for name, spec in SAMPLERS.items()) + ".")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Denoiser steps.  [default: the sampler's own; ddpm: every training timestep]")
@@ -48,20 +47,11 @@ def _runtime_logging(quiet: bool) -> None:
 @click.option("--text", multiple=True, help="Prompt for text-conditioned models; repeat for several.")
 @click.option("--cond", "cond_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Conditioning embeddings, a float .npy of shape (b, cond_dim).")
-@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
-              help="auto: the fastest that runs here (" + " > ".join(
-                  name for _, name in sorted((s.auto_rank, n) for n, s in BACKENDS.items() if s.auto_rank is not None))
-              + ").")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--backend", type=backend_choice(), default="auto", show_default=True, help=auto_help())
+@click.option("--precision", type=precision_choice(), default="fp32", show_default=True,
               help="fp16: the fp16 graph (ORT), the fp16 flag (TensorRT EP) or an fp16 plan; "
                    "bf16: OpenVINO's bfloat16 (CPUs with AVX512_BF16/AMX).")
-@click.option("--eta", default=None, type=FiniteFloat(min=0),
-              help="DDIM stochasticity (0 = deterministic, the default); samplers with an eta option only.")
-@click.option("--spacing", default=None, type=click.Choice(SPACINGS),
-              help="How the steps are spread over the training timesteps.  [default: the sampler's own]")
-@click.option("--order", default=None, type=click.IntRange(1, 3),
-              help="Solver order of the multistep samplers (dpmpp, unipc).  [default: the sampler's own]")
-@click.option("--variant", default=None, type=click.Choice(["bh1", "bh2"]), help="UniPC's B(h).  [default: bh2]")
+@sampler_option_flags
 @click.option("--fps", default=1000 / 120, type=FiniteFloat(min=0.1, max=100),
               help="Frames per second of the written video.  [default: 8.3, the seed's 120 ms a frame]")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
@@ -86,10 +76,10 @@ def _runtime_logging(quiet: bool) -> None:
                    "gets them as inputs), 'replacement' (training-free, any model); auto: trained where the model "
                    "has it.")
 def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: int | None, batch_size: int,
-           cond_scale: float, text: tuple[str, ...], cond_file: Path | None, backend: str, precision: str,
-           eta: float | None, spacing: str | None, order: int | None, variant: str | None, fps: float,
-           threads: int | None, quiet: bool, init_file: Path | None = None, init_frames: int | None = None, length: int | None = None,
-           resample: int = 0, public_key: Path | None = None, conditioning: str = "auto") -> None:
+           cond_scale: float, text: tuple[str, ...], cond_file: Path | None, backend: str, precision: str, fps: float,
+           threads: int | None, quiet: bool, init_file: Path | None = None, init_frames: int | None = None,
+           length: int | None = None, resample: int = 0, public_key: Path | None = None, conditioning: str = "auto",
+           **flags) -> None:
     """Sample videos from an exported model directory, without torch.
 
     \b
@@ -132,8 +122,7 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
             raise BadInput(f"{'--text' if text else '--cond'}: {model_dir} is an unconditional model (no cond_dim): "
                            "it samples without prompts or embeddings; leave the option out")
         run = dict(batch_size=batch_size, cond=cond, text=list(text) or None, cond_scale=cond_scale,
-                   sampler=sampler, steps=steps, progress=not quiet, eta=eta, spacing=spacing, order=order,
-                   variant=variant)
+                   sampler=sampler, steps=steps, progress=not quiet, **sampler_options_of(flags))
         f = pipe.shape[1]
         known = _read_init(init_file, pipe.shape, init_frames) if init_file is not None else None
         method = None
@@ -245,7 +234,7 @@ def _require_serve_extra(extra: str, *modules: str) -> None:
               help="U-Net rows per denoiser call and active at once (a request is b rows, 2b with guidance).")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0, 1_000_000),
               help="Requests waiting to join the batch; past it: 429 with Retry-After.")
-@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+@click.option("--backend", type=backend_choice(), default="auto", show_default=True,
               help="What runs the denoiser (as vdeploy sample --backend).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime CPU threads.  [default: physical cores]")
 @click.option("--batching", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,

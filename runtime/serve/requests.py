@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..pipeline import CONDITIONING, DEFAULT_SAMPLER, Pipeline
-from ..samplers import SAMPLERS, sampler_kwargs
-from ..schedule import SPACINGS
+from ..samplers import SAMPLERS, OptionError, request_fields, sampler_kwargs, sampler_options
 
 FORMATS = {"gif": "image/gif", "mp4": "video/mp4", "npy": "application/x-npy"}
-FIELDS = ("prompt", "cond", "sampler", "steps", "seed", "cond_scale", "spacing", "eta", "order", "batch_size",
+# and one field per sampler option of the samplers table (request_fields): see fields()
+FIELDS = ("prompt", "cond", "sampler", "steps", "seed", "cond_scale", "batch_size",
           "frames", "known_mask", "resample", "conditioning", "format", "fps", "async")
 FRAME_FIELDS = ("frames", "known_mask", "resample", "conditioning")  # checked by Pipeline.prepare (runtime.conditioning)
 MAX_PROMPT_CHARS = 2000
@@ -152,10 +152,10 @@ def parse(body, pipe: Pipeline, *, max_videos: int = 16, can_mp4: bool | None = 
     """
     if not isinstance(body, dict):
         raise Invalid(None, "the body must be a JSON object")
-    unknown = sorted(set(body) - set(FIELDS))
+    unknown = sorted(set(body) - set(fields()))
     if unknown:
         raise Invalid(unknown[0], f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-                                  f"(the fields are: {', '.join(FIELDS)})")
+                                  f"(the fields are: {', '.join(fields())})")
     if body.get("prompt") is not None and body.get("cond") is not None:
         raise Invalid("cond", "pass either prompt or cond, not both")
     sampler = _choice(body, "sampler", list(SAMPLERS), DEFAULT_SAMPLER)
@@ -166,11 +166,10 @@ def parse(body, pipe: Pipeline, *, max_videos: int = 16, can_mp4: bool | None = 
     if cond_scale != 1 and pipe.cond_dim is None:
         raise Invalid("cond_scale", f"{pipe.model_dir.name} is an unconditional model: guidance needs a "
                                     "conditioned one; leave the field out (or 1)")
-    options = {
-        "spacing": _choice(body, "spacing", SPACINGS, None),
-        "eta": _float(body, "eta", lo=0.0),
-        "order": _int(body, "order", 1, 3),
-    }
+    try:
+        options = request_fields(body)
+    except OptionError as e:
+        raise Invalid(e.field, e.message) from None
     try:
         sampler_kwargs(sampler, steps or 1, options)
     except ValueError as e:
@@ -217,6 +216,11 @@ def parse(body, pipe: Pipeline, *, max_videos: int = 16, can_mp4: bool | None = 
         raise Invalid("batch_size", f"{batch_size} does not match the {rows} rows of prompt/cond")
     kwargs["batch_size"] = batch_size
     return VideoRequest(kwargs, fmt, fps, run_async)
+
+
+def fields() -> tuple[str, ...]:
+    """Every field a request body may have: ``FIELDS`` and the samplers table's options."""
+    return (*FIELDS, *sampler_options())
 
 
 def mp4_available() -> bool:
