@@ -400,8 +400,8 @@ def _torch_conditioned_ddpm(unet, config: dict, shape, cond, cond_scale, noise, 
     cond_t = torch.from_numpy(cond) if cond is not None else None
     z = lambda: torch.from_numpy(next(known_noise))  # noqa: E731
 
-    def replace(img, t):  # known frames <- q(x_t | x0_known)
-        return torch.where(mask_t, diffusion.q_sample(known_t, torch.full((b,), t, dtype=torch.long), noise=z()), img)
+    def replace(img, t):  # known frames <- q(x_t | x0_known), the runtime's draw order
+        return diffusion.replace_known(img, known_t, mask_t, torch.full((b,), t, dtype=torch.long), z())
 
     try:
         img = torch.from_numpy(next(noise))

@@ -169,12 +169,6 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------- forward process ----
 
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
-        mean = extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = extract(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
-        return mean, variance, log_variance
-
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
@@ -184,6 +178,13 @@ class GaussianDiffusion(nn.Module):
             extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
         )
+
+    def replace_known(self, x: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
+                      noise: torch.Tensor) -> torch.Tensor:
+        """``x`` with its known frames (``mask``: ``(b, f)`` or ``(b, 1, f, 1, 1)``, nonzero = known) replaced by
+        ``q(x_t | frames)`` drawn with ``noise``: the replacement step of conditioned sampling, shared by
+        ``p_sample_loop`` and the torch reference of ``vdeploy parity --known`` (the runtime's draw order)."""
+        return torch.where(_known(mask, x.shape), self.q_sample(frames, t, noise=noise), x)
 
     def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_0 = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps."""
@@ -295,7 +296,7 @@ class GaussianDiffusion(nn.Module):
         img = noise_iter.next("x_T") if noise_iter else _randn(shape, device, torch.float32, generator)
         if frames is not None:  # the first call's known frames: q(x_{T-1} | frames) with x_T's draw
             t_first = torch.full((b,), self.num_timesteps - 1, device=device, dtype=torch.long)
-            img = torch.where(_known(mask, shape), self.q_sample(frames, t_first, noise=img), img)
+            img = self.replace_known(img, frames, mask, t_first, noise=img)
         steps = reversed(range(0, self.num_timesteps))
         bar = tqdm(steps, desc="sampling loop time step", total=self.num_timesteps, disable=not progress, leave=False)
         for i, t in enumerate(bar):
