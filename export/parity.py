@@ -3,9 +3,10 @@
 * ``ddpm`` over all training steps: the torch side is the seed's loop itself,
   ``vdeploy.diffusion.GaussianDiffusion.p_sample_loop`` with explicit noise (x_T, then one array per
   step); the runtime side is ``vdeploy.runtime.Pipeline`` with the same ``noise``/``step_noise``.
-* ``ddim``, ``dpmpp`` (and a respaced ``ddpm``): the same numpy sampler (``vdeploy.runtime.samplers``)
+* ``ddim``, ``dpmpp`` (and a respaced ``ddpm``): the same ``SamplerRun`` (``vdeploy.runtime.sampler_run``)
   around the torch denoiser (``Unet3D.forward_with_cond_scale``) and, through the Pipeline, around the
   compiled one (including the fused ``--cfg`` graph when the model directory has it).
+* ``known=K``: the same with the first K frames given (``vdeploy.runtime.frame_conditioning``).
 
 Both runs follow their own trajectories, so the per-call error includes what earlier steps accumulated.
 Reported: the max abs error of every denoiser call (eps, after guidance), of the final video in [0, 1],
@@ -25,10 +26,8 @@ from .spec import ExportError
 
 log = logging.getLogger("vdeploy.export")
 
-DEFAULT_ATOL = 1e-3  # fp32 CPU over a full loop (issue: final max abs error <= 1e-3 for the tiny model)
-# bfloat16 (OpenVINO on CPUs with AVX512_BF16/AMX) keeps 8 mantissa bits: measured on the tiny test model
-# (tests/export_fixtures.py, ddpm 20 steps, batch 2, cond_scale 2) per-call 0.135, final 0.099 max abs err.
-BF16_ATOL = 0.25
+DEFAULT_ATOL = 1e-3  # fp32 CPU over a full loop (final max abs error <= 1e-3 for the tiny model)
+BF16_ATOL = 0.25  # bfloat16 keeps 8 mantissa bits; what it measured on the tiny model: README, "Parity"
 
 
 def default_atol(precision: str) -> float:
@@ -68,8 +67,17 @@ def run_parity(
     raise_on_failure: bool = True,
     progress: bool = False,
     options: dict | None = None,
+    known: int = 0,
+    resample: int = 0,
+    conditioning: str = "auto",
 ) -> dict:
-    """Sample with PyTorch and with the runtime from the same noise and compare.
+    """Sample with PyTorch and with the runtime from the same noise and compare every denoiser call.
+
+    Both sides step the same ``SamplerRun``: the runtime's is ``Pipeline.prepare`` driven through the compiled
+    denoiser; the torch side drives a twin of it (``run.plan.machine`` from the same noise) around
+    ``Unet3D.forward_with_cond_scale``, except for ``ddpm`` over every training step, where it is the seed's own
+    loop (``GaussianDiffusion.p_sample_loop``; with known frames ``q_sample``/``p_sample`` step by step, RePaint's
+    jump in torch).
 
     Args:
         model_dir: a model directory written by ``vdeploy export``.
@@ -80,16 +88,18 @@ def run_parity(
         steps: sampler steps (default: the sampler's ``default_steps``, all T for ddpm).
         batch_size: videos per run; a conditioned model gets random (seeded) embeddings.
         cond_scale: classifier-free guidance scale (conditioned models).
-        seed: seeds the noise and the embeddings.
+        seed: seeds the noise, the embeddings and the known frames.
         backend, precision: what the runtime runs on (``Pipeline.from_dir``).
-        atol: tolerance on every per-call error and on the final error (default: ``default_atol(precision)``,
-            1e-3, or 0.25 for bf16).
+        atol: tolerance on every per-call error and on the final error (default: ``default_atol(precision)``).
         raise_on_failure: raise :class:`ParityError` when a tolerance is exceeded (else ``passed: false``).
-        progress: progress bars for both sampling runs.
+        progress: a progress bar for the torch run.
         options: the sampler's own options (``spacing``, ``eta``...), the same on both sides.
+        known: frame-conditioned parity: the first ``known`` frames given (seeded uniform frames in [0, 1]),
+            conditioned as ``conditioning`` says (``Pipeline.prepare``'s), ``resample`` RePaint rounds per step.
 
     Returns:
-        ``{"per_call_max_abs_err": [...], "final_max_abs_err": ..., "psnr_db": ..., "passed": ..., ...}``.
+        ``{"per_call_max_abs_err": [...], "final_max_abs_err": ..., "psnr_db": ..., "passed": ..., ...}``; with
+        ``known``, also ``known_frames_max_abs_err`` and ``conditioning``.
 
     Raises:
         ExportError: unusable model directory, checkpoint or arguments.
@@ -99,7 +109,8 @@ def run_parity(
 
     from vdeploy.runtime import Pipeline
     from vdeploy.runtime.manifest import ManifestError
-    from vdeploy.runtime.samplers import sampler_kwargs, sampler_spec
+    from vdeploy.runtime.samplers import sampler_spec
+    from vdeploy.runtime.steps import drive
 
     from .exporter import load_unet
 
@@ -107,65 +118,68 @@ def run_parity(
         atol = default_atol(precision)
     try:
         spec = sampler_spec(sampler)
-        sampler_kwargs(sampler, 1, options or {})  # an option the sampler does not take fails here, early
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-    try:
         pipe = Pipeline.from_dir(model_dir, backend=backend, precision=precision)
     except (ManifestError, ValueError) as e:
         raise ExportError(str(e)) from None
-    manifest_config = pipe.config
-    unet, unet_config, _ = load_unet(ckpt, config=config, ema=ema, default_config=manifest_config)
+    unet, unet_config, _ = load_unet(ckpt, config=config, ema=ema, default_config=pipe.config)
     for key in ("channels", "num_frames", "image_size", "timesteps"):
-        if unet_config[key] != manifest_config.get(key):
+        if unet_config[key] != pipe.config.get(key):
             raise ExportError(
-                f"checkpoint and model directory disagree on {key}: {unet_config[key]} vs {manifest_config.get(key)}"
+                f"checkpoint and model directory disagree on {key}: {unet_config[key]} vs {pipe.config.get(key)}"
             )
     T = len(pipe.betas)
     n = steps if steps is not None else min(spec.default_steps or T, T)
     if not 1 <= n <= T:
         raise ExportError(f"steps must be between 1 and {T}, got {n}")
     shape = (batch_size, *pipe.shape)
+    c, _, h, w = pipe.shape
     rng = np.random.default_rng(seed + 1)
     cond = rng.standard_normal((batch_size, pipe.cond_dim), dtype=np.float32) if pipe.cond_dim else None
     if cond is None and cond_scale != 1:
         raise ExportError("cond_scale needs a conditioned model; this one has no cond_dim")
-    per_step_noise = spec.draws_noise
+    frames = rng.uniform(0, 1, (batch_size, c, known, h, w)).astype(np.float32) if known else None
+    draws = spec.draws_noise
+    frame_kw = dict(frames=frames, resample=resample, frames_noise=_stream(seed + 2, shape),
+                    conditioning=conditioning) if known else {}
 
-    # runtime: the Pipeline (its backends, its guidance path), eps recorded per call
+    # runtime: the Pipeline's run (its backends, its guidance path), every denoiser call recorded
     runtime_eps: list[np.ndarray] = []
-    noise = _noise(seed, shape, n if per_step_noise else 0)
-    x_T = next(noise)
+    noise = _noise(seed, shape, n if draws else 0)
     log.info("parity: %s, %d steps, batch %d, runtime on %s", sampler, n, batch_size, pipe.backend_name)
     t0 = time.perf_counter()
-    runtime_video = pipe(
-        batch_size=batch_size, cond=cond, cond_scale=cond_scale, sampler=sampler, steps=n, noise=x_T,
-        step_noise=noise if per_step_noise else None, callback=lambda info: runtime_eps.append(info["eps"].copy()),
-        **(options or {}),
-    )
+    try:
+        run = pipe.prepare(batch_size=batch_size, cond=cond, cond_scale=cond_scale, sampler=sampler, steps=n,
+                           noise=next(noise), step_noise=noise if draws else None, **frame_kw, **(options or {}))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    denoise, _ = pipe.timed_denoiser(run.cond_scale)
+    runtime_video = run.finish(drive(run.machine, lambda x, t, cd, **inp: _record(runtime_eps,
+                                                                                     denoise(x, t, cd, **inp))))
     runtime_seconds = time.perf_counter() - t0
     log.info("parity: runtime done in %.1f s; running PyTorch", runtime_seconds)
 
-    # torch: the seed's p_sample_loop for full DDPM, else the same numpy sampler around the torch denoiser
+    # torch: the seed's loop for full DDPM, else a twin of the same run around the torch denoiser
     torch_eps: list[np.ndarray] = []
-    noise = _noise(seed, shape, n if per_step_noise else 0)
+    noise = _noise(seed, shape, n if draws else 0)
+    seed_loop = sampler == "ddpm" and n == T
     t0 = time.perf_counter()
     with torch.no_grad():
-        if sampler == "ddpm" and n == T:
+        if seed_loop and not known:
             torch_video = _torch_ddpm(unet, unet_config, shape, cond, cond_scale, noise, torch_eps, progress)
+        elif seed_loop:
+            torch_video = _torch_conditioned_ddpm(unet, unet_config, shape, cond, cond_scale, noise, run.plan.known,
+                                                  run.plan.mask, resample, _stream(seed + 2, shape), torch_eps,
+                                                  trained=run.conditioning == "trained")
         else:
-            x_T = next(noise)
-            denoise = _torch_denoiser(unet, cond_scale)
-            kwargs = {"cond": cond, "clip_denoised": True,
-                      **sampler_kwargs(sampler, n, options or {}, noise=noise if per_step_noise else None)}
-            if unet_config.get("use_dynamic_thres"):
-                kwargs["dynamic_thres_percentile"] = unet_config.get("dynamic_thres_percentile", 0.9)
+            torch_denoise = _torch_denoiser(unet, cond_scale)
             bar = _bar(progress, n, f"torch {sampler}")
-            x0 = spec.fn(denoise, x_T, pipe.betas, callback=lambda i: (torch_eps.append(i["eps"].copy()),
-                         bar and bar.update(1)), **kwargs)
+            x_T = next(noise)
+            machine = run.plan.machine(x_T, pipe.betas, noise=noise if draws else None,
+                                       known_noise=_stream(seed + 2, shape), callback=bar and (lambda _: bar.update(1)))
+            x0 = drive(machine, lambda x, t, cd, **inp: _record(torch_eps, torch_denoise(x, t, cd, **inp)))
             if bar:
                 bar.close()
-            torch_video = np.clip((x0 + 1) * 0.5, 0.0, 1.0)
+            torch_video = run.finish(x0)
     torch_seconds = time.perf_counter() - t0
 
     per_call = [float(np.abs(a - b).max()) for a, b in zip(torch_eps, runtime_eps)]
@@ -173,18 +187,24 @@ def run_parity(
     mse = float(np.mean((torch_video.astype(np.float64) - runtime_video.astype(np.float64)) ** 2))
     psnr = None if mse == 0 else 10 * math.log10(1.0 / mse)
     worst_call = max(per_call) if per_call else 0.0
-    passed = len(torch_eps) == len(runtime_eps) == n and worst_call <= atol and final <= atol
+    calls = n + resample * (n - 1) if known else n  # RePaint redoes every step but the last
+    passed = len(torch_eps) == len(runtime_eps) == calls and worst_call <= atol and final <= atol
+    if seed_loop:
+        reference = ("GaussianDiffusion.q_sample/p_sample (the seed's), RePaint jump in torch" if known
+                     else "GaussianDiffusion.p_sample_loop")
+    else:
+        reference = f"vdeploy.runtime.samplers.{sampler} around Unet3D.forward_with_cond_scale"
     report = {
         "sampler": sampler,
         "steps": n,
-        "calls": len(per_call),
+        "calls": len(runtime_eps),
+        "torch_calls": len(torch_eps),
         "batch_size": batch_size,
         "cond_scale": cond_scale,
         "seed": seed,
         "backend": pipe.backend_name,
         "precision": precision,
-        "torch_reference": "GaussianDiffusion.p_sample_loop" if sampler == "ddpm" and n == T else
-        f"vdeploy.runtime.samplers.{sampler} around Unet3D.forward_with_cond_scale",
+        "torch_reference": reference,
         "per_call_max_abs_err": per_call,
         "max_per_call_abs_err": worst_call,
         "final_max_abs_err": final,
@@ -195,6 +215,9 @@ def run_parity(
         "model_dir": str(model_dir),
         "ckpt": str(ckpt),
     }
+    if known:
+        report.update(known=known, resample=resample, conditioning=run.conditioning,
+                      known_frames_max_abs_err=float(np.abs(runtime_video[:, :, :known] - frames).max()))
     psnr_text = "inf" if psnr is None else f"{psnr:.1f}"
     log.info("parity: worst per-call err %.2e, final err %.2e, PSNR %s dB (atol %g): %s",
              worst_call, final, psnr_text, atol, "ok" if passed else "FAILED")
@@ -202,10 +225,18 @@ def run_parity(
         raise ParityError(
             f"parity exceeded atol {atol:g}: worst per-call max abs err {worst_call:.3g} "
             f"(call {int(np.argmax(per_call)) if per_call else '-'}), final max abs err {final:.3g}, "
-            f"PSNR {psnr_text} dB over {len(per_call)} calls",
+            f"PSNR {psnr_text} dB over {len(per_call)} calls ({len(torch_eps)} torch, {len(runtime_eps)} runtime, "
+            f"{calls} expected)",
             report,
         )
     return report
+
+
+def run_conditioned_parity(model_dir: str | Path, ckpt: str | Path, *, known: int = 2, atol: float = DEFAULT_ATOL,
+                           **kwargs) -> dict:
+    """``run_parity(known=known, raise_on_failure=False, ...)``: frame-conditioned parity (the first ``known``
+    frames given), returning the report whether or not it passed."""
+    return run_parity(model_dir, ckpt, known=known, atol=atol, raise_on_failure=False, **kwargs)
 
 
 def _torch_denoiser(unet, cond_scale: float):
@@ -261,119 +292,6 @@ def _stream(seed: int, shape: tuple):
     rng = np.random.default_rng(seed)
     while True:
         yield rng.standard_normal(shape, dtype=np.float32)
-
-
-def run_conditioned_parity(
-    model_dir: str | Path,
-    ckpt: str | Path,
-    *,
-    sampler: str = "ddpm",
-    steps: int | None = None,
-    known: int = 2,
-    resample: int = 0,
-    batch_size: int = 1,
-    cond_scale: float = 1.0,
-    seed: int = 0,
-    backend: str = "cpu",
-    ema: bool = True,
-    atol: float = DEFAULT_ATOL,
-    options: dict | None = None,
-    conditioning: str = "auto",
-) -> dict:
-    """Frame-conditioned sampling (``vdeploy.runtime.frame_conditioning``) in PyTorch and in the runtime, same noise.
-
-    The first ``known`` frames are given (seeded uniform frames in [0, 1]). The torch side: for ``ddpm`` over
-    every training step, the seed's own functions, ``GaussianDiffusion.q_sample`` for the replacement and
-    ``p_sample`` for every step and redone step, with the RePaint jump ``sqrt(1 - beta_t) x + sqrt(beta_t) z``
-    written in torch (the trained method: the U-Net also given the known frames and the mask); for other
-    samplers, the runtime's conditioning wrapper around the torch denoiser. The runtime side:
-    ``Pipeline.prepare(frames=..., conditioning=...)`` driven through its compiled denoiser. Every denoiser
-    call (resampling's included) is compared.
-
-    Returns:
-        ``{"per_call_max_abs_err", "final_max_abs_err", "known_frames_max_abs_err", "passed", ...}``.
-
-    Raises:
-        ExportError: unusable model directory, checkpoint or arguments.
-    """
-    import torch
-
-    from vdeploy.runtime import Pipeline
-    from vdeploy.runtime.frame_conditioning import conditioned_steps, known_frames
-    from vdeploy.runtime.manifest import ManifestError
-    from vdeploy.runtime.samplers import drive, sampler_kwargs, sampler_spec
-
-    from .exporter import load_unet
-
-    try:
-        spec = sampler_spec(sampler)
-        sampler_kwargs(sampler, 1, options or {})
-        pipe = Pipeline.from_dir(model_dir, backend=backend)
-    except (ManifestError, ValueError) as e:
-        raise ExportError(str(e)) from None
-    unet, unet_config, _ = load_unet(ckpt, ema=ema, default_config=pipe.config)
-    T = len(pipe.betas)
-    n = steps if steps is not None else min(spec.default_steps or T, T)
-    shape = (batch_size, *pipe.shape)
-    c, f, h, w = pipe.shape
-    rng = np.random.default_rng(seed + 1)
-    cond = rng.standard_normal((batch_size, pipe.cond_dim), dtype=np.float32) if pipe.cond_dim else None
-    frames = rng.uniform(0, 1, (batch_size, c, known, h, w)).astype(np.float32)
-    try:
-        x0_known, mask = known_frames(frames, None, shape)
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-    draws = spec.draws_noise
-
-    # runtime: the Pipeline's own run, every denoiser call recorded
-    runtime_eps: list[np.ndarray] = []
-    noise = _noise(seed, shape, n if draws else 0)
-    try:
-        run = pipe.prepare(batch_size=batch_size, cond=cond, cond_scale=cond_scale, sampler=sampler, steps=n,
-                           noise=next(noise), step_noise=noise if draws else None, frames=frames,
-                           resample=resample, frames_noise=_stream(seed + 2, shape), conditioning=conditioning,
-                           **(options or {}))
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-    trained = run.conditioning == "trained"
-    denoise, _ = pipe.timed_denoiser(run.cond_scale)
-    runtime_video = run.finish(drive(run.machine,
-                                     lambda x, t, cd, **inp: _record(runtime_eps, denoise(x, t, cd, **inp))))
-
-    # torch
-    torch_eps: list[np.ndarray] = []
-    noise = _noise(seed, shape, n if draws else 0)
-    full_ddpm = sampler == "ddpm" and n == T
-    with torch.no_grad():
-        if full_ddpm:
-            torch_video = _torch_conditioned_ddpm(unet, unet_config, shape, cond, cond_scale, noise, x0_known, mask,
-                                                  resample, _stream(seed + 2, shape), torch_eps, trained=trained)
-        else:
-            x_T = next(noise)
-            torch_denoise = _torch_denoiser(unet, cond_scale)
-            kwargs = {"cond": cond, "clip_denoised": True,
-                      **sampler_kwargs(sampler, n, options or {}, noise=noise if draws else None)}
-            if unet_config.get("use_dynamic_thres"):
-                kwargs["dynamic_thres_percentile"] = unet_config.get("dynamic_thres_percentile", 0.9)
-            machine = conditioned_steps(sampler, x_T, pipe.betas, known=x0_known, mask=mask, resample=resample,
-                                        trained=trained, known_noise=_stream(seed + 2, shape), **kwargs)
-            x0 = drive(machine, lambda x, t, cd, **inp: _record(torch_eps, torch_denoise(x, t, cd, **inp)))
-            torch_video = np.clip((x0 + 1) * 0.5, 0.0, 1.0)
-
-    per_call = [float(np.abs(a - b).max()) for a, b in zip(torch_eps, runtime_eps)]
-    final = float(np.abs(torch_video - runtime_video).max())
-    kept = float(np.abs(runtime_video[:, :, :known] - frames).max())
-    worst = max(per_call) if per_call else 0.0
-    return {
-        "sampler": sampler, "steps": n, "known": known, "resample": resample, "cond_scale": cond_scale,
-        "conditioning": run.conditioning,
-        "calls": len(runtime_eps), "torch_calls": len(torch_eps),
-        "torch_reference": "GaussianDiffusion.q_sample/p_sample (the seed's), RePaint jump in torch" if full_ddpm
-        else f"vdeploy.runtime.frame_conditioning around {sampler} and Unet3D.forward_with_cond_scale",
-        "per_call_max_abs_err": per_call, "max_per_call_abs_err": worst, "final_max_abs_err": final,
-        "known_frames_max_abs_err": kept, "atol": atol,
-        "passed": len(torch_eps) == len(runtime_eps) and worst <= atol and final <= atol,
-    }
 
 
 def _record(calls: list, eps):

@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,41 +14,16 @@ from . import manifest as manifest_lib
 from .backends import (BACKENDS, BackendOptions, BackendUnavailable, auto_order, backend_spec, graph_for, open_graph,
                        precision_refused)
 from .manifest import Manifest, ManifestError
-from .frame_conditioning import conditioned_steps, frame_feeds, known_frames
+from .frame_conditioning import frame_feeds, known_frames
 from .model_files import check_external_data_files, null_embedding, schedule_betas
-from .samplers import Machine, drive, guided, sampler_kwargs, sampler_spec
+from .sampler_run import CONDITIONING, SamplerRun, plan_run
+from .samplers import sampler_spec
+from .steps import drive, guided
 
 log = logging.getLogger("vdeploy.runtime")
 
 DEFAULT_SAMPLER = "dpmpp"
-# how known frames condition a run (Pipeline.__call__'s ``conditioning``); "auto" picks "trained" where it exists
-CONDITIONING = ("auto", "trained", "replacement")
-
-
-@dataclass
-class Prepared:
-    """One sampling run made ready by ``Pipeline.prepare``: its step machine and how to finish it.
-
-    Attributes:
-        machine: the sampler's step machine (``vdeploy.runtime.samplers``: yields ``StepRequest``, is sent eps).
-        sampler, steps, batch_size: what the run is (steps and batch resolved from the defaults).
-        cond_scale: the guidance scale, a float.
-        guidance: ``Pipeline.guidance(cond_scale)``: ``"none"``, ``"fused"`` or ``"two-calls"``.
-        conditioning: how the known frames condition the run (``"trained"``, ``"replacement"``), None without.
-    """
-
-    machine: Machine
-    sampler: str
-    steps: int
-    batch_size: int
-    cond_scale: float
-    guidance: str
-    conditioning: str | None = None
-
-    @staticmethod
-    def finish(x0: np.ndarray) -> np.ndarray:
-        """The machine's final x0 in [-1, 1] -> the video in [0, 1] (the seed's ``unnormalize_img``)."""
-        return np.clip((x0 + 1) * 0.5, 0.0, 1.0)
+Prepared = SamplerRun  # the name ``prepare``'s result had before SamplerRun
 
 
 class Pipeline:
@@ -86,6 +60,7 @@ class Pipeline:
             self.cfg_graph = manifest.graphs[cfg_graph or manifest.find_graph(guidance=True)]
         self.text_encoder = text_encoder
         self.frame_conditioned = self.graph.input("frames") is not None
+        self.prediction_type = manifest.schedule.prediction_type  # what the denoiser predicts (eps; v: issue 22)
         self.backend_name = backend.name
 
     @classmethod
@@ -434,16 +409,16 @@ class Pipeline:
         frames_noise: Iterable[np.ndarray] | None = None,
         conditioning: str = "auto",
         **options,
-    ) -> Prepared:
+    ) -> SamplerRun:
         """Make one sampling run ready without calling the denoiser: ``__call__`` is exactly
-        ``run = prepare(...); run.finish(drive(run.machine, timed_denoiser(run.cond_scale)[0]))``.
+        ``run = prepare(...); run.finish(drive(run.machine, timed_denoiser(run.cond_scale)[0]))`` (``SamplerRun``).
 
         The same arguments as ``__call__`` (less ``progress``), checked the same way (every bad one raises
         ValueError here, before any step). The starting noise and the per-step noise come from ``seed`` as in
         a ``__call__``, so a driver that batches the machine's requests with others' (the serving batcher)
         gets that call's video.
         """
-        spec = sampler_spec(sampler)
+        sampler_spec(sampler)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if (isinstance(cond_scale, bool) or not isinstance(cond_scale, (int, float, np.integer, np.floating))
@@ -476,34 +451,25 @@ class Pipeline:
             if x.shape != shape:
                 raise ValueError(f"noise has shape {x.shape}, expected {shape}")
 
-        num_steps = steps if steps is not None else (spec.default_steps or len(self.betas))
-        kwargs = {
-            "cond": cond, "clip_denoised": True,
-            **sampler_kwargs(sampler, num_steps, options, noise=step_noise, rng=rng),
-        }
-        if self.config.get("use_dynamic_thres"):
-            kwargs["dynamic_thres_percentile"] = self.config.get("dynamic_thres_percentile", 0.9)
         if conditioning not in CONDITIONING:
             raise ValueError(f"conditioning must be one of {', '.join(CONDITIONING)}, got {_short(conditioning)}")
         if conditioning == "trained" and not self.frame_conditioned:
             raise ValueError(f"{self.model_dir} was not trained with frame conditioning (config "
                              "frame_conditioning): use conditioning='replacement' (training-free) or 'auto'")
-        method = None
+        known = method = None
         if frames is None:
             if known_mask is not None or resample or frames_noise is not None or conditioning != "auto":
                 raise ValueError("known_mask, resample, frames_noise and conditioning need `frames` (the known "
                                  "frames)")
-            machine = spec.stepper(x, self.betas, callback=callback, **kwargs)
         else:
             method = "trained" if conditioning == "trained" or (
                 conditioning == "auto" and self.frame_conditioned) else "replacement"
-            known, mask = known_frames(frames, known_mask, shape)
-            kwargs.pop("rng", None)  # the conditioning wrapper hands the sampler the same generator
-            machine = conditioned_steps(sampler, x, self.betas, known=known, mask=mask, resample=resample,
-                                        trained=method == "trained", known_noise=frames_noise, rng=rng,
-                                        callback=callback, **kwargs)
-        return Prepared(machine, sampler, num_steps, batch_size, float(cond_scale), self.guidance(cond_scale),
-                        method)
+            known = known_frames(frames, known_mask, shape)
+        plan = plan_run(sampler, steps=steps, timesteps=len(self.betas), cond=cond, options=options,
+                        config=self.config, prediction_type=self.prediction_type, known=known, method=method,
+                        resample=resample)
+        machine = plan.machine(x, self.betas, noise=step_noise, rng=rng, known_noise=frames_noise, callback=callback)
+        return SamplerRun(machine, plan, batch_size, float(cond_scale), self.guidance(cond_scale))
 
     def guidance(self, cond_scale: float) -> str:
         """How a run at ``cond_scale`` calls the graphs: ``"none"`` (the plain graph; unconditional models and
