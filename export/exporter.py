@@ -31,6 +31,7 @@ from vdeploy.runtime.manifest import Conditioning, Engine, Graph, Manifest, Sche
 from .checks import check_graph, check_parity, denoiser_cases
 from .spec import DEFAULT_OPSET, FP16_ATOL, FP32_ATOL, ExportError, ExportSpec, ValidationError, denoiser_spec
 from .variants import VARIANTS, selected
+from .variants import variant_options as variant_flags
 
 log = logging.getLogger("vdeploy.export")
 
@@ -220,21 +221,22 @@ def _export(
     *,
     source: dict,
     opset: int = DEFAULT_OPSET,
-    cfg: bool = False,
-    fp16: bool = False,
     optimize: str = "auto",
     text_encoder: str | os.PathLike | None = None,
     tensorrt=None,
     dynamic_size: bool = True,
     atol: float = FP32_ATOL,
     fp16_atol: float = FP16_ATOL,
+    **variant_options,
 ) -> Manifest:
     """Everything after loading, written into ``tmp``: one loop over the graph variants asked for.
 
     Args:
         opset: ONNX opset (17 default: GroupNorm decomposes, no opset-21 GroupNormalization semantics).
-        cfg: also export the one-call classifier-free-guidance graph ``denoiser_cfg.onnx``.
-        fp16: also export ``denoiser_fp16.onnx`` and check it against fp32 PyTorch within ``fp16_atol``.
+        **variant_options: the graph variants' export options (``variants.VARIANTS``' ``option``): ``cfg=True``
+            also exports the one-call classifier-free-guidance graph ``denoiser_cfg.onnx``, ``fp16=True``
+            ``denoiser_fp16.onnx`` (checked against fp32 PyTorch within ``fp16_atol``); and tolerances of new
+            variants (``<name>_atol``, their ``atol_option``).
         optimize: ``auto`` (keep the onnxslim graph when it measurably runs faster), ``onnxslim``
             (always), ``none``.
         text_encoder: local HF encoder directory, ``"default"`` for the embedded MiniLM, or None.
@@ -260,12 +262,17 @@ def _export(
     started = time.perf_counter()
     null = unet.null_cond_emb.detach().float().reshape(1, -1).numpy() if getattr(unet, "has_cond", False) else None
     cond_dim = None if null is None else int(null.shape[1])
-    tolerances = {"atol": atol, "fp16_atol": fp16_atol}
-    names = selected({"cfg": cfg, "fp16": fp16})
+    tolerances = {"atol": atol, "fp16_atol": fp16_atol,
+                  **{k: v for k, v in variant_options.items() if k.endswith("_atol")}}
+    unknown = sorted(set(variant_options) - set(tolerances) - set(variant_flags()))
+    if unknown:
+        raise TypeError(f"export got unknown option(s) {', '.join(unknown)} (graph variants: "
+                        f"{', '.join(variant_flags())})")
+    names = selected(variant_options)
     # every spec is built before any tracing, so that --cfg on an unconditioned model fails at once
     specs = {
         name: denoiser_spec(config, cond_dim, guidance=VARIANTS[name].guidance, name=name, file=VARIANTS[name].file,
-                            dynamic_size=dynamic_size, opset=opset, atol=tolerances[VARIANTS[name].atol])
+                            dynamic_size=dynamic_size, opset=opset, atol=tolerances[VARIANTS[name].atol_option])
         for name in names
     }
     extra_size = _extra_size(config) if dynamic_size else None

@@ -21,14 +21,16 @@ class GraphVariant:
 
     Args:
         file: its file in the model directory.
-        option: the export option (keyword of ``export_onnx``, CLI flag) that asks for it; None: always.
+        option: the export option that asks for it, None: always. It is a keyword of ``export_onnx`` and a flag of
+            ``vdeploy export`` (``--<option>``, its help the ``summary``) with no other edit.
         guidance: the graph takes ``cond_scale`` and returns the guided eps (needs a conditioned model).
         precision: what its weights and activations are (I/O stay float32).
         wrapper: ``(unet, num_frames) -> torch module`` traced with ``torch.onnx.export``, or None.
         derive: ``(source variant, convert(src, dst) -> record)``: built from another variant's file.
         reference: the PyTorch side of its parity cases: ``forward`` (cond and null-cond calls) or
             ``forward_with_cond_scale`` (the guided prediction).
-        atol: the export option holding its tolerance against fp32 PyTorch (``atol``/``fp16_atol``).
+        atol_option: the export option holding its tolerance against fp32 PyTorch (``atol``/``fp16_atol``; a new
+            one, ``<name>_atol``, is a keyword of ``export_onnx`` too).
         tensorrt: a TensorRT plan is built from it with ``--tensorrt``.
         summary: one line for the docs and ``--help``.
     """
@@ -40,7 +42,7 @@ class GraphVariant:
     wrapper: Callable | None
     derive: tuple[str, Callable[[Path, Path], dict]] | None
     reference: str
-    atol: str
+    atol_option: str
     tensorrt: bool
     summary: str
 
@@ -79,3 +81,9 @@ VARIANTS: dict[str, GraphVariant] = {
 def selected(options: dict) -> list[str]:
     """The variants an export with ``options`` (``{"cfg": True, ...}``) builds, in table order."""
     return [name for name, v in VARIANTS.items() if v.option is None or options.get(v.option)]
+
+
+def variant_options() -> dict[str, str]:
+    """The export options that ask for a variant (``export_onnx`` keywords, ``vdeploy export`` flags): option ->
+    variant name."""
+    return {v.option: name for name, v in VARIANTS.items() if v.option is not None}

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from vdeploy.cli_options import (BadInput, FiniteFloat, OneLineErrors, backend_choice, main, precision_choice,
-                                 require_extra, sampler_choice, sampler_option_flags, sampler_options_of)
+                                 require_extra, sampler_choice, sampler_option_flags, sampler_options_of,
+                                 variant_option_flags, variant_options_of)
 # the tables every command reads its choices from (numpy-only modules: no torch, no onnxruntime)
 from vdeploy.runtime.pipeline import CONDITIONING
 
@@ -38,8 +39,7 @@ def _log_progress() -> None:
               help="Architecture: preset (tiny|small|base) or JSON file; needed when the checkpoint holds none.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Export the EMA weights or the raw ones.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 20), help="ONNX opset (17-20).")
-@click.option("--cfg", is_flag=True, help="Also export denoiser_cfg.onnx: cond and null in one call, cond_scale input.")
-@click.option("--fp16", is_flag=True, help="Also export denoiser_fp16.onnx (float16, fp32 I/O; softmax/norm stats fp32).")
+@variant_option_flags
 @click.option("--optimize", type=click.Choice(["auto", "none", "onnxslim"]), default="auto", show_default=True,
               help="auto: keep the onnxslim graph only when it measurably runs faster (ORT CPU, 2 threads).")
 @click.option("--static-size", is_flag=True, help="Fix height/width to the config's image_size (batch stays dynamic).")
@@ -61,10 +61,9 @@ def _log_progress() -> None:
 @click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Sign the directory with this EC private key (unencrypted PEM; P-256/384/521): OUT/model.sig, "
                    "checked by `vdeploy verify` and Pipeline.from_dir(public_key=...). Needs vdeploy[signing].")
-def export_cmd(ckpt: Path, out: Path, config_spec: str | None, ema: bool, opset: int, cfg: bool, fp16: bool,
-               optimize: str, static_size: bool, atol: float, fp16_atol: float, text_encoder: Path | None,
+def export_cmd(ckpt: Path, out: Path, config_spec: str | None, ema: bool, opset: int, optimize: str, static_size: bool, atol: float, fp16_atol: float, text_encoder: Path | None,
                tensorrt: bool, trt_fp32: bool, min_shapes: str | None, opt_shapes: str | None, max_shapes: str | None,
-               timing_cache: Path | None, workspace: int, sign_key: Path | None) -> None:
+               timing_cache: Path | None, workspace: int, sign_key: Path | None, **flags) -> None:
     """Export a checkpoint's denoiser to a checked model directory (ONNX, optional TensorRT).
 
     \b
@@ -99,7 +98,7 @@ def export_cmd(ckpt: Path, out: Path, config_spec: str | None, ema: bool, opset:
             )
         t0 = time.perf_counter()
         manifest = export_onnx(
-            ckpt, out, config=config_spec, ema=ema, opset=opset, cfg=cfg, fp16=fp16, optimize=optimize,
+            ckpt, out, config=config_spec, ema=ema, opset=opset, optimize=optimize, **variant_options_of(flags),
             dynamic_size=not static_size, atol=atol, fp16_atol=fp16_atol, text_encoder=text_encoder, tensorrt=trt,
         )
     except ExportError as e:

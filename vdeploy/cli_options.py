@@ -155,3 +155,21 @@ def sampler_options_of(kwargs: dict) -> dict:
     from vdeploy.runtime.samplers import sampler_options
 
     return {name: kwargs.pop(name) for name in sampler_options() if name in kwargs}
+
+
+def variant_option_flags(command):
+    """Decorate ``vdeploy export`` with one flag per graph variant that an export option asks for
+    (``export.variants.VARIANTS``: ``--cfg``, ``--fp16``, ...); collect them with ``variant_options_of``."""
+    from vdeploy.export.variants import VARIANTS  # a plain table module: no torch
+
+    for name, variant in reversed([(n, v) for n, v in VARIANTS.items() if v.option is not None]):
+        command = click.option("--" + variant.option.replace("_", "-"), variant.option, is_flag=True,
+                               help=f"Also export {variant.file}: {variant.summary}.")(command)
+    return command
+
+
+def variant_options_of(kwargs: dict) -> dict:
+    """Pop the graph-variant flags (``variant_option_flags``) out of a command's keywords."""
+    from vdeploy.export.variants import variant_options
+
+    return {option: kwargs.pop(option) for option in variant_options() if option in kwargs}

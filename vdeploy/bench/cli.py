@@ -11,11 +11,122 @@ import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .common import log, progress
 
-SECTIONS = ("sampling", "coldstart", "flops", "quality", "profile")
+
+@dataclass
+class Bench:
+    """What the sections of one run share: the arguments, the model and its timed rows, the report so far.
+
+    ``by`` holds the timed rows that ran (batch 1 measured), ``fastest`` the fastest shipped runtime row (None:
+    none ran), ``baseline`` torch eager's row name, ``backend`` the runtime backend later sections use.
+    """
+
+    args: argparse.Namespace
+    out: dict
+    config: dict
+    unet: object
+    model: object
+    work: Path
+    inputs: object
+    timed: list
+    device: str
+    threads: int
+    mark: Callable[[str], None]
+    by: dict = field(default_factory=dict)
+    fastest: object = None
+    baseline: str | None = None
+    backend: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Section:
+    """One entry of the benchmark's sections table: ``run(bench)`` measures and returns the section's JSON entry
+    (None where it does not apply here), stored at ``out[key]``; ``--skip NAME`` leaves it out."""
+
+    run: Callable[[Bench], object]
+    key: str
+    summary: str
+
+
+def _flops(b: Bench):
+    from . import flops
+
+    progress("counting FLOPs and measuring the matmul peak")
+    fl = flops.count_flops(b.unet.cpu(), b.config, b.inputs, b.args.batches)
+    b.unet.to(b.device)
+    fl["matmul_peak"] = flops.matmul_peak(b.device, b.threads, repeats=max(1, min(5, b.args.repeats)))
+    return fl
+
+
+def _sampling(b: Bench):
+    from . import sampling
+
+    if not b.fastest:
+        return None
+    torch_ref = b.by[b.baseline] if b.baseline else b.fastest
+    per_call_s = max(torch_ref.times_ms["1"]["median"], b.fastest.times_ms["1"]["median"]) / 1e3
+    b.mark("sampling")
+    result = sampling.measure_sampling(b.args, b.config, b.unet, b.fastest, per_call_s, b.device)
+    b.mark("sampling")
+    b.out["loop_overhead_pct"] = result["runtime_dpmpp"]["loop_overhead_pct"]
+    return result
+
+
+def _cold_start(b: Bench):
+    from . import cold_start, models
+
+    ckpt = b.model.manifest.source.get("checkpoint")
+    if b.args.model_dir is None or not ckpt or not Path(ckpt).is_file():
+        ckpt = models.write_checkpoint(b.unet.cpu(), b.config, b.work / "model.pt")
+        b.unet.to(b.device)
+    b.mark("cold_start")
+    result = cold_start.measure_cold_start(b.model.path, Path(ckpt), b.args.cold_repeats, b.threads, b.backend,
+                                           b.device)
+    b.mark("cold_start")
+    return result
+
+
+def _profile(b: Bench):
+    from . import flops
+
+    cpu_ort = [r for r in b.by.values() if r.backend == "cpu" and r.shipped]  # the fastest onnxruntime CPU graph
+    if not cpu_ort:
+        return None
+    row = min(cpu_ort, key=lambda r: r.times_ms["1"]["median"])
+    progress(f"onnxruntime profile of {row.name}")
+    return flops.ort_profile(row, b.inputs, b.threads, runs=max(5, min(b.args.repeats, 10)))
+
+
+def _quality(b: Bench):
+    from . import models, quality
+
+    q_dir, q_what, q_config = models.quality_model(b.args.ckpt, b.model, b.config, b.work)
+    b.mark("quality")
+    result = quality.measure_quality(b.args, q_dir, q_what, q_config, b.threads, b.backend)
+    b.mark("quality")
+    return result
+
+
+# the sections after the per-call latency, in run order (a new one: one entry here and its function)
+SECTIONS: dict[str, Section] = {
+    "flops": Section(_flops, "flops", "FLOPs per call and the matmul peak (GFLOP/s and % of peak per row)"),
+    "sampling": Section(_sampling, "sampling", "whole sampling runs: torch vs the fastest runtime row, loop overhead"),
+    "coldstart": Section(_cold_start, "cold_start", "fresh processes: import, load, first video"),
+    "profile": Section(_profile, "profile", "onnxruntime's per-operator profile of the fastest CPU graph"),
+    "quality": Section(_quality, "quality", "fewer steps against a many-step reference, every sampler and spacing"),
+}
+
+
+def run_sections(bench: Bench, skip: set[str]) -> None:
+    """Every section of ``SECTIONS`` not in ``skip``, in table order; each result at ``bench.out[key]`` (None
+    for a skipped one)."""
+    for name, section in SECTIONS.items():
+        bench.out[section.key] = None if name in skip else section.run(bench)
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -60,7 +171,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                    help="skip the quality section (with a note) when its estimated time exceeds this many "
                    "seconds [900]")
     p.add_argument("--cold-repeats", type=int, default=3, help="fresh processes per side for cold start [3]")
-    p.add_argument("--skip", default="", help=f"comma list of sections to skip: {', '.join(SECTIONS)}")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: " + "; ".join(
+        f"{name} ({section.summary})" for name, section in SECTIONS.items()).replace("%", "%%"))
     p.add_argument("--work", type=Path, default=None, help="folder for exports and checkpoints (kept); "
                    "default: a temporary folder, removed")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, inputs and noise [0]")
@@ -99,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from vdeploy.runtime.platform import physical_cores
 
-    from . import cold_start, common, flops, latency, models, quality, report, rows, sampling
+    from . import common, latency, models, report, rows
 
     threads = args.threads or physical_cores()
     device = args.device
@@ -173,57 +285,21 @@ def run(args: argparse.Namespace) -> dict:
                          "derived_graph_max_abs_err_vs_plain": latency.record_errors(timed, refs, args.batches[0]),
                          "parity_vs_torch": dict(model.manifest.parity)}
 
-        fl = peak = None
-        if "flops" not in args.skip:
-            progress("counting FLOPs and measuring the matmul peak")
-            fl = flops.count_flops(unet.cpu(), config, inputs, args.batches)
-            unet.to(device)
-            peak = flops.matmul_peak(device, threads, repeats=max(1, min(5, args.repeats)))
-            fl["matmul_peak"] = peak
-        results, speedups, baseline, _ = report.summarize(timed, fl, peak)
-        out["results"] = results
-        out["flops"] = fl
-        out["ort_speedup_vs_torch"] = speedups.get("b1")
-        out["ort_speedup_detail"] = speedups
-
+        # the row every later section uses: the fastest shipped runtime row on this device
         by = {r.name: r for r in timed if r.status == "ok" and "1" in r.times_ms}
         shipped = [r for r in by.values() if r.shipped and (device == "cuda") == (r.device == "cuda")]
         shipped = shipped or [r for r in by.values() if r.shipped]  # e.g. --device cuda, CPU-only onnxruntime
         fastest = min(shipped, key=lambda r: r.times_ms["1"]["median"]) if shipped else None
-        out["loop_overhead_pct"] = out["sampling"] = None
-        if "sampling" not in args.skip and fastest:
-            torch_ref = by[baseline] if baseline else fastest
-            per_call_s = max(torch_ref.times_ms["1"]["median"], fastest.times_ms["1"]["median"]) / 1e3
-            mark("sampling")
-            out["sampling"] = sampling.measure_sampling(args, config, unet, fastest, per_call_s, device)
-            mark("sampling")
-            out["loop_overhead_pct"] = out["sampling"]["runtime_dpmpp"]["loop_overhead_pct"]
+        out["loop_overhead_pct"] = None
+        bench = Bench(args, out, config, unet, model, work, inputs, timed, device, threads, mark, by, fastest,
+                      report.summarize(timed, None, None)[2], fastest.backend if fastest else "cpu")
+        run_sections(bench, args.skip)
+        fl = out["flops"]
+        results, speedups, _, _ = report.summarize(timed, fl, fl and fl["matmul_peak"])
+        out["results"] = results
+        out["ort_speedup_vs_torch"] = speedups.get("b1")
+        out["ort_speedup_detail"] = speedups
 
-        backend = fastest.backend if fastest else "cpu"
-        out["cold_start"] = None
-        if "coldstart" not in args.skip:
-            ckpt = model.manifest.source.get("checkpoint")
-            if args.model_dir is None or not ckpt or not Path(ckpt).is_file():
-                ckpt = models.write_checkpoint(unet.cpu(), config, work / "model.pt")
-                unet.to(device)
-            mark("cold_start")
-            out["cold_start"] = cold_start.measure_cold_start(model.path, Path(ckpt), args.cold_repeats, threads,
-                                                              backend, device)
-            mark("cold_start")
-
-        out["profile"] = None
-        cpu_ort = [r for r in by.values() if r.backend == "cpu" and r.shipped]  # the fastest onnxruntime CPU graph
-        if "profile" not in args.skip and cpu_ort:
-            row = min(cpu_ort, key=lambda r: r.times_ms["1"]["median"])
-            progress(f"onnxruntime profile of {row.name}")
-            out["profile"] = flops.ort_profile(row, inputs, threads, runs=max(5, min(args.repeats, 10)))
-
-        out["quality"] = None
-        if "quality" not in args.skip:
-            q_dir, q_what, q_config = models.quality_model(args.ckpt, model, config, work)
-            mark("quality")
-            out["quality"] = quality.measure_quality(args, q_dir, q_what, q_config, threads, backend)
-            mark("quality")
         out["targets"] = report.evaluate_targets(out)
         if device == "cuda":
             out["notes"].append("the targets are defined for the CPU; on a GPU they are shown for reference")
