@@ -133,6 +133,12 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return fields.get("VmRSS", float("nan")), fields.get("VmHWM", float("nan"))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its threads so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
@@ -201,9 +207,9 @@ def measure(args, server, port: int, mode: str, c: int, round_: int) -> dict:
     body = {"steps": args.steps, "sampler": args.sampler, "format": "npy"}
     if args.cond_scale is not None:
         body["cond_scale"] = args.cond_scale
-    before = metrics(port)
+    before, cpu = metrics(port), cpu_seconds(server.pid)
     latencies, errors, wall = fire(port, body, c, args.requests * c)
-    after = metrics(port)
+    after, cpu = metrics(port), cpu_seconds(server.pid) - cpu
     rss, peak = rss_mib(server.pid)
     row = {
         "mode": mode, "concurrency": c, "round": round_, "requests": args.requests * c,
@@ -212,11 +218,13 @@ def measure(args, server, port: int, mode: str, c: int, round_: int) -> dict:
         "p50_s": round(percentile(latencies, 0.5), 3) if latencies else None,
         "p95_s": round(percentile(latencies, 0.95), 3) if latencies else None,
         **trace(before, after, wall),
+        "cpu_s": round(cpu, 2), "cpu_s_per_video": round(cpu / len(latencies), 3) if latencies else None,
         "rss_mib": round(rss), "peak_rss_mib": round(peak),
     }
     print(f"round {round_} {mode:>4} c={c}: {row['videos_per_min']} videos/min, p50 {row['p50_s']} s, "
           f"p95 {row['p95_s']} s, errors {errors}, rows/call {row['rows_per_call']} (+{row['padded_per_call']} "
           f"padding), calls {row['calls_by_batch']}, not in denoiser {100 * row['not_in_denoiser']:.1f}%, "
+          f"CPU {row['cpu_s_per_video']} s/video, "
           f"RSS {row['rss_mib']} MiB", file=sys.stderr, flush=True)
     return row
 
@@ -269,17 +277,22 @@ def best_rounds(rows: list[dict]) -> list[dict]:
 def comparison(rows: list[dict], best: list[dict]) -> list[dict]:
     """Per concurrency: each mode's throughput pooled over its rounds (videos answered / seconds, all rounds;
     the rounds interleave the modes, so other load hits each alike), auto against the better of on/off
-    pooled, from the best rounds, and as the median over rounds of the per-round ratio."""
+    pooled, from the best rounds, and as the median over rounds of the per-round ratio; and the server's CPU
+    seconds per video pooled (other processes' load changes it far less than it changes wall time):
+    ``auto_vs_best_cpu`` is the better mode's CPU per video over auto's."""
     out = []
     for c in sorted({r["concurrency"] for r in best}):
         entry = {"concurrency": c}
         for mode in sorted({r["mode"] for r in rows}):
             mine = [r for r in rows if r["concurrency"] == c and r["mode"] == mode]
             entry[mode] = round(60 * sum(r["ok"] for r in mine) / sum(r["seconds"] for r in mine), 1)
+            entry[f"{mode}_cpu_s_per_video"] = round(sum(r["cpu_s"] for r in mine) / max(1, sum(r["ok"] for r in mine)), 3)
         best_of = {r["mode"]: r["videos_per_min"] for r in best if r["concurrency"] == c}
         if all(m in entry for m in ("on", "off", "auto")):
             entry["auto_vs_best"] = round(entry["auto"] / max(entry["on"], entry["off"]), 3)
             entry["auto_vs_best_of_best_rounds"] = round(best_of["auto"] / max(best_of["on"], best_of["off"]), 3)
+            entry["auto_vs_best_cpu"] = round(min(entry["on_cpu_s_per_video"], entry["off_cpu_s_per_video"])
+                                              / entry["auto_cpu_s_per_video"], 3)
             per_round = {}
             for r in rows:
                 if r["concurrency"] == c:
@@ -312,12 +325,14 @@ def markdown(report: dict) -> str:
         lines += ["Throughput pooled over the rounds (videos / seconds of all rounds); in brackets auto / better of "
                   "on, off from the best rounds, and the median round's ratio.", "",
                   "| concurrency | on videos/min | off | auto | auto / better of on, off (best rounds; median round) "
-                  "| on / off |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| on / off | server CPU s/video on / off / auto | auto by CPU / video |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for e in report["comparison"]:
             lines.append(f"| {e['concurrency']} | {e.get('on')} | {e.get('off')} | {e.get('auto')} | "
                          f"{e.get('auto_vs_best')} ({e.get('auto_vs_best_of_best_rounds')}; "
-                         f"{e.get('auto_vs_best_median_round')}) | {e.get('on_vs_off')} |")
+                         f"{e.get('auto_vs_best_median_round')}) | {e.get('on_vs_off')} | "
+                         f"{e.get('on_cpu_s_per_video')} / {e.get('off_cpu_s_per_video')} / "
+                         f"{e.get('auto_cpu_s_per_video')} | {e.get('auto_vs_best_cpu')} |")
         lines.append("")
     lines += [
         "| batching | c | videos/min | p50 s | p95 s | errors | rows/call | padding/call | calls by batch | "
