@@ -1,210 +1,20 @@
 """Step machines: every sampler as a resumable generator, driven one step at a time.
 
-The pure functions must give today's numbers bit for bit: the reference below is a frozen copy of the
-sampler math as of commit 62deca3 (before the step-machine refactor), docstrings dropped, untouched
-otherwise; only the timestep selection goes through ``schedule.respace`` (which has its own tests), so that
-later spacings reach it too. Numpy only: no torch here.
+The pure functions must give the stored numbers bit for bit (``tests/data/sampler_golden.npz``, the sampler
+math as of commit 62deca3). Numpy only: no torch here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vdeploy.runtime import samplers, schedule
 from vdeploy.runtime.samplers import SAMPLERS, StepRequest, drive
-from vdeploy.runtime.schedule import respace, respaced_betas, seed_buffers
+from vdeploy.runtime.schedule import respace
 
-
-def spacing_betas(spacing, betas):
-    """The betas for spacings that need them (none before logsnr), as respace's keyword."""
-    return {"betas": betas} if spacing not in ("trailing", "leading", "linspace") else {}
-
-
-# ---- frozen copy of runtime/samplers.py at 62deca3 ------------------------------------------------------
-
-def frozen_clip_x0(x0: np.ndarray, dynamic_thres_percentile: float | None = None) -> np.ndarray:
-    if dynamic_thres_percentile is None:
-        return np.clip(x0, -1.0, 1.0, out=x0)
-    b = x0.shape[0]
-    s = np.quantile(np.abs(x0).reshape(b, -1), dynamic_thres_percentile, axis=-1)
-    s = np.maximum(s, 1.0).astype(x0.dtype).reshape(b, *(1,) * (x0.ndim - 1))
-    np.clip(x0, -s, s, out=x0)
-    x0 /= s
-    return x0
-
-
-def frozen_noise_source(noise: Iterable[np.ndarray] | None, rng: np.random.Generator | None, shape, what: str):
-    if noise is not None:
-        it = iter(noise)
-
-        def draw(i):
-            try:
-                z = next(it)
-            except StopIteration:
-                raise ValueError(f"{what}: `noise` ran out at step {i}; it needs one array per step") from None
-            z = np.asarray(z, dtype=np.float32)
-            if z.shape != shape:
-                raise ValueError(f"{what}: noise for step {i} has shape {z.shape}, expected {shape}")
-            return z
-
-        return draw
-    rng = rng if rng is not None else np.random.default_rng()
-    return lambda i: rng.standard_normal(shape, dtype=np.float32)
-
-
-def frozen_start(x: np.ndarray, betas: np.ndarray, cond):
-    x = np.array(x, dtype=np.float32)  # a copy: the caller's starting noise stays untouched
-    if x.ndim != 5:
-        raise ValueError(f"x must be (b, c, f, h, w), got shape {x.shape}")
-    if cond is not None:
-        cond = np.asarray(cond, dtype=np.float32)
-    return x, np.asarray(betas, dtype=np.float64), cond
-
-
-def frozen_ddpm(
-    denoise,
-    x: np.ndarray,
-    betas: np.ndarray,
-    *,
-    cond: np.ndarray | None = None,
-    steps: int | None = None,
-    spacing: str = "trailing",
-    noise: Iterable[np.ndarray] | None = None,
-    rng: np.random.Generator | None = None,
-    clip_denoised: bool = True,
-    dynamic_thres_percentile: float | None = None,
-    callback: Callable[[dict], None] | None = None,
-) -> np.ndarray:
-    x, betas, cond = frozen_start(x, betas, cond)
-    T = len(betas)
-    if steps is None or steps == T:
-        timesteps = np.arange(T - 1, -1, -1, dtype=np.int64)
-    else:
-        timesteps = respace(T, steps, spacing, **spacing_betas(spacing, betas))
-        betas = respaced_betas(betas, timesteps)
-    tab = seed_buffers(betas)
-    # q(x_{t-1} | x_t, x0) = N(coef1 * x0 + coef2 * x_t, exp(logvar)); x0 = sqrt(1/a_t) x_t - sqrt(1/a_t - 1) eps
-    recip, recipm1 = tab["sqrt_recip_alphas_cumprod"], tab["sqrt_recipm1_alphas_cumprod"]
-    coef1, coef2 = tab["posterior_mean_coef1"], tab["posterior_mean_coef2"]
-    std = np.exp(np.float32(0.5) * tab["posterior_log_variance_clipped"])
-    draw = frozen_noise_source(noise, rng, x.shape, "ddpm")
-    b = x.shape[0]
-    n = len(timesteps)
-    for i, t in enumerate(timesteps):
-        j = n - 1 - i  # index into the (possibly respaced) chain's tables
-        eps = np.asarray(denoise(x, np.full((b,), t, dtype=np.int64), cond), dtype=np.float32)
-        x0 = recip[j] * x - recipm1[j] * eps
-        if clip_denoised:
-            frozen_clip_x0(x0, dynamic_thres_percentile)
-        mean = coef1[j] * x0 + coef2[j] * x
-        z = draw(i)
-        x = mean + std[j] * z if j > 0 else mean  # no noise at t = 0 (the seed's nonzero_mask)
-        if callback is not None:
-            callback({"i": i, "t": int(t), "x": x, "x0": x0, "eps": eps})
-    return x
-
-
-def frozen_ddim(
-    denoise,
-    x: np.ndarray,
-    betas: np.ndarray,
-    *,
-    steps: int = 25,
-    eta: float = 0.0,
-    cond: np.ndarray | None = None,
-    spacing: str = "trailing",
-    noise: Iterable[np.ndarray] | None = None,
-    rng: np.random.Generator | None = None,
-    clip_denoised: bool = True,
-    dynamic_thres_percentile: float | None = None,
-    callback: Callable[[dict], None] | None = None,
-) -> np.ndarray:
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
-    x, betas, cond = frozen_start(x, betas, cond)
-    timesteps = respace(len(betas), steps, spacing, **spacing_betas(spacing, betas))
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    # paper notation: alpha_t here is the cumulative product (the paper's alpha_t), sigma_t its eq. 16
-    a_t = alphas_cumprod[timesteps]
-    a_prev = np.concatenate([alphas_cumprod[timesteps[1:]], [1.0]])
-    sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
-    recip, recipm1 = f32(np.sqrt(1 / a_t)), f32(np.sqrt(1 / a_t - 1))
-    eps_from_x, eps_from_x0 = f32(1 / np.sqrt(1 - a_t)), f32(np.sqrt(a_t / (1 - a_t)))
-    sqrt_a_prev, sigma32 = f32(np.sqrt(a_prev)), f32(sigma)
-    dir_coef = f32(np.sqrt(np.maximum(1 - a_prev - sigma**2, 0)))  # eta > 1 would make it negative
-    draw = frozen_noise_source(noise, rng, x.shape, "ddim") if eta > 0 else None
-    b = x.shape[0]
-    for i, t in enumerate(timesteps):
-        eps = np.asarray(denoise(x, np.full((b,), t, dtype=np.int64), cond), dtype=np.float32)
-        # "predicted x0" = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
-        x0 = recip[i] * x - recipm1[i] * eps
-        if clip_denoised:
-            frozen_clip_x0(x0, dynamic_thres_percentile)
-            eps = eps_from_x[i] * x - eps_from_x0[i] * x0
-        # x_{t-1} = sqrt(alpha_{t-1}) x0 + sqrt(1 - alpha_{t-1} - sigma_t^2) eps + sigma_t z
-        x = sqrt_a_prev[i] * x0 + dir_coef[i] * eps
-        if draw is not None:
-            x += sigma32[i] * draw(i)
-        if callback is not None:
-            callback({"i": i, "t": int(t), "x": x, "x0": x0, "eps": eps})
-    return x
-
-
-def frozen_dpmpp(
-    denoise,
-    x: np.ndarray,
-    betas: np.ndarray,
-    *,
-    steps: int = 25,
-    cond: np.ndarray | None = None,
-    spacing: str = "trailing",
-    clip_denoised: bool = True,
-    dynamic_thres_percentile: float | None = None,
-    callback: Callable[[dict], None] | None = None,
-) -> np.ndarray:
-    x, betas, cond = frozen_start(x, betas, cond)
-    timesteps = respace(len(betas), steps, spacing, **spacing_betas(spacing, betas))
-    alphas_cumprod = np.cumprod(1.0 - betas)[timesteps]
-    # paper notation: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t);
-    # the final point t_M has alpha = 1, sigma = 0, lambda = +inf.
-    alpha = np.concatenate([np.sqrt(alphas_cumprod), [1.0]])
-    sigma = np.concatenate([np.sqrt(1 - alphas_cumprod), [0.0]])
-    with np.errstate(divide="ignore"):
-        lam = np.log(alpha) - np.log(sigma)
-    h = lam[1:] - lam[:-1]  # h_i = lambda_{t_i} - lambda_{t_{i-1}}, +inf on the last step
-    n = len(timesteps)
-    f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
-    recip, recipm1 = f32(1 / alpha[:n]), f32(sigma[:n] / alpha[:n])  # x0 = (x - sigma eps) / alpha
-    ratio = f32(sigma[1:] / sigma[:n])  # sigma_{t_i} / sigma_{t_{i-1}}
-    phi = f32(-alpha[1:] * np.expm1(-h))  # alpha_{t_i} (1 - e^{-h_i})
-    # 2nd order: D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}, r_i = h_{i-1} / h_i
-    half_inv_r = np.zeros(n)
-    half_inv_r[1 : n - 1] = h[1 : n - 1] / (2 * h[: n - 2])
-    w_now, w_prev = f32(1 + half_inv_r), f32(-half_inv_r)
-    b = x.shape[0]
-    x0_prev = None  # the multistep history: the previous data prediction
-    for i, t in enumerate(timesteps):
-        eps = np.asarray(denoise(x, np.full((b,), t, dtype=np.int64), cond), dtype=np.float32)
-        x0 = recip[i] * x - recipm1[i] * eps
-        if clip_denoised:
-            frozen_clip_x0(x0, dynamic_thres_percentile)
-        d = x0 if x0_prev is None or w_prev[i] == 0 else w_now[i] * x0 + w_prev[i] * x0_prev
-        # x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
-        x = ratio[i] * x + phi[i] * d
-        x0_prev = x0
-        if callback is not None:
-            callback({"i": i, "t": int(t), "x": x, "x0": x0, "eps": eps})
-    return x
-
-
-
-# ---- end of the frozen copy ----------------------------------------------------------------------------
-
-FROZEN = {"ddpm": frozen_ddpm, "ddim": frozen_ddim, "dpmpp": frozen_dpmpp}
 SHAPE = (2, 3, 4, 8, 8)
 T = 100
 SPACINGS = schedule.SPACINGS
@@ -226,39 +36,69 @@ def recorded(fn, *args, **kwargs):
     return out, infos
 
 
+GOLDEN = Path(__file__).parent / "data" / "sampler_golden.npz"
+GOLDEN_SHAPE = (1, 1, 2, 2, 2)  # tiny: the stored arrays stay a few KB
 CLIPS = {"none": {"clip_denoised": False}, "static": {}, "dynamic": {"dynamic_thres_percentile": 0.9}}
 CASES = (
     [("ddpm", {"steps": None}), ("ddpm", {"steps": 10})]
     + [("ddim", {"steps": 10}), ("ddim", {"steps": 7, "eta": 0.5}), ("ddim", {"steps": 10, "eta": 1.0})]
     + [("dpmpp", {"steps": 1}), ("dpmpp", {"steps": 2}), ("dpmpp", {"steps": 10}), ("dpmpp", {"steps": 20})]
+    + [("dpmpp3m", {"steps": 10}), ("unipc", {"steps": 10}), ("unipc", {"steps": 7, "order": 3, "variant": "bh1"})]
 )
 
 
-@pytest.mark.parametrize("clip", list(CLIPS))
-@pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("name, options", CASES, ids=lambda v: str(v) if isinstance(v, str) else None)
-def test_samplers_equal_the_frozen_math_bit_for_bit(name, options, spacing, clip):
-    betas = schedule.cosine_beta_schedule(T)
-    x = start_noise()
-    steps = options["steps"] or T
-    kwargs = {**options, "spacing": spacing, **CLIPS[clip]}
-    if SAMPLERS[name].draws_noise:
-        kwargs["noise"] = np.random.default_rng(1).standard_normal((steps, *SHAPE), dtype=np.float32)
-    ours, our_steps = recorded(SAMPLERS[name].fn, dummy, x, betas, **kwargs)
-    theirs, their_steps = recorded(FROZEN[name], dummy, x, betas, **kwargs)
-    assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
-    assert len(our_steps) == len(their_steps) == steps
-    for a, b in zip(our_steps, their_steps):
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), f"step {a['i']}"
+def golden_cases():
+    """``{key: (sampler, keyword arguments)}``: every case of the golden file, in a stable order."""
+    out = {}
+    for name, options in CASES:
+        for spacing in SPACINGS:
+            for clip in CLIPS:
+                key = "/".join([name, *(f"{k}={v}" for k, v in sorted(options.items())), spacing, clip])
+                out[key] = (name, {**options, "spacing": spacing, **CLIPS[clip]})
+    for name in ("ddpm", "ddim"):  # noise from an injected generator, drawn in the same order as before
+        out[f"{name}/rng"] = (name, {"steps": 10, "eta": 1.0} if name == "ddim" else {})
+    return out
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim"])
-def test_noise_from_an_injected_generator_is_drawn_as_before(name):
+def golden_run(fn, name, kwargs):
+    """One golden case through ``fn`` (a sampler's pure function): the final x0, float32 ``GOLDEN_SHAPE``."""
     betas = schedule.cosine_beta_schedule(T)
-    kwargs = {"steps": 10, "eta": 1.0} if name == "ddim" else {}
-    ours = SAMPLERS[name].fn(dummy, start_noise(), betas, rng=np.random.default_rng(7), **kwargs)
-    theirs = FROZEN[name](dummy, start_noise(), betas, rng=np.random.default_rng(7), **kwargs)
-    assert np.array_equal(ours, theirs)
+    kwargs = dict(kwargs)
+    if "spacing" not in kwargs:  # the generator cases
+        kwargs["rng"] = np.random.default_rng(7)
+    elif SAMPLERS[name].draws_noise:
+        kwargs["noise"] = np.random.default_rng(1).standard_normal((kwargs["steps"] or T, *GOLDEN_SHAPE),
+                                                                  dtype=np.float32)
+    return fn(dummy, start_noise(shape=GOLDEN_SHAPE), betas, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with np.load(GOLDEN) as data:
+        return dict(zip(data["keys"].tolist(), data["x0"]))
+
+
+@pytest.mark.parametrize("key", list(golden_cases()))
+def test_samplers_give_the_stored_numbers_bit_for_bit(golden, key):
+    """Every sampler, spacing and clipping (and the injected-generator draws) against the stored x0s, exactly.
+
+    ``tests/data/sampler_golden.npz`` holds the numbers of the sampler math as of commit 62deca3 (the frozen
+    copy this file carried until then; dpmpp3m and unipc as of its replacement): a refactor must not change one
+    bit. Regenerate only for an intended numerical change: ``python tests/test_runtime_steppers.py``.
+    """
+    name, kwargs = golden_cases()[key]
+    ours = golden_run(SAMPLERS[name].fn, name, kwargs)
+    assert ours.dtype == np.float32 and ours.shape == GOLDEN_SHAPE
+    assert np.array_equal(ours.reshape(-1), golden[key]), key
+
+
+def test_the_callback_sees_every_step_and_the_function_equals_its_machine():
+    betas = schedule.cosine_beta_schedule(T)
+    for name, steps in (("ddpm", T), ("ddim", 7), ("dpmpp", 10), ("unipc", 10)):
+        kwargs = {"rng": np.random.default_rng(1)} if SAMPLERS[name].draws_noise else {}
+        ours, infos = recorded(SAMPLERS[name].fn, dummy, start_noise(), betas, steps=steps, **kwargs)
+        assert len(infos) == steps and [i["i"] for i in infos] == list(range(steps))
+        assert np.array_equal(infos[-1]["x"], ours) and all(set(i) == {"i", "t", "x", "x0", "eps"} for i in infos)
 
 
 def test_the_protocol_step_by_step():
@@ -380,3 +220,10 @@ def test_a_denoiser_error_propagates_through_drive():
 
     with pytest.raises(StopIteration, match="not the machine"):
         drive(samplers.ddim_steps(start_noise(), schedule.cosine_beta_schedule(T), steps=3), broken)
+
+
+if __name__ == "__main__":  # regenerate the golden file (an intended numerical change only)
+    keys = list(golden_cases())
+    x0 = np.stack([golden_run(SAMPLERS[n].fn, n, kw).reshape(-1) for n, kw in golden_cases().values()])
+    np.savez_compressed(GOLDEN, keys=np.array(keys), x0=x0)
+    print(f"wrote {GOLDEN}: {len(keys)} cases")
