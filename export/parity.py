@@ -1,6 +1,6 @@
 """``vdeploy parity``: PyTorch and the compiled runtime sampled from the same noise, compared call by call.
 
-* ``ddpm`` over all training steps: the torch side is the seed's loop itself,
+* ``ddpm`` over all training steps: the torch side is upstream's loop itself,
   ``vdeploy.diffusion.GaussianDiffusion.p_sample_loop`` with explicit noise (x_T, then one array per
   step); the runtime side is ``vdeploy.runtime.Pipeline`` with the same ``noise``/``step_noise``.
 * ``ddim``, ``dpmpp`` (and a respaced ``ddpm``): the same ``SamplerRun`` (``vdeploy.runtime.sampler_run``)
@@ -75,7 +75,7 @@ def run_parity(
 
     Both sides step the same ``SamplerRun``: the runtime's is ``Pipeline.prepare`` driven through the compiled
     denoiser; the torch side drives a twin of it (``run.plan.machine`` from the same noise) around
-    ``Unet3D.forward_with_cond_scale``, except for ``ddpm`` over every training step, where it is the seed's own
+    ``Unet3D.forward_with_cond_scale``, except for ``ddpm`` over every training step, where it is upstream's own
     loop (``GaussianDiffusion.p_sample_loop``; with known frames ``q_sample``/``p_sample`` step by step, RePaint's
     jump in torch).
 
@@ -84,7 +84,7 @@ def run_parity(
         ckpt: the checkpoint it was exported from (architecture: the checkpoint's config, else ``config``,
             else the manifest's).
         sampler: a name in ``vdeploy.runtime.samplers.SAMPLERS``; ``ddpm`` (default) over every training
-            step compares with the seed's own loop.
+            step compares with upstream's own loop.
         steps: sampler steps (default: the sampler's ``default_steps``, all T for ddpm).
         batch_size: videos per run; a conditioned model gets random (seeded) embeddings.
         cond_scale: classifier-free guidance scale (conditioned models).
@@ -152,13 +152,13 @@ def run_parity(
                            noise=next(noise), step_noise=noise if draws else None, **frame_kw, **(options or {}))
     except ValueError as e:
         raise ExportError(str(e)) from None
-    denoise, _ = pipe.timed_denoiser(run.cond_scale)
+    denoise, _ = pipe.denoiser_for(run.cond_scale)
     runtime_video = run.finish(drive(run.machine, lambda x, t, cd, **inp: _record(runtime_eps,
                                                                                      denoise(x, t, cd, **inp))))
     runtime_seconds = time.perf_counter() - t0
     log.info("parity: runtime done in %.1f s; running PyTorch", runtime_seconds)
 
-    # torch: the seed's loop for full DDPM, else a twin of the same run around the torch denoiser
+    # torch: upstream's loop for full DDPM, else a twin of the same run around the torch denoiser
     torch_eps: list[np.ndarray] = []
     noise = _noise(seed, shape, n if draws else 0)
     seed_loop = sampler == "ddpm" and n == T
@@ -167,7 +167,7 @@ def run_parity(
         if seed_loop and not known:
             torch_video = _torch_ddpm(unet, unet_config, shape, cond, cond_scale, noise, torch_eps, progress)
         elif seed_loop:
-            torch_video = _torch_conditioned_ddpm(unet, unet_config, shape, cond, cond_scale, noise, run.plan.known,
+            torch_video = _torch_conditioned_ddpm(unet, unet_config, shape, cond, cond_scale, noise, run.plan.known_x0,
                                                   run.plan.mask, resample, _stream(seed + 2, shape), torch_eps,
                                                   trained=run.conditioning == "trained")
         else:
@@ -190,7 +190,7 @@ def run_parity(
     calls = n + resample * (n - 1) if known else n  # RePaint redoes every step but the last
     passed = len(torch_eps) == len(runtime_eps) == calls and worst_call <= atol and final <= atol
     if seed_loop:
-        reference = ("GaussianDiffusion.q_sample/p_sample (the seed's), RePaint jump in torch" if known
+        reference = ("GaussianDiffusion.q_sample/p_sample (upstream's), RePaint jump in torch" if known
                      else "GaussianDiffusion.p_sample_loop")
     else:
         reference = f"vdeploy.runtime.samplers.{sampler} around Unet3D.forward_with_cond_scale"
@@ -262,7 +262,7 @@ def _bar(progress: bool, total: int, desc: str):
 
 
 def _torch_ddpm(unet, config: dict, shape, cond, cond_scale, noise, record: list, progress: bool = False) -> np.ndarray:
-    """The seed's ``p_sample_loop`` with explicit noise; every denoiser output recorded."""
+    """Upstream's ``p_sample_loop`` with explicit noise; every denoiser output recorded."""
     import torch
 
     from vdeploy import config as vconfig
@@ -301,7 +301,7 @@ def _record(calls: list, eps):
 
 def _torch_conditioned_ddpm(unet, config: dict, shape, cond, cond_scale, noise, x0_known, mask, resample: int,
                             known_noise, record: list, trained: bool = False) -> np.ndarray:
-    """The seed's ancestral loop with replacement and RePaint resampling, in torch, from explicit noise (the
+    """Upstream's ancestral loop with replacement and RePaint resampling, in torch, from explicit noise (the
     draw order of ``vdeploy.runtime.frame_conditioning``); ``trained``: the U-Net also gets the known frames and the
     mask on every call (a model trained with frame conditioning)."""
     import torch

@@ -142,7 +142,7 @@ def known_frames(frames, known_mask, shape: tuple) -> tuple[np.ndarray, np.ndarr
         if not mask.any(axis=1).all() or mask.all(axis=1).any():
             raise ValueError("known_mask must mark at least one frame known and one unknown in every row")
         mask = np.broadcast_to(mask, (b, f))
-    x0 = np.broadcast_to(a * 2 - 1, shape).astype(np.float32)  # the seed's normalize_img
+    x0 = np.broadcast_to(a * 2 - 1, shape).astype(np.float32)  # upstream's normalize_img
     return x0 * mask[:, None, :, None, None], mask[:, None, :, None, None].copy()
 
 

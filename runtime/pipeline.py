@@ -282,7 +282,7 @@ class Pipeline:
             cond_scale: classifier-free guidance scale (1: none; else two denoiser calls per step, or one
                 call of the fused ``--cfg`` graph when the model directory has it).
             sampler: a name in ``vdeploy.runtime.samplers.SAMPLERS`` (``dpmpp``: DPM-Solver++ 2M,
-                ``ddim``, ``ddpm``: the seed's ancestral loop, ...).
+                ``ddim``, ``ddpm``: upstream's ancestral loop, ...).
             steps: denoiser steps; default: the sampler's ``default_steps`` (every training timestep
                 for ddpm).
             seed: seeds the starting noise and every per-step noise (None: fresh entropy).
@@ -320,7 +320,7 @@ class Pipeline:
                            known_mask=known_mask, resample=resample, frames_noise=frames_noise,
                            conditioning=conditioning, **options)
         # timing counts graph calls only: what the runtime adds around them is the "outside" share
-        denoise, timing = self.timed_denoiser(run.cond_scale)
+        denoise, timing = self.denoiser_for(run.cond_scale)
         if progress:
             from tqdm import tqdm
 
@@ -411,7 +411,7 @@ class Pipeline:
         **options,
     ) -> SamplerRun:
         """Make one sampling run ready without calling the denoiser: ``__call__`` is exactly
-        ``run = prepare(...); run.finish(drive(run.machine, timed_denoiser(run.cond_scale)[0]))`` (``SamplerRun``).
+        ``run = prepare(...); run.finish(drive(run.machine, denoiser_for(run.cond_scale)[0]))`` (``SamplerRun``).
 
         The same arguments as ``__call__`` (less ``progress``), checked the same way (every bad one raises
         ValueError here, before any step). The starting noise and the per-step noise come from ``seed`` as in
@@ -466,7 +466,7 @@ class Pipeline:
                 conditioning == "auto" and self.frame_conditioned) else "replacement"
             known = known_frames(frames, known_mask, shape)
         plan = plan_run(sampler, steps=steps, timesteps=len(self.betas), cond=cond, options=options,
-                        config=self.config, prediction_type=self.prediction_type, known=known, method=method,
+                        config=self.config, prediction_type=self.prediction_type, known_frames=known, method=method,
                         resample=resample)
         machine = plan.machine(x, self.betas, noise=step_noise, rng=rng, known_noise=frames_noise, callback=callback)
         return SamplerRun(machine, plan, batch_size, float(cond_scale), self.guidance(cond_scale))
@@ -479,9 +479,9 @@ class Pipeline:
             return "none"
         return "fused" if self.cfg_backend is not None else "two-calls"
 
-    def timed_denoiser(self, cond_scale: float) -> tuple[Callable, list]:
-        """The denoiser a run at ``cond_scale`` uses, and its ``[calls, seconds]`` of graph time (local to
-        the run, so thread-safe)."""
+    def denoiser_for(self, cond_scale: float) -> tuple[Callable, list]:
+        """The denoiser a run at ``cond_scale`` uses (its guidance path, ``guidance``), and its ``[calls, seconds]``
+        of graph time (local to the run, so thread-safe)."""
         guidance = self.guidance(cond_scale)
         if guidance == "fused":
             return _timed(self._fused_cfg_denoiser(cond_scale))
@@ -489,6 +489,8 @@ class Pipeline:
         if guidance == "two-calls":
             denoise = guided(denoise, self.null_cond, cond_scale)
         return denoise, timing
+
+    timed_denoiser = denoiser_for  # its former name (the serving batcher's)
 
     def _resolve_cond(self, cond, batch_size):
         if cond is None:

@@ -20,7 +20,7 @@ CONDITIONING = ("auto", "trained", "replacement")
 
 
 def finish(x0: np.ndarray) -> np.ndarray:
-    """A run's final x0 in [-1, 1] -> the video in [0, 1] (the seed's ``unnormalize_img``)."""
+    """A run's final x0 in [-1, 1] -> the video in [0, 1] (upstream's ``unnormalize_img``)."""
     return np.clip((x0 + 1) * 0.5, 0.0, 1.0)
 
 
@@ -33,7 +33,7 @@ class RunPlan:
         sampler, steps: the table entry's name and the number of steps.
         kwargs: the stepper's keywords beyond noise: ``cond``, ``steps``, options (defaults applied),
             ``clip_denoised``, ``dynamic_thres_percentile`` (the model config's), ``prediction_type``.
-        known, mask: frame conditioning's known x0 in [-1, 1] and bool mask ``(b, 1, f, 1, 1)``, or None.
+        known_x0, mask: frame conditioning's known x0 in [-1, 1] and bool mask ``(b, 1, f, 1, 1)``, or None.
         method: ``"trained"`` or ``"replacement"`` with known frames, else None.
         resample: RePaint rounds per step.
     """
@@ -41,7 +41,7 @@ class RunPlan:
     sampler: str
     steps: int
     kwargs: Mapping = field(default_factory=dict)
-    known: np.ndarray | None = None
+    known_x0: np.ndarray | None = None
     mask: np.ndarray | None = None
     method: str | None = None
     resample: int = 0
@@ -53,21 +53,22 @@ class RunPlan:
         samplers that draw), ``known_noise``/``rng`` frame conditioning's."""
         draws = sampler_kwargs(self.sampler, self.steps, {}, noise=noise, rng=rng)  # refuses noise it cannot take
         kwargs = {**self.kwargs, **{k: draws[k] for k in ("noise", "rng") if k in draws}}
-        if self.known is None:
+        if self.known_x0 is None:
             return sampler_spec(self.sampler).stepper(x, betas, callback=callback, **kwargs)
         kwargs.pop("rng", None)  # the conditioning wrapper hands the sampler the same generator
-        return conditioned_steps(self.sampler, x, betas, known=self.known, mask=self.mask, resample=self.resample,
-                                 trained=self.method == "trained", known_noise=known_noise, rng=rng,
-                                 callback=callback, **kwargs)
+        return conditioned_steps(self.sampler, x, betas, known=self.known_x0, mask=self.mask,
+                                 resample=self.resample, trained=self.method == "trained", known_noise=known_noise,
+                                 rng=rng, callback=callback, **kwargs)
 
 
 def plan_run(sampler: str, *, steps: int | None, timesteps: int, cond: np.ndarray | None = None,
              options: Mapping | None = None, config: Mapping | None = None, prediction_type: str = "eps",
-             known: tuple[np.ndarray, np.ndarray] | None = None, method: str | None = None,
+             known_frames: tuple[np.ndarray, np.ndarray] | None = None, method: str | None = None,
              resample: int = 0) -> RunPlan:
     """Resolve a run: the sampler's steps (its ``default_steps``, else every one of ``timesteps``), its options
-    checked against its table entry, clipping as the seed's ``clip_denoised`` with the config's dynamic
-    thresholding, the model's prediction type, and frame conditioning (``known``: ``known_frames``' pair).
+    checked against its table entry, clipping as upstream's ``clip_denoised`` with the config's dynamic
+    thresholding, the model's prediction type, and frame conditioning (``known_frames``: the ``(x0, mask)`` pair
+    of ``frame_conditioning.known_frames``, conditioned by ``method``).
 
     Raises:
         ValueError: an unknown sampler or an option it does not take.
@@ -80,8 +81,8 @@ def plan_run(sampler: str, *, steps: int | None, timesteps: int, cond: np.ndarra
     config = config or {}
     if config.get("use_dynamic_thres"):
         kwargs["dynamic_thres_percentile"] = config.get("dynamic_thres_percentile", 0.9)
-    x0, mask = known if known is not None else (None, None)
-    return RunPlan(sampler, num_steps, kwargs, x0, mask, method if known is not None else None, int(resample))
+    x0, mask = known_frames if known_frames is not None else (None, None)
+    return RunPlan(sampler, num_steps, kwargs, x0, mask, method if x0 is not None else None, int(resample))
 
 
 @dataclass

@@ -25,7 +25,9 @@ there, before any step) and returns a generator, the machine, that speaks this p
   which advances one step, calls ``callback`` and answers with the next request;
 - after the last step ``send`` raises ``StopIteration`` whose ``value`` is the final x0 (float32).
 
-``drive(machine, denoise)`` runs one machine with one denoiser call per request; each pure function
+The machinery (``StepRequest``, ``drive``, ``step_loop``, ``to_eps_x0``, ``clip_x0``, guidance, noise sources)
+lives in ``vdeploy.runtime.steps``, imported here; this module holds the samplers, their single steps and the
+``SAMPLERS`` table. ``drive(machine, denoise)`` runs one machine with one denoiser call per request; each pure function
 is exactly ``drive(name_steps(...), denoise)``. The machine never calls the denoiser, so a driver may
 gather the requests of many machines (different samplers, steps or timesteps; same ``(c, f, h, w)``)
 into one call, concatenating their ``x``, ``t``, ``cond`` and ``inputs`` along the batch, and send each
@@ -161,7 +163,7 @@ def ddpm_steps(
 
 
 def ddpm(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.ndarray:
-    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), the seed's ``p_sample_loop`` step for step.
+    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), upstream's ``p_sample_loop`` step for step.
 
     Args:
         denoise: ``eps = denoise(x, t, cond)``.
@@ -174,8 +176,8 @@ def ddpm(denoise: Denoise, x: np.ndarray, betas: np.ndarray, **kwargs) -> np.nda
         noise: one array per step, in loop order; the seed draws one at every step, including the
             last, where it is masked. Give the noise PyTorch drew to reproduce its run.
         rng: the generator drawing that noise when ``noise`` is None.
-        clip_denoised: clamp the predicted x0 (the seed's default, True).
-        dynamic_thres_percentile: the seed's dynamic thresholding when not None (with clipping).
+        clip_denoised: clamp the predicted x0 (upstream's default, True).
+        dynamic_thres_percentile: upstream's dynamic thresholding when not None (with clipping).
         callback: called after every step with ``{"i", "t", "x", "x0", "eps"}``.
 
     Returns:
@@ -433,7 +435,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ddim": SamplerSpec(ddim, ddim_steps, 25, True, (ETA, SPACING),
                         "DDIM (Song et al. 2021); eta > 0 adds noise", level_step=ddim_level_step),
     "ddpm": SamplerSpec(ddpm, ddpm_steps, None, True, (SPACING,),
-                        "the seed's ancestral DDPM loop (all timesteps)", level_step=ddpm_level_step),
+                        "upstream's ancestral DDPM loop (all timesteps)", level_step=ddpm_level_step),
 }
 
 

@@ -107,7 +107,7 @@ def guided(denoise: Denoise, null_cond: np.ndarray, cond_scale: float) -> Denois
 
 
 def clip_x0(x0: np.ndarray, dynamic_thres_percentile: float | None = None) -> np.ndarray:
-    """The seed's ``clip_denoised``: clamp to [-1, 1], or its dynamic thresholding (Saharia et al. 2022).
+    """Upstream's ``clip_denoised``: clamp to [-1, 1], or its dynamic thresholding (Saharia et al. 2022).
 
     Dynamic: ``s`` = the percentile of ``|x0|`` per sample (``np.quantile`` linear, as ``torch.quantile``),
     at least 1; ``x0`` is clamped to ``[-s, s]`` and divided by ``s``. Works in place on ``x0``.

@@ -153,7 +153,7 @@ def verify(model_dir: Path, public_key: Path) -> None:
               help="Model directory written by `vdeploy export`.")
 @click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="The checkpoint it was exported from.")
 @click.option("--sampler", type=sampler_choice(), default="ddpm", show_default=True,
-              help="ddpm: the seed's p_sample_loop on the torch side; the others: the numpy sampler around torch.")
+              help="ddpm: upstream's p_sample_loop on the torch side; the others: the numpy sampler around torch.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Sampler steps (default: the sampler's own; every training step for ddpm).")
 @sampler_option_flags

@@ -53,7 +53,7 @@ def _runtime_logging(quiet: bool) -> None:
                    "bf16: OpenVINO's bfloat16 (CPUs with AVX512_BF16/AMX).")
 @sampler_option_flags
 @click.option("--fps", default=1000 / 120, type=FiniteFloat(min=0.1, max=100),
-              help="Frames per second of the written video.  [default: 8.3, the seed's 120 ms a frame]")
+              help="Frames per second of the written video.  [default: 8.3, upstream's 120 ms a frame]")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="onnxruntime CPU threads.  [default: physical cores]")
 @click.option("--quiet", is_flag=True, help="No progress bar, no timing lines.")
