@@ -221,3 +221,28 @@ def test_a_new_bench_section_runs_in_table_order_and_can_be_skipped():
         assert parse_args(["--skip", "mine"]).skip == {"mine"}
     with pytest.raises(SystemExit):
         parse_args(["--skip", "mine"])
+
+
+def test_the_readme_add_x_table_names_real_files_and_tables():
+    """README "Architecture": every file the "to add | files to change" table names exists, and so does every
+    table the tables' table names (the docs stay as true as the code)."""
+    import importlib
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    section = text[text.index("## Architecture"):]
+    section = section[: section.find("\n## ", 4)] if "\n## " in section[4:] else section
+    add_x = section[section.index("| to add | files to change |"):].split("\n\n")[0]
+    rows = [line for line in add_x.splitlines()[2:] if line.startswith("| ")]
+    assert len(rows) == 8, rows
+    paths = {p for p in re.findall(r"`([\w/<>.]+\.py|[\w/]+/)`", add_x) if "<" not in p}
+    assert paths, add_x
+    for path in paths:
+        assert (root / path).exists(), path
+    tables = re.findall(r"\| `((?:runtime|export|vdeploy)\.[\w.]+\.[A-Z_]+)` \|", section)
+    assert len(tables) == 4, tables
+    for table in tables:
+        module, name = table.rsplit(".", 1)
+        module = module if module.startswith("vdeploy.") else f"vdeploy.{module}"
+        assert isinstance(getattr(importlib.import_module(module), name), dict), table
