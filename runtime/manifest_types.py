@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .atomic import write_text
+from .steps import PREDICTION_TYPES  # noqa: F401 (what the samplers implement: steps.to_eps_x0 converts them)
 
 FORMAT_VERSION = 2
 READS_VERSIONS = (1, 2)
@@ -20,7 +21,6 @@ SIGNATURE_NAME = "model.sig"  # runtime/signing.py: covers every other file, so 
 ROLES = ("x", "t", "cond", "cond_scale", "frames", "mask")
 PRECISIONS = ("fp32", "fp16")
 BETA_SCHEDULES = ("cosine",)  # what the training half builds; any schedule runs from its stored betas
-PREDICTION_TYPES = ("eps",)  # what the samplers implement
 REEXPORT = "re-export it with `vdeploy export --ckpt CKPT --out DIR`"
 
 
