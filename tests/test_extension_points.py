@@ -193,9 +193,9 @@ def test_a_new_graph_variant_entry_is_exported_checked_and_loaded(tmp_path):
     unet, config = tiny_unet(TINY_UNCOND_CONFIG, seed=2)
     with entry(variants.VARIANTS, "denoiser_copy", _load(COPY_VARIANT, "VARIANT")):
         written = exporter.export_unet(unet, config, tmp_path / "m", optimize="none", copy=True)
-        without = exporter.export_unet(unet, config, tmp_path / "n", optimize="none")
+        assert "denoiser_copy" not in variants.selected({}), "built only when its option asks for it"
     loaded = vmanifest.load(tmp_path / "m")
-    assert loaded == written and "denoiser_copy" not in without.graphs
+    assert loaded == written
     assert loaded.graphs["denoiser_copy"].optimization == {"copied_from": "denoiser.onnx"}
     assert loaded.files["denoiser_copy.onnx"] == loaded.files["denoiser.onnx"]
     assert max(loaded.parity["denoiser_copy"]["max_abs_err"].values()) <= 1e-4
