@@ -276,11 +276,13 @@ def precision_refused(name: str, options: BackendOptions) -> str | None:
             f"{', '.join(BACKENDS[name].precisions)}); {options.precision} runs on: {', '.join(takers)}")
 
 
-def auto_order(manifest: Manifest, options: BackendOptions) -> tuple[list[str], list[str]]:
+def auto_order(manifest: Manifest, options: BackendOptions,
+               model_dir: Path | None = None) -> tuple[list[str], list[str]]:
     """``auto``'s candidates, fastest first, and why the others cannot run here.
 
     A candidate may still fail to start (onnxruntime-gpu lists the TensorRT EP even where the TensorRT
-    libraries are missing); ``auto`` then falls through to the next one.
+    libraries are missing); ``auto`` then falls through to the next one. With ``model_dir``, the CPU
+    candidates are ordered by a measured warm-up cached per graph, CPU and versions (``runtime/ranking.py``).
     """
     ranked = sorted((spec.auto_rank, name) for name, spec in BACKENDS.items() if spec.auto_rank is not None)
     candidates, skipped = [], []
@@ -290,6 +292,13 @@ def auto_order(manifest: Manifest, options: BackendOptions) -> tuple[list[str], 
             candidates.append(name)
         else:
             skipped.append(f"{name}: {reason}")
+    if model_dir is not None:
+        from .ranking import rank
+
+        candidates, why = rank(candidates, Path(model_dir), manifest, options,
+                               lambda name: graph_for(name, manifest, options))
+        if why:
+            log.info("%s", why)
     return candidates, skipped
 
 

@@ -133,7 +133,7 @@ class Pipeline:
         null_embedding(model_dir, manifest)
         check_external_data_files(model_dir, manifest)
         if backend == "auto":
-            kinds, skipped = auto_order(manifest, options)
+            kinds, skipped = auto_order(manifest, options, model_dir)
             for reason in skipped:
                 log.info("backend %s", reason)
             if not kinds:

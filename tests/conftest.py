@@ -92,6 +92,8 @@ def _private_vdeploy_cache(tmp_path_factory):
 
     saved = os.environ.get("VDEPLOY_CACHE")
     os.environ["VDEPLOY_CACHE"] = str(tmp_path_factory.mktemp("vdeploy-cache"))
+    # auto keeps the table's order unless a test measures (tests/test_runtime_ranking.py): no timing decides a test
+    os.environ.setdefault("VDEPLOY_AUTO_MEASURE", "0")
     yield
     if saved is None:
         os.environ.pop("VDEPLOY_CACHE", None)
