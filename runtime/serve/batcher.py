@@ -3,9 +3,9 @@
 A diffusion request is a loop of denoiser calls whose timestep is a per-row input (``t`` is ``(b,)``), so
 requests at *different* steps, with different samplers and step counts, can share one call: the same idea
 as continuous batching in LLM servers. The :class:`Batcher` holds one :class:`~vdeploy.runtime.Pipeline`
-and one worker thread that owns the denoiser. Each request is the pipeline's own step machine
+and one worker thread that owns the denoiser. Each request is the pipeline's own run, a ``SamplerRun``
 (``Pipeline.prepare``: the same noise from the seed, the same cond resolution, the same checks as a
-``Pipeline.__call__``); at every step boundary the worker
+``Pipeline.__call__``), whose step machine the worker steps; at every step boundary the worker
 
 1. drops the requests that were cancelled (their future's ``cancel()``) or ran past their deadline, and
    admits queued ones while the rows fit in ``max_batch`` (a request never waits for a batch to fill: it
@@ -15,8 +15,8 @@ and one worker thread that owns the denoiser. Each request is the pipeline's own
    guided, plain and frame-conditioned requests all share the same calls and the same few shapes);
 3. covers the rows with calls of fixed batch sizes, the buckets (``buckets.cover``: the bucket calls of
    least measured cost), pads each call with copies of a real row, drops the padding rows' outputs, and
-   sends each machine its rows (guidance combined as ``null + (cond - null) * scale``, ``guided``'s
-   formula); a finished machine's video resolves its future, and it leaves.
+   sends each machine its rows (guidance combined by ``steps.combine_guidance``, as ``guided`` does); a
+   finished machine's video resolves its future, and it leaves.
 
 Rows count U-Net evaluations: a request of b videos is b rows, 2b with guidance. Before the worker starts,
 the constructor warms each bucket's shape and times it (``buckets.warm_up``), which also decides
@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..frame_conditioning import generation_inputs
-from ..pipeline import Pipeline, Prepared
-from ..samplers import StepRequest
+from ..pipeline import Pipeline
+from ..sampler_run import SamplerRun
+from ..steps import StepRequest, combine_guidance
 from .buckets import Warmup, batching_mode, bucket_sizes, cover, pad, warm_up
 
 log = logging.getLogger("vdeploy.runtime.serve")
@@ -70,7 +71,7 @@ class Job(Future):
         rows: U-Net rows per step (b, 2b with guidance).
     """
 
-    def __init__(self, run: Prepared, deadline: float | None):
+    def __init__(self, run: SamplerRun, deadline: float | None):
         super().__init__()
         self.run = run
         self.deadline = deadline
@@ -196,7 +197,7 @@ class Batcher:
         run = self.pipe.prepare(**kwargs)
         return self.submit_prepared(run, timeout=timeout)
 
-    def submit_prepared(self, run: Prepared, *, timeout: float | None = None) -> Job:
+    def submit_prepared(self, run: SamplerRun, *, timeout: float | None = None) -> Job:
         """Queue a run made by ``pipe.prepare`` (see :meth:`submit`)."""
         job = Job(run, None if timeout is None else time.monotonic() + timeout)
         with self._cv:
@@ -398,7 +399,7 @@ class Batcher:
             b, run = entry.request.x.shape[0], entry.job.run
             if run.guidance != "none":
                 cond_eps, null_eps = eps[at : at + b], eps[at + b : at + 2 * b]
-                out = null_eps + (cond_eps - null_eps) * run.cond_scale  # guided()'s formula, Python float scale
+                out = combine_guidance(cond_eps, null_eps, run.cond_scale)
                 at += 2 * b
             else:
                 out = eps[at : at + b]

@@ -28,9 +28,11 @@ log = logging.getLogger("vdeploy.runtime.serve")
 
 BATCHING_MODES = ("auto", "on", "off")
 # auto: batching on where a call of the second bucket costs at most this share of its rows run one by one
-# (per row, against the smallest bucket): a flat per-row cost (a CPU) measures ~1.0, a GPU ~0.5 or less
-AUTO_GAIN = 0.85
-WARM_ROUNDS = 3  # timed calls per bucket (after one untimed call that meets the shape), interleaved...
+# (per row, against the smallest bucket). A flat per-row cost (onnxruntime on a CPU) measures about 1, give
+# or take the noise of a shared machine (README "Serving"); a GPU that a small batch leaves idle about 0.5
+AUTO_GAIN = 0.75
+MEET_CALLS = 2  # untimed calls per bucket first (the first meets the shape: memory planning, arena growth)
+WARM_ROUNDS = 5  # then timed calls per bucket, interleaved, the fastest kept...
 WARM_BUDGET_S = 3.0  # ...while a phase's timed calls took less than this (at least one round)
 
 
@@ -115,7 +117,8 @@ def _time_buckets(call: Callable[[int], None], sizes: Sequence[int], seconds: di
     """Meet each size once (untimed), then time rounds of one call per size, interleaved, so that load from
     other processes that drifts during the warm-up hits every size alike; keeps the fastest call."""
     for s in sizes:
-        call(s)
+        for _ in range(MEET_CALLS):
+            call(s)
     spent, rounds = 0.0, 0
     while rounds < WARM_ROUNDS and (rounds == 0 or spent < WARM_BUDGET_S):
         for s in (sizes if rounds % 2 == 0 else sizes[::-1]):
