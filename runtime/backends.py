@@ -214,8 +214,12 @@ def _trt_open(model_dir: Path, manifest: Manifest, graph_name: str, options: Bac
 
 
 def _openvino_unavailable(manifest: Manifest, options: BackendOptions) -> str | None:
+    import importlib.util
+
     from .openvino import cpu_has_bf16, import_openvino
 
+    if options.precision == "fp32" and importlib.util.find_spec("openvino") is not None:
+        return None  # installed: not imported until opened (0.1-0.2 s of a cold start that picks another)
     try:
         ov = import_openvino()
     except BackendUnavailable as e:
@@ -230,7 +234,8 @@ def _openvino_open(model_dir: Path, manifest: Manifest, graph_name: str, options
 
     return OpenVINOBackend(model_dir / manifest.graphs[graph_name].file, precision=options.precision,
                            threads=options.threads, cache=options.cache,
-                           onnx_sha256=manifest.files.get(manifest.graphs[graph_name].file))
+                           onnx_sha256=manifest.files.get(manifest.graphs[graph_name].file),
+                           specs=(manifest.graphs[graph_name].inputs, manifest.graphs[graph_name].outputs))
 
 
 # ------------------------------------------------------------------ table ----

@@ -70,6 +70,9 @@ class OpenVINOBackend:
         threads: ``INFERENCE_NUM_THREADS`` (default: physical cores).
         cache: keep compiled models in ``compiled_cache_dir`` for the next start.
         onnx_sha256: the graph's sha256 (part of every blob's key; computed when None and ``cache``).
+        specs: the graph's ``(inputs, outputs)`` as the (verified) manifest lists them: the ONNX graph is then
+            read only when a shape must be compiled, so a start whose compiled models are all in the disk
+            cache never parses it (it is the slowest part of a cached start); None: read it now.
 
     Raises:
         BackendUnavailable: openvino is not installed, or bf16 was asked on a CPU without it.
@@ -77,7 +80,7 @@ class OpenVINOBackend:
     """
 
     def __init__(self, path: str | Path, *, precision: str = "fp32", threads: int | None = None, cache: bool = True,
-                 onnx_sha256: str | None = None):
+                 onnx_sha256: str | None = None, specs: tuple | None = None):
         if precision not in PRECISION_HINTS:
             raise ValueError(f"OpenVINO precision must be one of {', '.join(PRECISION_HINTS)}, got {precision!r}")
         ov = import_openvino()
@@ -104,17 +107,29 @@ class OpenVINOBackend:
         }
         self.cache_folder = compiled_cache_dir(ov.__version__, precision) if cache else None
         self._onnx_sha256 = (onnx_sha256 or sha256_file(self.path)) if cache else None
-        try:
-            self._model = self._core.read_model(str(self.path))
-        except RuntimeError as e:
-            raise BackendUnavailable(f"OpenVINO {ov.__version__} cannot read {self.path}: {e}") from None
-        self.inputs = [self._spec(port) for port in self._model.inputs]
-        self.outputs = [self._spec(port) for port in self._model.outputs]
+        self._model = None
+        if specs is None or not self._onnx_sha256:
+            model = self._read()
+            self.inputs = [self._spec(port) for port in model.inputs]
+            self.outputs = [self._spec(port) for port in model.outputs]
+        else:  # symbolic dims as None, as OpenVINO reports them
+            self.inputs, self.outputs = ([TensorSpec(t.name, t.dtype, tuple(d if isinstance(d, int) else None
+                                                                            for d in t.shape)) for t in group]
+                                         for group in specs)
         self._compiled: dict[tuple, object] = {}
         self._compile_lock = threading.Lock()
         self._local = threading.local()
         self.compiles = 0  # shapes compiled or imported (the in-memory cache's misses)
         self.cache_hits = 0  # of those, imported from the on-disk cache
+
+    def _read(self):
+        """The ONNX graph as OpenVINO reads it (once)."""
+        if self._model is None:
+            try:
+                self._model = self._core.read_model(str(self.path))
+            except RuntimeError as e:
+                raise BackendUnavailable(f"OpenVINO {self._ov.__version__} cannot read {self.path}: {e}") from None
+        return self._model
 
     @staticmethod
     def _spec(port) -> TensorSpec:
@@ -165,7 +180,7 @@ class OpenVINOBackend:
                 else:
                     reason = "it does not match its sha256"
                 log.info("OpenVINO: recompiling the cached %s (%s)", blob, reason)
-        model = self._model.clone()
+        model = self._read().clone()
         model.reshape({spec.name: self._ov.PartialShape(list(shape)) for spec, shape in zip(self.inputs, key)})
         compiled = self._core.compile_model(model, "CPU", self.config)
         if blob is not None:

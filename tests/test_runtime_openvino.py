@@ -242,3 +242,65 @@ def main_cli():
     from vdeploy.cli import main
 
     return main
+
+
+def test_a_cached_start_never_parses_the_graph(ov, exported_model, tmp_path, monkeypatch):
+    """From a model directory, the specs come from the (verified) manifest and the compiled model from the disk
+    cache: OpenVINO's read_model (the slowest part of a cached start) runs only to compile a new shape."""
+    monkeypatch.setenv("VDEPLOY_CACHE", str(tmp_path))
+    f = feeds(1, 16, seed=4)
+    first = Pipeline.from_dir(exported_model.dir, backend="openvino", threads=1)
+    (compiled,) = first.backend.run(f)
+    assert first.backend.compiles == 1 and first.backend.cache_hits == 0 and first.backend._model is not None
+    first.close()
+    second = Pipeline.from_dir(exported_model.dir, backend="openvino", threads=1)
+    assert [(s.name, s.dtype, s.shape) for s in second.backend.inputs] == [
+        ("x", "float32", (None, 3, 4, None, None)), ("t", "int64", (None,)), ("cond", "float32", (None, 6))]
+    np.testing.assert_array_equal(second.backend.run(f)[0], compiled)
+    assert second.backend.cache_hits == 1 and second.backend._model is None  # never read
+    second.backend.run(feeds(2, 8))  # a new shape: read now, compiled
+    assert second.backend.compiles == 2 and second.backend._model is not None
+    second.close()
+
+
+def test_openvino_beside_torch_and_onnxruntime_in_one_process(ov, graph, ort_backend):
+    """The process a production app has: torch (its OpenMP pool busy on 2 threads), onnxruntime and OpenVINO
+    (2 threads, TBB) all loaded and called in turns, OpenVINO also from several Python threads at once, its
+    compiled models dropped while torch keeps working; every answer matches onnxruntime's (float32 round-off,
+    F32_ATOL). Three full-suite runs that crashed (SIGSEGV) once ran OpenVINO in a separate process; this runs
+    the sequence they crashed after, in the suite's own process."""
+    import gc
+
+    import torch
+
+    from vdeploy.runtime.openvino import OpenVINOBackend
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        conv = torch.nn.Conv3d(3, 8, 3, padding=1)
+        for _ in range(2):
+            backend = OpenVINOBackend(graph, threads=2, cache=False)
+            inputs = [feeds(2, 8, seed=20 + i) for i in range(3)]
+            outs: dict[int, np.ndarray] = {}
+
+            def work(i):
+                outs[i] = backend.run(inputs[i])[0]
+
+            workers = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+            for w in workers:
+                w.start()
+            x = torch.randn(2, 3, 4, 16, 16, requires_grad=True)
+            conv(x).sum().backward()  # torch's pool at work while OpenVINO's threads run
+            for w in workers:
+                w.join(timeout=120)
+            assert sorted(outs) == [0, 1, 2]
+            for i in range(3):
+                (ref,) = ort_backend.run(inputs[i])
+                assert float(np.abs(outs[i] - ref).max()) <= F32_ATOL
+            backend.close()
+            del backend, workers
+            gc.collect()  # compiled models and the threads' requests freed beside the live torch pool
+            assert torch.isfinite(conv(torch.randn(1, 3, 4, 16, 16)).sum())
+    finally:
+        torch.set_num_threads(threads)
