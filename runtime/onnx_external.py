@@ -133,14 +133,33 @@ def _walk(buf, kind: str, start: int, end: int, depth: int, out: list) -> None:
             _walk(buf, child, *value, depth + 1, out)
 
 
+_SCANNED: dict[tuple, list] = {}  # (path, inode, size, mtime, ctime) -> locations: one scan per file and load
+
+
 def external_locations(path: str | Path) -> list[str | None]:
     """Every external-data ``location`` in the ONNX file at ``path``, in file order (None: a tensor marked
-    external without a location).
+    external without a location). A file scanned before in this process and unchanged since (same inode,
+    size, modification and change times) is not scanned again (a load checks each graph twice: before
+    opening it and for its cache key).
 
     Raises:
         ManifestError: the file cannot be read or is not a well-formed protobuf.
     """
     path = Path(path)
+    try:
+        st = path.stat()
+        stamp = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        stamp = None
+    if stamp in _SCANNED:
+        return list(_SCANNED[stamp])
+    found = _scan(path)
+    if stamp is not None:
+        _SCANNED[stamp] = list(found)
+    return found
+
+
+def _scan(path: Path) -> list[str | None]:
     try:
         with open(path, "rb") as f:
             size = f.seek(0, 2)

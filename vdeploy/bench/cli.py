@@ -86,7 +86,7 @@ def _cold_start(b: Bench):
         b.unet.to(b.device)
     b.mark("cold_start")
     result = cold_start.measure_cold_start(b.model.path, Path(ckpt), b.args.cold_repeats, b.threads, b.backend,
-                                           b.device)
+                                           b.device, cold_start.other_cpu_backends(b.backend))
     b.mark("cold_start")
     return result
 

@@ -36,6 +36,7 @@ def child(side: str, argv: list[str], env: dict | None = None) -> dict:
         "import_s": data["imported"] - data["start"],
         "load_s": data["loaded"] - data["imported"],
         "first_call_s": data["first_call"] - data["loaded"],
+        "to_first_call_s": data["first_call"] - spawned,  # ... + one denoiser call (OpenVINO: its compiled model)
         "process_s": exited - spawned,
         "rss_loaded_mib": data["rss_loaded_kb"] / 1024,
         "peak_rss_mib": data["peak_kb"] / 1024,
@@ -50,39 +51,67 @@ def _summary(rows: list[dict]) -> dict:
     return out
 
 
-def measure_cold_start(model_dir: Path, ckpt: Path, repeats: int, threads: int, backend: str, device: str) -> dict:
+def other_cpu_backends(backend: str) -> tuple[str, ...]:
+    """The CPU runtime backends installed here besides ``backend`` (each gets its own cold-start rows)."""
+    import importlib.util
+
+    libraries = {"cpu": "onnxruntime", "openvino": "openvino"}
+    return tuple(n for n, lib in libraries.items() if n != backend and importlib.util.find_spec(lib) is not None)
+
+
+def measure_cold_start(model_dir: Path, ckpt: Path, repeats: int, threads: int, backend: str, device: str,
+                       others: tuple[str, ...] = ()) -> dict:
     """Fresh processes, alternating sides; one untimed round first (page cache) when repeating, then medians.
 
-    The runtime keeps onnxruntime's optimized graph in its cache after the first load on a machine; the
-    ``runtime_first_load`` side times that first load (an empty cache folder each run)."""
-    rt_args = [str(model_dir), backend, str(threads)]
-    sides = {"runtime": ("runtime", rt_args), "torch": ("torch", [str(ckpt), device, str(threads)])}
-    if backend == "cpu":
-        sides["runtime_first_load"] = ("runtime", rt_args)
+    ``backend`` is the runtime side the speedup is given for; ``others`` are further runtime backends timed
+    the same way (``backends`` in the result holds every one). The runtime keeps onnxruntime's optimized graph
+    and OpenVINO's compiled models in its cache after the first load on a machine; the ``first_load`` sides
+    time that first load (an empty cache folder each run). ``VDEPLOY_AUTO_MEASURE=0`` in every child: the
+    backend is named, so auto's measurement never runs."""
+    names = [backend, *[o for o in others if o != backend]]
+    sides = {"torch": ("torch", [str(ckpt), device, str(threads)], None)}
+    for name in names:
+        rt_args = [str(model_dir), name, str(threads)]
+        sides[name] = ("runtime", rt_args, None)
+        if name in ("cpu", "openvino"):
+            sides[f"{name}_first_load"] = ("runtime", rt_args, "empty")
     if repeats > 1:  # an untimed round first: page cache, .pyc files, the runtime's graph cache
-        for name, (side, argv) in sides.items():
-            if name != "runtime_first_load":
-                child(side, argv)
+        for side, argv, cache in sides.values():
+            if cache is None:
+                child(side, argv, {"VDEPLOY_AUTO_MEASURE": "0"})
     runs: dict[str, list] = {name: [] for name in sides}
     for r in range(repeats):
         progress(f"cold start {r + 1}/{repeats} (load {load_average()})")
-        for name, (side, argv) in sides.items():
-            if name == "runtime_first_load":
+        for name, (side, argv, cache) in sides.items():
+            if cache == "empty":
                 with tempfile.TemporaryDirectory(prefix="vdeploy-cache-") as empty:
-                    runs[name].append(child(side, argv, {"VDEPLOY_CACHE": empty}))
+                    runs[name].append(child(side, argv, {"VDEPLOY_CACHE": empty, "VDEPLOY_AUTO_MEASURE": "0"}))
             else:
-                runs[name].append(child(side, argv))
+                runs[name].append(child(side, argv, {"VDEPLOY_AUTO_MEASURE": "0"}))
 
-    rt, tr = _summary(runs["runtime"]), _summary(runs["torch"])
-    rt["torch_imported"] = any(r["torch_imported"] for r in runs["runtime"])
-    extra = {}
-    if "runtime_first_load" in runs:
-        first = _summary(runs["runtime_first_load"])
+    tr = _summary(runs["torch"])
+    per_backend = {}
+    for name in names:
+        s = _summary(runs[name])
+        s["torch_imported"] = any(r["torch_imported"] for r in runs[name])
+        s["speedup"] = round(tr["to_loaded_s"] / s["to_loaded_s"], 2)
+        s["speedup_to_first_call"] = round(tr["to_first_call_s"] / s["to_first_call_s"], 2)
+        if f"{name}_first_load" in runs:
+            first = _summary(runs[f"{name}_first_load"])
+            s["first_load"] = first | {"speedup": round(tr["to_loaded_s"] / first["to_loaded_s"], 2),
+                                       "speedup_to_first_call": round(tr["to_first_call_s"]
+                                                                      / first["to_first_call_s"], 2)}
+        per_backend[name] = s
+    rt = dict(per_backend[backend])
+    extra = {"backends": per_backend}
+    if "first_load" in rt:
+        first = rt.pop("first_load")
         extra["runtime_first_load"] = first | {
-            "what": "the runtime's first load on a machine: onnxruntime optimizes the graph (ORT_ENABLE_ALL) "
-                    "and the runtime caches it; later loads open the cached graph",
-            "speedup": round(tr["to_loaded_s"] / first["to_loaded_s"], 2),
+            "what": "the runtime's first load on a machine: onnxruntime optimizes the graph (ORT_ENABLE_ALL), "
+                    "OpenVINO compiles it at the first call; both cache the result; later loads open the cache",
         }
+    rt.pop("speedup", None)
+    rt.pop("speedup_to_first_call", None)
     return extra | {
         "runtime": rt | {"what": f"python -m vdeploy.bench.cold_child runtime DIR {backend}: import "
                                  f"vdeploy.runtime; Pipeline.from_dir(DIR, backend={backend!r}) (sha256 of every "
@@ -90,6 +119,7 @@ def measure_cold_start(model_dir: Path, ckpt: Path, repeats: int, threads: int, 
         "torch": tr | {"what": "python -m vdeploy.bench.cold_child torch CKPT: import torch; "
                                "vdeploy.export.load_unet(CKPT)"},
         "speedup": round(tr["to_loaded_s"] / rt["to_loaded_s"], 2),
+        "speedup_to_first_call": round(tr["to_first_call_s"] / rt["to_first_call_s"], 2),
         "rss_ratio": round(tr["rss_loaded_mib"] / rt["rss_loaded_mib"], 2),
         "repeats": repeats,
         "note": "to_loaded_s: from spawning the process to the model being loaded (interpreter start, "

@@ -165,6 +165,12 @@ def _cold_start(cs: dict) -> list[str]:
              line("torch: import torch + load checkpoint", cs["torch"])]
     if first:
         lines.append(line("runtime, first load on this machine (graph cache empty)", first))
+    for name, r in (cs.get("backends") or {}).items():  # every CPU backend, cached and first load
+        lines.append(line(f"backend {name}: cached (to first call {r['to_first_call_s']:.2f} s, "
+                          f"{r['speedup_to_first_call']:.1f}x torch's)", r))
+        if r.get("first_load"):
+            f = r["first_load"]
+            lines.append(line(f"backend {name}: first load (to first call {f['to_first_call_s']:.2f} s)", f))
     lines += ["", f"Runtime cold start {cs['speedup']:.1f}x faster than torch, {cs['rss_ratio']:.1f}x less memory "
                   f"at load" + (f"; its first load on a machine {first['speedup']:.1f}x." if first else ".")]
     return lines
