@@ -125,8 +125,13 @@ SECTIONS: dict[str, Section] = {
 def run_sections(bench: Bench, skip: set[str]) -> None:
     """Every section of ``SECTIONS`` not in ``skip``, in table order; each result at ``bench.out[key]`` (None
     for a skipped one)."""
+    from .report import section_table
+
     for name, section in SECTIONS.items():
         bench.out[section.key] = None if name in skip else section.run(bench)
+        table = None if bench.args.quiet else section_table(section.key, bench.out)
+        if table:  # each table as its section finishes (the whole report again at the end)
+            print(table, flush=True)
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -290,6 +295,11 @@ def run(args: argparse.Namespace) -> dict:
         shipped = [r for r in by.values() if r.shipped and (device == "cuda") == (r.device == "cuda")]
         shipped = shipped or [r for r in by.values() if r.shipped]  # e.g. --device cuda, CPU-only onnxruntime
         fastest = min(shipped, key=lambda r: r.times_ms["1"]["median"]) if shipped else None
+        if not args.quiet:  # the per-call table now, before the slower sections
+            from .report import section_table
+
+            results = report.summarize(timed, None, None)[0]
+            print(section_table("per_call", {"config": out["config"], "results": results}), flush=True)
         out["loop_overhead_pct"] = None
         bench = Bench(args, out, config, unet, model, work, inputs, timed, device, threads, mark, by, fastest,
                       report.summarize(timed, None, None)[2], fastest.backend if fastest else "cpu")

@@ -204,6 +204,16 @@ def _quality(q: dict) -> list[str]:
     return lines
 
 
+def section_table(key: str, report: dict) -> str | None:
+    """The markdown of one section as soon as it has run (``key``: ``per_call`` or a section's JSON key), for
+    printing while the later sections still run; None where it has no table."""
+    render = {"per_call": _per_call, "sampling": lambda r: _sampling(r["sampling"]),
+              "cold_start": lambda r: _cold_start(r["cold_start"]), "quality": lambda r: _quality(r["quality"])}
+    if key not in render or (key != "per_call" and not report.get(key)):
+        return None
+    return "\n".join(render[key](report)).strip("\n") + "\n"
+
+
 def markdown(report: dict) -> str:
     m, c = report["machine"], report["config"]
     model = c["model"]
