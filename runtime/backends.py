@@ -77,6 +77,8 @@ class BackendOptions:
             machine, worse under load; off by default).
         cache: keep onnxruntime's CPU-optimized graph and OpenVINO's compiled models in the user cache
             (faster cold starts).
+        cuda_graph: onnxruntime CUDA captures and replays one CUDA graph per input shape (fixed device
+            buffers, ``OrtBackend(cuda_graph=True)``).
     """
 
     precision: str = "fp32"
@@ -85,6 +87,7 @@ class BackendOptions:
     max_batch: int = DEFAULT_MAX_BATCH
     spin: bool = False
     cache: bool = True
+    cuda_graph: bool = False
 
     def __post_init__(self):
         if self.precision not in precisions():
@@ -159,6 +162,7 @@ def _ort_open(kind: str):
             model_dir / graph.file, kind, threads=options.threads if kind == "cpu" else None,
             device_id=options.device_id, fp16=options.precision == "fp16", profile=profile,
             onnx_sha256=graph_digest(model_dir, graph.file, manifest.files), cache=options.cache, spin=options.spin,
+            precision=options.precision, cuda_graph=options.cuda_graph,
         )
 
     return open_ort
@@ -248,8 +252,9 @@ BACKENDS: dict[str, BackendSpec] = {
     "tensorrt-ep": BackendSpec(_ort_unavailable("tensorrt-ep"), _ort_open("tensorrt-ep"), 1, False,
                                "onnxruntime's TensorRT execution provider (engines cached per GPU)",
                                ("fp32", "fp16"), "cuda"),
-    "cuda": BackendSpec(_ort_unavailable("cuda"), _ort_open("cuda"), 2, True, "onnxruntime CUDA", ("fp32", "fp16"),
-                        "cuda"),
+    # fp32 is IEEE fp32 (use_tf32=0); tf32 is the CUDA EP's default, an explicit choice here
+    "cuda": BackendSpec(_ort_unavailable("cuda"), _ort_open("cuda"), 2, True, "onnxruntime CUDA",
+                        ("fp32", "tf32", "fp16"), "cuda"),
     # after onnxruntime CPU in `auto`: faster per call on an idle CPU, but a slower cold start, and it crashed
     # (SIGSEGV) in processes that had also loaded torch (README, "Performance"); explicit backend="openvino"
     "openvino": BackendSpec(_openvino_unavailable, _openvino_open, 10, False,
@@ -316,7 +321,7 @@ def graph_for(name: str, manifest: Manifest, options: BackendOptions, *, guidanc
     refused = precision_refused(name, options)
     if refused:
         raise ValueError(refused)
-    precision = options.precision if BACKENDS[name].fp16_graph else "fp32"
+    precision = "fp16" if BACKENDS[name].fp16_graph and options.precision == "fp16" else "fp32"
     return manifest.find_graph(guidance=guidance, precision=precision)
 
 

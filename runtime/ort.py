@@ -20,6 +20,7 @@ import numpy as np
 from .manifest import ManifestError, TensorSpec, sha256_file, verify_files
 from .platform import (
     BackendUnavailable,
+    cuda_provider_options,
     engine_cache_dir,
     gpu_name,
     import_onnxruntime,
@@ -67,6 +68,11 @@ class OrtBackend:
             with graph optimizations off, its weights mapped from disk, next time (graph optimization is
             most of a cold start).
         spin: let the CPU intra-op threads spin-wait between calls (see ``ort_session_options``).
+        precision: on CUDA, ``fp32`` (no TF32), ``tf32`` or ``fp16`` (``platform.cuda_provider_options``).
+        cuda_graph: on CUDA, capture one CUDA graph per input shape and replay it: each shape gets fixed
+            device buffers bound once (IO binding) and its own ``gpu_graph_id``; a call copies its inputs
+            into them, replays, and copies the outputs back (``run``) or leaves them on the device
+            (``run_bound``).
     """
 
     def __init__(
@@ -81,6 +87,8 @@ class OrtBackend:
         onnx_sha256: str | None = None,
         cache: bool = True,
         spin: bool = False,
+        precision: str = "fp32",
+        cuda_graph: bool = False,
     ):
         if kind not in ORT_PROVIDERS:
             raise ValueError(f"onnxruntime kind must be one of {', '.join(ORT_PROVIDERS)}, got {kind!r}")
@@ -99,19 +107,11 @@ class OrtBackend:
         providers: list = []
         if kind == "tensorrt-ep":
             providers.append((provider, self._trt_ep_options(ort, fp16, profile, onnx_sha256)))
+        self.cuda_graph = bool(cuda_graph) and kind == "cuda"
         if kind in ("cuda", "tensorrt-ep"):  # TensorRT EP hands unsupported nodes to CUDA
-            providers.append(
-                (
-                    "CUDAExecutionProvider",
-                    {
-                        "device_id": device_id,
-                        # UNet3D-like graphs run 2-3x slower with the default HEURISTIC search
-                        # (onnxruntime #12880, #22705)
-                        "cudnn_conv_algo_search": "EXHAUSTIVE",
-                        "do_copy_in_default_stream": True,
-                    },
-                )
-            )
+            cuda_precision = precision if kind == "cuda" else "fp32"
+            providers.append(("CUDAExecutionProvider",
+                              cuda_provider_options(device_id, cuda_precision, cuda_graph=self.cuda_graph)))
         providers.append("CPUExecutionProvider")
         try:
             if kind == "cpu" and cache and onnx_sha256:
@@ -135,6 +135,9 @@ class OrtBackend:
             for o in self.session.get_outputs()
         ]
         self._output_names = [o.name for o in self.outputs]
+        self._ort = ort
+        self._slots: dict[tuple, _GraphSlot] = {}
+        self._slots_lock = threading.Lock()
 
     def _cached_cpu_session(self, ort, options, providers, onnx_sha256: str):
         """A CPU session from the cached optimized graph, building and caching it on a miss.
@@ -235,6 +238,13 @@ class OrtBackend:
         feeds = {spec.name: cast(spec, feeds[spec.name]) for spec in self.inputs}
         if self.kind == "cpu":
             return self.session.run(self._output_names, feeds)
+        if self.cuda_graph:
+            slot = self.slot({name: value.shape for name, value in feeds.items()})
+            with slot.lock:
+                for name, value in feeds.items():
+                    slot.inputs[name].update_inplace(value)
+                self._replay(slot)
+                return [slot.outputs[name].numpy() for name in self._output_names]
         # IO binding: inputs copied to the device once, outputs allocated there, one copy back.
         binding = self.session.io_binding()  # one per call: a binding is not shared between threads
         for name, value in feeds.items():
@@ -243,6 +253,93 @@ class OrtBackend:
             binding.bind_output(name, "cuda", self._device_id)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
+
+    def slot(self, shapes: Mapping[str, tuple]) -> _GraphSlot:
+        """The fixed device buffers (and CUDA graph id) of one input shape, made on first use."""
+        key = tuple(tuple(shapes[spec.name]) for spec in self.inputs)
+        with self._slots_lock:
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = _GraphSlot.make(self._ort, self.session, self.inputs, self.outputs, shapes,
+                                       self._device_id, graph_id=len(self._slots))
+                self._slots[key] = slot
+            return slot
+
+    def _replay(self, slot: _GraphSlot) -> None:
+        self.session.run_with_iobinding(slot.binding, slot.run_options)
+
+    def run_bound(self, slot: _GraphSlot) -> None:
+        """Run on what the caller wrote into ``slot``'s device input buffers (``slot.pointers()``), leaving
+        the outputs in its device output buffers: no host copy. The caller holds ``slot.lock`` and orders
+        its own stream after onnxruntime's (``do_copy_in_default_stream``: the default stream)."""
+        self._replay(slot)
+
+
+class _GraphSlot:
+    """One input shape's fixed device buffers, their IO binding and its CUDA graph id (``gpu_graph_id``):
+    a CUDA graph replays on the addresses it was captured with, so the buffers never move."""
+
+    def __init__(self, inputs: dict, outputs: dict, binding, run_options, graph_id: int):
+        self.inputs, self.outputs, self.binding = inputs, outputs, binding
+        self.run_options, self.graph_id = run_options, graph_id
+        self.lock = threading.Lock()
+
+    @classmethod
+    def make(cls, ort, session, input_specs, output_specs, shapes: Mapping[str, tuple], device_id: int,
+             graph_id: int) -> _GraphSlot:
+        sizes = symbolic_sizes(input_specs, shapes)
+        inputs = {spec.name: ort.OrtValue.ortvalue_from_shape_and_type(
+            list(shapes[spec.name]), np.dtype(spec.dtype).type, "cuda", device_id) for spec in input_specs}
+        def like(spec):
+            same = [tuple(shapes[i.name]) for i in input_specs if len(i.shape) == len(spec.shape)]
+            return max(same, key=lambda s: int(np.prod(s)), default=None)
+
+        outputs = {spec.name: ort.OrtValue.ortvalue_from_shape_and_type(
+            resolve_shape(spec, sizes, like(spec)), np.dtype(spec.dtype).type, "cuda", device_id)
+            for spec in output_specs}
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in outputs.items():
+            binding.bind_ortvalue_output(name, value)
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return cls(inputs, outputs, binding, run_options, graph_id)
+
+    def pointers(self) -> dict[str, int]:
+        """Device addresses of every bound buffer by name (inputs and outputs), for device-array writers."""
+        return {name: value.data_ptr() for name, value in {**self.inputs, **self.outputs}.items()}
+
+
+def symbolic_sizes(specs, shapes: Mapping[str, tuple]) -> dict[str, int]:
+    """``{symbolic dim name: size}`` read off the actual input shapes (``"batch" -> 4``)."""
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        for dim, size in zip(spec.shape, shapes[spec.name]):
+            if not isinstance(dim, int):
+                sizes.setdefault(str(dim), int(size))
+    return sizes
+
+
+def resolve_shape(spec: TensorSpec, sizes: Mapping[str, int], like: tuple | None = None) -> list[int]:
+    """An output's concrete shape from its declared one and the inputs' symbolic sizes; a dim no input
+    names comes from ``like`` (the shape of the input of the same rank, as the denoiser's eps has x's).
+
+    Raises:
+        ValueError: a symbolic output dim no input names (no fixed buffer can be made: use cuda_graph=False).
+    """
+    shape = []
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, int):
+            shape.append(dim)
+        elif str(dim) in sizes:
+            shape.append(sizes[str(dim)])
+        elif axis < len(like or ()):  # an unnamed dim: the denoiser's output has its x input's shape
+            shape.append(int(like[axis]))
+        else:
+            raise ValueError(f"output {spec.name!r} has dim {dim!r} that no input names: cannot preallocate it "
+                             "for a CUDA graph (open with cuda_graph=False)")
+    return shape
 
 
 _CACHE_GRAPH, _CACHE_DATA, _CACHE_META = "model.onnx", "model.data", "meta.json"
