@@ -16,7 +16,7 @@ LOCK := constraints-lock.txt
 REF_06 := video-diffusion-pytorch==0.6.3
 REF_07 := video-diffusion-pytorch==0.7.0
 
-.PHONY: install lock demo test test-latest bench clean
+.PHONY: install lock demo test test-latest test-ort-oldest bench clean
 
 install: $(VENV)/.installed
 
@@ -78,9 +78,18 @@ test: install
 	$(PY) -m pytest -q --ignore=tests/test_runtime_openvino.py
 	$(PY) -m pytest -q tests/test_runtime_openvino.py
 
+# The fp16 conversion on the OLDEST onnxruntime [cpu] admits (issue 20: converters differ by version), in a
+# second, torch-free venv: numpy, onnx and onnxruntime only (tests/test_fp16_export.py loads export/fp16.py by
+# path). The newest onnxruntime runs the same file in `test`.
+ORT_OLDEST := numpy<2 onnx==1.16.2 onnxruntime==1.17.3 pytest==8.3.5
+test-ort-oldest:
+	[ -x $(VENV)-ort-oldest/bin/python ] || $(PYTHON) -m venv $(VENV)-ort-oldest
+	$(VENV)-ort-oldest/bin/python -m pip install -q $(foreach p,$(ORT_OLDEST),'$(p)')
+	$(VENV)-ort-oldest/bin/python -m pytest -q --noconftest -p no:cacheprovider tests/test_fp16_export.py
+
 bench: install
 	$(PY) benchmarks/latency.py --config small --json bench-out/latency.json --plot bench-out/latency.png \
 		$(if $(wildcard $(DEMO)/model/vdeploy.json),--ckpt $(DEMO)/model)
 
 clean:
-	rm -rf $(VENV) $(VENV)-latest $(DEMO) bench-out
+	rm -rf $(VENV) $(VENV)-latest $(VENV)-ort-oldest $(DEMO) bench-out

@@ -58,9 +58,48 @@ def convert_fp16(src: str | Path, dst: str | Path) -> dict:
         )
     finally:
         quiet.setLevel(level)
+    _drop_duplicate_producers(model16.graph)  # some converter versions emit one Cast per consumer, same name
     _topological_sort(model16.graph)  # the converter appends its input casts at the end
+    onnx.checker.check_model(model16)  # a graph every onnxruntime in the supported range loads
     onnx.save(model16, str(dst))
     return {"op_block_list": FP16_OP_BLOCK_LIST, "fp32_node_scopes": list(FP32_NODE_SCOPES), "io_dtype": "float32"}
+
+
+def _drop_duplicate_producers(graph) -> int:
+    """Remove nodes that recompute a value another node already produces under the same name (same op, inputs
+    and attributes); return how many went.
+
+    onnxruntime 1.30's ``convert_float_to_float16`` inserts one ``Cast`` per blocked consumer of a value,
+    all named ``<value>_cast_to_fp32``: identical nodes whose shared output name fails onnx.checker
+    (issue 20). Keeping the first is exact: the copies compute the same thing.
+
+    Raises:
+        ValueError: two different nodes write the same name (a real conflict, not a duplicate).
+    """
+    first: dict[str, object] = {}
+    keep, dropped = [], 0
+    for node in graph.node:
+        produced = [name for name in node.output if name]
+        clash = [first[name] for name in produced if name in first]
+        if not clash:
+            for name in produced:
+                first[name] = node
+            keep.append(node)
+            continue
+        other = clash[0]
+        same = (node.op_type == other.op_type and list(node.input) == list(other.input)
+                and list(node.output) == list(other.output) and node.domain == other.domain
+                and [a.SerializeToString() for a in node.attribute] == [a.SerializeToString() for a in other.attribute])
+        if not same:
+            raise ValueError(f"nodes {other.name!r} and {node.name!r} both write {produced[0]!r} and differ")
+        dropped += 1
+    if dropped:
+        copies = [type(n)() for n in keep]
+        for copy, node in zip(copies, keep):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(copies)
+    return dropped
 
 
 def _topological_sort(graph) -> None:
