@@ -255,8 +255,8 @@ BACKENDS: dict[str, BackendSpec] = {
     # fp32 is IEEE fp32 (use_tf32=0); tf32 is the CUDA EP's default, an explicit choice here
     "cuda": BackendSpec(_ort_unavailable("cuda"), _ort_open("cuda"), 2, True, "onnxruntime CUDA",
                         ("fp32", "tf32", "fp16"), "cuda"),
-    # after onnxruntime CPU in `auto`: faster per call on an idle CPU, but a slower cold start, and it crashed
-    # (SIGSEGV) in processes that had also loaded torch (README, "Performance"); explicit backend="openvino"
+    # `auto` times it against onnxruntime CPU on each graph and takes the faster (runtime/ranking.py, cached);
+    # this rank (after onnxruntime: the faster cold start) is the order when that is off (VDEPLOY_AUTO_MEASURE=0)
     "openvino": BackendSpec(_openvino_unavailable, _openvino_open, 10, False,
                             "OpenVINO on the CPU, compiled per input shape (f32; bf16 where the CPU has it)",
                             ("fp32", "bf16")),
