@@ -154,3 +154,25 @@ def test_cold_child_runtime_side(exported_model):  # noqa: F811
     assert timings["peak_rss_mib"] >= timings["rss_loaded_mib"] > 0
     with pytest.raises(RuntimeError, match="cold-start child runtime failed"):
         child("runtime", [str(exported_model.dir / "missing"), "cpu", "1"])
+
+
+def test_each_section_table_renders_alone_and_cold_start_has_a_row_per_backend():
+    """`make bench` prints each section's table as it finishes: section_table renders one from the report so far
+    (None before the section ran); the cold-start table has a cached and a first-load row per CPU backend."""
+    from vdeploy.bench.report import section_table
+
+    timing = {"to_loaded_s": 0.3, "import_s": 0.1, "load_s": 0.2, "rss_loaded_mib": 100.0, "first_call_s": 0.1,
+              "peak_rss_mib": 150.0, "to_first_call_s": 0.4}
+    backends = {name: timing | {"speedup": 5.0, "speedup_to_first_call": 4.0,
+                                "first_load": timing | {"speedup": 2.0, "speedup_to_first_call": 1.5}}
+                for name in ("cpu", "openvino")}
+    report = {"cold_start": {"runtime": timing, "torch": timing | {"to_loaded_s": 1.5}, "speedup": 5.0,
+                             "speedup_to_first_call": 4.0, "rss_ratio": 3.0, "repeats": 3, "backends": backends}}
+    assert section_table("quality", report) is None and section_table("sampling", report) is None
+    table = section_table("cold_start", report)
+    for name in ("cpu", "openvino"):
+        assert f"| backend {name}: cached (to first call 0.40 s, 4.0x torch's) |" in table
+        assert f"| backend {name}: first load (to first call 0.40 s) |" in table
+    per_call = section_table("per_call", {"config": {"batches": [1], "repeats": 2, "warmup": 1},
+                                          "results": {"ort": {"status": "failed", "error": "boom"}}})
+    assert per_call.startswith("Per-call denoiser latency") and "| ort | – |" in per_call and "boom" in per_call
