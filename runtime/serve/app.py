@@ -8,9 +8,12 @@ Routes:
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (the model is loaded and the server is not
   draining), ``GET /metrics`` (Prometheus text).
 
-Errors are JSON ``{"error": ..., "field": ...}``: 422 for a bad body (the field named), 429 with
-``Retry-After`` when the queue is full, 503 while loading or shutting down, 504 past the request timeout,
-404 for an unknown job; never a traceback. A client that disconnects cancels its request, which leaves
+Errors are JSON ``{"error": ..., "field": ...}``: 422 for a bad body (the field named), 413 past the body
+limit, 415 for a body not sent as ``application/json``, 408 for a body that stops arriving, 401 without the
+API key (when one is set), 429 with ``Retry-After`` when the queue is full, 503 while loading or shutting
+down, 504 past the request timeout, 404 for an unknown job; 500 only for a server fault (logged once with the
+request id); never a traceback. Every response carries ``X-Request-Id``. The body's bounds are
+``limits.py``'s, the key ``auth.py``'s, request ids and faults ``middleware.py``'s. A client that disconnects cancels its request, which leaves
 the batch at the next step boundary. Starlette rather than FastAPI: the request schema is checked by
 ``requests.parse`` with the CLI's messages (FastAPI's pydantic errors would be a second wording), and
 Starlette is the smaller dependency (FastAPI is Starlette plus pydantic and more).
@@ -21,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import logging
 import os
 import tempfile
@@ -33,13 +35,18 @@ from pathlib import Path
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import limits
+from .auth import ApiKey
 from .batcher import Batcher, Closed, Job, QueueFull, RequestTimeout
 from .metrics import Metrics
-from .requests import FORMATS, FRAME_FIELDS, Invalid, parse
+from .middleware import FrontDoor, request_id
+from .requests import FORMATS, FRAME_FIELDS, MAX_PROMPT_CHARS, Invalid, parse
 
 log = logging.getLogger("vdeploy.runtime.serve")
 MAX_JOBS = 256  # async jobs kept (finished ones are dropped oldest first)
@@ -56,17 +63,26 @@ class Service:
         timeout: seconds a request may take from submission (None: no limit).
         max_videos: videos one request may ask for.
         grace: seconds a SIGTERM drain may take before the rest is refused with 503.
+        max_body: bytes a request body may have (None: the largest legal request's, ``limits.default_max_body``,
+            set when the model has loaded).
+        client_timeout: seconds a request's head may take to arrive, and the longest pause in its body.
+        api_key: the key every endpoint but ``/healthz`` then needs (``auth.py``; None: no key).
+        metrics_open: with a key, ``/metrics`` answers without it.
     """
 
     def __init__(self, model_dir=None, *, pipe=None, backend: str = "auto", threads: int | None = None,
                  max_batch: int = 8, max_queue: int = 64, batching: bool | str = "auto", buckets=None,
-                 timeout: float | None = 600.0, max_videos: int = 16, grace: float = 30.0):
+                 timeout: float | None = 600.0, max_videos: int = 16, grace: float = 30.0,
+                 max_body: int | None = None, client_timeout: float = limits.CLIENT_TIMEOUT,
+                 api_key: str | None = None, metrics_open: bool = False):
         if (model_dir is None) == (pipe is None):
             raise ValueError("give either model_dir or pipe")
         self.model_dir = model_dir
         self.backend, self.threads = backend, threads
         self.max_batch, self.max_queue, self.batching, self.buckets = max_batch, max_queue, batching, buckets
         self.timeout, self.max_videos, self.grace = timeout, max_videos, grace
+        self.max_body, self.client_timeout = max_body, client_timeout
+        self.api_key = ApiKey(api_key, metrics_open=metrics_open)
         self.metrics = Metrics(self)
         self.pipe = pipe
         self.batcher: Batcher | None = None
@@ -85,6 +101,7 @@ class Service:
                 from ..pipeline import Pipeline
 
                 self.pipe = Pipeline.from_dir(self.model_dir, backend=self.backend, threads=self.threads)
+            self._bound_body()
             batcher = Batcher(self.pipe, max_batch=self.max_batch, max_queue=self.max_queue, batching=self.batching,
                               buckets=self.buckets, on_call=self.metrics.on_call, on_step=self.metrics.on_step)
             self.metrics.warmed(batcher)  # /readyz turns ready below, after the warm-up of the batch shapes
@@ -133,11 +150,29 @@ class Service:
 
     # ---------------------------------------------------------------- requests ----
 
+    def _bound_body(self) -> None:
+        """``max_body`` from the loaded model when not given: the largest legal request (``limits``)."""
+        if self.max_body is None:
+            self.max_body = limits.default_max_body(self.pipe.shape, self.pipe.cond_dim, self.max_videos,
+                                                    MAX_PROMPT_CHARS)
+
+    def submit_body(self, raw: bytes | bytearray) -> tuple[Job, str, float, bool]:
+        """:meth:`submit` of a raw body: JSON read under ``limits.load_json``'s bounds (on the caller's thread:
+        the app calls it off the event loop). Raises BodyError or :meth:`submit`'s errors."""
+        return self.submit(limits.load_json(raw))
+
     def submit(self, body) -> tuple[Job, str, float, bool]:
         ready, why = self.ready()
         if not ready:
             raise Closed(why)
-        request = parse(body, self.pipe, max_videos=self.max_videos)
+        try:
+            request = parse(body, self.pipe, max_videos=self.max_videos)
+        except Invalid:
+            raise
+        except Exception as e:  # a value the checks did not foresee: still the client's input, so a 422
+            log.warning("request %s: checking the body raised %s (answered 422)", request_id(), type(e).__name__,
+                        exc_info=True)
+            raise Invalid(None, f"the body could not be checked: {type(e).__name__}: {str(e)[:200]}") from None
         try:
             job = self.batcher.submit(timeout=self.timeout, **request.kwargs)
         except ValueError as e:  # a check of Pipeline.prepare the parser does not repeat (the known frames' shape...)
@@ -178,6 +213,49 @@ def _error(status: int, message: str, field: str | None = None, headers: dict | 
     return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
 
 
+async def _read_request(service: Service, request: Request):
+    """``POST /v1/videos``'s body checked and submitted: ``service.submit``'s answer, or the error response.
+
+    Before a byte of the body is read: 503 unless ready, 415 unless ``application/json``, 413 from
+    ``Content-Length``; while reading: 413 past ``max_body``, 408 on a stalled upload, nothing (499) when the
+    client leaves. The JSON is read and checked on a worker thread (the event loop keeps answering). Refusals
+    before the body was read close the connection (its unread body is not drained).
+    """
+    close = {"Connection": "close"}
+    ready, why = service.ready()
+    if not ready:
+        service.metrics.count("unavailable")
+        return _error(503, why, headers={"Retry-After": "5", **close})
+    try:
+        limits.check_content_type(request.headers.get("content-type"))
+        raw = await limits.read_body(request.receive, request.headers, service.max_body, service.client_timeout)
+    except limits.BodyError as e:
+        service.metrics.count("invalid")
+        return _error(e.status, e.message, headers=close)
+    except limits.ClientGone:
+        service.metrics.count("disconnected")
+        return Response(status_code=499)
+    try:
+        return await asyncio.to_thread(service.submit_body, raw)
+    except limits.BodyError as e:
+        service.metrics.count("invalid")
+        return _error(e.status, e.message)
+    except Invalid as e:
+        service.metrics.count("invalid")
+        return _error(422, e.message, e.field)
+    except QueueFull as e:
+        service.metrics.count("rejected")
+        return _error(429, str(e), headers={"Retry-After": str(service.batcher.retry_after())})
+    except Closed as e:
+        service.metrics.count("unavailable")
+        return _error(503, str(e), headers={"Retry-After": "5"})
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (404 unknown path, 405 method) in the app's JSON shape."""
+    return _error(exc.status_code, exc.detail, headers=exc.headers)
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client goes away (the body has been read: the next message is the disconnect)."""
     while True:
@@ -190,22 +268,10 @@ def create_app(service: Service) -> Starlette:
     """The Starlette app around ``service`` (the model loads on a thread at startup; ``/readyz`` says when)."""
 
     async def post_video(request: Request) -> Response:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            service.metrics.count("invalid")
-            return _error(422, f"the body is not valid JSON: {e}")
-        try:
-            job, fmt, fps, run_async = await asyncio.to_thread(service.submit, body)
-        except Invalid as e:
-            service.metrics.count("invalid")
-            return _error(422, e.message, e.field)
-        except QueueFull as e:
-            service.metrics.count("rejected")
-            return _error(429, str(e), headers={"Retry-After": str(service.batcher.retry_after())})
-        except Closed as e:
-            service.metrics.count("unavailable")
-            return _error(503, str(e), headers={"Retry-After": "5"})
+        submitted = await _read_request(service, request)
+        if isinstance(submitted, Response):
+            return submitted
+        job, fmt, fps, run_async = submitted
         if run_async:
             service.metrics.count("accepted")
             return JSONResponse({"id": job.id, "status": job.status, "steps": job.steps}, status_code=202,
@@ -234,13 +300,14 @@ def create_app(service: Service) -> Starlette:
             return _error(503, str(e), headers={"Retry-After": "5"})
         except Exception as e:
             service.metrics.count("failed")
-            log.error("request failed: %s", e)
-            return _error(500, f"sampling failed: {e}")
+            log.error("request %s failed: sampling raised %s", request_id(), type(e).__name__, exc_info=e)
+            return _error(500, f"sampling failed: {e} (request id {request_id()})")
         try:
             data = await asyncio.to_thread(encode, video, fmt, fps)
         except (OSError, RuntimeError, ValueError) as e:
             service.metrics.count("failed")
-            return _error(500, f"cannot encode the video as {fmt}: {e}")
+            log.error("request %s failed: encoding %s raised %s", request_id(), fmt, type(e).__name__, exc_info=e)
+            return _error(500, f"cannot encode the video as {fmt}: {e} (request id {request_id()})")
         service.metrics.count("ok")
         service.metrics.latency(time.monotonic() - job.submitted)
         return Response(data, media_type=FORMATS[fmt], headers={"X-Steps": str(job.steps)})
@@ -300,7 +367,8 @@ def create_app(service: Service) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-    ], lifespan=lifespan)
+    ], lifespan=lifespan, middleware=[Middleware(FrontDoor, api_key=service.api_key)],
+        exception_handlers={HTTPException: _http_error})
     app.state.service = service
     return app
 
@@ -318,7 +386,8 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = 8000, *, socket
             self.should_exit = True  # not re-raised after the drain: a SIGTERM'd server exits 0
 
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=int(service.grace) + 5, access_log=False)
+                            timeout_graceful_shutdown=int(service.grace) + 5, access_log=False,
+                            **limits.uvicorn_limits(service.max_queue, service.max_batch, service.client_timeout))
     server = Server(config)
     server.run(sockets=sockets)
     return server
