@@ -251,19 +251,30 @@ def _require_serve_extra(extra: str, *modules: str) -> None:
               help="On SIGTERM: seconds to finish in-flight requests (new ones get 503); the rest get 503.")
 @click.option("--max-videos", default=16, show_default=True, type=click.IntRange(1, 4096),
               help="Videos one request may ask for (batch_size, prompts or cond rows).")
+@click.option("--max-body", default=None, type=click.IntRange(min=1), metavar="BYTES",
+              help="Largest request body (past it: 413, before the body is read).  [default: the largest legal "
+                   "request's: --max-videos videos of known frames at the model's size, 32 bytes a number]")
+@click.option("--client-timeout", default=30.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
+              help="Seconds a request's head may take to arrive, and the longest pause in its body (then 408).")
+@click.option("--api-key-file", default=None, type=click.Path(path_type=Path, dir_okay=False),
+              help="Require Authorization: Bearer <key> on every endpoint but /healthz (401 otherwise); the key "
+                   "is the file's text.  [default: $VDEPLOY_API_KEY if set, else no key]")
+@click.option("--metrics-open", is_flag=True, help="With an API key: /metrics answers without it (for scrapers).")
 @click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Serve (extra [ray]): --replicas copies of the app.")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 1024),
               help="With --ray: replicas, each one pipeline and batcher.")
 @click.option("--quiet", is_flag=True, help="Warnings only in the log.")
 def serve_cmd(model_dir: Path, host: str, port: int, max_batch: int, max_queue: int, backend: str,
               threads: int | None, batching: str, buckets: str | None, timeout: float, grace: float,
-              max_videos: int, use_ray: bool, replicas: int, quiet: bool) -> None:
+              max_videos: int, max_body: int | None, client_timeout: float, api_key_file: Path | None,
+              metrics_open: bool, use_ray: bool, replicas: int, quiet: bool) -> None:
     """Serve a model directory over HTTP: POST /v1/videos, /healthz, /readyz, /metrics.
 
     \b
     Requests at different steps share each denoiser call (step-level batching). Examples:
       vdeploy serve --model model/ --port 8000
-      curl -s localhost:8000/v1/videos -d '{"prompt": "a red circle moving left", "steps": 25}' -o out.gif
+      curl -s localhost:8000/v1/videos -H 'Content-Type: application/json' \
+           -d '{"prompt": "a red circle moving left", "steps": 25}' -o out.gif
       vdeploy serve --model model/ --ray --replicas 2
     """
     _require_serve_extra("serve", "starlette", "uvicorn", "prometheus_client")
@@ -280,8 +291,17 @@ def serve_cmd(model_dir: Path, host: str, port: int, max_batch: int, max_queue: 
             buckets = ",".join(map(str, bucket_sizes(buckets, max_batch)))
         except ValueError as e:
             raise BadInput(f"--buckets: {e}") from None
+    from vdeploy.runtime.serve.auth import read_key
+
+    try:
+        api_key = read_key(api_key_file)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    if metrics_open and api_key is None:
+        raise BadInput("--metrics-open needs an API key (--api-key-file FILE or $VDEPLOY_API_KEY)")
     settings = dict(backend=backend, threads=threads, max_batch=max_batch, max_queue=max_queue, batching=batching,
-                    buckets=buckets, timeout=timeout, max_videos=max_videos, grace=grace)
+                    buckets=buckets, timeout=timeout, max_videos=max_videos, grace=grace, max_body=max_body,
+                    client_timeout=client_timeout, api_key=api_key, metrics_open=metrics_open)
     if use_ray:
         _require_serve_extra("ray", "ray")
         from vdeploy.runtime.serve.ray_app import run as ray_run

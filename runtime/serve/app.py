@@ -385,6 +385,9 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = 8000, *, socket
                 self.force_exit = True
             self.should_exit = True  # not re-raised after the drain: a SIGTERM'd server exits 0
 
+    if not service.api_key.required and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without an API key: anyone who can reach the port can use it "
+                    "(--api-key-file FILE, and a TLS proxy in front: README, Serving)", host)
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=int(service.grace) + 5, access_log=False,
                             **limits.uvicorn_limits(service.max_queue, service.max_batch, service.client_timeout))

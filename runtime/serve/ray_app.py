@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 SERVICE_KEYS = ("backend", "threads", "max_batch", "max_queue", "batching", "buckets", "timeout", "max_videos",
-                "grace")
+                "grace", "max_body", "client_timeout", "api_key", "metrics_open")
 
 
 def deployment(model_dir, *, replicas: int = 1, autoscaling_config: dict | None = None,
