@@ -22,13 +22,14 @@ def _numpy(out) -> np.ndarray:
 def measure_per_call(rows: list[Row], batches: list[int], warmup: int, repeats: int) -> None:
     """Fill ``first_call_s``, ``times_ms`` (median, min, p90, n per batch) and, at the first batch size,
     ``output`` of every live row; a row whose call raises is marked failed."""
-    for batch in batches:
+    for i, batch in enumerate(batches):
         live = []
         for row in rows:
-            if row.status != "ok":
+            if row.status != "ok" or (row.max_batches is not None and i >= row.max_batches):
                 continue
             try:
                 fn = row.make(batch)
+                _reset_gpu_peak(row)
                 t0 = time.perf_counter()
                 out = fn()
                 row.first_call_s[str(batch)] = round(time.perf_counter() - t0, 4)
@@ -36,6 +37,7 @@ def measure_per_call(rows: list[Row], batches: list[int], warmup: int, repeats: 
                     row.output = _numpy(out)
                 for _ in range(max(warmup - 1, 0)):
                     fn()
+                _record_gpu_memory(row, batch)
             except Exception as e:  # noqa: BLE001 (e.g. torch.compile without a working compiler)
                 row.status, row.error = "failed", first_line(e)
                 progress(f"{row.name} failed at batch {batch}: {row.error}")
@@ -60,6 +62,28 @@ def measure_per_call(rows: list[Row], batches: list[int], warmup: int, repeats: 
                 "n": int(v.size),
             }
             row.calls.pop(batch, None)  # free the compiled/batched state of this size
+
+
+def _reset_gpu_peak(row: Row) -> None:
+    if row.device == "cuda" and row.family == "torch":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _record_gpu_memory(row: Row, batch: int) -> None:
+    """On CUDA, after a row's warm-up: torch rows, torch's peak allocated memory during it
+    (``extra["gpu_peak_mib"]``); every row, the device's memory in use by all processes then
+    (``extra["gpu_used_mib"]``, includes every row opened before it and torch's cache)."""
+    if row.device != "cuda":
+        return
+    import torch
+
+    if row.family == "torch":
+        row.extra.setdefault("gpu_peak_mib", {})[str(batch)] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    free, total = torch.cuda.mem_get_info()
+    row.extra.setdefault("gpu_used_mib", {})[str(batch)] = round((total - free) / 2**20, 1)
 
 
 def record_errors(rows: list[Row], refs: dict, batch: int) -> dict:

@@ -22,7 +22,12 @@ TORCH_ROWS = {
     "torch-seed": "torch eager, the seed's video-diffusion-pytorch 0.6.3 Unet3D (same weights)",
     "torch": "torch eager, vdeploy.model.Unet3D (folded layout, position tables precomputed)",
     "torch-compile": "torch.compile of vdeploy's Unet3D (inductor)",
+    "torch-fp16": "torch eager under autocast float16 (CUDA only)",
+    "torch-bf16": "torch eager under autocast bfloat16 (CUDA only)",
 }
+# torch.compile of the base U-Net takes 80-100 s per input shape on an H200 (inductor): on CUDA only the first
+# batch size is compiled and timed, so a GPU run stays within its minutes
+CUDA_COMPILE_BATCHES = 1
 # row names of the onnxruntime backends in earlier reports; other backends' rows carry their table name
 ROW_PREFIX = {"cpu": "ort", "cuda": "ort-cuda", "tensorrt-ep": "ort-trt-ep"}
 # backends that run on a CUDA GPU (the headline compares torch with the runtime on the same device)
@@ -46,6 +51,8 @@ class Flavour:
     summary: str
     spin: bool = False
     work_factor: int = 1
+    precision: str = "fp32"
+    cuda_graph: bool = False
 
 
 FLAVOURS = {
@@ -56,6 +63,10 @@ FLAVOURS = {
     "cfg": Flavour(("cpu",), "cfg", "fused CFG graph: cond + null as one batch of 2b, one call", work_factor=2),
     "guided": Flavour(("cpu",), "guided", "guidance as two calls of the plain graph (what --cfg replaces)",
                       work_factor=2),
+    "cudagraph": Flavour(("cuda",), "plain", "a CUDA graph per shape on fixed device buffers (cuda_graph=True)",
+                         cuda_graph=True),
+    "cudagraph-fp16": Flavour(("cuda",), "plain", "the fp16 graph, a CUDA graph per shape (cuda_graph=True)",
+                              precision="fp16", cuda_graph=True),
 }
 
 
@@ -83,6 +94,7 @@ class Row:
     extra: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
     output: np.ndarray | None = None  # of the first call at the first batch size (for the error)
+    max_batches: int | None = None  # time only the first this many batch sizes (torch.compile on CUDA)
 
     @property
     def shipped(self) -> bool:
@@ -109,14 +121,17 @@ def row_names() -> list[str]:
 # --------------------------------------------------------------------------------------------- calls --
 
 
-def torch_call(model, inputs: Inputs, batch: int, device, cuda: bool):
+def torch_call(model, inputs: Inputs, batch: int, device, cuda: bool, autocast=None):
+    import contextlib
+
     import torch
 
     feed = inputs.torch(batch, device)
     x, t, cond = feed["x"], feed["t"], feed.get("cond")
+    cast = (lambda: torch.autocast("cuda", dtype=autocast)) if autocast is not None else contextlib.nullcontext
 
     def call():
-        with torch.inference_mode():
+        with torch.inference_mode(), cast():
             out = model(x, t, cond=cond)
         if cuda:
             torch.cuda.synchronize()
@@ -179,16 +194,28 @@ def torch_rows(wanted, unet, config: dict, inputs: Inputs, device: str) -> list[
         model = torch.compile(denoiser, dynamic=False)
         return lambda batch: torch_call(model, inputs, batch, tdev, cuda)
 
+    def autocast(dtype):
+        return lambda: (lambda batch: torch_call(denoiser, inputs, batch, tdev, cuda, autocast=dtype))
+
     openers = {"torch-seed": seed, "torch": lambda: (lambda batch: torch_call(denoiser, inputs, batch, tdev, cuda)),
-               "torch-compile": compiled}
+               "torch-compile": compiled, "torch-fp16": autocast(torch.float16),
+               "torch-bf16": autocast(torch.bfloat16)}
     rows = []
     for name, description in TORCH_ROWS.items():
-        if name in wanted:
-            row = _open(Row(name, "torch", description, device=device), openers[name])
-            if name == "torch-compile":
-                row.extra["note"] = "compile time is in first_call_s; every batch size compiles once"
-            rows.append(row)
+        if name not in wanted or (name in AUTOCAST_ROWS and not cuda):
+            continue
+        row = _open(Row(name, "torch", description, device=device, precision=AUTOCAST_ROWS.get(name, "fp32")),
+                    openers[name])
+        if name == "torch-compile":
+            row.extra["note"] = "compile time is in first_call_s; every batch size compiles once"
+            if cuda:
+                row.max_batches = CUDA_COMPILE_BATCHES
+                row.extra["note"] += f"; on CUDA only the first {CUDA_COMPILE_BATCHES} batch size(s) (minutes each)"
+        rows.append(row)
     return rows
+
+
+AUTOCAST_ROWS = {"torch-fp16": "fp16", "torch-bf16": "bf16"}
 
 
 def runtime_rows(wanted, model, inputs: Inputs, threads: int) -> tuple[list[Row], list[Row]]:
@@ -243,7 +270,7 @@ def runtime_rows(wanted, model, inputs: Inputs, threads: int) -> tuple[list[Row]
             if backend not in fl.backends or name not in wanted:
                 continue
             description = f"{spec.summary}, {fl.summary}"
-            options = BackendOptions(threads=threads, spin=fl.spin)
+            options = BackendOptions(threads=threads, spin=fl.spin, precision=fl.precision, cuda_graph=fl.cuda_graph)
             where, graph = (model.path, manifest), graph_for(backend, manifest, options)
             why = spec.unavailable(manifest, options)
             if fl.graph in ("cfg", "guided") and manifest.cond_dim is None:
@@ -251,6 +278,8 @@ def runtime_rows(wanted, model, inputs: Inputs, threads: int) -> tuple[list[Row]
             elif why is None and fl.graph == "cfg":
                 graph = graph_for(backend, manifest, options, guidance=True)
                 why = None if graph else "no CFG graph exported"
+            elif why is None and graph is None:
+                why = f"the model dir has no {fl.precision} denoiser graph"
             elif why is None and fl.graph == "guided":
                 why = None if null is not None else "the model dir has no null embedding"
             elif why is None and fl.graph != "plain":  # a derived graph
