@@ -40,7 +40,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 JSON = {"Content-Type": "application/json"}
 MAX_VIDEOS = 2
 CLIENT_TIMEOUT = 2.0  # the server's --client-timeout: the slow-client tests wait about this long
-COUNTS = (150, 1500)  # generated bodies: CI, full mode
+COUNTS = (300, 3000)  # generated bodies: CI, full mode
 # RSS after the suite minus RSS after the warm-up. The warm-up runs every shape the suite can make (1 and 2
 # videos, guided and not, known frames) so the backend's arenas have grown; what is left is Python's heap
 # and allocator caches (a leak of the bodies would show: the suite sends tens of MB in total).

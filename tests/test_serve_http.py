@@ -265,3 +265,71 @@ def test_mp4_without_an_encoder_is_422_and_the_cli_refuses_bad_settings(pipe, tm
     assert result.exit_code == 2 and result.output.startswith("Error: ") and len(result.output.splitlines()) == 1
     result = CliRunner().invoke(main, ["serve", "--model", str(pipe.model_dir), "--replicas", "2"])
     assert result.exit_code == 2 and "--replicas needs --ray" in result.output
+
+
+def test_a_server_fault_is_500_with_the_request_id_logged_once_and_the_loop_stays_free(pipe, caplog):
+    service = Service(pipe=pipe, max_batch=1)
+    with running(service) as port:
+        release, entered = threading.Event(), threading.Event()
+
+        def blocked(raw):  # the JSON is read and checked on a worker thread: the event loop keeps answering
+            entered.set()
+            release.wait(30)
+            raise RuntimeError("a bug on the server")
+
+        service.submit_body = blocked
+        results = []
+        poster = threading.Thread(target=lambda: results.append(request(port, "POST", "/v1/videos", {"steps": 2})))
+        poster.start()
+        assert entered.wait(30)
+        status, headers, _ = request(port, "GET", "/healthz", timeout=10)
+        assert status == 200 and headers["x-request-id"]
+        release.set()
+        poster.join(30)
+    status, headers, raw = results[0]
+    answer = json.loads(raw)
+    rid = headers["x-request-id"]
+    assert status == 500 and answer["request_id"] == rid and rid in answer["error"], answer
+    assert "Traceback" not in raw.decode() and "a bug on the server" not in raw.decode()
+    faults = [r for r in caplog.records if rid in r.getMessage()]
+    assert len(faults) == 1 and faults[0].exc_info and "failed on the server" in faults[0].getMessage()
+
+
+def test_the_body_limits_key_and_depth_scan():
+    from vdeploy.runtime.serve import auth, limits
+
+    # the default body limit: max_videos x (frames (c, f, h, w) + known_mask f + cond) numbers at 32 bytes,
+    # prompts at 12 bytes a character, 64 KiB for the rest
+    assert limits.default_max_body((3, 4, 8, 8), 6, 2, 2000) == 2 * (768 + 4 + 6) * 32 + 2 * 2000 * 12 + 65536
+    assert limits.default_max_body((3, 4, 8, 8), None, 1, 2000) == (768 + 4) * 32 + 65536  # no prompts, no cond
+    assert limits.nesting(b'{"frames": [[[[[0.5]]]]], "prompt": "[[[[[[[[\\"]]"}') == 6
+    assert limits.nesting(b"[" * 100_000) > 6 and limits.nesting(b"[]" * 10) == 1 and limits.nesting(b"") == 0
+    assert limits.nesting(b'["\\\\", [[[["\\"[[["]]]]]') == 5  # escaped backslash, then an escaped quote
+    with pytest.raises(limits.BodyError, match="at most 6"):
+        limits.load_json(b'{"a": ' + b"[" * 7 + b"]" * 7 + b"}")
+    assert limits.load_json('{"prompt": "é [[[[[[[[[["}'.encode()) == {"prompt": "é [[[[[[[[[["}
+    with pytest.raises(limits.BodyError, match="not UTF-8"):
+        limits.load_json('{"prompt": "é"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match="is empty"):
+        auth.read_key(None, {"VDEPLOY_API_KEY": " \n"})
+    with pytest.raises(ValueError, match="cannot carry"):
+        auth.read_key(None, {"VDEPLOY_API_KEY": "a key"})
+    assert auth.read_key(None, {"VDEPLOY_API_KEY": "s3cret\n"}) == "s3cret" and auth.read_key(None, {}) is None
+    key = auth.ApiKey("s3cret", metrics_open=True)
+    assert key.refusal("/metrics", None) is None and key.refusal("/readyz", "Bearer s3cret") is None
+    assert key.refusal("/readyz", "Bearer s3cre") == "the API key is wrong"
+
+
+def test_the_cli_refuses_a_bad_api_key_file(pipe, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from vdeploy.cli import main
+
+    monkeypatch.delenv("VDEPLOY_API_KEY", raising=False)
+    (tmp_path / "empty").write_text("\n")
+    for args, message in ((["--api-key-file", str(tmp_path / "missing")], "cannot read the API key file"),
+                          (["--api-key-file", str(tmp_path / "empty")], "is empty"),
+                          (["--metrics-open"], "--metrics-open needs an API key")):
+        result = CliRunner().invoke(main, ["serve", "--model", str(pipe.model_dir), *args])
+        assert result.exit_code == 2 and result.output.startswith("Error: ") and message in result.output, result.output
+        assert len(result.output.splitlines()) == 1
