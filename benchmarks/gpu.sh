@@ -1,32 +1,41 @@
 #!/usr/bin/env bash
-# The latency benchmark with the GPU backends, in one call, on a machine with a CUDA GPU:
+# Every GPU check of vdeploy in one call, in under 8 minutes of a fresh GPU machine, into one folder:
 #
-#     benchmarks/gpu.sh OUT_DIR [latency.py options...]
-#     benchmarks/gpu.sh gpu-out --config base --repeats 30
+#     benchmarks/gpu.sh OUT_DIR
+#     DEVICE=cpu QUICK=1 benchmarks/gpu.sh /tmp/gpu-dry     # the plumbing on a machine without a GPU
 #
-# writes OUT_DIR/latency.json, latency.md (the markdown report), latency.png and latency.log, and the
-# serving load benchmark's serve.json, serve.md and serve.log (benchmarks/serve_load.py, extra [serve]).
+# Steps (each under its own timeout; a step that fails or times out is recorded and the next one runs):
+#   env      GPU, driver, python, torch/CUDA, onnxruntime and its providers, cupy, ... (first lines printed)
+#   parity   benchmarks/gpu_parity.py: a random tiny model, parity (dpmpp 13 steps, ddpm 100) on onnxruntime
+#            CPU fp32 and on the device at fp32, tf32 and fp16; one call per precision vs onnxruntime CPU
+#   latency  benchmarks/latency.py --config base --batches 1,4,8: torch eager, autocast fp16/bf16, the
+#            runtime at fp32/tf32/fp16 with and without CUDA graphs, error vs torch fp32, GPU memory; the
+#            sampling section (time outside the denoiser)
+#   compile  torch.compile of base at batch 1 beside torch eager (compile time measured apart)
+#   serve    benchmarks/serve_load.py --quick (batching on/off/auto) where the [serve] extra imports
+#   summary  OUT/summary.json and OUT/summary.md from all of the above, with each step's status and seconds
+# Every step writes OUT/<step>.log; OUT/steps.jsonl has one line per step (rc 124: timed out).
 #
-# Python: $PYTHON if set, else the checkout's .venv (README set-up with `pip install -e '.[gpu,train,export]'`),
-# else python3 (e.g. a GPU image's python with torch and onnxruntime[-gpu]). Where vdeploy is not installed
-# in that python, the checkout is put on its path through a folder of links (vdeploy, vdeploy.bench,
-# vdeploy.export -> export/, vdeploy.runtime -> runtime/), so nothing is installed.
-#
-# What runs on the GPU: torch eager / torch.compile on CUDA (--device cuda); onnxruntime CUDA EP and the
-# TensorRT EP where onnxruntime-gpu provides them; a native TensorRT plan where `tensorrt` and cuda-python
-# import. Missing ones are listed as skipped in the report with the reason. The CPU backends run too.
-# Options after OUT_DIR go to benchmarks/latency.py (default config: small). DEVICE=cpu runs the same
-# command on the CPU, to check this script on a machine without a GPU.
-set -euo pipefail
+# Python: $PYTHON, else the checkout's .venv, else python3. Where vdeploy does not import, the checkout is put
+# on the path through a folder of links. Timeouts: T_PARITY, T_LATENCY, T_COMPILE, T_SERVE (seconds); BUDGET
+# (default 470 s) caps the whole run: a step gets at most what is left. DEVICE=cpu runs the same steps on the
+# CPU; QUICK=1 shrinks them (tiny configs, fewer rounds) to check the script itself.
+set -uo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
 shift
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 device=${DEVICE:-cuda}
+quick=${QUICK:-0}
+budget=${BUDGET:-470}
+start=$SECONDS
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
+: > "$out/steps.jsonl"
 
 if [[ -n ${PYTHON:-} ]]; then
     py=$PYTHON
@@ -49,42 +58,109 @@ if ! (cd / && "$py" -c 'import vdeploy.bench, vdeploy.export, vdeploy.runtime' 2
     export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
     echo "gpu.sh: vdeploy is not installed in $py; using the checkout $root through $shim" >&2
 fi
+cd /tmp || exit 2  # python from outside the checkout: its bare vdeploy/ folder must not shadow the package
 
-"$py" - "$device" <<'EOF'
-import sys
-device = sys.argv[1]
-missing = []
-for name in ("numpy", "torch", "onnx", "onnxruntime", "vdeploy.bench", "vdeploy.export", "vdeploy.runtime"):
+# step NAME TIMEOUT CMD...: run CMD with its output in OUT/NAME.log, under TIMEOUT (capped by what is left of
+# BUDGET), and record {"step", "rc", "seconds", "timeout_s"} in OUT/steps.jsonl. Never stops the script.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((budget - (SECONDS - start)))
+    if ((left < 15)); then
+        echo "gpu.sh: [$name] skipped: the ${budget} s budget is spent" >&2
+        echo "{\"step\": \"$name\", \"rc\": null, \"seconds\": 0, \"timeout_s\": 0, \"skipped\": \"budget spent\"}" >> "$out/steps.jsonl"
+        return 0
+    fi
+    ((limit > left)) && limit=$left
+    echo "gpu.sh: [$name] start (timeout ${limit} s, $((SECONDS - start)) s elapsed)" >&2
+    local t0=$SECONDS
+    timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    local took=$((SECONDS - t0))
+    echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $took, \"timeout_s\": $limit}" >> "$out/steps.jsonl"
+    if ((rc == 0)); then
+        echo "gpu.sh: [$name] ok in ${took} s" >&2
+    else
+        echo "gpu.sh: [$name] FAILED rc=$rc$( ((rc == 124 || rc == 137)) && echo ' (timed out)') in ${took} s; last lines of $out/$name.log:" >&2
+        tail -n 8 "$out/$name.log" | sed 's/^/    /' >&2
+    fi
+    return 0
+}
+
+# ---- env: printed first, and kept in env.json / env.log
+step env 60 "$py" - "$device" "$out/env.json" <<'EOF_PY'
+import importlib, json, platform, shutil, subprocess, sys
+device, path = sys.argv[1], sys.argv[2]
+info = {"python": sys.version.split()[0], "platform": platform.platform(), "device": device}
+if shutil.which("nvidia-smi"):
+    q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                        "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    info["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
+for name in ("numpy", "torch", "onnx", "onnxruntime", "cupy", "array_api_compat", "array_api_strict", "tensorrt",
+             "starlette", "uvicorn", "onnxslim", "vdeploy.runtime"):
     try:
-        __import__(name)
-    except ImportError as e:
-        missing.append(f"{name} ({e})")
-if missing:
-    sys.exit("gpu.sh: cannot import " + ", ".join(missing))
-import onnxruntime
-import torch
-if device == "cuda" and not torch.cuda.is_available():
-    sys.exit("gpu.sh: torch sees no CUDA device (DEVICE=cpu runs the CPU benchmark instead)")
-providers = onnxruntime.get_available_providers()
-print(f"gpu.sh: torch {torch.__version__} (cuda {torch.version.cuda}), onnxruntime {onnxruntime.__version__} "
-      f"providers {providers}", file=sys.stderr)
-if device == "cuda" and "CUDAExecutionProvider" not in providers:
-    print("gpu.sh: warning: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu, the "
-          "vdeploy[gpu] extra): the runtime's GPU backends will be reported as skipped", file=sys.stderr)
-EOF
+        mod = importlib.import_module(name)
+        info[name] = getattr(mod, "__version__", "imported")
+    except Exception as e:  # noqa: BLE001
+        info[name] = f"missing ({type(e).__name__}: {e})"[:160]
+try:
+    import torch
+    info["torch_cuda"] = torch.version.cuda
+    info["torch_cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+except Exception as e:  # noqa: BLE001
+    info["torch_error"] = str(e)
+try:
+    import onnxruntime
+    info["providers"] = onnxruntime.get_available_providers()
+except Exception as e:  # noqa: BLE001
+    info["providers"] = f"error: {e}"
+for key, value in info.items():
+    print(f"{key}: {value}")
+json.dump(info, open(path, "w"), indent=1)
+if device == "cuda" and not info.get("torch_cuda_available"):
+    print("WARNING: torch sees no CUDA device", file=sys.stderr)
+if device == "cuda" and "CUDAExecutionProvider" not in info.get("providers", []):
+    print("WARNING: onnxruntime has no CUDAExecutionProvider: the runtime's GPU rows will be skipped", file=sys.stderr)
+EOF_PY
+sed 's/^/gpu.sh: env: /' "$out/env.log"
 
-mkdir -p "$out"
-set -o pipefail
-"$py" "$root/benchmarks/latency.py" --device "$device" --json "$out/latency.json" --plot "$out/latency.png" "$@" \
-    2> >(tee "$out/latency.log" >&2) | tee "$out/latency.md"
-echo "gpu.sh: wrote $out/latency.json, latency.md, latency.png, latency.log" >&2
-
-# The serving load benchmark (vdeploy serve, step-level batching on vs off) on the same device, where the
-# [serve] extra is installed; SERVE_BACKEND overrides the backend (e.g. tensorrt-ep).
-if "$py" -c 'import starlette, uvicorn, prometheus_client' 2>/dev/null; then
-    "$py" "$root/benchmarks/serve_load.py" --backend "${SERVE_BACKEND:-$device}" --json "$out/serve.json" \
-        --md "$out/serve.md" 2> >(tee "$out/serve.log" >&2)
-    echo "gpu.sh: wrote $out/serve.json, serve.md, serve.log" >&2
+if [[ $device == cuda ]]; then
+    backend=cuda precisions=fp32,tf32,fp16 samplers=dpmpp:13,ddpm:100 config=base batches=1,4,8 repeats=10
+    rows=torch,torch-fp16,torch-bf16,ort-cuda,ort-cuda-tf32,ort-cuda-fp16,ort-cuda-cudagraph,ort-cuda-cudagraph-fp16
+    serve_args=(--quick)
 else
-    echo "gpu.sh: serving load benchmark skipped: the [serve] extra is not installed (pip install 'vdeploy[serve]')" >&2
+    backend=cpu precisions=fp32,fp16 samplers=dpmpp:13,ddpm:100 config=small batches=1,4,8 repeats=10
+    rows=torch,ort,ort-fp16
+    serve_args=(--quick)
 fi
+if [[ $quick == 1 ]]; then
+    samplers=dpmpp:4 config=tiny batches=1,2 repeats=2
+    serve_args=(--quick --config tiny --concurrency 1,2 --modes on,off)
+fi
+
+step parity "${T_PARITY:-150}" "$py" "$root/benchmarks/gpu_parity.py" --out "$out/parity" --backend "$backend" \
+    --precisions "$precisions" --samplers "$samplers"
+
+step latency "${T_LATENCY:-200}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
+    --batches "$batches" --repeats "$repeats" --warmup 3 --backends "$rows" --skip flops,coldstart,profile,quality \
+    --sampling-rounds 1 --dpmpp-steps 13 --json "$out/latency.json" --plot "$out/latency.png"
+
+step compile "${T_COMPILE:-150}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
+    --batches "${batches%%,*}" --repeats "$repeats" --warmup 2 --backends torch,torch-compile \
+    --skip flops,sampling,coldstart,profile,quality --json "$out/compile.json"
+
+if "$py" -c 'import starlette, uvicorn, prometheus_client' 2>/dev/null; then
+    step serve "${T_SERVE:-100}" "$py" "$root/benchmarks/serve_load.py" --backend "$backend" "${serve_args[@]}" \
+        --json "$out/serve.json" --md "$out/serve.md"
+else
+    echo "gpu.sh: [serve] skipped: starlette/uvicorn/prometheus_client do not import (the [serve] extra)" >&2
+    echo '{"step": "serve", "rc": null, "seconds": 0, "timeout_s": 0, "skipped": "[serve] extra missing"}' >> "$out/steps.jsonl"
+fi
+
+timeout -k 5 30 "$py" "$root/benchmarks/gpu_summary.py" "$out" > "$out/summary.log" 2>&1 \
+    || echo "gpu.sh: [summary] FAILED: $(tail -n 3 "$out/summary.log")" >&2
+cat "$out/summary.md" 2>/dev/null
+echo "gpu.sh: done in $((SECONDS - start)) s; everything is in $out (summary.md, summary.json, steps.jsonl, *.log)" >&2

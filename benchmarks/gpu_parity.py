@@ -117,6 +117,8 @@ def main(argv=None) -> int:
             save()
             print(json.dumps(entry), flush=True)
     lines = [f"# Parity on {args.backend} ({args.config}, random weights, seed {args.seed})", "",
+             "Random weights give larger outputs than a trained model: the onnxruntime CPU fp32 row is what the "
+             "reference path itself reaches; a device row is right when its errors are near that row's.", "",
              "| sampler | steps | backend | precision | worst per call | final | PSNR dB | atol | result |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:

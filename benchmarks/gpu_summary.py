@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""benchmarks/gpu.sh's last step: one summary of a run folder (OUT/summary.json, OUT/summary.md).
+
+    python benchmarks/gpu_summary.py OUT
+
+Reads what the steps wrote (steps.jsonl, env.json, parity/parity.json, latency.json, compile.json,
+serve.json), each optional: a missing or broken file becomes a line saying so. No torch, no vdeploy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _load(path: Path, problems: list):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        problems.append(f"{path.name}: not written")
+    except (OSError, ValueError) as e:
+        problems.append(f"{path.name}: unreadable ({e})")
+    return None
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return ""
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0])
+    problems: list[str] = []
+    steps = []
+    try:
+        steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        problems.append(f"steps.jsonl: {e}")
+    env = _load(out / "env.json", problems) or {}
+    parity = _load(out / "parity" / "parity.json", problems)
+    latency = _load(out / "latency.json", problems)
+    compiled = _load(out / "compile.json", problems)
+    serve = _load(out / "serve.json", problems) if (out / "serve.json").exists() else None
+
+    per_call = {}
+    for source in (latency, compiled):
+        for name, r in ((source or {}).get("results") or {}).items():
+            if name in per_call and source is compiled:
+                name = f"{name} (compile run)"
+            per_call[name] = {
+                "precision": r.get("precision"), "status": r.get("status"), "error": r.get("error"),
+                "ms": {b: t.get("median") for b, t in (r.get("per_call_ms") or {}).items()},
+                "first_call_s": r.get("first_call_s"), "max_abs_err_vs_torch": r.get("max_abs_err_vs_torch"),
+                "gpu_peak_mib": r.get("gpu_peak_mib"), "gpu_used_mib": r.get("gpu_used_mib"),
+            }
+    sampling = (latency or {}).get("sampling") or {}
+    outside = {k: v.get("loop_overhead_pct") for k, v in sampling.items() if isinstance(v, dict) and "loop_overhead_pct" in v}
+    summary = {"env": env, "steps": steps, "parity": parity, "per_call": per_call,
+               "time_outside_denoiser_pct": outside, "serve": serve, "problems": problems}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    lines = [f"# vdeploy GPU checks: {env.get('gpu') or env.get('nvidia_smi') or env.get('device', '?')}", "",
+             f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), onnxruntime {env.get('onnxruntime')} "
+             f"{env.get('providers')}, onnx {env.get('onnx')}, numpy {env.get('numpy')}, cupy {env.get('cupy')}", "",
+             "| step | rc | seconds | timeout |", "| --- | --- | --- | --- |"]
+    lines += [f"| {s.get('step')} | {s.get('rc') if s.get('rc') is not None else s.get('skipped')} | {s.get('seconds')} | "
+              f"{s.get('timeout_s')} |" for s in steps]
+    if parity:
+        lines += ["", "## Parity (random tiny model; the onnxruntime CPU fp32 row is the reference path's own error)", "",
+                  "| sampler | steps | backend | precision | worst per call | final | PSNR dB | atol | result |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in parity.get("runs", []):
+            result = r.get("error") or ("pass" if r.get("passed") else "FAIL")
+            lines.append(f"| {r.get('sampler')} | {r.get('steps') or ''} | {r.get('backend')} | {r.get('precision')} | "
+                         f"{_fmt(r.get('worst_per_call'))} | {_fmt(r.get('final'))} | {_fmt(r.get('psnr_db'))} | "
+                         f"{r.get('atol', '')} | {result[:120]} |")
+        for g in parity.get("graph", []):
+            lines.append(f"\none call at {g.get('precision')}: max abs diff from onnxruntime CPU fp32 "
+                         f"{_fmt(g.get('max_abs_diff_vs_ort_cpu_fp32')) or g.get('error')} (output scale {_fmt(g.get('scale'))})")
+    if per_call:
+        batches = sorted({b for r in per_call.values() for b in r["ms"]}, key=int)
+        lines += ["", f"## Per call ({(latency or compiled or {}).get('config', {}).get('name', '')}), median ms", "",
+                  "| row | precision | " + " | ".join(f"b{b}" for b in batches) + " | err vs torch fp32 | first call s | "
+                  "GPU peak MiB (torch) | status |",
+                  "| --- | --- | " + " | ".join("---" for _ in batches) + " | --- | --- | --- | --- |"]
+        for name, r in per_call.items():
+            lines.append(f"| {name} | {r['precision']} | " + " | ".join(_fmt(r["ms"].get(b)) for b in batches)
+                         + f" | {_fmt(r['max_abs_err_vs_torch'])} | {r['first_call_s'] or ''} | {r['gpu_peak_mib'] or ''} | "
+                         f"{r['status']}{': ' + r['error'][:100] if r['error'] else ''} |")
+    if outside:
+        lines += ["", "time outside the denoiser (% of sampling): "
+                  + ", ".join(f"{k} {v}" for k, v in outside.items())]
+    if serve is not None:
+        lines += ["", "serving: serve.md / serve.json"]
+    if problems:
+        lines += ["", "## Missing", ""] + [f"- {p}" for p in problems]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
