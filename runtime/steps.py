@@ -16,7 +16,7 @@ import numpy as np
 Denoise = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 # what the denoiser predicts: the one place converting it to eps and x0 is ``to_eps_x0``
-PREDICTION_TYPES = ("eps",)
+PREDICTION_TYPES = ("eps", "v")
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,16 @@ def to_eps_x0(output, x, recip, recipm1, prediction_type: str = "eps"):
 
     ``recip = 1 / sqrt(abar_t)`` and ``recipm1 = sqrt(1 / abar_t - 1)`` are the step's precomputed float32
     coefficients (scalars or arrays broadcasting against ``x``): ``x0 = recip x - recipm1 eps``. ``x0`` is a new
-    array (callers clip it in place). Only ``"eps"`` exists today; v-prediction goes here
-    (``x0 = sqrt(abar) x - sqrt(1 - abar) v``, ``eps = sqrt(abar) v + sqrt(1 - abar) x``).
+    array (callers clip it in place). ``"v"`` (Salimans & Ho 2022): with ``sqrt(abar) = 1 / recip`` and
+    ``sqrt(1 - abar) = recipm1 / recip``, ``x0 = sqrt(abar) x - sqrt(1 - abar) v`` and
+    ``eps = sqrt(abar) v + sqrt(1 - abar) x``: nothing is divided by a vanishing ``sqrt(abar)``.
     """
-    if prediction_type != "eps":
-        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
-    return output, recip * x - recipm1 * output
+    if prediction_type == "eps":
+        return output, recip * x - recipm1 * output
+    if prediction_type == "v":
+        sqrt_a, sqrt_1ma = 1 / recip, recipm1 / recip
+        return sqrt_a * output + sqrt_1ma * x, sqrt_a * x - sqrt_1ma * output
+    raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
 
 
 def combine_guidance(cond_eps, null_eps, cond_scale: float):

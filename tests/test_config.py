@@ -10,7 +10,8 @@ from vdeploy import config as C
 def test_presets_resolve_with_every_default():
     for name, preset in C.PRESETS.items():
         cfg = C.load(name)
-        assert set(cfg) == set(C.UNET_DEFAULTS) | set(C.DIFFUSION_DEFAULTS) | set(C.SCHEDULE_DEFAULTS), name
+        assert set(cfg) == (set(C.UNET_DEFAULTS) | set(C.DIFFUSION_DEFAULTS) | set(C.SCHEDULE_DEFAULTS)
+                            | set(C.TRAINING_DEFAULTS)), name
         assert {k: cfg[k] for k in preset} == preset
         assert C.unet_kwargs(cfg)["dim"] == preset["dim"]
         assert C.diffusion_kwargs(cfg)["channels"] == cfg["channels"]
@@ -81,7 +82,9 @@ BASE = {"dim": 8, "dim_mults": [1, 2], "image_size": 16, "num_frames": 4}
         ("loss_type", 1, "'l1' or 'l2'"),
         ("block_type", "convnext", "'resnet'"),
         ("beta_schedule", "linear", "'cosine'"),
-        ("prediction_type", "v", "'eps'"),
+        ("prediction_type", "x0", "'eps' or 'v'"),
+        ("loss_weighting", "snr", "'none' or 'min_snr'"),
+        ("min_snr_gamma", -1, "a positive number"),
         ("use_dynamic_thres", "yes", "true or false"),
         ("use_sparse_linear_attn", 1, "true or false"),
         ("text_use_bert_cls", None, "true or false"),

@@ -44,11 +44,18 @@ DIFFUSION_DEFAULTS: dict = {
 }
 
 # The noise schedule and what the U-Net predicts: vdeploy's own keys, recorded in the model directory's
-# manifest. The seed implements one of each (its cosine schedule, eps prediction); other values are
-# refused until the training half and the samplers implement them.
+# manifest. The seed has its cosine schedule and eps prediction; ``prediction_type`` "v" (Salimans & Ho 2022)
+# is vdeploy's opt-in: the U-Net predicts v = sqrt(abar) eps - sqrt(1 - abar) x0.
 SCHEDULE_DEFAULTS: dict = {
     "beta_schedule": "cosine",
     "prediction_type": "eps",
+}
+
+# How the training loss weighs the timesteps: vdeploy's own keys. "none" is the seed's plain mean; "min_snr"
+# is Min-SNR-gamma (Hang et al. 2023) with ``min_snr_gamma``.
+TRAINING_DEFAULTS: dict = {
+    "loss_weighting": "none",
+    "min_snr_gamma": 5.0,
 }
 
 PRESETS: dict[str, dict] = {
@@ -87,7 +94,7 @@ _MAX_DIM_MULT, _MAX_LEVELS = 64, 8
 _BOOLS = ("use_bert_text_cond", "use_sparse_linear_attn", "text_use_bert_cls", "use_dynamic_thres",
           "frame_conditioning")
 _CHOICES = {"norm_type": ("group", "rms"), "loss_type": ("l1", "l2"), "block_type": ("resnet",),
-            "beta_schedule": ("cosine",), "prediction_type": ("eps",)}
+            "beta_schedule": ("cosine",), "prediction_type": ("eps", "v"), "loss_weighting": ("none", "min_snr")}
 
 
 def _is_int(v) -> bool:
@@ -114,7 +121,7 @@ def resolve(config: dict) -> dict:
     """
     if not isinstance(config, dict):
         raise ConfigError(f"a model config must be a JSON object, got {type(config).__name__}")
-    known = {**UNET_DEFAULTS, **DIFFUSION_DEFAULTS, **SCHEDULE_DEFAULTS}
+    known = {**UNET_DEFAULTS, **DIFFUSION_DEFAULTS, **SCHEDULE_DEFAULTS, **TRAINING_DEFAULTS}
     unknown = sorted(set(map(str, config)) - set(known))
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
@@ -155,6 +162,10 @@ def resolve(config: dict) -> dict:
     if not isinstance(p, numbers.Real) or isinstance(p, bool) or not math.isfinite(p) or not 0 < p <= 1:
         raise ConfigError(f"config key 'dynamic_thres_percentile' must be a number in (0, 1], got {p!r}")
     out["dynamic_thres_percentile"] = float(p)
+    g = out["min_snr_gamma"]
+    if not isinstance(g, numbers.Real) or isinstance(g, bool) or not math.isfinite(g) or not 0 < g <= 1e6:
+        raise ConfigError(f"config key 'min_snr_gamma' must be a positive number (at most 1e6), got {g!r}")
+    out["min_snr_gamma"] = float(g)
     if out["out_dim"] is not None and out["out_dim"] != out["channels"]:
         # the diffusion loss compares the U-Net's output with noise of `channels` channels
         raise ConfigError(f"config key 'out_dim' must equal 'channels' ({out['channels']}) or be null, "
@@ -208,5 +219,13 @@ def unet_kwargs(config: dict) -> dict:
 
 
 def diffusion_kwargs(config: dict) -> dict:
-    """The ``GaussianDiffusion(unet, **kwargs)`` part of a resolved config."""
-    return {"channels": config["channels"], **{k: config[k] for k in DIFFUSION_DEFAULTS}}
+    """The ``GaussianDiffusion(unet, **kwargs)`` part of a resolved config.
+
+    vdeploy's own keys (``prediction_type``, ``loss_weighting``, ``min_snr_gamma``) are passed only where they
+    differ from the seed's behaviour, so the seed's ``GaussianDiffusion`` takes the kwargs of any config it can
+    build.
+    """
+    kwargs = {"channels": config["channels"], **{k: config[k] for k in DIFFUSION_DEFAULTS}}
+    own = {"prediction_type": SCHEDULE_DEFAULTS["prediction_type"], **TRAINING_DEFAULTS}
+    kwargs.update({k: config[k] for k, default in own.items() if k in config and config[k] != default})
+    return kwargs

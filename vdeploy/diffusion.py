@@ -14,6 +14,10 @@ Added for parity with the numpy runtime:
   new sample in model space [-1, 1]);
 * a tqdm bar that ``progress=False`` turns off;
 * ``cond`` may be a list of captions when a :class:`vdeploy.text.TextEncoder` is attached;
+* ``prediction_type="v"``: the denoiser predicts v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022)
+  instead of eps, so x_0 = sqrt(abar) x_t - sqrt(1 - abar) v never divides by a vanishing sqrt(abar);
+  ``loss_weighting="min_snr"``: Min-SNR-gamma weights per sample (Hang et al. 2023). Both opt-in: the
+  defaults are the seed's eps loss, unweighted, bit for bit;
 * masked frame conditioning (MCVD, Voleti et al. 2022) for a denoiser built with ``frame_conditioning``:
   ``p_losses(..., mask=)`` gives the denoiser the clean video and a per-frame mask and averages the loss
   over the unknown frames only; sampling with ``frames=``, ``mask=`` gives the denoiser the known frames at
@@ -39,6 +43,9 @@ from tqdm import tqdm
 from vdeploy.text import TextEncoder, is_list_str
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
+
+PREDICTION_TYPES = ("eps", "v")  # what the denoiser predicts (the runtime's steps.to_eps_x0 converts the same)
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 def normalize_img(t: torch.Tensor) -> torch.Tensor:
@@ -81,6 +88,10 @@ class GaussianDiffusion(nn.Module):
         dynamic_thres_percentile: the percentile of |x_0| used as the threshold.
         text_encoder: optional :class:`vdeploy.text.TextEncoder` for captions as ``cond``; kept
             outside the module tree (no state-dict keys).
+        prediction_type: what the denoiser predicts, ``"eps"`` (the seed's) or ``"v"``.
+        loss_weighting: ``"none"`` (the seed's plain mean) or ``"min_snr"``: each sample's loss weighted by
+            ``min(snr, gamma) / snr`` (eps) or ``min(snr, gamma) / (snr + 1)`` (v), snr = abar / (1 - abar).
+        min_snr_gamma: gamma of ``"min_snr"``.
     """
 
     def __init__(
@@ -96,10 +107,22 @@ class GaussianDiffusion(nn.Module):
         use_dynamic_thres: bool = False,
         dynamic_thres_percentile: float = 0.9,
         text_encoder: TextEncoder | None = None,
+        prediction_type: str = "eps",
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
     ):
         super().__init__()
         if loss_type not in ("l1", "l2"):
             raise ValueError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma!r}")
+        self.prediction_type = prediction_type
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
         self.channels = channels
         self.image_size = image_size
         self.num_frames = num_frames
@@ -193,6 +216,32 @@ class GaussianDiffusion(nn.Module):
             - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
         )
 
+    def predict_start_from_output(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """x_0 from the denoiser's output: eps (``predict_start_from_noise``) or v: x_0 = sqrt(abar_t) x_t -
+        sqrt(1 - abar_t) v."""
+        if self.prediction_type == "eps":
+            return self.predict_start_from_noise(x_t, t, output)
+        return (extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * output)
+
+    def training_target(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the denoiser learns to predict: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
+        if self.prediction_type == "eps":
+            return noise
+        return (extract(self.sqrt_alphas_cumprod, t, x_start.shape) * noise
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * x_start)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights ``(b,)`` of ``"min_snr"`` (None for ``"none"``): min(snr, gamma) / snr for eps,
+        min(snr, gamma) / (snr + 1) for v (Hang et al. 2023, both the same weight on the x_0 error)."""
+        if self.loss_weighting == "none":
+            return None
+        abar = self.alphas_cumprod.double()[t]
+        snr = abar / (1 - abar)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        w = clipped / snr if self.prediction_type == "eps" else clipped / (snr + 1)
+        return w.float()
+
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
         posterior_mean = (
@@ -215,8 +264,8 @@ class GaussianDiffusion(nn.Module):
         frame-conditioned denoiser.
         """
         frame_kw = {} if frames is None and mask is None else {"frames": frames, "mask": mask}
-        eps = self.denoise_fn.forward_with_cond_scale(x, t, cond=cond, cond_scale=cond_scale, **frame_kw)
-        x_recon = self.predict_start_from_noise(x, t=t, noise=eps)
+        output = self.denoise_fn.forward_with_cond_scale(x, t, cond=cond, cond_scale=cond_scale, **frame_kw)
+        x_recon = self.predict_start_from_output(x, t, output)
         if clip_denoised:
             s = 1.0
             if self.use_dynamic_thres:
@@ -379,7 +428,8 @@ class GaussianDiffusion(nn.Module):
 
     def p_losses(self, x_start: torch.Tensor, t: torch.Tensor, cond=None, noise: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """The denoising loss (l1 or l2) between the true noise and the denoiser's prediction.
+        """The denoising loss (l1 or l2) between the target (the noise, or v) and the denoiser's prediction,
+        per sample weighted by ``loss_weights`` when ``loss_weighting`` is ``"min_snr"``.
 
         Args:
             x_start: clean videos in model space [-1, 1].
@@ -395,17 +445,24 @@ class GaussianDiffusion(nn.Module):
             noise = torch.randn_like(x_start)
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         cond = self.embed_text(cond, x_start.device)
+        target = self.training_target(x_start, t, noise)
+        weights = self.loss_weights(t)
         if mask is None:
             x_recon = self.denoise_fn(x_noisy, t, cond=cond, **kwargs)
-            if self.loss_type == "l1":
-                return F.l1_loss(noise, x_recon)
-            return F.mse_loss(noise, x_recon)
+            if weights is None:  # the seed's loss, exactly
+                if self.loss_type == "l1":
+                    return F.l1_loss(target, x_recon)
+                return F.mse_loss(target, x_recon)
+            err = (target - x_recon).abs() if self.loss_type == "l1" else (target - x_recon) ** 2
+            return (err.flatten(1).mean(1) * weights).mean()
         x_recon = self.denoise_fn(x_noisy, t, cond=cond, frames=x_start, mask=mask, **kwargs)
-        err = (noise - x_recon).abs() if self.loss_type == "l1" else (noise - x_recon) ** 2
+        err = (target - x_recon).abs() if self.loss_type == "l1" else (target - x_recon) ** 2
         b, c, f, h, w = err.shape
         unknown = 1 - mask.to(err.dtype).reshape(b, 1, f, 1, 1)
-        # the mean over the unknown frames' elements; all frames known (nothing to learn): 0
-        count = (unknown.sum() * (c * h * w)).clamp(min=1)
+        if weights is not None:
+            unknown = unknown * weights.reshape(b, 1, 1, 1, 1)
+        # the (weighted) mean over the unknown frames' elements; all frames known (nothing to learn): 0
+        count = ((1 - mask.to(err.dtype)).sum() * (c * h * w)).clamp(min=1)
         return (err * unknown).sum() / count
 
     def forward(self, x: torch.Tensor, *args, t: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
