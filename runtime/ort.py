@@ -255,13 +255,15 @@ class OrtBackend:
         return binding.copy_outputs_to_cpu()
 
     def slot(self, shapes: Mapping[str, tuple]) -> _GraphSlot:
-        """The fixed device buffers (and CUDA graph id) of one input shape, made on first use."""
+        """The fixed device buffers (and CUDA graph id) of one input shape, made on first use (host buffers
+        on the CPU kind, where the graph id means nothing)."""
         key = tuple(tuple(shapes[spec.name]) for spec in self.inputs)
         with self._slots_lock:
             slot = self._slots.get(key)
             if slot is None:
                 slot = _GraphSlot.make(self._ort, self.session, self.inputs, self.outputs, shapes,
-                                       self._device_id, graph_id=len(self._slots))
+                                       "cpu" if self.kind == "cpu" else "cuda", self._device_id,
+                                       graph_id=len(self._slots))
                 self._slots[key] = slot
             return slot
 
@@ -285,17 +287,17 @@ class _GraphSlot:
         self.lock = threading.Lock()
 
     @classmethod
-    def make(cls, ort, session, input_specs, output_specs, shapes: Mapping[str, tuple], device_id: int,
-             graph_id: int) -> _GraphSlot:
+    def make(cls, ort, session, input_specs, output_specs, shapes: Mapping[str, tuple], device: str,
+             device_id: int, graph_id: int) -> _GraphSlot:
         sizes = symbolic_sizes(input_specs, shapes)
         inputs = {spec.name: ort.OrtValue.ortvalue_from_shape_and_type(
-            list(shapes[spec.name]), np.dtype(spec.dtype).type, "cuda", device_id) for spec in input_specs}
+            list(shapes[spec.name]), np.dtype(spec.dtype).type, device, device_id) for spec in input_specs}
         def like(spec):
             same = [tuple(shapes[i.name]) for i in input_specs if len(i.shape) == len(spec.shape)]
             return max(same, key=lambda s: int(np.prod(s)), default=None)
 
         outputs = {spec.name: ort.OrtValue.ortvalue_from_shape_and_type(
-            resolve_shape(spec, sizes, like(spec)), np.dtype(spec.dtype).type, "cuda", device_id)
+            resolve_shape(spec, sizes, like(spec)), np.dtype(spec.dtype).type, device, device_id)
             for spec in output_specs}
         binding = session.io_binding()
         for name, value in inputs.items():

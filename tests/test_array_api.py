@@ -54,3 +54,15 @@ def test_device_denoiser_matches_the_host_path_through_fixed_buffers(tmp_path, m
     assert not np.shares_memory(outs[0], outs[1])  # a copy, not the buffer the next call overwrites
     # every call of one shape ran on the same bound buffers (the host runs above included)
     assert len({tuple(sorted(ptrs.items())) for gid, ptrs in calls if gid == "0"}) == 1
+
+
+def test_device_denoiser_on_real_onnxruntime_io_binding(tmp_path):
+    """The same path on onnxruntime's own IO binding and OrtValues (host buffers on the CPU kind)."""
+    backend = vort.OrtBackend(tiny_graph(tmp_path / "g.onnx"), "cpu", cache=False)
+    denoise = device_loop.DeviceDenoiser(backend, {"x": "x", "t": "t", "out": "eps"}, library="numpy")
+    rng = np.random.default_rng(1)
+    for batch in (1, 4, 1):
+        x = rng.standard_normal((batch, 2)).astype(np.float32)
+        t = np.arange(batch, dtype=np.int64) + 2
+        np.testing.assert_array_equal(denoise(x, t), x * t[:, None].astype(np.float32))
+    assert len(backend._slots) == 2  # one set of bound buffers per shape

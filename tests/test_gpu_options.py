@@ -46,7 +46,7 @@ class _FakeValue:
 
     @classmethod
     def ortvalue_from_shape_and_type(cls, shape, dtype, device, device_id):
-        assert device == "cuda"
+        assert device == "cuda"  # the fake stands in for a CUDA session
         return cls(np.zeros(shape, dtype))
 
     def update_inplace(self, value):
