@@ -14,8 +14,9 @@ On an exported text-conditioned model trained on ``vdeploy data synth`` clips it
   against two baselines: "freeze the last known frame" and "unconditioned sample" (the caption alone); also
   the fraction whose predicted frames alone move in the clip's direction, show the object, and are clean; on a
   model trained with frame conditioning (config ``frame_conditioning``) also its trained method;
-* **interpolation**: the first and last frame known, the centroid error of the frames between (trained where the
-  model has it, replacement, and a cross-fade of the two known frames);
+* **interpolation**: the first and last frame known, the centroid error of the frames between and the fraction
+  of them showing one object (``analysis.one_object``: a cross-fade shows two half-bright ghosts), for trained
+  where the model has it, replacement, resampling and a cross-fade of the two known frames;
 * a PNG strip per clip (``--png``): known frames | each method's predicted frames | the true frames.
 
 Output: a markdown table on stdout (and ``--md``), ``--json`` with every number and the arguments.
@@ -109,29 +110,34 @@ def continuation_table(pipe, clips, known, sampler, steps, resample, cond_scale,
     return rows, videos
 
 
-def interpolation_table(pipe, clips, sampler, steps, cond_scale, seed):
-    """First and last frame known: centroid error of the frames between, per method and a cross-fade baseline."""
-    from vdeploy.analysis import centroid_error
+def interpolation_table(pipe, clips, sampler, steps, cond_scale, seed, resample=3):
+    """First and last frame known: per method and a cross-fade baseline, the centroid error of the frames between
+    and the fraction of them showing one object (a cross-fade shows two half-bright ghosts)."""
+    from vdeploy.analysis import centroid_error, one_object
 
     f = pipe.shape[1]
     mask = np.zeros(f, bool)
     mask[[0, f - 1]] = True
     ramp = np.linspace(0, 1, f, dtype=np.float32)[None, :, None, None]
 
-    def conditioned(method):
+    def conditioned(method, rounds=0):
         return lambda clip, text, s: pipe(frames=clip, known_mask=mask, text=text, sampler=sampler, steps=steps,
-                                          seed=s, cond_scale=cond_scale, conditioning=method)[0]
+                                          seed=s, cond_scale=cond_scale, conditioning=method, resample=rounds)[0]
 
     methods = {"trained (masked conditioning)": conditioned("trained")} if pipe.frame_conditioned else {}
     methods["replacement"] = conditioned("replacement")
+    methods[f"resampling (n={resample})"] = conditioned("replacement", resample)
     methods["baseline: cross-fade first to last"] = lambda clip, text, s: (1 - ramp) * clip[:, :1] + ramp * clip[:, -1:]
     rows = {}
     for name, run in methods.items():
         t0 = time.perf_counter()
-        errors = [centroid_error(run(clip, text, seed + i), clip, frames=range(1, f - 1))
-                  for i, (clip, text) in enumerate(clips)]
-        rows[name] = {"centroid_error_px": float(np.mean(errors)), "per_clip_px": [round(e, 2) for e in errors],
-                      "seconds": round(time.perf_counter() - t0, 1)}
+        errors, single = [], []
+        for i, (clip, text) in enumerate(clips):
+            pred = run(clip, text, seed + i)
+            errors.append(centroid_error(pred, clip, frames=range(1, f - 1)))
+            single += one_object(pred, frames=range(1, f - 1))
+        rows[name] = {"centroid_error_px": float(np.mean(errors)), "one_object": float(np.mean(single)),
+                      "per_clip_px": [round(e, 2) for e in errors], "seconds": round(time.perf_counter() - t0, 1)}
     return rows
 
 
@@ -170,9 +176,10 @@ def markdown(report: dict) -> str:
                      f"{r['clean']:.2f} | {r['seconds']} |")
     if report.get("interpolation"):
         lines += ["", f"### Interpolation: first and last of {report['frames']} frames known, the same clips", "",
-                  "| method | centroid error, frames between (px) | s |", "|---|---|---|"]
+                  "| method | centroid error, frames between (px) | frames between showing one object | s |",
+                  "|---|---|---|---|"]
         for name, r in report["interpolation"].items():
-            lines.append(f"| {name} | {r['centroid_error_px']:.2f} | {r['seconds']} |")
+            lines.append(f"| {name} | {r['centroid_error_px']:.2f} | {r['one_object']:.0%} | {r['seconds']} |")
     lines += ["", "Centroid error: mean px distance to the true centroid over the predicted frames; a frame with no "
               "object (none, or noise over a quarter of it) counts the half diagonal. Direction, visibility and "
               "cleanliness: `vdeploy.analysis` on the predicted frames alone (a frozen frame has no motion: direction 'none')."]
@@ -209,7 +216,8 @@ def main(argv=None) -> int:
               "adherence": adherence_table(pipe, a.samplers.split(","), seeds, a.cond_scale)}
     report["continuation"], videos = continuation_table(pipe, clips, a.known, a.sampler, a.steps, a.resample,
                                                         a.cond_scale, a.seed)
-    report["interpolation"] = interpolation_table(pipe, clips, a.sampler, a.steps, a.cond_scale, a.seed)
+    report["interpolation"] = interpolation_table(pipe, clips, a.sampler, a.steps, a.cond_scale, a.seed,
+                                                        a.resample)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     text = markdown(report)
     print(text)

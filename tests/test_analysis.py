@@ -103,3 +103,19 @@ def test_reads_a_gif_and_stays_torch_free(tmp_path):
     assert (got.color, got.direction) == (color, direction)
     code = "import sys; sys.modules['torch'] = None; import vdeploy.analysis"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_object_per_frame_tells_a_cross_fade_from_a_moving_object():
+    from vdeploy.analysis import count_pieces, one_object
+    from vdeploy.data import synth_clip
+
+    clip = synth_clip("square", "red", "right", 8, 16, np.random.default_rng(0)).transpose(3, 0, 1, 2) / 255.0
+    assert all(one_object(clip))  # a synthetic clip: one object in every frame
+    ramp = np.linspace(0, 1, 8)[None, :, None, None]
+    fade = (1 - ramp) * clip[:, :1] + ramp * clip[:, -1:]  # first and last frame cross-faded
+    # the middle frames show both half-bright copies (brightness ~0.5 > the 0.3 threshold): two pieces
+    assert one_object(fade, frames=range(3, 5)) == [False, False]
+    mask = np.zeros((6, 6), bool)
+    mask[0, 0] = True  # a one-pixel speck is no object
+    mask[2:4, 2:4] = True
+    assert count_pieces(mask) == 1

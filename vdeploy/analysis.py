@@ -13,6 +13,9 @@ one flat-coloured shape on black moving edge to edge in one of four directions, 
 * the **direction**: the least-squares slope of the centroid track per axis; the larger one's axis and sign
   (``left``/``right``/``up``/``down``), or ``"none"`` when the fitted travel is under ``min_travel`` px or
   fewer than two frames have an object;
+* **objects per frame**: the connected pieces (4-neighbour) of the frame's mask of at least ``MIN_PIECE``
+  pixels; one object is what a synthetic frame shows, a cross-fade between two positions shows two half-bright
+  ghosts (two pieces);
 * **background cleanliness**: the fraction of pixels outside the object's neighbourhood (farther than
   twice its radius, at most the synthetic radius ``size / 6``, from the frame's centroid, or every pixel of
   an objectless frame) that are near black
@@ -36,6 +39,7 @@ THRESHOLD = 0.3  # object pixels: brightest channel above this (the palette's di
 DARK = 0.1  # background pixels this dark count as clean
 MIN_TRAVEL = 1.0  # px: a fitted travel below this is no motion
 MAX_AREA = 0.25  # a frame whose mask covers more than this fraction has no object (noise)
+MIN_PIECE = 2  # px: a mask piece smaller than this is a speck, not an object
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class ClipAnalysis:
         visible: the fraction of frames with an object.
         background: the mean brightness of the background pixels (0 = black).
         clean: the fraction of background pixels that are near black (1 = perfectly clean).
+        objects: per frame, the number of separate object pieces (``count_pieces``); 1 = one object.
     """
 
     color: str | None
@@ -61,6 +66,7 @@ class ClipAnalysis:
     visible: float
     background: float
     clean: float
+    objects: tuple = ()
 
 
 def load_clip(clip) -> np.ndarray:
@@ -128,7 +134,36 @@ def analyze(clip, *, threshold: float = THRESHOLD, min_travel: float = MIN_TRAVE
         color=color, color_distance=distance, centroids=centroids, direction=direction, velocity=velocity,
         visible=float(seen.mean()), background=float(bg.mean()) if bg.size else 0.0,
         clean=float((bg < DARK).mean()) if bg.size else 1.0,
+        objects=tuple(count_pieces(m) for m in mask),
     )
+
+
+def count_pieces(mask: np.ndarray, min_piece: int = MIN_PIECE) -> int:
+    """The number of 4-connected pieces of a 2-d bool ``mask`` with at least ``min_piece`` pixels."""
+    mask = np.asarray(mask, bool)
+    seen = np.zeros_like(mask)
+    h, w = mask.shape
+    pieces = 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        stack, size = [(y0, x0)], 0
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        pieces += size >= min_piece
+    return pieces
+
+
+def one_object(clip, frames=None) -> list[bool]:
+    """Per frame (of ``frames``, default all): does it show exactly one object (``analyze``'s ``objects``)?"""
+    got = analyze(clip).objects
+    return [got[i] == 1 for i in (range(len(got)) if frames is None else frames)]
 
 
 _WORD = re.compile(r"[a-z]+")
