@@ -380,3 +380,70 @@ def test_the_server_is_alive_logged_no_traceback_and_kept_its_memory(server):
     print(f"\nhostile suite: server RSS {server.rss_start / 2**20:.1f} MiB after the warm-up, {rss / 2**20:.1f} MiB "
           f"after the suite (bound +{RSS_BOUND / 2**20:.0f} MiB)")
     assert rss - server.rss_start <= RSS_BOUND, (server.rss_start, rss)
+
+
+# ----------------------------------------------------------------------- a measurement (not a test) --
+
+
+def measure(max_body: int = 64_000_000, numbers: int = 4_000_000, rounds: int = 4) -> None:
+    """``python tests/test_serve_hostile.py``: the README's numbers. A 160 MB ``Content-Length`` against the
+    default limit; then, under ``--max-body``, a body of ``numbers`` cond values (a 422 after its parse) while a
+    thread polls ``/healthz``: the body's time, ``/healthz``'s worst and median latency, the server's RSS."""
+    import tempfile
+    from pathlib import Path
+
+    def start(*extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = open(Path(tempfile.mkdtemp()) / "server.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "vdeploy.cli", "serve", "--model", str(model), "--port",
+                                 str(port), "--backend", "cpu", "--threads", "1", "--batching", "off", "--quiet",
+                                 *extra], stdout=log, stderr=subprocess.STDOUT)
+        server = Server(proc, port, Path(log.name))
+        wait_for(lambda: _ready(server) or proc.poll() is not None, timeout=120, what="vdeploy serve")
+        return server
+
+    def rss(server):
+        return f"{server.rss() / 2**20:.0f} MiB"
+
+    model = model_dir("cond")
+    server = start()
+    began = time.perf_counter()
+    sock = server.raw(_head(length=160_000_000))
+    status, _ = _response(sock)
+    print(f"default limit: a 160 MB Content-Length answered {status} in {(time.perf_counter() - began) * 1e3:.1f} ms; "
+          f"server RSS {rss(server)}")
+    sock.close()
+    server.proc.terminate()
+    server.proc.wait(30)
+
+    server = start("--max-body", str(max_body))
+    body = json.dumps({"cond": [0.123456789] * numbers}).encode()
+    print(f"--max-body {max_body}: idle server RSS {rss(server)}; a body of {len(body) / 1e6:.0f} MB ({numbers} numbers)")
+    for round_ in range(rounds):
+        latencies, done = [], threading.Event()
+
+        def poll():
+            while not done.is_set():
+                began = time.perf_counter()
+                server.request("GET", "/healthz", headers={})
+                latencies.append(time.perf_counter() - began)
+                time.sleep(0.02)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        began = time.perf_counter()
+        status, _, _ = server.post(body)
+        took = time.perf_counter() - began
+        done.set()
+        poller.join()
+        latencies.sort()
+        print(f"  body {round_ + 1}: {status} after {took:.2f} s; /healthz meanwhile: {len(latencies)} calls, max "
+              f"{latencies[-1] * 1e3:.0f} ms, median {latencies[len(latencies) // 2] * 1e3:.1f} ms; server RSS {rss(server)}")
+    server.proc.terminate()
+    server.proc.wait(30)
+
+
+if __name__ == "__main__":
+    measure()
