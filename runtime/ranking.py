@@ -8,6 +8,8 @@ size; the lowest median wins. The result is kept in ``cache_dir()/ranking/<key>.
 the graph's sha256, the CPU (``cpu_fingerprint``), the versions of every candidate's library, the
 precision and the thread count, like the compiled-model caches; every later load reads it (a few
 hundred bytes) instead of measuring. An unreadable or foreign cache file is measured afresh and rewritten.
+The entry keeps the 1-minute load average of the measurement: a CPU busy with other work favours
+onnxruntime's non-spinning pool, so delete the entry to measure again on a quieter machine.
 
 GPU backends are not measured: they keep their ``auto_rank`` order ahead of the CPU ones. The
 measurement is skipped (the table's ``auto_rank`` order kept) when ``VDEPLOY_AUTO_MEASURE=0``, or when
@@ -104,6 +106,14 @@ def measure(names, model_dir: Path, manifest, graph_name: str, options, *, round
     return result
 
 
+def _load() -> float | None:
+    """The 1-minute load average as measured (other work on the CPU skews the comparison; kept with it)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _read(path: Path, key: dict) -> dict | None:
     try:
         data = json.loads(path.read_text())
@@ -136,7 +146,7 @@ def rank(candidates: list[str], model_dir: Path, manifest, options, graph_for) -
     if data is None:
         started = time.perf_counter()
         data = {"key": key, "ms": measure(cpu, Path(model_dir), manifest, graph_name, options),
-                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_1min": _load()}
         source = f"measured now in {time.perf_counter() - started:.1f} s, cached in {path}"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,5 +164,7 @@ def rank(candidates: list[str], model_dir: Path, manifest, options, graph_for) -
     ordered = [next(it) if n in cpu else n for n in candidates]
     timings = ", ".join(f"{n} {ms[n]} ms" if isinstance(ms.get(n), (int, float)) else f"{n} failed ({ms.get(n)})"
                         for n in ordered_cpu)
-    why = f"auto: {ordered_cpu[0]} first among the CPU backends, batch-1 call of {graph_name}: {timings} ({source})"
+    load = data.get("load_1min")
+    why = (f"auto: {ordered_cpu[0]} first among the CPU backends, batch-1 call of {graph_name}: {timings} "
+           f"({source}; 1-minute load {load} then; delete the file to measure again)")
     return ordered, why
