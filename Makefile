@@ -88,11 +88,13 @@ test-ort-oldest:
 	$(VENV)-ort-oldest/bin/python -m pytest -q --noconftest -p no:cacheprovider tests/test_fp16_export.py
 
 # Per-call numbers first (each section's table printed as it finishes); the quality section runs only when its
-# estimate fits BENCH_QUALITY_BUDGET seconds (skipped with a note otherwise: `make bench BENCH_QUALITY_BUDGET=900`)
+# estimate fits BENCH_QUALITY_BUDGET seconds (skipped with a note otherwise: `make bench BENCH_QUALITY_BUDGET=900`).
+# The export (with its parity checks, minutes on a busy 2-core machine) is kept in bench-out/work for the next run.
 BENCH_QUALITY_BUDGET ?= 60
 bench: install
 	$(PY) benchmarks/latency.py --config small --json bench-out/latency.json --plot bench-out/latency.png \
-		--quality-budget $(BENCH_QUALITY_BUDGET) $(if $(wildcard $(DEMO)/model/vdeploy.json),--ckpt $(DEMO)/model)
+		--work bench-out/work --quality-budget $(BENCH_QUALITY_BUDGET) \
+		$(if $(wildcard $(DEMO)/model/vdeploy.json),--ckpt $(DEMO)/model)
 
 clean:
 	rm -rf $(VENV) $(VENV)-latest $(VENV)-ort-oldest $(DEMO) bench-out
