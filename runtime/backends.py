@@ -77,8 +77,8 @@ class BackendOptions:
             machine, worse under load; off by default).
         cache: keep onnxruntime's CPU-optimized graph and OpenVINO's compiled models in the user cache
             (faster cold starts).
-        cuda_graph: onnxruntime CUDA captures and replays one CUDA graph per input shape (fixed device
-            buffers, ``OrtBackend(cuda_graph=True)``).
+        cuda_graph: onnxruntime CUDA and native TensorRT capture and replay one CUDA graph per input shape
+            (fixed device buffers; ``OrtBackend(cuda_graph=True)``, ``TensorRTBackend(cuda_graph=True)``).
     """
 
     precision: str = "fp32"
@@ -211,7 +211,7 @@ def _trt_open(model_dir: Path, manifest: Manifest, graph_name: str, options: Bac
     if entry.precision != options.precision:
         log.info("TensorRT: no %s plan of %r for this GPU; using the %s plan",
                  options.precision, graph_name, entry.precision)
-    return TensorRTBackend(model_dir / entry.file, device_id=options.device_id)
+    return TensorRTBackend(model_dir / entry.file, device_id=options.device_id, cuda_graph=options.cuda_graph)
 
 
 # --------------------------------------------------------------- OpenVINO ----

@@ -24,18 +24,25 @@ class TensorRTBackend:
     the same, and inference is ``execute_async_v3`` on a CUDA stream. An execution context is not
     thread-safe, so each thread gets its own context, stream and buffers.
 
+    With ``cuda_graph``, each input shape gets its own device buffers and a CUDA graph captured from one
+    ``execute_async_v3`` after a warm-up enqueue (TensorRT's documented recipe: the first enqueue after a
+    shape change does deferred updates that must not be captured); later calls of that shape copy their
+    inputs in, ``cudaGraphLaunch`` the graph and copy the outputs back.
+
     Args:
         path: the ``.plan`` file, built for this GPU and this TensorRT version.
         device_id: the CUDA device.
+        cuda_graph: capture and replay a CUDA graph per input shape.
     """
 
-    def __init__(self, path: str | Path, *, device_id: int = 0):
+    def __init__(self, path: str | Path, *, device_id: int = 0, cuda_graph: bool = False):
         trt, cudart = import_tensorrt()
         self._trt, self._cudart = trt, cudart
         self.path = Path(path)
         self.kind = "tensorrt"
         self.name = "tensorrt"
         self._device_id = device_id
+        self.cuda_graph = bool(cuda_graph)
         self._check(cudart.cudaSetDevice(device_id))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -75,7 +82,8 @@ class TensorRTBackend:
             context = self.engine.create_execution_context()
             if context is None:
                 raise RuntimeError(f"TensorRT could not create an execution context for {self.path}")
-            state = {"context": context, "stream": self._check(self._cudart.cudaStreamCreate()), "buffers": {}}
+            state = {"context": context, "stream": self._check(self._cudart.cudaStreamCreate()), "buffers": {},
+                     "graphs": {}}
             self._local.state = state
             with self._states_lock:
                 self._all_states.append(state)
@@ -98,6 +106,8 @@ class TensorRTBackend:
         state = self._state()
         context, stream = state["context"], state["stream"]
         host = {spec.name: cast(spec, feeds[spec.name]) for spec in self.inputs}
+        if self.cuda_graph:
+            return self._run_graph(state, host)
         for spec in self.inputs:
             value = host[spec.name]
             if not context.set_input_shape(spec.name, value.shape):
@@ -122,10 +132,67 @@ class TensorRTBackend:
         self._check(cudart.cudaStreamSynchronize(stream))
         return results
 
+    def _set_shapes(self, context, host: Mapping[str, np.ndarray]) -> None:
+        for spec in self.inputs:
+            if not context.set_input_shape(spec.name, host[spec.name].shape):
+                profile = self.engine.get_tensor_profile_shape(spec.name, 0)
+                raise ValueError(
+                    f"input {spec.name} of shape {host[spec.name].shape} is outside the engine's profile "
+                    f"(min, opt, max) = {tuple(tuple(p) for p in profile)}"
+                )
+
+    def _capture(self, state: dict, host: Mapping[str, np.ndarray]) -> dict:
+        """One shape's fixed buffers and its instantiated CUDA graph (captured on this thread's stream)."""
+        cudart, context, stream = self._cudart, state["context"], state["stream"]
+        self._set_shapes(context, host)
+        shapes = {spec.name: tuple(host[spec.name].shape) for spec in self.inputs}
+        shapes.update({spec.name: tuple(context.get_tensor_shape(spec.name)) for spec in self.outputs})
+        buffers = {}
+        for spec in [*self.inputs, *self.outputs]:
+            nbytes = int(np.prod(shapes[spec.name])) * np.dtype(spec.dtype).itemsize
+            buffers[spec.name] = self._check(cudart.cudaMalloc(max(nbytes, 1)))
+            context.set_tensor_address(spec.name, buffers[spec.name])
+        if not context.execute_async_v3(int(stream)):  # warm-up: TensorRT's deferred per-shape updates
+            raise RuntimeError(f"TensorRT execution of {self.path} failed")
+        self._check(cudart.cudaStreamSynchronize(stream))
+        self._check(cudart.cudaStreamBeginCapture(stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+        ok = context.execute_async_v3(int(stream))
+        graph = self._check(cudart.cudaStreamEndCapture(stream))
+        if not ok:
+            raise RuntimeError(f"TensorRT execution of {self.path} failed while capturing a CUDA graph")
+        graph_exec = self._check(cudart.cudaGraphInstantiate(graph, 0))
+        return {"buffers": buffers, "shapes": shapes, "graph": graph, "exec": graph_exec}
+
+    def _run_graph(self, state: dict, host: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        cudart, stream = self._cudart, state["stream"]
+        key = tuple(host[spec.name].shape for spec in self.inputs)
+        slot = state["graphs"].get(key)
+        if slot is None:
+            slot = state["graphs"][key] = self._capture(state, host)
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for spec in self.inputs:
+            value = host[spec.name]
+            self._check(cudart.cudaMemcpyAsync(slot["buffers"][spec.name], value.ctypes.data, value.nbytes, h2d,
+                                               stream))
+        self._check(cudart.cudaGraphLaunch(slot["exec"], stream))
+        results = []
+        for spec in self.outputs:
+            out = np.empty(slot["shapes"][spec.name], dtype=spec.dtype)
+            self._check(cudart.cudaMemcpyAsync(out.ctypes.data, slot["buffers"][spec.name], out.nbytes, d2h, stream))
+            results.append(out)
+        self._check(cudart.cudaStreamSynchronize(stream))
+        return results
+
     def close(self) -> None:
-        """Free every thread's device buffers and streams."""
+        """Free every thread's device buffers, CUDA graphs and streams."""
         with self._states_lock:
             for state in self._all_states:
+                for slot in state.get("graphs", {}).values():
+                    self._cudart.cudaGraphExecDestroy(slot["exec"])
+                    self._cudart.cudaGraphDestroy(slot["graph"])
+                    for ptr in slot["buffers"].values():
+                        self._cudart.cudaFree(ptr)
                 for ptr, _ in state["buffers"].values():
                     self._cudart.cudaFree(ptr)
                 self._cudart.cudaStreamDestroy(state["stream"])
