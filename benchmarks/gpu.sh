@@ -11,13 +11,15 @@
 #   latency  benchmarks/latency.py --config base --batches 1,4,8: torch eager, autocast fp16/bf16, the
 #            runtime at fp32/tf32/fp16 with and without CUDA graphs, error vs torch fp32, GPU memory; the
 #            sampling section (time outside the denoiser)
+#   device   benchmarks/gpu_device.py: the device path (CuPy latent, IO binding, CUDA graph, prefetched noise)
+#            against today's host path on the base export: ms per step, share outside the denoiser, equality
 #   compile  torch.compile of base at batch 1 beside torch eager (compile time measured apart)
 #   serve    benchmarks/serve_load.py --quick (batching on/off/auto) where the [serve] extra imports
 #   summary  OUT/summary.json and OUT/summary.md from all of the above, with each step's status and seconds
 # Every step writes OUT/<step>.log; OUT/steps.jsonl has one line per step (rc 124: timed out).
 #
 # Python: $PYTHON, else the checkout's .venv, else python3. Where vdeploy does not import, the checkout is put
-# on the path through a folder of links. Timeouts: T_PARITY, T_LATENCY, T_COMPILE, T_SERVE (seconds); BUDGET
+# on the path through a folder of links. Timeouts: T_PARITY, T_LATENCY, T_DEVICE, T_COMPILE, T_SERVE (s); BUDGET
 # (default 470 s) caps the whole run: a step gets at most what is left. DEVICE=cpu runs the same steps on the
 # CPU; QUICK=1 shrinks them (tiny configs, fewer rounds) to check the script itself.
 set -uo pipefail
@@ -136,7 +138,10 @@ else
     rows=torch,ort,ort-fp16
     serve_args=(--quick)
 fi
+work=${WORK:-/tmp/vdeploy-gpu-work}  # the base export, shared by latency, device and compile (kept out of OUT)
+device_steps=50
 if [[ $quick == 1 ]]; then
+    device_steps=5
     samplers=dpmpp:4 config=tiny batches=1,2 repeats=2
     serve_args=(--quick --config tiny --concurrency 1,2 --modes on,off)
 fi
@@ -146,11 +151,16 @@ step parity "${T_PARITY:-150}" "$py" "$root/benchmarks/gpu_parity.py" --out "$ou
 
 step latency "${T_LATENCY:-200}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
     --batches "$batches" --repeats "$repeats" --warmup 3 --backends "$rows" --skip flops,coldstart,profile,quality \
-    --sampling-rounds 1 --dpmpp-steps 13 --json "$out/latency.json" --plot "$out/latency.png"
+    --sampling-rounds 1 --dpmpp-steps 13 --work "$work" --json "$out/latency.json" --plot "$out/latency.png"
+
+model=$work/model
+[[ -f $model/vdeploy.json ]] || model=$out/parity/model  # the latency step's export failed: the tiny one
+step device "${T_DEVICE:-60}" "$py" "$root/benchmarks/gpu_device.py" "$model" --backend "$backend" \
+    --steps "$device_steps" --json "$out/device.json"
 
 step compile "${T_COMPILE:-150}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
     --batches "${batches%%,*}" --repeats "$repeats" --warmup 2 --backends torch,torch-compile \
-    --skip flops,sampling,coldstart,profile,quality --json "$out/compile.json"
+    --skip flops,sampling,coldstart,profile,quality --work "$work" --json "$out/compile.json"
 
 if "$py" -c 'import starlette, uvicorn, prometheus_client' 2>/dev/null; then
     step serve "${T_SERVE:-100}" "$py" "$root/benchmarks/serve_load.py" --backend "$backend" "${serve_args[@]}" \

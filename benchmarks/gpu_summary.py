@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     latency = _load(out / "latency.json", problems)
     compiled = _load(out / "compile.json", problems)
     serve = _load(out / "serve.json", problems) if (out / "serve.json").exists() else None
+    device = _load(out / "device.json", problems)
 
     per_call = {}
     for source in (latency, compiled):
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     sampling = (latency or {}).get("sampling") or {}
     outside = {k: v.get("loop_overhead_pct") for k, v in sampling.items() if isinstance(v, dict) and "loop_overhead_pct" in v}
     summary = {"env": env, "steps": steps, "parity": parity, "per_call": per_call,
-               "time_outside_denoiser_pct": outside, "serve": serve, "problems": problems}
+               "time_outside_denoiser_pct": outside, "device_path": device, "serve": serve, "problems": problems}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     lines = [f"# vdeploy GPU checks: {env.get('gpu') or env.get('nvidia_smi') or env.get('device', '?')}", "",
@@ -93,6 +94,16 @@ def main(argv=None) -> int:
     if outside:
         lines += ["", "time outside the denoiser (% of sampling): "
                   + ", ".join(f"{k} {v}" for k, v in outside.items())]
+    if device:
+        lines += ["", f"## Device path vs host path ({device.get('steps')} steps, batch {device.get('batch')}, "
+                  f"video {device.get('video_shape')}, CUDA graph: {device.get('cuda_graph')})", "",
+                  "| path | ms per step | denoiser ms | outside the denoiser % |", "| --- | --- | --- | --- |"]
+        for name in ("host", "device"):
+            d = device.get(name) or {}
+            lines.append(f"| {name} | {d.get('ms_per_step')} | {d.get('denoiser_ms_per_step')} | "
+                         f"{d.get('outside_denoiser_pct')} |")
+        lines.append(f"\none call device vs host: max abs diff {_fmt(device.get('one_call_max_abs_diff'))}; final "
+                     f"latent: {_fmt(device.get('final_max_abs_diff'))}")
     if serve is not None:
         lines += ["", "serving: serve.md / serve.json"]
     if problems:
