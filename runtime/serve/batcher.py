@@ -21,7 +21,7 @@ and one worker thread that owns the denoiser. Each request is the pipeline's own
 Rows count U-Net evaluations: a request of b videos is b rows, 2b with guidance. Before the worker starts,
 the constructor warms each bucket's shape and times it (``buckets.warm_up``), which also decides
 ``batching="auto"``. With batching off the worker runs one request at a time through
-``Pipeline.timed_denoiser``, exactly the calls of a solo ``Pipeline.__call__`` (fused guidance included).
+``Pipeline.denoiser_for``, exactly the calls of a solo ``Pipeline.__call__`` (fused guidance included).
 
 Per-request results equal a solo ``Pipeline.__call__`` with the same arguments to float32 round-off (the
 convolutions see another batch size): the tests measure it. Every call is traced (:class:`CallTrace`: real
@@ -308,7 +308,7 @@ class Batcher:
         job.status = "running"
         denoise = None
         if not self.batching:
-            denoise = self.pipe.timed_denoiser(job.run.cond_scale)[0]
+            denoise = self.pipe.denoiser_for(job.run.cond_scale)[0]
         self._active.append(_Active(job, request, denoise))
 
     def _drop_finished_or_expired(self) -> None:
