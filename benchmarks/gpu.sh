@@ -20,12 +20,13 @@
 #
 # Python: $PYTHON, else the checkout's .venv, else python3. Where vdeploy does not import, the checkout is put
 # on the path through a folder of links. Timeouts: T_PARITY, T_LATENCY, T_DEVICE, T_COMPILE, T_SERVE (s); BUDGET
-# (default 470 s) caps the whole run: a step gets at most what is left. DEVICE=cpu runs the same steps on the
-# CPU; QUICK=1 shrinks them (tiny configs, fewer rounds) to check the script itself.
+# (default 440 s; with the 30 s summary under 8 min) caps the whole run: a step gets at most what is left.
+# DEVICE=cpu runs the same steps on the CPU; QUICK=1 shrinks them (tiny configs, fewer rounds) to check the
+# script itself.
 set -uo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -33,7 +34,7 @@ shift
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 device=${DEVICE:-cuda}
 quick=${QUICK:-0}
-budget=${BUDGET:-470}
+budget=${BUDGET:-440}
 start=$SECONDS
 mkdir -p "$out" || exit 2
 out=$(cd "$out" && pwd)
