@@ -63,6 +63,39 @@ def quantize_int8(graph: Path, feeds: list[dict], out: Path, subset: int) -> Pat
     return out
 
 
+def speed_only(args) -> int:
+    """Per-call speed of onnxruntime, OpenVINO f32, bf16 and int8 at batch 1, interleaved rounds."""
+    from vdeploy.runtime.manifest import load
+    from vdeploy.runtime.openvino import OpenVINOBackend
+    from vdeploy.runtime.ort import OrtBackend
+    from vdeploy.runtime.ranking import warmup_feeds
+
+    manifest = load(args.model)
+    graph = args.model / manifest.graphs["denoiser"].file
+    feeds = [warmup_feeds(manifest.graphs["denoiser"], manifest.video_shape, seed=i) for i in range(24)]
+    args.work.mkdir(parents=True, exist_ok=True)
+    int8 = quantize_int8(graph, feeds, args.work / "denoiser_int8.xml", subset=len(feeds))
+    variants = {"onnxruntime fp32": OrtBackend(graph, "cpu", threads=args.threads, cache=False),
+                "openvino f32": OpenVINOBackend(graph, threads=args.threads, cache=False),
+                "openvino bf16": OpenVINOBackend(graph, precision="bf16", threads=args.threads, cache=False),
+                "openvino int8": OpenVINOBackend(int8, threads=args.threads, cache=False)}
+    f = feeds[0]
+    for backend in variants.values():
+        backend.run(f)
+        backend.run(f)
+    times = {n: [] for n in variants}
+    for _ in range(args.repeats):
+        for n, backend in variants.items():
+            t = time.perf_counter()
+            backend.run(f)
+            times[n].append(time.perf_counter() - t)
+    base = statistics.median(times["onnxruntime fp32"])
+    for n, ts in times.items():
+        print(f"{n}: median {statistics.median(ts) * 1e3:.1f} ms (min {min(ts) * 1e3:.1f}), "
+              f"{base / statistics.median(ts):.2f}x onnxruntime")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="a trained, exported model directory")
@@ -73,7 +106,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds per batch (interleaved)")
     parser.add_argument("--work", type=Path, default=Path("precision-out"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only per-call speed at batch 1 on --model's graph (any model, random weights fine): "
+                        "int8 calibrated on 24 random inputs, since no error is reported")
     args = parser.parse_args(argv)
+    if args.speed_only:
+        return speed_only(args)
 
     from vdeploy.runtime import Pipeline
     from vdeploy.runtime.openvino import OpenVINOBackend, cpu_has_bf16, import_openvino
