@@ -73,7 +73,7 @@ demo: install
 # a TensorRT or GPU one (VDEPLOY_ALLOW_SKIPS=1 lifts that for local runs of a subset). OpenVINO's tests still
 # run in a process of their own: in a process that had also loaded torch and onnxruntime, OpenVINO's compiled
 # models crashed a later test (SIGSEGV) in three runs of the suite (issue 23 tracks the cause).
-test: install
+test: install test-ort-oldest
 	@$(PY) tools/versions.py
 	$(PY) -m pytest -q --ignore=tests/test_runtime_openvino.py
 	$(PY) -m pytest -q tests/test_runtime_openvino.py
@@ -81,10 +81,10 @@ test: install
 # The fp16 conversion on the OLDEST onnxruntime [cpu] admits (issue 20: converters differ by version), in a
 # second, torch-free venv: numpy, onnx and onnxruntime only (tests/test_fp16_export.py loads export/fp16.py by
 # path). The newest onnxruntime runs the same file in `test`.
-ORT_OLDEST := numpy<2 onnx==1.16.2 onnxruntime==1.17.3 pytest==8.3.5
+# Every package of that venv is pinned in constraints-ort-oldest.txt.
 test-ort-oldest:
 	[ -x $(VENV)-ort-oldest/bin/python ] || $(PYTHON) -m venv $(VENV)-ort-oldest
-	$(VENV)-ort-oldest/bin/python -m pip install -q $(foreach p,$(ORT_OLDEST),'$(p)')
+	$(VENV)-ort-oldest/bin/python -m pip install -q -r constraints-ort-oldest.txt
 	$(VENV)-ort-oldest/bin/python -m pytest -q --noconftest -p no:cacheprovider tests/test_fp16_export.py
 
 # Per-call numbers first (each section's table printed as it finishes); the quality section runs only when its
