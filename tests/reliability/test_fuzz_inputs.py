@@ -148,7 +148,7 @@ def test_caption_reader_returns_text_none_or_data_error(tmp_path, request):
 
 # --------------------------------------------------------------------------------------- config resolve --
 
-KNOWN = sorted({**C.UNET_DEFAULTS, **C.DIFFUSION_DEFAULTS, **C.SCHEDULE_DEFAULTS})
+KNOWN = sorted({**C.UNET_DEFAULTS, **C.DIFFUSION_DEFAULTS, **C.SCHEDULE_DEFAULTS, **C.TRAINING_DEFAULTS})
 json_leaf = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.integers(-3, 40),
     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.5, 1.0, 0.0, -0.0, 1e-9]),
