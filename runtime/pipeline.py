@@ -78,7 +78,8 @@ class Pipeline:
 
         Args:
             path: the model directory (``vdeploy.json`` and the files it lists).
-            backend: ``"auto"`` (the fastest that runs here, in ``BACKENDS``' ``auto_rank`` order; logs which)
+            backend: ``"auto"`` (the first that runs here in ``BACKENDS``' ``auto_rank`` order, the CPU backends
+                ranked by a cached warm-up measurement (``runtime/ranking.py``); logs which and why)
                 or a name in ``vdeploy.runtime.backends.BACKENDS`` (``cpu``, ``cuda``, ``tensorrt-ep``,
                 ``tensorrt``, ...).
             options: a :class:`~vdeploy.runtime.backends.BackendOptions` (precision, threads, device_id,
