@@ -306,7 +306,8 @@ def auto_order(manifest: Manifest, options: BackendOptions,
         from .ranking import rank
 
         candidates, why = rank(candidates, Path(model_dir), manifest, options,
-                               lambda name: graph_for(name, manifest, options))
+                               graph_for=lambda name: graph_for(name, manifest, options),
+                               device_of=lambda name: BACKENDS[name].device, open_graph=open_graph)
         if why:
             log.info("%s", why)
     return candidates, skipped

@@ -78,11 +78,10 @@ def warmup_feeds(graph, video_shape: tuple, seed: int = 0) -> dict[str, np.ndarr
     return feeds
 
 
-def measure(names, model_dir: Path, manifest, graph_name: str, options, *, rounds: int = ROUNDS) -> dict:
-    """``{name: median ms per call or the error text}``: each backend opened on ``graph_name``, one untimed
-    call, then ``rounds`` interleaved timed calls; every backend closed again."""
-    from .backends import open_graph
-
+def measure(names, model_dir: Path, manifest, graph_name: str, options, open_graph, *, rounds: int = ROUNDS) -> dict:
+    """``{name: median ms per call or the error text}``: each backend opened on ``graph_name`` by
+    ``open_graph(name, model_dir, manifest, graph_name, options)``, one untimed call, then ``rounds``
+    interleaved timed calls; every backend closed again."""
     feeds = warmup_feeds(manifest.graphs[graph_name], manifest.video_shape)
     opened, times, result = {}, {}, {}
     try:
@@ -124,12 +123,13 @@ def _read(path: Path, key: dict) -> dict | None:
     return data
 
 
-def rank(candidates: list[str], model_dir: Path, manifest, options, graph_for) -> tuple[list[str], str | None]:
+def rank(candidates: list[str], model_dir: Path, manifest, options, *, graph_for, device_of,
+         open_graph) -> tuple[list[str], str | None]:
     """``candidates`` (already in table order) with the CPU ones reordered by measured speed, and why (None
-    when nothing was measured). ``graph_for(name)`` names the graph a backend would run."""
-    from .backends import BACKENDS
-
-    cpu = [n for n in candidates if BACKENDS[n].device == "cpu"]
+    when nothing was measured). ``graph_for(name)`` names the graph a backend would run, ``device_of(name)``
+    its device, ``open_graph`` opens one (``backends.open_graph``): the backends table is passed in, so this
+    module imports nothing of it."""
+    cpu = [n for n in candidates if device_of(n) == "cpu"]
     if len(cpu) < 2 or os.environ.get("VDEPLOY_AUTO_MEASURE", "1") == "0":
         return candidates, None
     graphs = {n: graph_for(n) for n in cpu}
@@ -145,7 +145,7 @@ def rank(candidates: list[str], model_dir: Path, manifest, options, graph_for) -
     source = f"cached {path}"
     if data is None:
         started = time.perf_counter()
-        data = {"key": key, "ms": measure(cpu, Path(model_dir), manifest, graph_name, options),
+        data = {"key": key, "ms": measure(cpu, Path(model_dir), manifest, graph_name, options, open_graph),
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_1min": _load()}
         source = f"measured now in {time.perf_counter() - started:.1f} s, cached in {path}"
         try:
