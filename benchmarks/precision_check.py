@@ -44,6 +44,21 @@ class Recorder:
         pass
 
 
+def interleaved_times(variants: dict, feeds: dict, repeats: int) -> dict:
+    """Seconds per call of each backend on ``feeds``: two untimed calls each, then ``repeats`` interleaved rounds
+    (so load that comes and goes falls on every backend alike)."""
+    for backend in variants.values():
+        backend.run(feeds)
+        backend.run(feeds)
+    times = {n: [] for n in variants}
+    for _ in range(repeats):
+        for n, backend in variants.items():
+            t = time.perf_counter()
+            backend.run(feeds)
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
@@ -79,16 +94,7 @@ def speed_only(args) -> int:
                 "openvino f32": OpenVINOBackend(graph, threads=args.threads, cache=False),
                 "openvino bf16": OpenVINOBackend(graph, precision="bf16", threads=args.threads, cache=False),
                 "openvino int8": OpenVINOBackend(int8, threads=args.threads, cache=False)}
-    f = feeds[0]
-    for backend in variants.values():
-        backend.run(f)
-        backend.run(f)
-    times = {n: [] for n in variants}
-    for _ in range(args.repeats):
-        for n, backend in variants.items():
-            t = time.perf_counter()
-            backend.run(f)
-            times[n].append(time.perf_counter() - t)
+    times = interleaved_times(variants, feeds[0], args.repeats)
     base = statistics.median(times["onnxruntime fp32"])
     for n, ts in times.items():
         print(f"{n}: median {statistics.median(ts) * 1e3:.1f} ms (min {min(ts) * 1e3:.1f}), "
@@ -166,15 +172,7 @@ def main(argv=None) -> int:
     # latency: batch 1 and 2 (the guided pair), interleaved rounds
     for batch in (1, 2):
         f = {k: np.concatenate([v[:1]] * batch) for k, v in eval_feeds[0].items()}  # every input has a batch axis
-        for backend in variants.values():
-            backend.run(f)
-            backend.run(f)
-        times = {n: [] for n in variants}
-        for _ in range(args.repeats):
-            for n, backend in variants.items():
-                t = time.perf_counter()
-                backend.run(f)
-                times[n].append(time.perf_counter() - t)
+        times = interleaved_times(variants, f, args.repeats)
         base = statistics.median(times["onnxruntime fp32"])
         for n in variants:
             med = statistics.median(times[n])
