@@ -46,7 +46,7 @@ from dataclasses import replace as with_fields
 import numpy as np
 
 from .samplers import SAMPLERS, sampler_spec
-from .steps import Machine, StepRequest, noise_source
+from .steps import Machine, StepRequest, array_namespace, noise_source, to_host
 
 
 def generation_inputs(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -186,25 +186,32 @@ def conditioned_steps(
     if resample and spec.level_step is None:
         raise ValueError(f"resample (RePaint) needs a single-step sampler ({', '.join(resamplers())}); {sampler!r} "
                          "is multistep: use resample=0 (replacement) with it")
-    x = np.array(x, dtype=np.float32)  # a copy: the requests' x are written in place
-    known = np.asarray(known, dtype=np.float32)
-    mask = np.asarray(mask, dtype=bool)
-    if x.ndim != 5 or known.shape != x.shape or mask.shape != (x.shape[0], 1, x.shape[2], 1, 1):
-        raise ValueError(f"known must be shaped like x {x.shape} and mask (b, 1, f, 1, 1); got {known.shape}, "
-                         f"{mask.shape}")
+    xp = array_namespace(x)  # numpy; or a device namespace (known frames and mask uploaded beside x)
+    if xp is np:
+        x = np.array(x, dtype=np.float32)  # a copy: the requests' x are written in place
+        known = np.asarray(known, dtype=np.float32)
+        mask = np.asarray(mask, dtype=bool)
+    else:
+        x = xp.asarray(x, dtype=xp.float32, copy=True)
+        known = xp.asarray(known, dtype=xp.float32)
+        mask = xp.asarray(mask, dtype=xp.bool)
+    if x.ndim != 5 or tuple(known.shape) != tuple(x.shape) or tuple(mask.shape) != (x.shape[0], 1, x.shape[2], 1, 1):
+        raise ValueError(f"known must be shaped like x {tuple(x.shape)} and mask (b, 1, f, 1, 1); got "
+                         f"{tuple(known.shape)}, {tuple(mask.shape)}")
     if spec.draws_noise and kwargs.get("noise") is None:
         kwargs.setdefault("rng", rng)
     machine = spec.stepper(x, betas, **kwargs)  # bad sampler arguments raise here, before any step
-    draw = noise_source(known_noise, rng, x.shape, "conditioning")
+    draw = noise_source(known_noise, rng, x.shape, "conditioning", xp)
     abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
     inputs = None
     if trained:
         b, _, f = x.shape[:3]
-        inputs = {"frames": known, "mask": mask.reshape(b, f).astype(np.float32)}
-    return _conditioned(machine, abar, known, mask, int(resample), spec.level_step, draw, kwargs, inputs)
+        flat = xp.reshape(mask, (b, f))
+        inputs = {"frames": known, "mask": flat.astype(np.float32) if xp is np else xp.astype(flat, xp.float32)}
+    return _conditioned(machine, abar, known, mask, int(resample), spec.level_step, draw, kwargs, inputs, xp)
 
 
-def _conditioned(machine, abar, known, mask, resample, redo, draw_at, kwargs, inputs) -> Machine:
+def _conditioned(machine, abar, known, mask, resample, redo, draw_at, kwargs, inputs, xp=np) -> Machine:
     b = known.shape[0]
     draws = [0]
 
@@ -212,13 +219,26 @@ def _conditioned(machine, abar, known, mask, resample, redo, draw_at, kwargs, in
         draws[0] += 1
         return draw_at(draws[0] - 1)
 
-    def level(t):
-        return abar[np.asarray(t)].reshape(b, 1, 1, 1, 1)
+    def level(t):  # float64 abar per row, on the host (the levels' tables are host tables)
+        return abar[to_host(t)].reshape(b, 1, 1, 1, 1)
+
+    def mix(a_known, known_part, a_noise, noise_part):
+        """``(a_known * known_part + a_noise * noise_part)`` in float64, as float32, in ``xp``."""
+        if xp is np:
+            return (a_known * known_part + a_noise * noise_part).astype(np.float32)
+        a_known, a_noise = xp.asarray(a_known), xp.asarray(a_noise)  # float64 per row, uploaded
+        return xp.astype(a_known * known_part + a_noise * noise_part, xp.float32)
+
+    def put(x, value):  # x[mask] <- value, in place (the machine steps from this very array)
+        if xp is np:
+            np.copyto(x, value, where=mask)
+        else:
+            x[...] = xp.where(mask, value, x)
 
     def replace(x, t):
         # known frames <- q(x_t | x0_known) = sqrt(abar_t) x0 + sqrt(1 - abar_t) z, written into the request's x
         a = level(t)
-        np.copyto(x, (np.sqrt(a) * known + np.sqrt(1 - a) * draw()).astype(np.float32), where=mask)
+        put(x, mix(np.sqrt(a), known, np.sqrt(1 - a), draw()))
 
     def ask(request):  # the trained method's graph inputs ride on every request; the same x array
         return with_fields(request, inputs=inputs) if inputs is not None else request
@@ -230,6 +250,8 @@ def _conditioned(machine, abar, known, mask, resample, redo, draw_at, kwargs, in
         try:
             following = machine.send(eps)
         except StopIteration as done:
+            if xp is not np:
+                return xp.where(mask, known, xp.asarray(done.value, dtype=xp.float32))
             x0 = np.array(done.value, dtype=np.float32)
             np.copyto(x0, known, where=mask)
             return x0
@@ -237,7 +259,8 @@ def _conditioned(machine, abar, known, mask, resample, redo, draw_at, kwargs, in
         for _ in range(resample):
             # RePaint: known at t_{i+1}, jump back x_{t_i} ~ q(x_{t_i} | x_{t_{i+1}}), redo step t_i -> t_{i+1}
             replace(following.x, following.t)
-            x = (np.sqrt(a_t / a_s) * following.x + np.sqrt(1 - a_t / a_s) * draw()).astype(np.float32)
+            x = mix(np.sqrt(a_t / a_s), following.x, np.sqrt(1 - a_t / a_s), draw())
             eps = yield StepRequest(x, request.t, request.cond, request.i, inputs)
-            following.x[...] = redo(x, np.asarray(eps, dtype=np.float32), a_t, a_s, draw, **kwargs)
+            eps = np.asarray(eps, dtype=np.float32) if xp is np else xp.asarray(eps, dtype=xp.float32)
+            following.x[...] = redo(x, eps, a_t, a_s, draw, **kwargs)
         request = following

@@ -1,4 +1,5 @@
-"""Samplers as pure numpy functions over one denoiser contract, k-diffusion style, each also a step machine.
+"""Samplers as pure functions over one denoiser contract, k-diffusion style, each also a step machine; numpy is
+the reference, and the same code runs on any array-API namespace (CuPy on a GPU: ``steps.array_namespace``).
 
 The contract: ``eps = denoise(x, t, cond)`` with ``x`` float32 ``(b, c, f, h, w)``, ``t`` int64 ``(b,)``
 (training timesteps, also for respaced samplers), ``cond`` float32 ``(b, D)`` or None; ``eps`` the
@@ -8,7 +9,9 @@ with ``trained=True``); a denoiser called without them samples plain generation.
 final x0 estimate (in [-1, 1] when the denoised prediction is clipped) as float32.
 
 Each sampler computes its per-step coefficients once, in float64, and casts them to float32 tables;
-the loop only indexes them. Randomness comes from explicit ``noise`` (an iterable of arrays, one per
+the loop only indexes them (host tables; a step's coefficients enter the arithmetic as Python floats, so a
+starting sample ``x`` of another namespace keeps the whole run there: latent, history, clipping, guidance, noise
+uploads, all with the numpy run's float32 operations). Randomness comes from explicit ``noise`` (an iterable of arrays, one per
 step, in loop order) or an injected ``numpy.random.Generator``. ``callback`` gets, after every step,
 ``{"i": step index, "t": timestep, "x": the sample after the step, "x0": the denoised prediction,
 "eps": the denoiser output}``.
@@ -45,8 +48,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .schedule import SPACINGS, respace, respaced_betas, seed_buffers
-from .steps import (Denoise, Machine, StepRequest, check_order, clip_x0, drive, guided, noise_source, start,  # noqa: F401
-                    step_loop, to_eps_x0)
+from .steps import (Denoise, Machine, StepRequest, array_namespace, check_order, clip_x0, coefficient,  # noqa: F401
+                    drive, guided, noise_source, start, step_loop, to_eps_x0)
 from .unipc_multistep import VARIANTS, unipc, unipc_steps
 
 f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
@@ -62,9 +65,11 @@ def ddpm_step(x, output, c: Mapping, z, *, clip_denoised=True, dynamic_thres_per
               prediction_type="eps"):
     """Ancestral DDPM: ``x_s ~ q(x_s | x_t, x0) = N(coef1 x0 + coef2 x_t, std^2)`` (Ho et al. 2020); ``z`` None:
     the mean (t = 0). ``c``: ``recip``, ``recipm1``, ``coef1``, ``coef2``, ``std``. Returns ``(x_s, x0, eps)``."""
+    xp = array_namespace(x)
+    c = {k: coefficient(v, xp) for k, v in c.items()}
     eps, x0 = to_eps_x0(output, x, c["recip"], c["recipm1"], prediction_type)
     if clip_denoised:
-        clip_x0(x0, dynamic_thres_percentile)
+        x0 = clip_x0(x0, dynamic_thres_percentile)
     mean = c["coef1"] * x0 + c["coef2"] * x
     return (mean + c["std"] * z if z is not None else mean), x0, eps
 
@@ -73,10 +78,12 @@ def ddim_step(x, output, c: Mapping, z, *, clip_denoised=True, dynamic_thres_per
               prediction_type="eps"):
     """DDIM (Song et al. 2021, eq. 12); a clipped x0 re-derives eps; ``z`` None: no noise (eta = 0). ``c``:
     ``recip``, ``recipm1``, ``eps_from_x``, ``eps_from_x0``, ``sqrt_a_prev``, ``dir_coef``, ``sigma``."""
+    xp = array_namespace(x)
+    c = {k: coefficient(v, xp) for k, v in c.items()}
     # "predicted x0" = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
     eps, x0 = to_eps_x0(output, x, c["recip"], c["recipm1"], prediction_type)
     if clip_denoised:
-        clip_x0(x0, dynamic_thres_percentile)
+        x0 = clip_x0(x0, dynamic_thres_percentile)
         eps = c["eps_from_x"] * x - c["eps_from_x0"] * x0
     # x_{t-1} = sqrt(alpha_{t-1}) x0 + sqrt(1 - alpha_{t-1} - sigma_t^2) eps + sigma_t z
     x = c["sqrt_a_prev"] * x0 + c["dir_coef"] * eps
@@ -150,7 +157,7 @@ def ddpm_steps(
     coefs = {"recip": tab["sqrt_recip_alphas_cumprod"][::-1], "recipm1": tab["sqrt_recipm1_alphas_cumprod"][::-1],
              "coef1": tab["posterior_mean_coef1"][::-1], "coef2": tab["posterior_mean_coef2"][::-1],
              "std": np.exp(np.float32(0.5) * tab["posterior_log_variance_clipped"])[::-1]}
-    draw = noise_source(noise, rng, x.shape, "ddpm")
+    draw = noise_source(noise, rng, x.shape, "ddpm", array_namespace(x))
     last = len(timesteps) - 1
     kw = {"clip_denoised": clip_denoised, "dynamic_thres_percentile": dynamic_thres_percentile,
           "prediction_type": prediction_type}
@@ -211,7 +218,7 @@ def ddim_steps(
     alphas_cumprod = np.cumprod(1.0 - betas)
     a_t = alphas_cumprod[timesteps]
     coefs = _ddim_coefficients(a_t, np.concatenate([alphas_cumprod[timesteps[1:]], [1.0]]), eta)
-    draw = noise_source(noise, rng, x.shape, "ddim") if eta > 0 else None
+    draw = noise_source(noise, rng, x.shape, "ddim", array_namespace(x)) if eta > 0 else None
     kw = {"clip_denoised": clip_denoised, "dynamic_thres_percentile": dynamic_thres_percentile,
           "prediction_type": prediction_type}
 
@@ -297,10 +304,10 @@ def dpmpp_steps(
     def update(i, x, eps):
         eps, x0 = to_eps_x0(eps, x, recip[i], recipm1[i], prediction_type)
         if clip_denoised:
-            clip_x0(x0, dynamic_thres_percentile)
+            x0 = clip_x0(x0, dynamic_thres_percentile)
         history.insert(0, x0)
         del history[order:]
-        wi = w[i]
+        wi = [float(v) for v in w[i]]  # Python floats: float32 arithmetic in any namespace
         if k[i] == 1:
             d = x0
         elif k[i] == 2:
@@ -308,7 +315,7 @@ def dpmpp_steps(
         else:
             d = wi[0] * x0 + wi[1] * history[1] + wi[2] * history[2]
         # x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
-        x = ratio[i] * x + phi[i] * d
+        x = float(ratio[i]) * x + float(phi[i]) * d
         return x, x0, eps
 
     return step_loop(x, cond, timesteps, update, callback)

@@ -35,6 +35,14 @@ def array_namespace(*arrays):
     return compat_namespace(*others)
 
 
+def to_host(a) -> np.ndarray:
+    """A (small) array as numpy: itself for numpy, ``.get()`` for CuPy (a device-to-host copy, which waits for
+    the device), ``np.asarray`` for others (array-api-strict)."""
+    if array_namespace(a) is np:
+        return np.asarray(a)
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
 def coefficient(value, xp=np):
     """A precomputed float32 step coefficient ready for arithmetic in namespace ``xp``: a scalar as a Python
     float (exact, and a Python scalar keeps float32 arrays float32 in numpy 2 and the array API), a per-row
@@ -139,10 +147,11 @@ def combine_guidance(cond_eps, null_eps, cond_scale: float, rescale: float = 0.0
     out = null_eps + (cond_eps - null_eps) * float(cond_scale)
     if rescale == 0.0:
         return out
+    xp = array_namespace(out)  # numpy, or the device arrays' namespace
     axes = tuple(range(1, out.ndim))
-    std_out = np.std(out, axis=axes, keepdims=True)
-    ratio = np.std(cond_eps, axis=axes, keepdims=True) / np.where(std_out > 0, std_out, 1)
-    return out * (rescale * np.where(std_out > 0, ratio, 1) + (1 - rescale))
+    std_out = xp.std(out, axis=axes, keepdims=True)
+    ratio = xp.std(cond_eps, axis=axes, keepdims=True) / xp.where(std_out > 0, std_out, 1.0)
+    return out * (rescale * xp.where(std_out > 0, ratio, 1.0) + (1 - rescale))
 
 
 def check_rescale(rescale) -> float:
@@ -164,12 +173,21 @@ def guided(denoise: Denoise, null_cond: np.ndarray, cond_scale: float, rescale: 
     rescale = check_rescale(rescale)
     if cond_scale == 1:
         return denoise
+    on_device: dict = {}  # the null embedding uploaded once per namespace (device runs)
+
+    def null_like(cond):
+        xp = array_namespace(cond)
+        if xp is np:
+            return np.broadcast_to(null_cond, cond.shape)
+        if id(xp) not in on_device:
+            on_device[id(xp)] = xp.asarray(null_cond)
+        return xp.broadcast_to(on_device[id(xp)], tuple(cond.shape))
 
     def guided_denoise(x, t, cond, **inputs):
         if cond is None:
             raise ValueError("classifier-free guidance needs a cond")
         eps = denoise(x, t, cond, **inputs)
-        null = denoise(x, t, np.broadcast_to(null_cond, cond.shape), **inputs)  # the same known frames
+        null = denoise(x, t, null_like(cond), **inputs)  # the same known frames
         return combine_guidance(eps, null, cond_scale, rescale)
 
     return guided_denoise

@@ -122,19 +122,19 @@ def unipc_steps(
         # 1. the data prediction at the (uncorrected) sample the denoiser saw
         eps, m = to_eps_x0(eps, x, recip[i], recipm1[i], prediction_type)
         if clip_denoised:
-            clip_x0(m, dynamic_thres_percentile)
-        # 2. UniC: correct x_i with m_i
+            m = clip_x0(m, dynamic_thres_percentile)
+        # 2. UniC: correct x_i with m_i (weights as Python floats: float32 arithmetic in any namespace)
         if i > 0:
-            w = wc[i]
-            x = ratio[i - 1] * x_last + w[0] * m
+            w = [float(v) for v in wc[i]]
+            x = float(ratio[i - 1]) * x_last + w[0] * m
             for k in range(p[i - 1]):
                 x += w[k + 1] * history[k]  # x is this step's new array
         history.insert(0, m)
         del history[order:]
         # 3. UniP: predict x_{i+1}
         x_last = x
-        w = wp[i]
-        x = ratio[i] * x + w[0] * m
+        w = [float(v) for v in wp[i]]
+        x = float(ratio[i]) * x + w[0] * m
         for k in range(1, p[i]):
             x += w[k] * history[k]
         return x, m, eps

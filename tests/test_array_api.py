@@ -66,3 +66,130 @@ def test_device_denoiser_on_real_onnxruntime_io_binding(tmp_path):
         t = np.arange(batch, dtype=np.int64) + 2
         np.testing.assert_array_equal(denoise(x, t), x * t[:, None].astype(np.float32))
     assert len(backend._slots) == 2  # one set of bound buffers per shape
+
+
+# ---------------------------------------------------------------- the samplers on a strict namespace ----
+# Every sampler, with guidance, dynamic thresholding, v-prediction and frame conditioning, run through
+# array-api-strict (which allows only the standard's functions, so any numpy-only call in the step code
+# fails) and through numpy from the same start and noise. array-api-strict computes with numpy underneath
+# and the step code does the same float32 operations in the same order in both namespaces (coefficients
+# enter as Python floats, equal to the float32 table values), so the results are equal bit for bit: the
+# tolerance is 0 ulp. (On CuPy each elementwise op is its own correctly rounded kernel: the same holds.)
+
+from vdeploy.runtime import samplers as vs  # noqa: E402
+from vdeploy.runtime.frame_conditioning import conditioned_steps  # noqa: E402
+from vdeploy.runtime.steps import array_namespace, drive, guided  # noqa: E402
+
+_SHAPE, _T = (2, 3, 4, 6, 6), 40
+
+
+def _betas():
+    return np.linspace(1e-4, 0.05, _T)
+
+
+def _toy_denoiser(x, t, cond=None, **inputs):
+    """A smooth deterministic eps written with standard functions only, the same in both namespaces."""
+    xp = array_namespace(x)
+    tt = xp.reshape(xp.astype(t, xp.float32), (-1, 1, 1, 1, 1)) / float(_T)
+    out = xp.sin(x * 1.3) * 0.8 + tt * 0.5 - x * tt * 0.2
+    if cond is not None:
+        out = out + xp.reshape(xp.mean(cond, axis=1), (-1, 1, 1, 1, 1))
+    if inputs:
+        out = out + inputs["frames"] * 0.1 + xp.reshape(xp.mean(inputs["mask"], axis=1), (-1, 1, 1, 1, 1))
+    return out * 1.5  # |x0| > 1 somewhere: clipping and thresholding act
+
+
+def _to_strict(value):
+    return xps.asarray(value) if isinstance(value, np.ndarray) else value
+
+
+def _both(run):
+    """``run(xp, to_xp)`` in numpy and in array-api-strict; the strict result must be a strict array."""
+    want = run(np, lambda v: v)
+    got = run(xps, _to_strict)
+    assert array_namespace(got) is xps
+    return np.asarray(got), want
+
+
+_CASES = {
+    "ddpm all steps": ("ddpm", {"steps": None}),
+    "ddpm respaced, dynamic thresholding": ("ddpm", {"steps": 7, "dynamic_thres_percentile": 0.9}),
+    "ddim eta 0": ("ddim", {"steps": 6}),
+    "ddim eta 0.6, v": ("ddim", {"steps": 6, "eta": 0.6, "prediction_type": "v"}),
+    "dpmpp 2M logsnr": ("dpmpp", {"steps": 8, "spacing": "logsnr"}),
+    "dpmpp unclipped": ("dpmpp", {"steps": 5, "clip_denoised": False}),
+    "dpmpp3m, v, thresholding": ("dpmpp3m", {"steps": 9, "prediction_type": "v", "dynamic_thres_percentile": 0.7}),
+    "unipc bh2": ("unipc", {"steps": 7}),
+    "unipc bh1 order 3": ("unipc", {"steps": 8, "order": 3, "variant": "bh1"}),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_every_sampler_gives_the_numpy_numbers_on_a_strict_namespace(case):
+    name, kwargs = _CASES[case]
+    rng = np.random.default_rng(3)
+    x_T = rng.standard_normal(_SHAPE, dtype=np.float32)
+    cond = rng.standard_normal((_SHAPE[0], 5), dtype=np.float32)
+    null = rng.standard_normal(5, dtype=np.float32)
+    spec = vs.SAMPLERS[name]
+    seen = []
+
+    def run(xp, to_xp):
+        noise_rng = np.random.default_rng(11)  # per-step noise from one numpy generator, uploaded per draw
+        extra = {"rng": noise_rng} if spec.draws_noise else {}
+        denoise = guided(_toy_denoiser, null, 2.5)  # two calls, combined in the namespace
+        callback = (lambda info: seen.append(array_namespace(info["x"], info["x0"], info["eps"]))) if xp is xps \
+            else None
+        machine = spec.stepper(to_xp(x_T), _betas(), cond=to_xp(cond), callback=callback, **kwargs, **extra)
+        return drive(machine, denoise)
+
+    got, want = _both(run)
+    np.testing.assert_array_equal(got, want)  # 0 ulp (see above)
+    assert seen and set(seen) == {xps}  # the latent, x0 and eps stayed in the strict namespace every step
+
+
+@pytest.mark.parametrize("sampler, resample, trained", [("ddpm", 1, False), ("ddim", 1, False), ("dpmpp", 0, True)])
+def test_frame_conditioning_gives_the_numpy_numbers_on_a_strict_namespace(sampler, resample, trained):
+    rng = np.random.default_rng(5)
+    x_T = rng.standard_normal(_SHAPE, dtype=np.float32)
+    mask = np.zeros((_SHAPE[0], 1, _SHAPE[2], 1, 1), bool)
+    mask[:, :, :2] = True
+    known = np.where(mask, rng.uniform(-1, 1, _SHAPE).astype(np.float32), 0).astype(np.float32)
+    extra = {"eta": 0.5} if sampler == "ddim" else {}
+
+    def run(xp, to_xp):
+        return drive(conditioned_steps(sampler, to_xp(x_T), _betas(), known=known, mask=mask, resample=resample,
+                                       trained=trained, rng=np.random.default_rng(2), steps=5, **extra),
+                     _toy_denoiser)
+
+    got, want = _both(run)
+    np.testing.assert_array_equal(got, want)  # 0 ulp
+    np.testing.assert_array_equal(got[:, :, :2], known[:, :, :2])  # the known frames are the given ones
+
+
+def test_noise_prefetch_feeds_a_sampler_as_its_noise_iterable():
+    """A device run's noise (prefetched from the host generator) gives the host run's ddpm sample."""
+    x_T = np.random.default_rng(0).standard_normal(_SHAPE, dtype=np.float32)
+    want = vs.ddpm(_toy_denoiser, x_T, _betas(), steps=6, rng=np.random.default_rng(9))
+    draw = device_loop.NoisePrefetch(np.random.default_rng(9), _SHAPE, xps.asarray, steps=6)
+    got = vs.ddpm(_toy_denoiser, xps.asarray(x_T), _betas(), steps=6, noise=draw)
+    draw.close()
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("sampler, cond_scale", [("ddpm", 1.0), ("dpmpp", 3.0)])
+def test_device_sample_through_onnxruntime_io_binding_equals_the_pipeline(sampler, cond_scale):
+    """``device_loop.sample``: the Pipeline's run with the loop in the strict namespace and the denoiser fed and read
+    through onnxruntime CPU IO binding (fixed buffers per shape, ``run_bound``), against ``pipe(...)``. Same
+    graph, same inputs, same float32 step arithmetic: equal bit for bit."""
+    from runtime_fixtures import model_dir
+    from vdeploy.runtime import Pipeline
+
+    pipe = Pipeline.from_dir(model_dir("cond"), backend="cpu")
+    c = np.random.default_rng(4).standard_normal((2, pipe.cond_dim), dtype=np.float32)
+    kwargs = dict(cond=c, cond_scale=cond_scale, sampler=sampler, steps=4, seed=7)
+    want = pipe(**kwargs)
+    bound = device_loop.DeviceDenoiser(pipe.backend, device_loop.graph_names(pipe.graph), library="numpy")
+    got = device_loop.sample(pipe, xp=xps, denoise=lambda *a, **k: xps.asarray(bound(*a, **k)), **kwargs)
+    np.testing.assert_array_equal(got, want)
+    assert pipe.backend._slots  # the calls went through the bound buffers
