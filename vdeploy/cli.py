@@ -286,7 +286,8 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
 
     # ---- the text encoder sets cond_dim
     encoder = None
-    wants_cond = text_encoder is not None or config["cond_dim"] is not None or config["use_bert_text_cond"]
+    wants_cond = (text_encoder is not None or config["cond_dim"] is not None or config["use_bert_text_cond"]
+                  or config["text_cross_attention"])  # the tokens come from the text encoder too
     if wants_cond:
         try:
             encoder = load_text_encoder(None if text_encoder in (None, "default") else text_encoder)

@@ -13,7 +13,9 @@ from pathlib import Path
 # Unet3D keyword arguments and their defaults, as in video-diffusion-pytorch 0.6.3, plus
 # ``norm_type``: "group" (0.6.3, GroupNorm in Block) or "rms" (0.7.0, RMSNorm in Block), and
 # ``frame_conditioning``: MCVD-style masked frame conditioning (known frames and a per-frame mask as extra
-# input channels of the stem conv; off: upstream's model).
+# input channels of the stem conv; off: upstream's model), ``text_cross_attention`` with ``text_max_tokens``:
+# Imagen-style token-level text conditioning (cross-attention to the caption's token embeddings beside the pooled
+# vector; off: upstream's model).
 UNET_DEFAULTS: dict = {
     "dim": None,  # required
     "cond_dim": None,
@@ -30,7 +32,13 @@ UNET_DEFAULTS: dict = {
     "resnet_groups": 8,
     "norm_type": "group",
     "frame_conditioning": False,
+    "text_cross_attention": False,
+    "text_max_tokens": 16,
 }
+
+# vdeploy's own Unet3D keys that ``unet_kwargs`` passes only where they differ from the default (the seed's
+# Unet3D takes the kwargs of any config it can build)
+_OWN_UNET_KEYS = ("text_cross_attention", "text_max_tokens")
 
 # GaussianDiffusion keyword arguments and their defaults (``channels`` is shared with Unet3D).
 DIFFUSION_DEFAULTS: dict = {
@@ -88,11 +96,11 @@ class ConfigError(ValueError):
 _LIMITS = {
     "dim": 4096, "cond_dim": 65536, "out_dim": 4, "channels": 4, "attn_heads": 256, "attn_dim_head": 1024,
     "init_dim": 4096, "init_kernel_size": 31, "resnet_groups": 4096, "image_size": 4096, "num_frames": 1024,
-    "timesteps": 100_000,
+    "timesteps": 100_000, "text_max_tokens": 512,
 }
 _MAX_DIM_MULT, _MAX_LEVELS = 64, 8
 _BOOLS = ("use_bert_text_cond", "use_sparse_linear_attn", "text_use_bert_cls", "use_dynamic_thres",
-          "frame_conditioning")
+          "frame_conditioning", "text_cross_attention")
 _CHOICES = {"norm_type": ("group", "rms"), "loss_type": ("l1", "l2"), "block_type": ("resnet",),
             "beta_schedule": ("cosine",), "prediction_type": ("eps", "v"), "loss_weighting": ("none", "min_snr")}
 
@@ -132,7 +140,7 @@ def resolve(config: dict) -> dict:
         if not _is_int(out[key]) or out[key] <= 0:
             raise ConfigError(f"config key '{key}' must be a positive integer, got {out[key]!r}")
     for key in ("dim", "image_size", "num_frames", "attn_heads", "attn_dim_head", "timesteps", "init_kernel_size",
-                "resnet_groups"):
+                "resnet_groups", "text_max_tokens"):
         _int_key(out, key)
     for key in ("cond_dim", "out_dim", "init_dim"):
         _int_key(out, key, optional=True)
@@ -214,8 +222,13 @@ def load(spec: str | Path | dict) -> dict:
 
 
 def unet_kwargs(config: dict) -> dict:
-    """The ``Unet3D(**kwargs)`` part of a resolved config."""
-    return {k: config[k] for k in UNET_DEFAULTS}
+    """The ``Unet3D(**kwargs)`` part of a resolved config.
+
+    vdeploy's own token keys (``text_cross_attention``, ``text_max_tokens``) are passed only where they differ
+    from the default, as :func:`diffusion_kwargs` does with its own.
+    """
+    return {k: config[k] for k in UNET_DEFAULTS
+            if k not in _OWN_UNET_KEYS or (k in config and config[k] != UNET_DEFAULTS[k])}
 
 
 def diffusion_kwargs(config: dict) -> dict:

@@ -13,7 +13,9 @@ Added for parity with the numpy runtime:
 * ``callback(i, t, x)`` after every step (``i``: loop index 0..T-1, ``t``: timestep, ``x``: the
   new sample in model space [-1, 1]);
 * a tqdm bar that ``progress=False`` turns off;
-* ``cond`` may be a list of captions when a :class:`vdeploy.text.TextEncoder` is attached;
+* ``cond`` may be a list of captions when a :class:`vdeploy.text.TextEncoder` is attached; for a denoiser with
+  ``text_cross_attention`` the captions also give its ``text_tokens``/``text_mask`` (one encoder pass), and
+  precomputed embeddings come with ``text_tokens=``/``text_mask=`` beside ``cond`` (sampling, ``p_losses``);
 * ``prediction_type="v"``: the denoiser predicts v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022)
   instead of eps, so x_0 = sqrt(abar) x_t - sqrt(1 - abar) v never divides by a vanishing sqrt(abar);
   ``loss_weighting="min_snr"``: Min-SNR-gamma weights per sample (Hang et al. 2023). Both opt-in: the
@@ -190,6 +192,26 @@ class GaussianDiffusion(nn.Module):
         device = device if device is not None else self.betas.device
         return self.text_encoder(cond, return_cls_repr=self.text_use_bert_cls, device=device)
 
+    def text_inputs(self, cond, text_tokens=None, text_mask=None, device: torch.device | None = None):
+        """``cond`` (captions, an embedding or None) and token inputs -> ``(cond, text_kw)`` for the denoiser.
+
+        Captions go through the attached encoder: a denoiser with ``text_cross_attention`` gets the pooled vector
+        as ``cond`` and ``text_kw = {"text_tokens", "text_mask"}`` (``TextEncoder.encode``); any other the pooled
+        vector alone (:meth:`embed_text`). Tensors pass through; ``text_kw`` holds the token inputs given.
+        """
+        device = device if device is not None else self.betas.device
+        if is_list_str(cond) and getattr(self.denoise_fn, "text_cross_attention", False):
+            if text_tokens is not None or text_mask is not None:
+                raise ValueError("captions give their own text_tokens/text_mask: pass embeddings with them instead")
+            if self.text_encoder is None:
+                raise ValueError("cond is a list of captions but no text encoder is attached (text_encoder=...)")
+            cond, text_tokens, text_mask = self.text_encoder.encode(
+                cond, self.denoise_fn.text_max_tokens, return_cls_repr=self.text_use_bert_cls, device=device)
+        else:
+            cond = self.embed_text(cond, device)
+        given = (("text_tokens", text_tokens), ("text_mask", text_mask))
+        return cond, {k: torch.as_tensor(v).to(device) for k, v in given if v is not None}
+
     # ------------------------------------------------- forward process ----
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
@@ -255,15 +277,18 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------- reverse process ----
 
     def p_mean_variance(self, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool, cond=None, cond_scale: float = 1.0,
-                        frames: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+                        frames: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                        text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None):
         """Mean and variance of p(x_{t-1} | x_t) with x_0 predicted from eps and thresholded.
 
         Static thresholding clamps x_0 to [-1, 1]; dynamic (Imagen) clamps to [-s, s] and divides
         by s, s = max(1, the ``dynamic_thres_percentile`` quantile of |x_0| per sample).
         ``frames`` (model space [-1, 1], ``(b, c, f, h, w)``) and ``mask`` (``(b, f)``, 1 = known) go to a
-        frame-conditioned denoiser.
+        frame-conditioned denoiser; ``text_tokens`` and ``text_mask`` to one with ``text_cross_attention``.
         """
         frame_kw = {} if frames is None and mask is None else {"frames": frames, "mask": mask}
+        if text_tokens is not None or text_mask is not None:
+            frame_kw.update(text_tokens=text_tokens, text_mask=text_mask)
         output = self.denoise_fn.forward_with_cond_scale(x, t, cond=cond, cond_scale=cond_scale, **frame_kw)
         x_recon = self.predict_start_from_output(x, t, output)
         if clip_denoised:
@@ -278,17 +303,20 @@ class GaussianDiffusion(nn.Module):
     @torch.inference_mode()
     def p_sample(self, x: torch.Tensor, t: torch.Tensor, cond=None, cond_scale: float = 1.0, clip_denoised: bool = True,
                  *, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 frames: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                 frames: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                 text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One ancestral step x_t -> x_{t-1} = mean + exp(log_var / 2) * z, z = 0 where t == 0.
 
         ``noise`` is z; drawn (from ``generator`` or torch's global RNG) when not given.
         With ``frames`` (model space [-1, 1]) and ``mask`` (``(b, f)``, 1 = known) for a frame-conditioned
         denoiser: the denoiser sees them, and the known frames of x_{t-1} are q(x_{t-1} | frames) drawn with
         the same z, ``sqrt(abar_{t-1}) frames + sqrt(1 - abar_{t-1}) z`` (the frames themselves after t = 0).
+        ``text_tokens``/``text_mask``: a ``text_cross_attention`` denoiser's token inputs (:meth:`forward`'s).
         """
         b = x.shape[0]
         model_mean, _, model_log_variance = self.p_mean_variance(
-            x=x, t=t, clip_denoised=clip_denoised, cond=cond, cond_scale=cond_scale, frames=frames, mask=mask
+            x=x, t=t, clip_denoised=clip_denoised, cond=cond, cond_scale=cond_scale, frames=frames, mask=mask,
+            text_tokens=text_tokens, text_mask=text_mask,
         )
         if noise is None:
             noise = _randn(x.shape, x.device, x.dtype, generator)
@@ -314,6 +342,8 @@ class GaussianDiffusion(nn.Module):
         progress: bool = True,
         frames: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """DDPM ancestral sampling over all T steps; returns the video in [0, 1].
 
@@ -332,11 +362,13 @@ class GaussianDiffusion(nn.Module):
                 frames are kept at q(x_t | frames) (drawn with x_T and each step's noise: no extra draws),
                 and the result holds them unchanged.
             mask: ``(batch, frames)`` float or bool, 1 where ``frames`` is known; required with ``frames``.
+            text_tokens, text_mask: with an embedding ``cond``, a ``text_cross_attention`` denoiser's token inputs
+                ``(batch, text_max_tokens, cond_dim)`` and ``(batch, text_max_tokens)`` (captions give their own).
         """
         if generator is not None and noise is not None:
             raise ValueError("pass either generator or noise, not both")
         device = self.betas.device
-        cond = self.embed_text(cond, device)
+        cond, text_kw = self.text_inputs(cond, text_tokens, text_mask, device)
         given = None
         if frames is not None or mask is not None:
             given, frames, mask = self._check_frames(frames, mask, shape, device)
@@ -351,7 +383,7 @@ class GaussianDiffusion(nn.Module):
         for i, t in enumerate(bar):
             z = noise_iter.next(f"step {i} (t={t})") if noise_iter else None
             img = self.p_sample(img, torch.full((b,), t, device=device, dtype=torch.long), cond=cond,
-                                cond_scale=cond_scale, noise=z, generator=generator, frames=frames, mask=mask)
+                                cond_scale=cond_scale, noise=z, generator=generator, frames=frames, mask=mask, **text_kw)
             if callback is not None:
                 callback(i, t, img)
         video = unnormalize_img(img)
@@ -388,6 +420,8 @@ class GaussianDiffusion(nn.Module):
         progress: bool = True,
         frames: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample ``(batch, channels, num_frames, image_size, image_size)`` videos in [0, 1].
 
@@ -396,16 +430,17 @@ class GaussianDiffusion(nn.Module):
         ``(batch, num_frames)``; the keyword arguments are those of :meth:`p_sample_loop`.
         """
         device = next(self.denoise_fn.parameters()).device
-        cond = self.embed_text(cond, device)
+        cond, text_kw = self.text_inputs(cond, text_tokens, text_mask, device)
         batch_size = cond.shape[0] if cond is not None else frames.shape[0] if frames is not None else batch_size
         shape = (batch_size, self.channels, self.num_frames, self.image_size, self.image_size)
         return self.p_sample_loop(shape, cond=cond, cond_scale=cond_scale, generator=generator, noise=noise,
-                                  callback=callback, progress=progress, frames=frames, mask=mask)
+                                  callback=callback, progress=progress, frames=frames, mask=mask, **text_kw)
 
     @torch.inference_mode()
     def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, t: int | None = None, lam: float = 0.5, *,
                     cond=None, cond_scale: float = 1.0, generator: torch.Generator | None = None,
-                    progress: bool = True) -> torch.Tensor:
+                    progress: bool = True, text_tokens: torch.Tensor | None = None,
+                    text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Noise ``x1`` and ``x2`` (model space) to step ``t``, mix them by ``lam`` and denoise back.
 
         Returns the result in model space [-1, 1], as the seed does.
@@ -417,11 +452,11 @@ class GaussianDiffusion(nn.Module):
         t_batched = torch.full((b,), t, device=device, dtype=torch.long)
         xt1, xt2 = (self.q_sample(x, t=t_batched, generator=generator) for x in (x1, x2))
         img = (1 - lam) * xt1 + lam * xt2
-        cond = self.embed_text(cond, device)
+        cond, text_kw = self.text_inputs(cond, text_tokens, text_mask, device)
         for i in tqdm(reversed(range(0, t)), desc="interpolation sample time step", total=t, disable=not progress,
                       leave=False):
             img = self.p_sample(img, torch.full((b,), i, device=device, dtype=torch.long), cond=cond,
-                                cond_scale=cond_scale, generator=generator)
+                                cond_scale=cond_scale, generator=generator, **text_kw)
         return img
 
     # ------------------------------------------------------------ loss ----
@@ -439,12 +474,15 @@ class GaussianDiffusion(nn.Module):
             mask: ``(b, f)``, 1 = known frame, for a frame-conditioned denoiser (MCVD): it gets
                 ``frames=x_start, mask=mask``, and the loss is the mean over the unknown frames only
                 (a row without known frames is plain generation; known frames add nothing).
-            **kwargs: to the denoiser (``null_cond_prob``, ``focus_present_mask``, ...).
+            **kwargs: to the denoiser (``null_cond_prob``, ``focus_present_mask``, ``text_tokens``, ``text_mask``,
+                ...).
         """
         if noise is None:
             noise = torch.randn_like(x_start)
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
-        cond = self.embed_text(cond, x_start.device)
+        cond, text_kw = self.text_inputs(cond, kwargs.pop("text_tokens", None), kwargs.pop("text_mask", None),
+                                         x_start.device)
+        kwargs.update(text_kw)
         target = self.training_target(x_start, t, noise)
         weights = self.loss_weights(t)
         if mask is None:

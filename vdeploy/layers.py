@@ -439,3 +439,64 @@ class SpatialAttention(nn.Module):
         bf, c, h, w = x.shape
         tokens = x.reshape(bf, c, h * w).transpose(1, 2)[:, :, None]  # (b*f, h*w, 1, c)
         return self.fn(tokens)[:, :, 0].transpose(1, 2).reshape(bf, c, h, w)
+
+
+# a logit that softmax turns into exactly 0 next to any real logit (exp(-1e4) underflows float32), and that
+# float16 holds (an fp16 export keeps the constant finite, unlike finfo.min)
+MASKED_LOGIT = -1e4
+
+
+class CrossAttention(nn.Module):
+    """Attention from every position of every frame to a caption's token embeddings: Imagen's text
+    cross-attention (Saharia et al. 2022; imagen-pytorch's ``CrossAttention``), on the folded layout.
+
+    The queries are the (normalized) features of all ``f*h*w`` positions of a sample; the keys and values are
+    that sample's tokens, LayerNormed and projected by this layer, after one learned null key/value per head
+    (imagen-pytorch's ``null_kv``), so every query has a key to attend to even when no token is kept. Keys
+    that ``key_keep`` marks False (padding) get :data:`MASKED_LOGIT`: their attention weight is exactly 0, so
+    a padding token's embedding never reaches the output. MatMul -> Softmax -> MatMul with pre-scaled
+    queries, no einsum (as :class:`Attention`).
+
+    Args:
+        dim: channels of the features.
+        context_dim: width of the token embeddings.
+        heads, dim_head: attention heads and their width.
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int = 4, dim_head: int = 32):
+        super().__init__()
+        self.scale = dim_head**-0.5
+        self.heads = heads
+        self.dim_head = dim_head
+        hidden_dim = heads * dim_head
+        self.to_q = nn.Linear(dim, hidden_dim, bias=False)
+        self.norm_context = nn.LayerNorm(context_dim)
+        self.to_kv = nn.Linear(context_dim, hidden_dim * 2, bias=False)
+        self.null_kv = nn.Parameter(torch.randn(2, heads, 1, dim_head))
+        self.to_out = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor, *, frames: int, context: Tensor, key_keep: Tensor, **_) -> Tensor:
+        """Args:
+            x: ``(b*f, c, h, w)`` normalized features (folded).
+            frames: ``f``.
+            context: ``(b, L, context_dim)`` token embeddings (padding positions zeroed by the caller).
+            key_keep: bool ``(b, 1, 1, 1 + L)``: the null key (always True), then the tokens (False = padding).
+
+        Returns:
+            ``(b*f, c, h, w)``.
+        """
+        bf, c, h, w = x.shape
+        heads, d = self.heads, self.dim_head
+        tokens = x.reshape(-1, frames, c, h * w).transpose(2, 3).reshape(-1, frames * h * w, c)  # (b, N, c)
+        q = torch.matmul(tokens, (self.to_q.weight * self.scale).t())
+        q = q.reshape(q.shape[0], -1, heads, d).transpose(1, 2)  # (b, heads, N, d)
+        kv = torch.matmul(self.norm_context(context), self.to_kv.weight.t())  # (b, L, 2 * hidden)
+        kv = kv.reshape(kv.shape[0], -1, 2, heads, d).permute(2, 0, 3, 1, 4)  # (2, b, heads, L, d)
+        null = self.null_kv.to(kv.dtype)[:, None].expand(-1, kv.shape[1], -1, -1, -1)  # (2, b, heads, 1, d)
+        k, v = torch.cat((null, kv), dim=3).unbind(0)
+        sim = torch.matmul(q, k.transpose(-1, -2))  # (b, heads, N, 1 + L)
+        sim = sim.masked_fill(~key_keep, MASKED_LOGIT)
+        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+        out = torch.matmul(sim.softmax(dim=-1), v)  # (b, heads, N, d)
+        out = torch.matmul(out.transpose(1, 2).reshape(out.shape[0], -1, heads * d), self.to_out.weight.t())
+        return out.reshape(-1, frames, h * w, c).transpose(2, 3).reshape(bf, c, h, w)

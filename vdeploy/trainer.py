@@ -14,7 +14,9 @@ a sample GIF grid every ``save_and_sample_every`` steps). What it adds:
 * deterministic training noise: each video's t and noise (and caption dropout, focus-present
   draws) come from a generator seeded by (seed, step, micro-batch, its place in the global
   batch), so they depend neither on the process count nor on where a run was resumed;
-* caption conditioning through the diffusion model's text encoder, embeddings cached once;
+* caption conditioning through the diffusion model's text encoder, embeddings cached once (for a U-Net with
+  ``text_cross_attention`` also the token embeddings and masks, once per distinct caption; caption dropout
+  replaces both by their learned nulls);
 * masked frame conditioning (MCVD, Voleti et al. 2022) for a U-Net built with ``frame_conditioning``:
   every clip is trained for generation, prediction (the first k frames known) or interpolation (the
   first and last known), drawn with ``mask_probs`` from its own generator like its noise;
@@ -45,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 from vdeploy import checkpoint as ckpt_io
+from vdeploy import config as vconfig
 from vdeploy.runtime import atomic
 from vdeploy.data import DataError, Dataset, video_tensor_to_gif
 from vdeploy.diffusion import GaussianDiffusion
@@ -185,6 +188,8 @@ class Trainer:
         self.mask_probs = (check_mask_probs(DEFAULT_MASK_PROBS if mask_probs is None else mask_probs,
                                             diffusion_model.num_frames) if self.frame_conditioning else None)
         self.text_encoder = diffusion_model.text_encoder
+        self.text_tokens = bool(getattr(unet, "text_cross_attention", False))
+        self.caption_rows = self.token_table = self.token_mask_table = None  # token models: per distinct caption
         self.cond_table = self._embed_captions(diffusion_model) if self.has_cond else None
 
         self.data_order = DataOrder(len(self.ds), seed=seed)
@@ -219,12 +224,31 @@ class Trainer:
         if self.text_encoder is None:
             raise ValueError("the model is conditional but the diffusion model has no text encoder attached")
         unique = sorted(set(self.ds.captions))
-        embs = []
+        embs, tokens, masks = [], [], []
         for i in range(0, len(unique), 256):
-            embs.append(diffusion_model.embed_text(unique[i : i + 256], torch.device("cpu")))
+            if self.text_tokens:  # one encoder pass: the pooled vector and the tokens
+                cond, text = diffusion_model.text_inputs(unique[i : i + 256], device=torch.device("cpu"))
+                tokens.append(text["text_tokens"])
+                masks.append(text["text_mask"])
+            else:
+                cond = diffusion_model.embed_text(unique[i : i + 256], torch.device("cpu"))
+            embs.append(cond)
         by_caption = dict(zip(unique, torch.cat(embs)))
+        if self.text_tokens:
+            row = {c: i for i, c in enumerate(unique)}
+            self.caption_rows = torch.tensor([row[c] for c in self.ds.captions], device=self.device)
+            self.token_table = torch.cat(tokens).to(self.device)
+            self.token_mask_table = torch.cat(masks).to(self.device)
         logger.info("embedded %d distinct captions once", len(unique))
         return torch.stack([by_caption[c] for c in self.ds.captions]).to(self.device)
+
+    def text_of(self, idx) -> dict:
+        """The cached token inputs ``{"text_tokens", "text_mask"}`` of dataset items ``idx`` (a token model's;
+        ``{}`` otherwise)."""
+        if self.token_table is None:
+            return {}
+        rows = self.caption_rows[torch.as_tensor(idx, device=self.device)]
+        return {"text_tokens": self.token_table[rows], "text_mask": self.token_mask_table[rows]}
 
     def _batch_iter(self):
         """Batches ``(video, index)`` for this process, following :attr:`data_order` from now on."""
@@ -247,15 +271,18 @@ class Trainer:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next training batch on the device, with its caption embeddings (or None)."""
+        video, idx = self._next_indexed()
+        return video, self.cond_table[idx] if self.cond_table is not None else None
+
+    def _next_indexed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch on the device and its dataset indices (on the device)."""
         if self._batches is None:
             self.consumed = self.data_order.consumed
             self._batches = self._batch_iter()
         video, idx = next(self._batches)
         # counted here, not in the data order, which DataLoader workers read ahead of training
         self.consumed += self.batch_size * self.accelerator.num_processes
-        video = video.to(self.device, non_blocking=True)
-        cond = self.cond_table[idx.to(self.device)] if self.cond_table is not None else None
-        return video, cond
+        return video.to(self.device, non_blocking=True), idx.to(self.device)
 
     def step_noise(self, micro: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The random draws of micro-batch ``micro`` of the current step, for this process's videos.
@@ -283,9 +310,11 @@ class Trainer:
             u.append(torch.rand(n_uniform, generator=g, device=self.device))
         return torch.cat(t), torch.stack(noise), torch.stack(u)
 
-    def _loss_kwargs(self, micro: int, data: torch.Tensor, cond, prob_focus_present: float, focus_present_mask):
+    def _loss_kwargs(self, micro: int, data: torch.Tensor, cond, prob_focus_present: float, focus_present_mask,
+                     text: dict | None = None):
         """The model's keyword arguments for one micro-batch: its t and noise, caption dropout,
-        focus-present and known-frame masks drawn here (:meth:`step_noise`) rather than inside the model."""
+        focus-present and known-frame masks drawn here (:meth:`step_noise`) rather than inside the model;
+        ``text``: a token model's ``{"text_tokens", "text_mask"}`` (:meth:`text_of`), dropped with the caption."""
         t, noise, u = self.step_noise(micro, data.shape[0])
         kwargs = {"t": t, "noise": noise, "focus_present_mask": focus_present_mask}
         if self.frame_conditioning:
@@ -293,10 +322,15 @@ class Trainer:
         if focus_present_mask is None and prob_focus_present > 0:
             kwargs["focus_present_mask"] = u[:, 1] < prob_focus_present  # the denoiser's prob_mask_like
         if self.has_cond:
+            text = dict(text or {})
             if self.null_cond_prob > 0:  # as the denoiser's own dropout: the learned null embedding
-                null = self.unwrapped_model.denoise_fn.null_cond_emb
-                cond = torch.where((u[:, 0] < self.null_cond_prob)[:, None], null.to(cond.dtype), cond)
-            kwargs.update(cond=cond, null_cond_prob=0.0)
+                unet = self.unwrapped_model.denoise_fn
+                drop = u[:, 0] < self.null_cond_prob
+                cond = torch.where(drop[:, None], unet.null_cond_emb.to(cond.dtype), cond)
+                if text:  # and the null token sequence for the same rows: null means null for both
+                    text["text_tokens"], text["text_mask"] = unet.drop_text(drop, text["text_tokens"],
+                                                                            text["text_mask"])
+            kwargs.update(cond=cond, null_cond_prob=0.0, **text)
         return kwargs
 
     # -------------------------------------------------------------- EMA ----
@@ -369,6 +403,10 @@ class Trainer:
         data = ckpt_io.load_checkpoint(path, map_location="cpu")
         if data.get("config") is not None and self.config is not None:
             stored = {k: v for k, v in data["config"].items()}
+            try:  # a config stored before a key existed has that key's default
+                stored = vconfig.resolve(stored)
+            except vconfig.ConfigError:
+                pass
             diff = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
             if diff:
                 raise ckpt_io.CheckpointError(
@@ -447,10 +485,12 @@ class Trainer:
         videos, start = [], 0
         for n in num_to_groups(num_samples, self.batch_size):
             cond = None
+            text = {}
             if captions is not None:  # the cached embeddings of these captions
-                cond = self.cond_table[[self.ds.captions.index(c) for c in captions[start : start + n]]]
+                items = [self.ds.captions.index(c) for c in captions[start : start + n]]
+                cond, text = self.cond_table[items], self.text_of(items)
             videos.append(self.ema_model.sample(cond=cond, cond_scale=self.cond_scale, batch_size=n,
-                                                generator=generator, progress=self.progress).float().cpu())
+                                                generator=generator, progress=self.progress, **text).float().cpu())
             start += n
         v = torch.nn.functional.pad(torch.cat(videos), (2, 2, 2, 2))
         _, c, f, h, w = v.shape
@@ -499,8 +539,10 @@ class Trainer:
                 losses = []
                 acc.step = 0  # accelerate's micro-batch count: it syncs gradients on the last of each step
                 for i in range(self.gradient_accumulate_every):
-                    data, cond = self.next_batch()
-                    kwargs = self._loss_kwargs(i, data, cond, prob_focus_present, focus_present_mask)
+                    data, idx = self._next_indexed()
+                    cond = self.cond_table[idx] if self.cond_table is not None else None
+                    kwargs = self._loss_kwargs(i, data, cond, prob_focus_present, focus_present_mask,
+                                               text=self.text_of(idx))
                     with acc.accumulate(self.model):  # no_sync but on the last; backward divides by the count
                         with acc.autocast():
                             loss = self.model(data, **kwargs)

@@ -1,0 +1,182 @@
+"""Token-level text conditioning (config ``text_cross_attention``): the U-Net's cross-attention to the caption's
+token embeddings, training, export, the torch-free runtime, parity.
+
+Tiny models throughout: a random BERT (hidden 12) with a WordPiece tokenizer, a dim-8 U-Net at 16 px, 4 frames.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export_fixtures import single_thread_torch
+from vdeploy import config as C
+from vdeploy.diffusion import GaussianDiffusion
+from vdeploy.model import Unet3D
+
+single_thread_torch()
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "green", "circle", "square", "triangle",
+         "moving", "left", "right", "up", "down"]
+MAX_TOKENS = 8
+CONFIG = {"dim": 8, "dim_mults": [1, 2], "attn_heads": 2, "attn_dim_head": 8, "image_size": 16, "num_frames": 4,
+          "timesteps": 20, "cond_dim": 12}
+TOKEN_CONFIG = {**CONFIG, "text_cross_attention": True, "text_max_tokens": MAX_TOKENS}
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A tiny random BERT (hidden 12) with a WordPiece tokenizer, saved the way HF saves models."""
+    from transformers import BertConfig, BertModel
+
+    try:
+        from transformers import BertTokenizerFast as Tokenizer
+    except ImportError:  # transformers >= 5 folds the fast tokenizer into BertTokenizer
+        from transformers import BertTokenizer as Tokenizer
+    folder = tmp_path_factory.mktemp("bert")
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    Tokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=12, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=32)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def token_unet(seed: int = 0, config: dict = TOKEN_CONFIG) -> tuple[Unet3D, dict]:
+    """A token model with random weights, every bias and null parameter non-trivial."""
+    resolved = C.resolve(dict(config))
+    torch.manual_seed(seed)
+    unet = Unet3D(**C.unet_kwargs(resolved))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "relative_attention_bias" in name or name.endswith("bias"):
+                p.normal_(0, 0.2)
+    return unet.eval(), resolved
+
+
+def token_inputs(b: int, lengths, seed: int = 0):
+    """Random pooled vectors, tokens and masks with ``lengths[i]`` real tokens in row i."""
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(b, 12, generator=g)
+    tokens = torch.randn(b, MAX_TOKENS, 12, generator=g)
+    mask = (torch.arange(MAX_TOKENS)[None] < torch.tensor(lengths)[:, None]).float()
+    return cond, tokens, mask
+
+
+# ------------------------------------------------------------------------------------------- the model ----
+
+
+def test_flag_off_leaves_the_model_as_it_was():
+    base = C.resolve(dict(CONFIG))
+    assert base["text_cross_attention"] is False and base["text_max_tokens"] == 16
+    kwargs = C.unet_kwargs(base)
+    assert "text_cross_attention" not in kwargs and "text_max_tokens" not in kwargs  # the seed's Unet3D takes them
+    torch.manual_seed(0)
+    plain = Unet3D(**kwargs)
+    assert not any("text" in k for k in plain.state_dict())
+    torch.manual_seed(0)
+    tokens = Unet3D(**C.unet_kwargs(C.resolve(dict(TOKEN_CONFIG))))
+    # the token model only adds keys, and draws upstream's weights first
+    keys, more = list(plain.state_dict()), list(tokens.state_dict())
+    assert [k for k in more if k in keys] == keys
+    assert all(k.startswith(("null_text_tokens", "text_cross_attns.")) for k in more if k not in keys)
+    assert all(torch.equal(plain.state_dict()[k], tokens.state_dict()[k]) for k in keys)
+    with pytest.raises(ValueError, match="without text_cross_attention"):
+        plain.eval()(torch.zeros(1, 3, 4, 16, 16), torch.tensor([1]), cond=torch.zeros(1, 12),
+                     text_tokens=torch.zeros(1, MAX_TOKENS, 12), text_mask=torch.ones(1, MAX_TOKENS))
+
+
+def test_config_checks_the_token_keys():
+    with pytest.raises(C.ConfigError, match="text_cross_attention"):
+        C.resolve({**CONFIG, "text_cross_attention": 1})
+    with pytest.raises(C.ConfigError, match="text_max_tokens"):
+        C.resolve({**TOKEN_CONFIG, "text_max_tokens": 0})
+    with pytest.raises(ValueError, match="needs a text-conditioned model"):
+        Unet3D(dim=8, dim_mults=(1, 2), text_cross_attention=True)
+
+
+def test_padding_tokens_do_not_change_the_output():
+    unet, _ = token_unet()
+    x, t = torch.randn(2, 3, 4, 16, 16), torch.tensor([3, 17])
+    cond, tokens, mask = token_inputs(2, [3, 5])
+    with torch.no_grad():
+        out = unet(x, t, cond=cond, text_tokens=tokens, text_mask=mask)
+        junk = tokens.clone()
+        junk[mask == 0] = torch.randn(int((mask == 0).sum()), 12) * 1e3
+        # padding is not attended: exactly the same output whatever it holds
+        assert torch.equal(unet(x, t, cond=cond, text_tokens=junk, text_mask=mask), out)
+        # ... while a real token changes it, and a bool mask is the float one
+        assert not torch.equal(unet(x, t, cond=cond, text_tokens=tokens, text_mask=torch.ones_like(mask)), out)
+        assert torch.equal(unet(x, t, cond=cond, text_tokens=tokens, text_mask=mask.bool()), out)
+        with pytest.raises(ValueError, match="text_tokens and text_mask"):
+            unet(x, t, cond=cond)
+        with pytest.raises(ValueError, match="text_mask must have shape"):
+            unet(x, t, cond=cond, text_tokens=tokens, text_mask=mask[:, :3])
+
+
+def test_the_null_branch_uses_the_null_tokens_and_guidance_combines_them():
+    unet, _ = token_unet()
+    x, t = torch.randn(2, 3, 4, 16, 16), torch.tensor([3, 17])
+    cond, tokens, mask = token_inputs(2, [3, 5])
+    null_tokens = unet.null_text_tokens.detach().expand(2, -1, -1)
+    with torch.no_grad():
+        null = unet(x, t, cond=cond, text_tokens=tokens, text_mask=mask, null_cond_prob=1.0)
+        by_hand = unet(x, t, cond=unet.null_cond_emb.expand(2, -1), text_tokens=null_tokens,
+                       text_mask=torch.ones(2, MAX_TOKENS))
+        assert torch.equal(null, by_hand)
+        # dropping a row (the trainer's own draws) is the same null
+        dropped = unet.drop_text(torch.tensor([True, False]), tokens, mask)
+        assert torch.equal(dropped[0][0], unet.null_text_tokens[0]) and torch.equal(dropped[0][1], tokens[1])
+        assert dropped[1][0].eq(1).all() and torch.equal(dropped[1][1], mask[1])
+        cond_out = unet(x, t, cond=cond, text_tokens=tokens, text_mask=mask)
+        guided = unet.forward_with_cond_scale(x, t, cond=cond, text_tokens=tokens, text_mask=mask, cond_scale=3.0)
+        torch.testing.assert_close(guided, null + (cond_out - null) * 3.0, rtol=0, atol=1e-5)
+
+
+def test_captions_give_pooled_vector_and_tokens(bert_dir):
+    from vdeploy.text import TextEncoder
+
+    encoder = TextEncoder(bert_dir)
+    captions = ["a red circle moving left", "green"]
+    pooled, tokens, mask = encoder.encode(captions, MAX_TOKENS)
+    assert torch.equal(pooled, encoder(captions))  # the pooled vector is exactly the one without tokens
+    assert tokens.shape == (2, MAX_TOKENS, 12) and mask.tolist()[1] == [1, 1, 1] + [0] * 5  # [CLS] green [SEP]
+    assert tokens[1, 3:].eq(0).all() and mask[0].sum() == 7
+    short = encoder.encode(captions, 4)[1:]
+    assert torch.equal(short[0], tokens[:, :4]) and torch.equal(short[1], mask[:, :4])  # cut, not re-encoded
+
+    unet, _ = token_unet()
+    diffusion = GaussianDiffusion(unet, image_size=16, num_frames=4, timesteps=20, text_encoder=encoder)
+    noise = [torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(21)]
+    by_caption = diffusion.sample(cond=captions, cond_scale=2.0, noise=iter(noise), progress=False)
+    by_embedding = diffusion.sample(cond=pooled, text_tokens=tokens, text_mask=mask, cond_scale=2.0,
+                                    noise=iter(noise), progress=False)
+    assert torch.equal(by_caption, by_embedding)
+
+
+def test_training_steps_with_caption_dropout(bert_dir, tmp_path):
+    from vdeploy.data import synth_dataset
+    from vdeploy.text import TextEncoder
+    from vdeploy.trainer import Trainer
+
+    data = tmp_path / "data"
+    synth_dataset(data, num=4, frames=4, size=16, seed=0)
+    config = C.resolve(dict(TOKEN_CONFIG))
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(Unet3D(**C.unet_kwargs(config)), **C.diffusion_kwargs(config),
+                                  text_encoder=TextEncoder(bert_dir))
+    trainer = Trainer(diffusion, data, train_batch_size=2, train_num_steps=2, gradient_accumulate_every=1,
+                      save_and_sample_every=2, results_folder=tmp_path / "res", num_sample_rows=1,
+                      step_start_ema=0, update_ema_every=1, progress=False, config=config, null_cond_prob=0.5,
+                      cond_scale=2.0)
+    assert trainer.token_table.shape == (len(set(trainer.ds.captions)), MAX_TOKENS, 12)
+    before = trainer.unwrapped_model.denoise_fn.null_text_tokens.detach().clone()
+    loss = trainer.train()
+    assert np.isfinite(loss)
+    unet = trainer.unwrapped_model.denoise_fn
+    assert not torch.equal(unet.null_text_tokens, before)  # the null tokens learn where captions are dropped
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in unet.parameters())
+    raw = torch.load(tmp_path / "res" / "model-last.pt", weights_only=True)
+    assert raw["config"]["text_cross_attention"] is True and "null_text_tokens" in str(list(raw["model"]))
