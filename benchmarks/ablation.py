@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""The issue-22 ablation: training arms at the demo's recipe and budget, and guidance settings at sampling time,
+all measured by ``benchmarks/frame_conditioning.py`` on the same held-out clips and seeds.
+
+    python benchmarks/ablation.py --runs /tmp/abl data                      # make demo's training data
+    python benchmarks/ablation.py --runs /tmp/abl train eps_none v_minsnr --jobs 2
+    python benchmarks/ablation.py --runs /tmp/abl measure eps_none v_minsnr  # guidance 2, no rescale
+    python benchmarks/ablation.py --runs /tmp/abl measure v_minsnr --scales 1,2,4 --rescales 0,0.7 --quick
+    python benchmarks/ablation.py --runs /tmp/abl table --md /tmp/abl/ablation.md
+
+* ``data``: ``vdeploy data synth RUNS/data --num 512 --frames 8 --size 16 --seed 0`` (``make demo``'s).
+* ``train ARM...``: per arm, ``vdeploy train`` with ``make demo``'s flags (``DEMO_TRAIN``) and the arm's config
+  (``ARMS``: the ``demo`` preset plus its keys; ``--arm NAME=JSON`` adds one), then ``vdeploy export --cfg``;
+  wall time, threads and load average into ``RUNS/ARM/train_time.json``. ``--jobs 2`` trains two arms at once,
+  each on ``cores / jobs`` threads (on 2 cores: faster overall than one after another on 2 threads each).
+* ``measure ARM...``: ``frame_conditioning.py`` on ``RUNS/ARM/model`` per guidance scale x CFG rescale into
+  ``RUNS/ARM/fc_s{scale}_r{rescale}.json`` (the full run: adherence with dpmpp and ddpm, continuation through
+  ``vdeploy sample --init`` with every sampler, the methods with ddim; ``--quick``: dpmpp only, no resampling).
+* ``table``: one JSON per arm (``RUNS/ARM/arm.json``: its config, training time and every measurement) and a
+  markdown table over every arm and setting measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+DATA_ARGS = ["--num", "512", "--frames", "8", "--size", "16", "--seed", "0"]
+# make demo's training flags (less --config, which the arm gives); tests/test_frame_conditioning.py holds them
+# to the Makefile's
+DEMO_TRAIN = ["--frame-conditioning", "--overwrite", "--steps", "3000", "--save-every", "3000", "--batch-size", "8",
+              "--lr", "2e-3", "--ema-start", "100", "--ema-every", "1", "--ema-decay", "0.99", "--text-encoder",
+              "default", "--cond-scale", "2"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A training arm: the model-config keys over the ``demo`` preset."""
+
+    summary: str
+    config: dict = field(default_factory=dict)
+
+
+ARMS: dict[str, Arm] = {
+    "eps_none": Arm("eps, plain loss (the seed's; the demo before issue 22)"),
+    "v_none": Arm("v-prediction, plain loss", {"prediction_type": "v"}),
+    "v_minsnr": Arm("v-prediction, Min-SNR-5", {"prediction_type": "v", "loss_weighting": "min_snr"}),
+    "eps_minsnr": Arm("eps, Min-SNR-5", {"loss_weighting": "min_snr"}),
+}
+
+
+def arm_config(arm: Arm) -> dict:
+    from vdeploy.config import PRESETS
+
+    return {**PRESETS["demo"], **arm.config}
+
+
+def run(cmd, **kw) -> None:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def make_data(runs: Path) -> Path:
+    data = runs / "data"
+    if len(list(data.glob("*.gif"))) != 512:
+        run([BIN / "vdeploy", "data", "synth", data, *DATA_ARGS, "--overwrite"])
+    return data
+
+
+def train(runs: Path, names: list[str], jobs: int, nice: int, steps: int | None) -> None:
+    data = make_data(runs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    recipe = list(DEMO_TRAIN)
+    if steps is not None:
+        recipe[recipe.index("--steps") + 1] = recipe[recipe.index("--save-every") + 1] = str(steps)
+    pending, active = list(names), []
+    while pending or active:
+        while pending and len(active) < jobs:
+            name = pending.pop(0)
+            out = runs / name
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(arm_config(ARMS[name])))
+            cmd = ["nice", "-n", str(nice), BIN / "vdeploy", "train", "--data", data, "--results", out / "results",
+                   "--config", out / "config.json", *recipe]
+            print("+", " ".join(map(str, cmd)), flush=True)
+            log = open(out / "train.log", "w")
+            active.append((name, subprocess.Popen([str(c) for c in cmd], env=env, stdout=log, stderr=log),
+                           time.time(), log))
+        time.sleep(2)
+        for item in list(active):
+            name, proc, t0, log = item
+            if proc.poll() is None:
+                continue
+            active.remove(item)
+            log.close()
+            if proc.returncode:
+                raise SystemExit(f"training {name} failed (exit {proc.returncode}): see {runs / name / 'train.log'}")
+            (runs / name / "train_time.json").write_text(json.dumps({
+                "train_seconds": round(time.time() - t0, 1), "threads": threads, "jobs": jobs,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+                "load_at_end": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
+                "recipe": recipe}))
+            shutil.rmtree(runs / name / "model", ignore_errors=True)
+            run(["nice", "-n", str(nice), BIN / "vdeploy", "export", "--ckpt", runs / name / "results" / "model-last.pt",
+                 "--out", runs / name / "model", "--cfg"], stdout=subprocess.DEVNULL)
+
+
+def measure(runs: Path, names: list[str], scales: list[float], rescales: list[float], quick: bool,
+            threads: int | None) -> None:
+    for name in names:
+        for scale in scales:
+            for rescale in rescales:
+                if scale == 1 and rescale:
+                    continue  # no guidance: nothing to rescale
+                out = runs / name / f"fc_s{scale:g}_r{rescale:g}.json"
+                args = ["--model", runs / name / "model", "--cond-scale", scale, "--rescale", rescale,
+                        "--sampler", "ddim", "--json", out, "--md", out.with_suffix(".md")]
+                args += (["--samplers", "dpmpp", "--init-samplers", "dpmpp", "--resample", "0"] if quick
+                         else ["--samplers", "dpmpp,ddpm"])
+                if threads:
+                    args += ["--threads", threads]
+                run([sys.executable, HERE / "frame_conditioning.py", *args], stdout=subprocess.DEVNULL)
+
+
+def collect(runs: Path) -> list[dict]:
+    """One record per arm directory (``arm.json`` written beside its measurements), in ``ARMS`` order."""
+    records = []
+    known = list(ARMS)
+    dirs = sorted((d for d in runs.iterdir() if (d / "model").is_dir() or list(d.glob("fc_*.json"))),
+                  key=lambda d: (known.index(d.name) if d.name in known else len(known), d.name))
+    for d in dirs:
+        config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+        timing = json.loads((d / "train_time.json").read_text()) if (d / "train_time.json").exists() else {}
+        measures = {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("fc_s*_r*.json"))}
+        record = {"arm": d.name, "summary": ARMS[d.name].summary if d.name in ARMS else "", "config": config,
+                  "training": timing, "measures": measures}
+        (d / "arm.json").write_text(json.dumps(record, indent=1))
+        records.append(record)
+    return records
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{x:.0%}"
+
+
+def _px(row) -> str:
+    return "–" if not row else f"{row['centroid_error_px']:.2f} / {row['one_object']:.0%}"
+
+
+def table(records: list[dict]) -> str:
+    from vdeploy.runtime.pipeline import DEFAULT_SAMPLER
+
+    lines = ["| arm | objective | loss weighting | guidance | CFG rescale | adherence | colour ok | direction ok | "
+             "background clean | continuation, `--init` " + DEFAULT_SAMPLER + " (px / one object) | interpolation, "
+             "trained (px / one object) | training (min) |", "|" + "---|" * 12]
+    samplers, methods = [], []
+    for r in records:
+        minutes = r["training"].get("train_seconds")
+        for key, m in sorted(r["measures"].items(), key=lambda kv: (kv[1]["args"]["cond_scale"],
+                                                                    kv[1]["args"].get("rescale", 0))):
+            a = m["args"]
+            adh = m["adherence"].get(DEFAULT_SAMPLER, {})
+            interp = m.get("interpolation", {})
+            lines.append(
+                f"| {r['arm']} | {r['config'].get('prediction_type', 'eps')} | "
+                f"{r['config'].get('loss_weighting', 'none')} | {a['cond_scale']:g} | {a.get('rescale', 0):g} | "
+                f"{_pct(adh.get('adherence'))} | {_pct(adh.get('color_ok'))} | {_pct(adh.get('direction_ok'))} | "
+                f"{adh.get('clean', float('nan')):.2f} | {_px(m.get('init_path', {}).get(DEFAULT_SAMPLER))} | "
+                f"{_px(interp.get('trained (masked conditioning)'))} | "
+                f"{'–' if minutes is None else f'{minutes / 60:.1f}'} |")
+            samplers += [s for s in m.get("init_path", {}) if s not in samplers]
+            methods += [s for s in interp if s not in methods]
+    out = "\n".join(lines) + "\n"
+    full = [(r, k, m) for r in records for k, m in r["measures"].items() if len(m.get("init_path", {})) > 2]
+    if full:
+        out += ("\nContinuation through `vdeploy sample --init` per sampler (px / frames showing one object), "
+                "and interpolation per method, on the full runs:\n\n| arm | guidance | " +
+                " | ".join([f"`--init` {s}" for s in samplers] + [f"interpolation: {m}" for m in methods]) + " |\n|" + "---|" * (2 + len(samplers) + len(methods)) + "\n")
+        for r, _, m in full:
+            cells = [_px(m["init_path"].get(s)) for s in samplers] + [_px(m["interpolation"].get(s)) for s in methods]
+            out += f"| {r['arm']} | {m['args']['cond_scale']:g} | " + " | ".join(cells) + " |\n"
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks/ablation.py", description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=Path, required=True, help="output folder (one sub-folder per arm)")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=JSON",
+                   help="an extra arm: its config keys over the demo preset, e.g. 'x={\"prediction_type\": \"v\"}'")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("data")
+    t = sub.add_parser("train")
+    t.add_argument("arms", nargs="+")
+    t.add_argument("--jobs", type=int, default=1, help="arms trained at once (threads: cores / jobs each)")
+    t.add_argument("--nice", type=int, default=5)
+    t.add_argument("--steps", type=int, default=None, help="override the recipe's 3000 steps (smoke runs)")
+    m = sub.add_parser("measure")
+    m.add_argument("arms", nargs="+")
+    m.add_argument("--scales", default="2")
+    m.add_argument("--rescales", default="0")
+    m.add_argument("--quick", action="store_true", help="dpmpp only (adherence and --init), no resampling rows")
+    m.add_argument("--threads", type=int, default=None)
+    tb = sub.add_parser("table")
+    tb.add_argument("--md", type=Path)
+    a = p.parse_args(argv)
+    for spec in a.arm:
+        name, _, keys = spec.partition("=")
+        try:
+            ARMS[name] = Arm(f"extra: {keys}", json.loads(keys))
+        except json.JSONDecodeError as e:
+            p.error(f"--arm {spec!r}: the keys must be a JSON object ({e})")
+    a.runs.mkdir(parents=True, exist_ok=True)
+    if a.command == "data":
+        make_data(a.runs)
+    elif a.command == "train":
+        unknown = [n for n in a.arms if n not in ARMS]
+        if unknown:
+            p.error(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)} (or add one with --arm)")
+        train(a.runs, a.arms, a.jobs, a.nice, a.steps)
+    elif a.command == "measure":
+        measure(a.runs, a.arms, [float(s) for s in a.scales.split(",")], [float(r) for r in a.rescales.split(",")],
+                a.quick, a.threads)
+    else:
+        text = table(collect(a.runs))
+        print(text)
+        if a.md:
+            a.md.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
