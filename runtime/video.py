@@ -48,6 +48,53 @@ def to_frames(video: np.ndarray, pad: int = 2) -> np.ndarray:
     return np.ascontiguousarray(frames.transpose(1, 2, 3, 0))  # f H W c
 
 
+def caption(video: np.ndarray, labels, min_width: int = 128) -> np.ndarray:
+    """Each video with its label written under it, so a grid shows which prompt made which video.
+
+    ``(c, f, h, w)`` or ``(b, c, f, h, w)`` in [0, 1] -> ``(b, c, f, s * h + band, s * w)``: every video scaled up
+    (nearest) by the smallest integer ``s`` that makes it at least ``min_width`` px wide, its label under it in
+    pillow's built-in font, white on black, wrapped at spaces, the same on every frame.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    video = np.asarray(video, dtype=np.float32)
+    if video.ndim == 4:
+        video = video[None]
+    if video.ndim != 5:
+        raise ValueError(f"video must be (c, f, h, w) or (b, c, f, h, w), got shape {video.shape}")
+    b, c, f, h, w = video.shape
+    labels = [str(label) for label in labels]
+    if len(labels) != b:
+        raise ValueError(f"{len(labels)} labels for {b} videos")
+    s = max(1, math.ceil(min_width / w))
+    video = video.repeat(s, axis=3).repeat(s, axis=4)
+    font = ImageFont.load_default()
+    width = w * s
+    wrapped = [_wrap(label, font, width - 4) for label in labels]
+    line = font.getbbox("Ag")[3] + 2
+    band = np.zeros((b, c, 1, max(map(len, wrapped)) * line + 4, width), np.float32)
+    for i, lines in enumerate(wrapped):
+        image = Image.new("L", band.shape[-1:-3:-1])
+        draw = ImageDraw.Draw(image)
+        for j, text in enumerate(lines):
+            draw.text((2, 2 + j * line), text, fill=255, font=font)
+        band[i, :] = np.asarray(image, np.float32)[None, None] / 255
+    if c == 4:
+        band[:, 3] = 1.0  # an opaque band
+    return np.concatenate([video, np.broadcast_to(band, (b, c, f, *band.shape[3:]))], axis=3)
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` px where spaces allow (a longer word keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split() or [""]:
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
 def save_gif(video: np.ndarray, path: str | Path, fps: float = 1000 / 120, loop: int = 0) -> Path:
     """Write a video (or a batch, as a grid) as an animated GIF.
 

@@ -57,6 +57,8 @@ def _runtime_logging(quiet: bool) -> None:
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="onnxruntime CPU threads.  [default: physical cores]")
 @click.option("--quiet", is_flag=True, help="No progress bar, no timing lines.")
+@click.option("--label", is_flag=True,
+              help="Write each --text prompt under its video (videos scaled up to at least 128 px wide).")
 @click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Refuse the model directory unless it is signed with this PEM key's private key and unchanged "
                    "since (vdeploy export --sign-key); checked before anything in it is opened. "
@@ -79,7 +81,7 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
            cond_scale: float, text: tuple[str, ...], cond_file: Path | None, backend: str, precision: str, fps: float,
            threads: int | None, quiet: bool, init_file: Path | None = None, init_frames: int | None = None,
            length: int | None = None, resample: int = 0, public_key: Path | None = None, conditioning: str = "auto",
-           **flags) -> None:
+           label: bool = False, **flags) -> None:
     """Sample videos from an exported model directory, without torch.
 
     \b
@@ -109,6 +111,8 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
             prompt.encode("utf-8")
         except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
             raise BadInput(f"--text {prompt.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text") from None
+    if label and not text:
+        raise BadInput("--label writes the --text prompts under the videos: give --text")
     cond = _read_cond(cond_file) if cond_file is not None else None
     if init_file is None and (init_frames is not None or resample or conditioning != "auto"):
         flag = "--init-frames" if init_frames is not None else "--resample" if resample else "--conditioning"
@@ -141,8 +145,13 @@ def sample(model_dir: Path, out: Path, sampler: str, steps: int | None, seed: in
         raise BadInput(str(e)) from None
     except MemoryError:
         raise BadInput(f"out of memory sampling {batch_size} video(s) from {model_dir}: lower --batch-size") from None
+    written = video
+    if label:  # one prompt per video, or one prompt for the whole batch
+        from vdeploy.runtime.video import caption
+
+        written = caption(video, text if len(text) == len(video) else [text[0]] * len(video))
     try:
-        (save_gif if suffix == ".gif" else save_mp4)(video, out, fps=fps)
+        (save_gif if suffix == ".gif" else save_mp4)(written, out, fps=fps)
     except (OSError, RuntimeError) as e:
         kept = "; the earlier file there is unchanged" if out.exists() else ""
         raise BadInput(f"cannot write {out}: {getattr(e, 'strerror', None) or e}{kept}") from None
