@@ -55,6 +55,9 @@ ARMS: dict[str, Arm] = {
     "v_none": Arm("v-prediction, plain loss", {"prediction_type": "v"}),
     "v_minsnr": Arm("v-prediction, Min-SNR-5", {"prediction_type": "v", "loss_weighting": "min_snr"}),
     "eps_minsnr": Arm("eps, Min-SNR-5", {"loss_weighting": "min_snr"}),
+    "v_minsnr_xattn": Arm("v-prediction, Min-SNR-5, token cross-attention",
+                          {"prediction_type": "v", "loss_weighting": "min_snr", "text_cross_attention": True}),
+    "eps_xattn": Arm("eps, plain loss, token cross-attention", {"text_cross_attention": True}),
 }
 
 

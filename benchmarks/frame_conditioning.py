@@ -108,10 +108,11 @@ def score_predictions(preds, clips, frames) -> dict:
         directions.append(new.direction == parse_prompt(text)["direction"])
         visible.append(new.visible)
         clean.append(new.clean)
-        single += one_object(pred, frames=frames)
+        single.append(one_object(pred, frames=frames))
     return {"centroid_error_px": float(np.mean(errors)), "per_clip_px": [round(e, 2) for e in errors],
             "direction_ok": float(np.mean(directions)), "visible": float(np.mean(visible)),
-            "clean": float(np.mean(clean)), "one_object": float(np.mean(single))}
+            "clean": float(np.mean(clean)), "one_object": float(np.mean(single)),
+            "per_clip_one_object": [[int(one) for one in row] for row in single]}
 
 
 def init_path_table(pipe, clips, known, samplers, cond_scale, seed, rescale=0.0):
@@ -190,7 +191,8 @@ def interpolation_table(pipe, clips, sampler, steps, cond_scale, seed, resample=
     for name, run in methods.items():
         t0 = time.perf_counter()
         score = score_predictions(run(), clips, range(1, f - 1))
-        rows[name] = {key: score[key] for key in ("centroid_error_px", "one_object", "per_clip_px")}
+        rows[name] = {key: score[key] for key in ("centroid_error_px", "one_object", "per_clip_px",
+                                                  "per_clip_one_object")}
         rows[name]["seconds"] = round(time.perf_counter() - t0, 1)
     return rows
 

@@ -70,7 +70,10 @@ def test_scores_tell_truth_from_a_cross_fade():
     assert truth["centroid_error_px"] == 0 and truth["one_object"] == 1 and truth["direction_ok"] == 1
     ramp = np.linspace(0, 1, 8, dtype=np.float32)[None, :, None, None]
     fades = [(1 - ramp) * c[:, :1] + ramp * c[:, -1:] for c, _ in clips]
-    assert fc.score_predictions(fades, clips, range(1, 7))["one_object"] < 1  # two ghosts in the middle frames
+    fade = fc.score_predictions(fades, clips, range(1, 7))
+    assert fade["one_object"] < 1  # two ghosts in the middle frames
+    assert [row[2] for row in fade["per_clip_one_object"]] == [0] * 4  # frame 3 of 8: ghosts at 4/7 and 3/7
+    assert truth["per_clip_one_object"] == [[1] * 6] * 4
 
 
 def test_targets_compare_the_default_samplers_rows():
