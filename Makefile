@@ -52,7 +52,7 @@ demo: install
 		--steps $(DEMO_STEPS) --save-every $(DEMO_STEPS) --batch-size 8 --lr 2e-3 \
 		--ema-start 100 --ema-every 1 --ema-decay 0.99 --text-encoder default --cond-scale 2
 	$(VDEPLOY) export --ckpt $(DEMO)/results/model-last.pt --out $(DEMO)/model --cfg
-	$(VDEPLOY) sample --model $(DEMO)/model --out $(DEMO)/sample.gif --seed 0 --cond-scale 2 \
+	$(VDEPLOY) sample --model $(DEMO)/model --out $(DEMO)/sample.gif --seed 0 --cond-scale 2 --label \
 		--text "a red circle moving left" --text "a blue square moving down" \
 		--text "a green triangle moving right" --text "a yellow circle moving up"
 	$(VDEPLOY) parity --model $(DEMO)/model --ckpt $(DEMO)/results/model-last.pt \
