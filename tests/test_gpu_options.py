@@ -146,3 +146,26 @@ def test_cuda_graph_output_shape_from_inputs():
     assert vort.resolve_shape(spec, sizes, like=(2, 4, 8)) == [2, 4, 8]
     with pytest.raises(ValueError, match="cuda_graph=False"):
         vort.resolve_shape(spec, sizes)
+
+
+# ------------------------------------------------------- half precisions judged by the video ----
+from export_fixtures import exported_model  # noqa: E402,F401  (session fixture)
+
+
+def test_half_precisions_are_judged_by_the_video_psnr_and_report_per_call(exported_model):  # noqa: F811
+    """fp16 parity on onnxruntime CPU (the fp16 graph): by default it passes or fails on the final video's PSNR
+    (>= 35 dB, issue 20's bar), not on fp32's 1e-3 per-call atol that half precision cannot meet; the per-call
+    errors are still reported, and an explicit atol still judges them."""
+    from vdeploy.export.parity import HALF_MIN_PSNR_DB, default_criterion, run_parity
+
+    assert default_criterion("fp16") == default_criterion("bf16") == {"min_psnr": HALF_MIN_PSNR_DB} == {"min_psnr": 35}
+    assert default_criterion("fp32") == {"atol": 1e-3} and default_criterion("tf32") == {"atol": 2e-2}
+    kw = dict(sampler="dpmpp", steps=3, backend="cpu", precision="fp16", raise_on_failure=False)
+    # (the fixture's export is shared with other test files; the two runs here take ~1 s each)
+    r = run_parity(exported_model.dir, exported_model.ckpt, **kw)
+    assert r["criterion"] == "psnr" and r["atol"] is None and r["min_psnr_db"] == 35.0
+    assert len(r["per_call_max_abs_err"]) == 3 and r["max_per_call_abs_err"] > 1e-4  # fp16 really ran, reported
+    assert r["passed"] == (r["psnr_db"] is None or r["psnr_db"] >= 35.0)
+    assert r["passed"]  # the tiny model's fp16 video is far above 35 dB (README "GPU": fp16 choice)
+    strict = run_parity(exported_model.dir, exported_model.ckpt, atol=1e-6, **kw)
+    assert strict["criterion"] == "atol" and not strict["passed"]  # an explicit atol judges per call
