@@ -34,6 +34,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from .digests import file_sha256
 from .manifest_check import from_json as _checked
 from .manifest_types import (  # noqa: F401 (the types, re-exported: `from vdeploy.runtime.manifest import Graph`)
     BETA_SCHEDULES, FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, PREDICTION_TYPES, READS_VERSIONS, REEXPORT, ROLES,
@@ -78,7 +79,8 @@ def verify_files(model_dir: str | Path, files: Mapping[str, str]) -> None:
     """Check that every file in ``files`` (relative path -> sha256) exists and has its recorded sha256.
 
     The files are hashed on a small thread pool (hashlib releases the GIL), so a directory of several
-    graphs costs about as much as its largest file.
+    graphs costs about as much as its largest file; a file unchanged since it was last hashed here is not
+    read again (``digests.file_sha256``).
 
     Raises:
         ManifestError: a listed file is missing, or its sha256 differs (tampered or truncated).
@@ -92,7 +94,7 @@ def verify_files(model_dir: str | Path, files: Mapping[str, str]) -> None:
 
     def digest(name):
         try:
-            return sha256_file(model_dir / name)
+            return file_sha256(model_dir / name)
         except OSError as e:
             raise ManifestError(f"cannot read {model_dir / name}: {e.strerror or e}") from None
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_bytes
+from .digests import read_with_sha256
 from .manifest import TensorSpec, sha256_file
 from .ort import cast
 from .platform import BackendUnavailable, cache_dir, cpu_fingerprint, physical_cores
@@ -167,12 +168,12 @@ class OpenVINOBackend:
         blob = self.blob_path(key)
         if blob is not None:
             try:
-                data = blob.read_bytes()
+                data, digest = read_with_sha256(blob)
                 expected = blob.with_suffix(".sha256").read_text().strip()
             except OSError:
                 data = expected = None
             if data is not None:
-                if hashlib.sha256(data).hexdigest() == expected:
+                if digest == expected:
                     try:
                         return self._core.import_model(data, "CPU", self.config), True
                     except RuntimeError as e:
