@@ -18,8 +18,14 @@ from .common import load_average, progress
 
 
 def child(side: str, argv: list[str], env: dict | None = None) -> dict:
-    """Run one ``cold_child`` and return its timings (seconds) and memory (MiB)."""
+    """Run one ``cold_child`` and return its timings (seconds) and memory (MiB).
+
+    Bytecode caching is on in the child whatever this process has (``PYTHONDONTWRITEBYTECODE`` dropped): an
+    installed package starts from compiled ``.pyc`` files, and without them every start of either side
+    compiles vdeploy's own sources again. ``env`` may name a ``PYTHONPYCACHEPREFIX`` to keep them out of the
+    source tree."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1", **(env or {}))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     spawned = time.time()
     proc = subprocess.run([sys.executable, "-m", "vdeploy.bench.cold_child", side, *argv],
                           capture_output=True, env=env, text=True, check=False)
@@ -61,7 +67,8 @@ def other_cpu_backends(backend: str) -> tuple[str, ...]:
 
 def measure_cold_start(model_dir: Path, ckpt: Path, repeats: int, threads: int, backend: str, device: str,
                        others: tuple[str, ...] = ()) -> dict:
-    """Fresh processes, alternating sides; one untimed round first (page cache) when repeating, then medians.
+    """Fresh processes, alternating sides; one untimed round first (page cache, ``.pyc`` files in a temporary
+    ``PYTHONPYCACHEPREFIX``, the runtime's caches), then medians.
 
     ``backend`` is the runtime side the speedup is given for; ``others`` are further runtime backends timed
     the same way (``backends`` in the result holds every one). The runtime keeps onnxruntime's optimized graph
@@ -69,25 +76,31 @@ def measure_cold_start(model_dir: Path, ckpt: Path, repeats: int, threads: int, 
     time that first load (an empty cache folder each run). ``VDEPLOY_AUTO_MEASURE=0`` in every child: the
     backend is named, so auto's measurement never runs."""
     names = [backend, *[o for o in others if o != backend]]
+    with tempfile.TemporaryDirectory(prefix="vdeploy-pycache-") as pycache:
+        return _measure(model_dir, ckpt, repeats, threads, backend, device, names, {"PYTHONPYCACHEPREFIX": pycache})
+
+
+def _measure(model_dir: Path, ckpt: Path, repeats: int, threads: int, backend: str, device: str, names: list[str],
+             base_env: dict) -> dict:
     sides = {"torch": ("torch", [str(ckpt), device, str(threads)], None)}
     for name in names:
         rt_args = [str(model_dir), name, str(threads)]
         sides[name] = ("runtime", rt_args, None)
         if name in ("cpu", "openvino"):
             sides[f"{name}_first_load"] = ("runtime", rt_args, "empty")
-    if repeats > 1:  # an untimed round first: page cache, .pyc files, the runtime's graph cache
-        for side, argv, cache in sides.values():
-            if cache is None:
-                child(side, argv, {"VDEPLOY_AUTO_MEASURE": "0"})
+    env = {**base_env, "VDEPLOY_AUTO_MEASURE": "0"}
+    for side, argv, cache in sides.values():  # an untimed round first: page cache, .pyc files, the graph caches
+        if cache is None:
+            child(side, argv, env)
     runs: dict[str, list] = {name: [] for name in sides}
     for r in range(repeats):
         progress(f"cold start {r + 1}/{repeats} (load {load_average()})")
         for name, (side, argv, cache) in sides.items():
             if cache == "empty":
                 with tempfile.TemporaryDirectory(prefix="vdeploy-cache-") as empty:
-                    runs[name].append(child(side, argv, {"VDEPLOY_CACHE": empty, "VDEPLOY_AUTO_MEASURE": "0"}))
+                    runs[name].append(child(side, argv, {**env, "VDEPLOY_CACHE": empty}))
             else:
-                runs[name].append(child(side, argv, {"VDEPLOY_AUTO_MEASURE": "0"}))
+                runs[name].append(child(side, argv, env))
 
     tr = _summary(runs["torch"])
     per_backend = {}
