@@ -78,7 +78,9 @@ class BackendOptions:
         cache: keep onnxruntime's CPU-optimized graph and OpenVINO's compiled models in the user cache
             (faster cold starts).
         cuda_graph: onnxruntime CUDA and native TensorRT capture and replay one CUDA graph per input shape
-            (fixed device buffers; ``OrtBackend(cuda_graph=True)``, ``TensorRTBackend(cuda_graph=True)``).
+            (fixed device buffers; ``OrtBackend``, ``TensorRTBackend``). None (default): on for the first few
+            shapes a backend sees and off past them or where the graph cannot be captured; True: every shape;
+            False: off.
     """
 
     precision: str = "fp32"
@@ -87,7 +89,7 @@ class BackendOptions:
     max_batch: int = DEFAULT_MAX_BATCH
     spin: bool = False
     cache: bool = True
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None
 
     def __post_init__(self):
         if self.precision not in precisions():

@@ -36,6 +36,13 @@ ORT_PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt-ep": "TensorrtExecutionProvider",
 }
+# cuda_graph=None (the default, "auto"): a CUDA graph for each of the first AUTO_GRAPH_SHAPES input shapes a
+# backend sees (a sampling run has one shape; the server's batch buckets a few), later shapes run without one
+# (gpu_graph_id -1), so a caller whose shapes keep changing does not capture and keep a graph per shape
+AUTO_GRAPH_SHAPES = 4
+# run config entry value that tells the CUDA EP not to capture or replay for this run
+NO_GRAPH_ID = "-1"
+
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -72,7 +79,10 @@ class OrtBackend:
         cuda_graph: on CUDA, capture one CUDA graph per input shape and replay it: each shape gets fixed
             device buffers bound once (IO binding) and its own ``gpu_graph_id``; a call copies its inputs
             into them, replays, and copies the outputs back (``run``) or leaves them on the device
-            (``run_bound``).
+            (``run_bound``). None (default, auto): on, for the first ``AUTO_GRAPH_SHAPES`` shapes (later ones
+            run without a graph), and off when onnxruntime cannot capture this graph (a node it placed off
+            CUDA: the session is opened again without, and that is logged). True: every shape, and a graph
+            that cannot be captured is an error. False: off. Ignored off CUDA.
     """
 
     def __init__(
@@ -88,7 +98,7 @@ class OrtBackend:
         cache: bool = True,
         spin: bool = False,
         precision: str = "fp32",
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = None,
     ):
         if kind not in ORT_PROVIDERS:
             raise ValueError(f"onnxruntime kind must be one of {', '.join(ORT_PROVIDERS)}, got {kind!r}")
@@ -104,20 +114,21 @@ class OrtBackend:
         self.kind = kind
         self._device_id = device_id
         options = ort_session_options(ort, threads if kind == "cpu" else None, spin=spin)
-        providers: list = []
-        if kind == "tensorrt-ep":
-            providers.append((provider, self._trt_ep_options(ort, fp16, profile, onnx_sha256)))
-        self.cuda_graph = bool(cuda_graph) and kind == "cuda"
-        if kind in ("cuda", "tensorrt-ep"):  # TensorRT EP hands unsupported nodes to CUDA
-            cuda_precision = precision if kind == "cuda" else "fp32"
-            providers.append(("CUDAExecutionProvider",
-                              cuda_provider_options(device_id, cuda_precision, cuda_graph=self.cuda_graph)))
-        providers.append("CPUExecutionProvider")
+        trt_options = self._trt_ep_options(ort, fp16, profile, onnx_sha256) if kind == "tensorrt-ep" else None
+        self.cuda_graph = kind == "cuda" and cuda_graph is not False
+        self.graph_shapes = None if cuda_graph else AUTO_GRAPH_SHAPES  # None: a graph for every shape
         try:
-            if kind == "cpu" and cache and onnx_sha256:
-                self.session = self._cached_cpu_session(ort, options, providers, onnx_sha256)
-            else:
-                self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            try:
+                self.session = self._session(ort, options, kind, device_id, precision, trt_options, cache,
+                                             onnx_sha256)
+            except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+                if not (self.cuda_graph and cuda_graph is None and type(e).__module__.startswith("onnxruntime")):
+                    raise
+                log.info("onnxruntime CUDA: no CUDA graph for %s (%s); running without", self.path,
+                         " ".join(str(e).split())[:200])
+                self.cuda_graph = False
+                self.session = self._session(ort, options, kind, device_id, precision, trt_options, cache,
+                                             onnx_sha256)
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
             if not type(e).__module__.startswith("onnxruntime"):
                 raise
@@ -138,6 +149,20 @@ class OrtBackend:
         self._ort = ort
         self._slots: dict[tuple, _GraphSlot] = {}
         self._slots_lock = threading.Lock()
+
+    def _session(self, ort, options, kind, device_id, precision, trt_options, cache, onnx_sha256):
+        """The onnxruntime session with this backend's providers (``self.cuda_graph`` decides the CUDA graph)."""
+        providers: list = []
+        if kind == "tensorrt-ep":
+            providers.append((ORT_PROVIDERS[kind], trt_options))
+        if kind in ("cuda", "tensorrt-ep"):  # TensorRT EP hands unsupported nodes to CUDA
+            cuda_precision = precision if kind == "cuda" else "fp32"
+            providers.append(("CUDAExecutionProvider",
+                              cuda_provider_options(device_id, cuda_precision, cuda_graph=self.cuda_graph)))
+        providers.append("CPUExecutionProvider")
+        if kind == "cpu" and cache and onnx_sha256:
+            return self._cached_cpu_session(ort, options, providers, onnx_sha256)
+        return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
 
     def _cached_cpu_session(self, ort, options, providers, onnx_sha256: str):
         """A CPU session from the cached optimized graph, building and caching it on a miss.
@@ -238,7 +263,7 @@ class OrtBackend:
         feeds = {spec.name: cast(spec, feeds[spec.name]) for spec in self.inputs}
         if self.kind == "cpu":
             return self.session.run(self._output_names, feeds)
-        if self.cuda_graph:
+        if self.cuda_graph and self._graphed(feeds):
             slot = self.slot({name: value.shape for name, value in feeds.items()})
             with slot.lock:
                 for name, value in feeds.items():
@@ -251,19 +276,36 @@ class OrtBackend:
             binding.bind_cpu_input(name, value)
         for name in self._output_names:
             binding.bind_output(name, "cuda", self._device_id)
-        self.session.run_with_iobinding(binding)
+        if self.cuda_graph:  # a shape past the auto limit: this run neither captures nor replays
+            run_options = self._ort.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", NO_GRAPH_ID)
+            self.session.run_with_iobinding(binding, run_options)
+        else:
+            self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
+
+    def _graphed(self, feeds: Mapping[str, np.ndarray]) -> bool:
+        """Whether a call of these shapes runs on a CUDA graph: a shape seen before, or a new one within the limit."""
+        key = tuple(tuple(feeds[spec.name].shape) for spec in self.inputs)
+        with self._slots_lock:
+            return key in self._slots or self.graph_shapes is None or self._graph_count() < self.graph_shapes
+
+    def _graph_count(self) -> int:
+        return sum(1 for slot in self._slots.values() if slot.graph_id >= 0)
 
     def slot(self, shapes: Mapping[str, tuple]) -> _GraphSlot:
         """The fixed device buffers (and CUDA graph id) of one input shape, made on first use (host buffers
-        on the CPU kind, where the graph id means nothing)."""
+        on the CPU kind, where the graph id means nothing). Past the auto limit of graphs (``AUTO_GRAPH_SHAPES``)
+        a shape gets buffers without a graph (id -1: no capture, no replay)."""
         key = tuple(tuple(shapes[spec.name]) for spec in self.inputs)
         with self._slots_lock:
             slot = self._slots.get(key)
             if slot is None:
+                count = self._graph_count()
+                graphed = self.cuda_graph and (self.graph_shapes is None or count < self.graph_shapes)
                 slot = _GraphSlot.make(self._ort, self.session, self.inputs, self.outputs, shapes,
                                        "cpu" if self.kind == "cpu" else "cuda", self._device_id,
-                                       graph_id=len(self._slots))
+                                       graph_id=count if graphed or not self.cuda_graph else -1)
                 self._slots[key] = slot
             return slot
 

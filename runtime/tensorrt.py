@@ -6,6 +6,7 @@ machines (``tensorrt`` cannot be installed there). Tests exercise it against fak
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,8 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import TensorSpec
-from .ort import cast
+from .ort import AUTO_GRAPH_SHAPES, cast
 from .platform import BackendUnavailable, import_tensorrt
+
+log = logging.getLogger("vdeploy.runtime")
+
+
+class _CaptureFailed(RuntimeError):
+    """A CUDA graph of a shape could not be captured (its buffers are freed)."""
 
 
 class TensorRTBackend:
@@ -32,17 +39,20 @@ class TensorRTBackend:
     Args:
         path: the ``.plan`` file, built for this GPU and this TensorRT version.
         device_id: the CUDA device.
-        cuda_graph: capture and replay a CUDA graph per input shape.
+        cuda_graph: capture and replay a CUDA graph per input shape. None (default, auto): for the first
+            ``AUTO_GRAPH_SHAPES`` shapes of a thread's context, later shapes run plainly; True: every shape;
+            False: never.
     """
 
-    def __init__(self, path: str | Path, *, device_id: int = 0, cuda_graph: bool = False):
+    def __init__(self, path: str | Path, *, device_id: int = 0, cuda_graph: bool | None = None):
         trt, cudart = import_tensorrt()
         self._trt, self._cudart = trt, cudart
         self.path = Path(path)
         self.kind = "tensorrt"
         self.name = "tensorrt"
         self._device_id = device_id
-        self.cuda_graph = bool(cuda_graph)
+        self.cuda_graph = cuda_graph is not False
+        self.graph_shapes = None if cuda_graph else AUTO_GRAPH_SHAPES  # None: a graph for every shape
         self._check(cudart.cudaSetDevice(device_id))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -106,8 +116,16 @@ class TensorRTBackend:
         state = self._state()
         context, stream = state["context"], state["stream"]
         host = {spec.name: cast(spec, feeds[spec.name]) for spec in self.inputs}
-        if self.cuda_graph:
-            return self._run_graph(state, host)
+        if self.cuda_graph and not state.get("no_graphs"):
+            key = tuple(host[spec.name].shape for spec in self.inputs)
+            if key in state["graphs"] or self.graph_shapes is None or len(state["graphs"]) < self.graph_shapes:
+                try:
+                    return self._run_graph(state, host)
+                except _CaptureFailed as e:
+                    if self.graph_shapes is None:  # asked for explicitly
+                        raise RuntimeError(f"TensorRT: cannot capture a CUDA graph of {self.path}: {e}") from None
+                    log.info("TensorRT: no CUDA graph for %s (%s); running without", self.path, e)
+                    state["no_graphs"] = True
         for spec in self.inputs:
             value = host[spec.name]
             if not context.set_input_shape(spec.name, value.shape):
@@ -155,12 +173,21 @@ class TensorRTBackend:
         if not context.execute_async_v3(int(stream)):  # warm-up: TensorRT's deferred per-shape updates
             raise RuntimeError(f"TensorRT execution of {self.path} failed")
         self._check(cudart.cudaStreamSynchronize(stream))
-        self._check(cudart.cudaStreamBeginCapture(stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
-        ok = context.execute_async_v3(int(stream))
-        graph = self._check(cudart.cudaStreamEndCapture(stream))
-        if not ok:
-            raise RuntimeError(f"TensorRT execution of {self.path} failed while capturing a CUDA graph")
-        graph_exec = self._check(cudart.cudaGraphInstantiate(graph, 0))
+        graph = None
+        try:
+            self._check(cudart.cudaStreamBeginCapture(stream,
+                                                      cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+            ok = context.execute_async_v3(int(stream))
+            graph = self._check(cudart.cudaStreamEndCapture(stream))
+            if not ok:
+                raise RuntimeError("execute_async_v3 failed while capturing")
+            graph_exec = self._check(cudart.cudaGraphInstantiate(graph, 0))
+        except Exception as e:  # noqa: BLE001 - a graph that cannot be captured: the caller decides
+            if graph is not None:
+                cudart.cudaGraphDestroy(graph)
+            for ptr in buffers.values():
+                cudart.cudaFree(ptr)
+            raise _CaptureFailed(f"{type(e).__name__}: {e}") from None
         return {"buffers": buffers, "shapes": shapes, "graph": graph, "exec": graph_exec}
 
     def _run_graph(self, state: dict, host: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -69,6 +69,15 @@ class _FakeBinding:
     def bind_ortvalue_output(self, name, value):
         self.outputs[name] = value
 
+    def bind_cpu_input(self, name, value):  # the per-call binding (no fixed buffers)
+        self.inputs[name] = _FakeValue(np.array(value))
+
+    def bind_output(self, name, device, device_id):
+        self.outputs[name] = None  # allocated by the run
+
+    def copy_outputs_to_cpu(self):
+        return [value.array.copy() for value in self.outputs.values()]
+
 
 class _FakeRunOptions:
     def __init__(self):
@@ -78,10 +87,21 @@ class _FakeRunOptions:
         self.entries[key] = value
 
 
-def _fake_ort(real, calls: list, providers_seen: list):
+class _CaptureRefused(Exception):
+    """What onnxruntime raises when a CUDA graph cannot be captured (its errors come from its pybind module)."""
+
+
+_CaptureRefused.__module__ = "onnxruntime.capi.onnxruntime_pybind11_state"
+
+
+def _fake_ort(real, calls: list, providers_seen: list, refuse_graphs: bool = False):
     class Session:
         def __init__(self, path, sess_options=None, providers=None):
             providers_seen.append(providers)
+            cuda = dict(p for p in providers if isinstance(p, tuple)).get("CUDAExecutionProvider", {})
+            if refuse_graphs and cuda.get("enable_cuda_graph"):
+                raise _CaptureRefused("This session cannot use the CUDA Graph feature as requested by the user "
+                                      "as all compute graph nodes have not been partitioned to the CUDA EP.")
             self.real = real.InferenceSession(path, providers=["CPUExecutionProvider"])
 
         def get_providers(self):
@@ -99,9 +119,13 @@ def _fake_ort(real, calls: list, providers_seen: list):
         def run_with_iobinding(self, binding, run_options=None):
             feeds = {name: value.array for name, value in binding.inputs.items()}
             outs = self.real.run(list(binding.outputs), feeds)
-            for value, out in zip(binding.outputs.values(), outs):
-                np.copyto(value.array, out)  # into the fixed buffer, as a replayed graph writes
-            calls.append((run_options.entries.get("gpu_graph_id"), {n: v.data_ptr() for n, v in binding.inputs.items()}))
+            for (name, value), out in zip(list(binding.outputs.items()), outs):
+                if value is None:  # bind_output: the run allocates
+                    binding.outputs[name] = _FakeValue(out)
+                else:
+                    np.copyto(value.array, out)  # into the fixed buffer, as a replayed graph writes
+            gid = run_options.entries.get("gpu_graph_id") if run_options is not None else None
+            calls.append((gid, {n: v.data_ptr() for n, v in binding.inputs.items()}))
 
     return SimpleNamespace(
         __version__=real.__version__, SessionOptions=real.SessionOptions,
@@ -169,3 +193,63 @@ def test_half_precisions_are_judged_by_the_video_psnr_and_report_per_call(export
     assert r["passed"]  # the tiny model's fp16 video is far above 35 dB (README "GPU": fp16 choice)
     strict = run_parity(exported_model.dir, exported_model.ckpt, atol=1e-6, **kw)
     assert strict["criterion"] == "atol" and not strict["passed"]  # an explicit atol judges per call
+
+
+# ------------------------------------------------------- CUDA graphs on by default (auto) ----
+
+
+def _cuda_options(providers: list) -> dict:
+    return dict(p for p in providers if isinstance(p, tuple))["CUDAExecutionProvider"]
+
+
+def test_cuda_graphs_are_on_by_default_for_a_few_shapes_then_off(tmp_path, monkeypatch):
+    """The default (``cuda_graph=None``): the provider options ask for CUDA graphs; the first AUTO_GRAPH_SHAPES
+    shapes each get a graph id and fixed buffers; a shape past them runs without a graph (gpu_graph_id -1, a
+    per-call binding, no new buffers), so shapes that keep changing do not pile up graphs."""
+    import onnxruntime
+
+    from vdeploy.runtime.backends import BackendOptions
+
+    assert BackendOptions().cuda_graph is None  # auto is the default
+    calls, providers = [], []
+    monkeypatch.setattr(vort, "import_onnxruntime", lambda: _fake_ort(onnxruntime, calls, providers))
+    backend = vort.OrtBackend(tiny_graph(tmp_path / "g.onnx"), "cuda")
+    assert backend.cuda_graph and _cuda_options(providers[0])["enable_cuda_graph"] == 1
+    rng = np.random.default_rng(0)
+    limit = vort.AUTO_GRAPH_SHAPES
+    batches = [*range(1, limit + 2), 1, limit + 1]
+    for batch in batches:
+        x, t = rng.standard_normal((batch, 2)), np.arange(1, batch + 1)
+        (eps,) = backend.run({"x": x, "t": t})
+        np.testing.assert_array_equal(eps, (x * t[:, None]).astype(np.float32))
+    ids = [gid for gid, _ in calls]
+    assert ids == [str(i) for i in range(limit)] + ["-1", "0", "-1"]
+    assert len(backend._slots) == limit  # no fixed buffers for the shape past the limit
+    # explicit choices: True graphs every shape, False asks for none
+    calls.clear()
+    every = vort.OrtBackend(tiny_graph(tmp_path / "g.onnx"), "cuda", cuda_graph=True)
+    for batch in range(1, limit + 2):
+        every.run({"x": np.ones((batch, 2)), "t": np.ones(batch)})
+    assert [gid for gid, _ in calls] == [str(i) for i in range(limit + 1)]
+    vort.OrtBackend(tiny_graph(tmp_path / "g.onnx"), "cuda", cuda_graph=False)
+    assert "enable_cuda_graph" not in _cuda_options(providers[-1])
+
+
+def test_auto_cuda_graph_falls_back_where_onnxruntime_cannot_capture(tmp_path, monkeypatch):
+    """A graph with nodes onnxruntime placed off CUDA cannot be captured: by default the session is opened again
+    without CUDA graphs (and runs); asked for explicitly, it is an error naming the cause."""
+    import onnxruntime
+
+    from vdeploy.runtime.platform import BackendUnavailable
+
+    calls, providers = [], []
+    monkeypatch.setattr(vort, "import_onnxruntime",
+                        lambda: _fake_ort(onnxruntime, calls, providers, refuse_graphs=True))
+    backend = vort.OrtBackend(tiny_graph(tmp_path / "g.onnx"), "cuda")
+    assert not backend.cuda_graph and len(providers) == 2
+    assert "enable_cuda_graph" not in _cuda_options(providers[1]) and _cuda_options(providers[1])["use_tf32"] == 0
+    (eps,) = backend.run({"x": np.ones((2, 2)), "t": np.array([1, 2])})
+    np.testing.assert_array_equal(eps, [[1, 1], [2, 2]])
+    assert calls[-1][0] is None  # a plain IO-bound run
+    with pytest.raises(BackendUnavailable, match="CUDA Graph"):
+        vort.OrtBackend(tiny_graph(tmp_path / "g.onnx"), "cuda", cuda_graph=True)

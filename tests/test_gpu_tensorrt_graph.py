@@ -73,7 +73,7 @@ def test_tensorrt_cuda_graph_per_shape_replays_the_plain_results(tmp_path, monke
     try:
         plan = tmp_path / "denoiser.plan"
         plan.write_bytes(b"fake plan")
-        plain = TensorRTBackend(plan)
+        plain = TensorRTBackend(plan, cuda_graph=False)
         graphed = TensorRTBackend(plan, cuda_graph=True)
         rng = np.random.default_rng(0)
         for batch in (1, 3, 1, 3, 3):
@@ -93,3 +93,47 @@ def test_tensorrt_cuda_graph_per_shape_replays_the_plain_results(tmp_path, monke
         assert cudart.memory == {}  # graphs' buffers and the plain path's freed
     finally:
         undo()
+
+
+def test_tensorrt_graphs_by_default_for_a_few_shapes_then_plain(tmp_path, monkeypatch):
+    """The default (auto): the first AUTO_GRAPH_SHAPES shapes are captured, later ones run plainly, all with the
+    same numbers (the fake engine's profile allows 4 batch sizes: the limit is lowered to 2 here)."""
+    from vdeploy.runtime import tensorrt as vtrt
+
+    AUTO_GRAPH_SHAPES = 2
+    monkeypatch.setattr(vtrt, "AUTO_GRAPH_SHAPES", AUTO_GRAPH_SHAPES)
+    trt, cudart = install_fake_tensorrt(monkeypatch)
+    undo = _add_graph_capture(trt, cudart)
+    try:
+        plan = tmp_path / "denoiser.plan"
+        plan.write_bytes(b"fake plan")
+        backend = TensorRTBackend(plan)
+        assert backend.cuda_graph
+        for batch in [1, 2, 3, 4, 1]:
+            x, t = np.full((batch, 2), 0.5, np.float32), np.arange(batch) + 1
+            (got,) = backend.run({"x": x, "t": t})
+            np.testing.assert_allclose(got, x * (t[:, None] / (t[:, None] + 1)), rtol=1e-6)
+        assert cudart.captures == AUTO_GRAPH_SHAPES and cudart.launches == AUTO_GRAPH_SHAPES + 1
+        backend.close()
+        assert cudart.memory == {}
+    finally:
+        undo()
+
+
+def test_tensorrt_auto_runs_plainly_where_capture_fails(tmp_path, monkeypatch):
+    """A CUDA that cannot capture (here: cuda-python without the graph calls): the default runs plainly with the
+    same numbers and frees what the attempt allocated; cuda_graph=True is an error naming the cause."""
+    import pytest
+
+    trt, cudart = install_fake_tensorrt(monkeypatch)  # (no capture calls on this fake)
+    plan = tmp_path / "denoiser.plan"
+    plan.write_bytes(b"fake plan")
+    backend = TensorRTBackend(plan)
+    x, t = np.full((2, 2), 0.5, np.float32), np.array([1, 3])
+    for _ in range(2):
+        (got,) = backend.run({"x": x, "t": t})
+        np.testing.assert_allclose(got, x * (t[:, None] / (t[:, None] + 1)), rtol=1e-6)
+    backend.close()
+    assert cudart.memory == {}
+    with pytest.raises(RuntimeError, match="cannot capture a CUDA graph"):
+        TensorRTBackend(plan, cuda_graph=True).run({"x": x, "t": t})

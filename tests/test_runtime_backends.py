@@ -333,7 +333,7 @@ def test_tensorrt_backend_drives_the_tensorrt10_api(fake_tensorrt, tmp_path):
 
     trt, cudart = fake_tensorrt
     (tmp_path / "g.plan").write_bytes(b"fake plan")
-    engine = TensorRTBackend(tmp_path / "g.plan")
+    engine = TensorRTBackend(tmp_path / "g.plan", cuda_graph=False)  # the plain path (graphs: test_gpu_tensorrt_graph.py)
     assert [(s.name, s.dtype, s.shape) for s in engine.inputs] == [
         ("x", "float32", (None, 2)), ("t", "int64", (None,))
     ]

@@ -52,7 +52,7 @@ class Flavour:
     spin: bool = False
     work_factor: int = 1
     precision: str = "fp32"
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None  # BackendOptions.cuda_graph (None: the default, CUDA graphs for a few shapes)
 
 
 FLAVOURS = {
@@ -63,10 +63,12 @@ FLAVOURS = {
     "cfg": Flavour(("cpu",), "cfg", "fused CFG graph: cond + null as one batch of 2b, one call", work_factor=2),
     "guided": Flavour(("cpu",), "guided", "guidance as two calls of the plain graph (what --cfg replaces)",
                       work_factor=2),
-    "cudagraph": Flavour(("cuda",), "plain", "a CUDA graph per shape on fixed device buffers (cuda_graph=True)",
-                         cuda_graph=True),
-    "cudagraph-fp16": Flavour(("cuda",), "plain", "the fp16 graph, a CUDA graph per shape (cuda_graph=True)",
-                              precision="fp16", cuda_graph=True),
+    # the plain CUDA rows replay a CUDA graph per shape (the default); these run without one, for the comparison
+    "nograph": Flavour(("cuda",), "plain", "without CUDA graphs (cuda_graph=False)", cuda_graph=False),
+    "nograph-fp16": Flavour(("cuda",), "plain", "the fp16 graph without CUDA graphs (cuda_graph=False)",
+                            precision="fp16", cuda_graph=False),
+    "nograph-tf32": Flavour(("cuda",), "plain", "tf32 without CUDA graphs (cuda_graph=False)",
+                            precision="tf32", cuda_graph=False),
 }
 
 
