@@ -21,11 +21,13 @@ _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool"}
 
 @dataclass
 class Case:
-    """One parity case: the feed for the graph and the PyTorch reference output."""
+    """One parity case: the feed for the graph and the PyTorch reference of one output (``output``: its name,
+    None: the first)."""
 
     name: str
     feed: dict[str, np.ndarray]
     reference: np.ndarray
+    output: str | None = None
 
 
 def check_graph(path: str | Path, spec: ExportSpec) -> None:
@@ -97,7 +99,7 @@ def check_parity(
     errors: dict[str, float] = {}
     failures = []
     for case in cases:
-        (out,) = session.run(spec.output_names[:1], case.feed)
+        (out,) = session.run([case.output or spec.output_names[0]], case.feed)
         if out.shape != case.reference.shape:
             failures.append(f"{case.name}: shape {out.shape} != PyTorch {case.reference.shape}")
             continue
@@ -123,6 +125,7 @@ def denoiser_cases(
     batches: tuple[int, ...] = (1, 3),
     extra_size: int | None = None,
     seed: int = 1234,
+    null_tokens: np.ndarray | None = None,
 ) -> list[Case]:
     """Fresh random parity cases for a denoiser graph: each batch size, conditioned and unconditioned.
 
@@ -131,9 +134,12 @@ def denoiser_cases(
         config: resolved model config (shapes, timesteps).
         reference: ``reference(x, t, cond, kind, cond_scale, **inputs) -> eps`` on numpy arrays, where ``kind``
             is ``"cond"``, ``"uncond"`` (upstream's ``null_cond_prob=1``), or ``"cfg"``; ``inputs`` are a
-            frame-conditioned graph's ``frames`` and ``mask``.
+            frame-conditioned graph's ``frames`` and ``mask`` and a token model's ``text_tokens`` and ``text_mask``.
         null_embedding: ``(1, cond_dim)`` learned null embedding, fed as ``cond`` for the unconditional case.
         extra_size: also check batch 1 at this height and width (a dynamic-size graph).
+        null_tokens: ``(L, cond_dim)`` a token model's learned null token sequence, fed (with an all-ones mask) as
+            ``text_tokens`` for the unconditional case; the other cases get random tokens, rows of 1 to L real
+            tokens and random values in the padding (which must not matter).
     """
     rng = np.random.default_rng(seed)
     names = spec.input_names
@@ -155,10 +161,18 @@ def denoiser_cases(
                 scale = np.array([rng.uniform(1.5, 5.0)], dtype=np.float32)
                 feed["cond_scale"] = scale
             inputs = {}
+            if "text_tokens" in names:
+                length, width = spec.inputs[names.index("text_tokens")].shape[1:]
+                tokens = rng.standard_normal((b, length, width), dtype=np.float32)
+                text_mask = (np.arange(length)[None] < rng.integers(1, length + 1, size=(b, 1))).astype(np.float32)
+                if kind == "uncond":
+                    tokens = np.repeat(np.asarray(null_tokens, np.float32).reshape(1, length, width), b, axis=0)
+                    text_mask = np.ones((b, length), np.float32)
+                inputs.update(text_tokens=tokens, text_mask=text_mask)
             if "frames" in names:  # a frame-conditioned model: each row knows its first k frames (k = 0..f-1)
-                inputs = {"frames": rng.uniform(-1, 1, x.shape).astype(np.float32),
-                          "mask": (np.arange(f)[None] < rng.integers(0, f, size=(b, 1))).astype(np.float32)}
-                feed.update(inputs)
+                inputs.update(frames=rng.uniform(-1, 1, x.shape).astype(np.float32),
+                              mask=(np.arange(f)[None] < rng.integers(0, f, size=(b, 1))).astype(np.float32))
+            feed.update(inputs)
             name = f"b{b}_{kind}" + (f"_{size}px" if size != s else "")
             cases.append(Case(name, feed, reference(x, t, cond, kind, scale, **inputs)))
     return cases

@@ -8,6 +8,7 @@ when every graph has passed its checks, so a failed export leaves nothing behind
     denoiser_fp16.onnx       float16 weights/activations, fp32 I/O   (--fp16)
     denoiser.<gpu>.trt<v>.<precision>.plan                           (--tensorrt)
     null_cond_emb.npy        the learned null embedding (1, cond_dim) (conditioned models)
+    null_text_tokens.npy     the learned null token sequence (L, cond_dim) (text_cross_attention models)
     text_encoder/            model.onnx + tokenizer.json             (text-conditioned models)
     vdeploy.json             the manifest (vdeploy.runtime.manifest)
 """
@@ -262,6 +263,9 @@ def _export(
     started = time.perf_counter()
     null = unet.null_cond_emb.detach().float().reshape(1, -1).numpy() if getattr(unet, "has_cond", False) else None
     cond_dim = None if null is None else int(null.shape[1])
+    null_tokens = None  # a text_cross_attention model's null token sequence (L, cond_dim)
+    if getattr(unet, "text_cross_attention", False):
+        null_tokens = unet.null_text_tokens.detach().float()[0].numpy()
     tolerances = {"atol": atol, "fp16_atol": fp16_atol,
                   **{k: v for k, v in variant_options.items() if k.endswith("_atol")}}
     unknown = sorted(set(variant_options) - set(tolerances) - set(variant_flags()))
@@ -286,7 +290,8 @@ def _export(
         variant, spec = VARIANTS[name], specs[name]
         path = tmp / spec.file
         if spec.guidance not in cases:
-            cases[spec.guidance] = denoiser_cases(spec, config, reference, null, extra_size=extra_size)
+            cases[spec.guidance] = denoiser_cases(spec, config, reference, null, extra_size=extra_size,
+                                                  null_tokens=null_tokens)
         record: dict = {}
         if variant.derive is not None:  # 1. built from an earlier variant's file
             source_variant, convert = variant.derive
@@ -307,11 +312,14 @@ def _export(
         parity[name] = {"atol": spec.atol, "reference": f"torch fp32 eager {variant.reference} (CPU)",
                         "max_abs_err": errors}
 
-    # 5. conditioning: the null embedding, the text encoder
+    # 5. conditioning: the null embedding (and null token sequence), the text encoder
     conditioning = Conditioning(cond_dim=cond_dim)
     if null is not None:
         np.save(tmp / "null_cond_emb.npy", null.astype(np.float32))
         conditioning = Conditioning(cond_dim=cond_dim, null_embedding="null_cond_emb.npy")
+    if null_tokens is not None:
+        np.save(tmp / "null_text_tokens.npy", null_tokens.astype(np.float32))
+        conditioning = replace(conditioning, null_tokens="null_text_tokens.npy")
     if text_encoder is not None:
         from .text_encoder import export_text_encoder
 
@@ -321,6 +329,7 @@ def _export(
             cls_repr=bool(config.get("text_use_bert_cls")),
             cond_dim=cond_dim,
             opset=opset,
+            tokens=null_tokens is not None,
         )
         conditioning = replace(conditioning, text_encoder=info["dir"], max_length=info["max_length"],
                                pooling=info["pooling"], text_encoder_graph=info["spec"].graph())
@@ -366,6 +375,10 @@ def _trace(module, spec: ExportSpec, config: dict, path: Path) -> None:
     names = spec.input_names
     if "cond" in names:
         args.append(torch.randn(b, spec.inputs[names.index("cond")].shape[1], generator=rng))
+    if "text_tokens" in names:  # row 0 with every token real, row 1 with padding
+        length, width = spec.inputs[names.index("text_tokens")].shape[1:]
+        args.append(torch.randn(b, length, width, generator=rng))
+        args.append((torch.arange(length)[None] < torch.tensor([[length], [max(1, length // 2)]])).float())
     if "frames" in names:
         args.append(torch.randn(b, c, f, s, s, generator=rng).clamp(-1, 1))
         args.append((torch.arange(f) < f // 2).float().expand(b, f).contiguous())
@@ -421,7 +434,7 @@ def _reference(unet):
         with torch.no_grad():
             xt, tt = torch.from_numpy(x), torch.from_numpy(t)
             ct = torch.from_numpy(cond) if cond is not None else None
-            frame_kw = {role: torch.from_numpy(v) for role, v in inputs.items()}  # frames, mask
+            frame_kw = {role: torch.from_numpy(v) for role, v in inputs.items()}  # frames, mask, text_tokens, ...
             if kind == "cfg":
                 out = unet.forward_with_cond_scale(xt, tt, cond=ct, cond_scale=float(scale[0]), **frame_kw)
             elif kind == "uncond":

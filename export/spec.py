@@ -70,7 +70,9 @@ def denoiser_spec(
     config: dict, cond_dim: int | None, *, guidance: bool = False, name: str | None = None, file: str | None = None,
     dynamic_size: bool = True, opset: int = DEFAULT_OPSET, atol: float = FP32_ATOL,
 ) -> ExportSpec:
-    """The spec of ``eps = denoiser(x, t[, cond][, frames, mask][, cond_scale])`` for a resolved model config.
+    """The spec of ``eps = denoiser(x, t[, cond][, text_tokens, text_mask][, frames, mask][, cond_scale])`` for a
+    resolved model config (``text_tokens``/``text_mask``: a ``text_cross_attention`` model's, ``(batch, L, cond_dim)``
+    and ``(batch, L)`` for its ``text_max_tokens`` L, padding marked 0 in the mask).
 
     Batch is always dynamic; height and width are dynamic when ``dynamic_size`` (any multiple of
     ``2 ** (len(dim_mults) - 1)``); frames are static: the temporal position tables are folded in.
@@ -88,6 +90,12 @@ def denoiser_spec(
     inputs = [TensorSpec("x", "float32", ("batch", c, f, h, w), "x"), TensorSpec("t", "int64", ("batch",), "t")]
     if cond_dim is not None:
         inputs.append(TensorSpec("cond", "float32", ("batch", cond_dim), "cond"))
+    if config.get("text_cross_attention"):
+        if cond_dim is None:
+            raise ExportError("text_cross_attention needs a conditioned model (cond_dim); this one has none")
+        length = config["text_max_tokens"]
+        inputs.append(TensorSpec("text_tokens", "float32", ("batch", length, cond_dim), "text_tokens"))
+        inputs.append(TensorSpec("text_mask", "float32", ("batch", length), "text_mask"))
     if config.get("frame_conditioning"):  # known frames (model space, zeros where unknown) and 1 = known
         inputs.append(TensorSpec("frames", "float32", ("batch", c, f, h, w), "frames"))
         inputs.append(TensorSpec("mask", "float32", ("batch", f), "mask"))
@@ -107,8 +115,14 @@ def denoiser_spec(
     )
 
 
-def text_encoder_spec(dim: int, opset: int = DEFAULT_OPSET, atol: float = FP32_ATOL) -> ExportSpec:
-    """The spec of ``embedding = text_encoder(input_ids, attention_mask)`` (pooled, ``(b, dim)``)."""
+def text_encoder_spec(dim: int, opset: int = DEFAULT_OPSET, atol: float = FP32_ATOL,
+                      tokens: bool = False) -> ExportSpec:
+    """The spec of ``embedding = text_encoder(input_ids, attention_mask)`` (pooled, ``(b, dim)``); with ``tokens``
+    also ``tokens`` ``(b, n, dim)``, the last hidden state of every token (zero where the mask is 0), for a
+    ``text_cross_attention`` model."""
+    outputs = (TensorSpec("embedding", "float32", ("batch", dim)),)
+    if tokens:
+        outputs += (TensorSpec("tokens", "float32", ("batch", "tokens", dim)),)
     return ExportSpec(
         name="text_encoder",
         file="text_encoder/model.onnx",
@@ -116,7 +130,7 @@ def text_encoder_spec(dim: int, opset: int = DEFAULT_OPSET, atol: float = FP32_A
             TensorSpec("input_ids", "int64", ("batch", "tokens")),
             TensorSpec("attention_mask", "int64", ("batch", "tokens")),
         ),
-        outputs=(TensorSpec("embedding", "float32", ("batch", dim)),),
+        outputs=outputs,
         opset=opset,
         atol=atol,
     )

@@ -1,7 +1,8 @@
 """Export of the local text encoder (BERT/MiniLM + the seed's ``bert_embed`` pooling) to ONNX.
 
 Writes ``text_encoder/model.onnx`` (int64 ``input_ids``, ``attention_mask`` ``(b, n)`` -> float32
-``embedding`` ``(b, dim)``) and ``text_encoder/tokenizer.json``, so the torch-free runtime embeds captions
+``embedding`` ``(b, dim)``; for a ``text_cross_attention`` model also ``tokens`` ``(b, n, dim)``, every token's last
+hidden state, zero at padding) and ``text_encoder/tokenizer.json``, so the torch-free runtime embeds captions
 with the ``tokenizers`` library and onnxruntime. Checked like the denoiser: checker, names, shapes, and
 onnxruntime against :class:`vdeploy.text.TextEncoder` on captions of different lengths (padding included).
 """
@@ -26,7 +27,8 @@ PARITY_CAPTIONS = (
 
 
 def export_text_encoder(
-    out_dir: str | Path, path: str | Path | None, *, cls_repr: bool = False, cond_dim: int | None = None, opset: int = 17
+    out_dir: str | Path, path: str | Path | None, *, cls_repr: bool = False, cond_dim: int | None = None, opset: int = 17,
+    tokens: bool = False,
 ) -> dict:
     """Export the encoder at ``path`` (default: the embedded MiniLM) into ``out_dir/text_encoder/``.
 
@@ -35,6 +37,7 @@ def export_text_encoder(
         path: local HF model directory; None for :func:`vdeploy.text.default_text_encoder_dir`.
         cls_repr: pool as the [CLS] vector (``text_use_bert_cls``) instead of the masked mean.
         cond_dim: the denoiser's conditioning width, which the encoder's width must equal.
+        tokens: also output the token embeddings (a ``text_cross_attention`` model), checked like the pooled ones.
 
     Returns:
         ``{"dir": "text_encoder", "dim": ..., "max_length": ..., "pooling": ..., "parity": {...},
@@ -60,12 +63,12 @@ def export_text_encoder(
         raise ExportError(
             f"text encoder {encoder.path} embeds to {encoder.dim} dims but the model's cond_dim is {cond_dim}"
         )
-    spec = text_encoder_spec(encoder.dim, opset=opset)
+    spec = text_encoder_spec(encoder.dim, opset=opset, tokens=tokens)
     target = Path(out_dir) / "text_encoder"
     target.mkdir()
     onnx_path = Path(out_dir) / spec.file
 
-    module = PooledTextEncoder(_eager_attention(encoder.model), cls_repr=cls_repr).eval()
+    module = PooledTextEncoder(_eager_attention(encoder.model), cls_repr=cls_repr, tokens=tokens).eval()
     sample = encoder.tokenize(["a trace caption", "a second, longer trace caption with padding"])
     log.info("exporting the text encoder %s (%d dims) to %s", encoder.path, encoder.dim, spec.file)
     with warnings.catch_warnings(), torch.no_grad():
@@ -82,7 +85,7 @@ def export_text_encoder(
         )
     _write_tokenizer(tokenizer_json, target / "tokenizer.json", encoder.max_length)
     check_graph(onnx_path, spec)
-    errors = check_parity(onnx_path, spec, _cases(encoder, cls_repr))
+    errors = check_parity(onnx_path, spec, _cases(encoder, cls_repr, tokens))
     log.info("text encoder parity vs PyTorch: %s", ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     return {
         "dir": "text_encoder",
@@ -120,12 +123,16 @@ def _eager_attention(model):
     return model
 
 
-def _cases(encoder, cls_repr: bool) -> list[Case]:
+def _cases(encoder, cls_repr: bool, tokens: bool = False) -> list[Case]:
     cases = []
     for texts in PARITY_CAPTIONS:
-        tokens = encoder.tokenize(texts)
-        feed = {k: v.numpy().astype(np.int64) for k, v in tokens.items()}
+        ids = encoder.tokenize(texts)
+        feed = {k: v.numpy().astype(np.int64) for k, v in ids.items()}
         ref = encoder(texts, return_cls_repr=cls_repr).cpu().numpy()
         cases.append(Case(f"b{len(texts)}", feed, ref))
+        if tokens:  # every token, as TextEncoder.encode gives them before cutting to the model's length
+            n = feed["input_ids"].shape[1]
+            per_token = encoder.encode(texts, n, return_cls_repr=cls_repr)[1].cpu().numpy()
+            cases.append(Case(f"b{len(texts)}_tokens", feed, per_token, output="tokens"))
     return cases
 

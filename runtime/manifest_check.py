@@ -224,9 +224,10 @@ def _conditioning(r: _Reader, data: dict, version: int) -> Conditioning:
                                                                               "conditioning.max_length"),
         pooling=r.optional(data.get("pooling"), str, "conditioning.pooling"),
         text_encoder_graph=None if graph is None else _text_graph(r, graph, version),
+        null_tokens=None if data.get("null_tokens") is None else r.path(data["null_tokens"], "conditioning.null_tokens"),
     )
-    if (null or text) and cond_dim is None:
-        r.fail("conditioning.cond_dim", "is missing, but a null embedding or text encoder is given")
+    if (null or text or conditioning.null_tokens) and cond_dim is None:
+        r.fail("conditioning.cond_dim", "is missing, but a null embedding, null tokens or text encoder is given")
     return conditioning
 
 
@@ -246,11 +247,27 @@ def _check_denoiser_graph(r: _Reader, name: str, graph: Graph, manifest: Manifes
     framed = manifest.config.get("frame_conditioning") is True
     needed = ["x", "t"] + (["cond"] if manifest.cond_dim is not None else []) + (["cond_scale"] if graph.guidance else [])
     needed += ["frames", "mask"] if framed else []
+    tokens = manifest.config.get("text_cross_attention") is True
+    needed += ["text_tokens", "text_mask"] if tokens else []
     missing = [role for role in needed if graph.input(role) is None]
     if missing:
         r.fail(f"{key}.inputs", f"lack the role(s) {', '.join(missing)} (it has {', '.join(graph.roles) or 'none'})")
     if not framed and (graph.input("frames") is not None or graph.input("mask") is not None):
         r.fail(f"{key}.inputs", "have frames/mask inputs, but the config's frame_conditioning is not true")
+    if not tokens and (graph.input("text_tokens") is not None or graph.input("text_mask") is not None):
+        r.fail(f"{key}.inputs", "have text_tokens/text_mask inputs, but the config's text_cross_attention is not true")
+    if tokens:
+        if manifest.cond_dim is None or not manifest.conditioning.null_tokens:
+            r.fail("conditioning.null_tokens", "is missing, but the config's text_cross_attention is true (the "
+                                               "unconditional branch needs the null token sequence)")
+        length = manifest.config.get("text_max_tokens")
+        want = {"text_tokens": (None, length, manifest.cond_dim), "text_mask": (None, length)}
+        for role, shape in want.items():
+            got = graph.input(role).shape
+            if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
+                expected = ", ".join("batch" if w is None else str(w) for w in shape)
+                r.fail(f"{key}.inputs[{role}].shape", f"is {list(got)}, expected ({expected}) (config text_max_tokens, "
+                                                     "conditioning.cond_dim)")
     if manifest.cond_dim is None and graph.input("cond") is not None:
         r.fail(f"{key}.inputs", "have a cond input, but conditioning.cond_dim is not set")
     if graph.input("cond_scale") is not None and not graph.guidance:

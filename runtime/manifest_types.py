@@ -18,7 +18,7 @@ FORMAT_VERSION = 2
 READS_VERSIONS = (1, 2)
 MANIFEST_NAME = "vdeploy.json"
 SIGNATURE_NAME = "model.sig"  # runtime/signing.py: covers every other file, so `files` never lists it
-ROLES = ("x", "t", "cond", "cond_scale", "frames", "mask")
+ROLES = ("x", "t", "cond", "cond_scale", "frames", "mask", "text_tokens", "text_mask")
 PRECISIONS = ("fp32", "fp16")
 BETA_SCHEDULES = ("cosine",)  # what the training half builds; any schedule runs from its stored betas
 REEXPORT = "re-export it with `vdeploy export --ckpt CKPT --out DIR`"
@@ -147,7 +147,10 @@ class Conditioning:
     ``null_embedding`` is a float32 ``.npy`` of shape ``(cond_dim,)`` or ``(1, cond_dim)``: the graph called
     with it as ``cond`` is upstream's ``null_cond_prob=1``. ``text_encoder`` is a subdirectory with
     ``model.onnx`` (int64 ``input_ids``/``attention_mask`` -> float32 ``embedding (b, cond_dim)``) and
-    ``tokenizer.json``; ``max_length`` caps the tokens.
+    ``tokenizer.json``; ``max_length`` caps the tokens. A model with token-level text conditioning (config
+    ``text_cross_attention``: its denoiser graphs take ``text_tokens``/``text_mask``) has ``null_tokens``, a float32
+    ``.npy`` of its learned null token sequence ``(L, cond_dim)`` (fed with an all-ones mask for the unconditional
+    branch), and its text encoder also outputs ``tokens`` ``(b, n, cond_dim)``.
     """
 
     cond_dim: int | None = None
@@ -156,9 +159,12 @@ class Conditioning:
     max_length: int | None = None
     pooling: str | None = None
     text_encoder_graph: Graph | None = None
+    null_tokens: str | None = None
 
     def to_json(self) -> dict:
         out = {"cond_dim": self.cond_dim, "null_embedding": self.null_embedding, "text_encoder": self.text_encoder}
+        if self.null_tokens is not None:
+            out["null_tokens"] = self.null_tokens
         if self.text_encoder is not None:
             out.update(max_length=self.max_length, pooling=self.pooling)
             if self.text_encoder_graph is not None:
@@ -210,6 +216,8 @@ class Manifest:
         files = [g.file for g in self.graphs.values()] + [e.file for e in self.engines]
         if self.conditioning.null_embedding:
             files.append(self.conditioning.null_embedding)
+        if self.conditioning.null_tokens:
+            files.append(self.conditioning.null_tokens)
         return files + list(self.conditioning.text_encoder_files)
 
     def to_json(self) -> dict:

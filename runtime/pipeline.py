@@ -15,7 +15,8 @@ from .backends import (BACKENDS, BackendOptions, BackendUnavailable, auto_order,
                        precision_refused)
 from .manifest import Manifest, ManifestError
 from .frame_conditioning import frame_feeds, known_frames
-from .model_files import check_external_data_files, null_embedding, schedule_betas
+from .cond_row import TokenLayout
+from .model_files import check_external_data_files, null_embedding, null_tokens, schedule_betas
 from .sampler_run import CONDITIONING, SamplerRun, plan_run
 from .samplers import sampler_spec
 from .steps import drive, guided
@@ -38,6 +39,10 @@ class Pipeline:
         shape: ``(channels, num_frames, image_size, image_size)`` of one video.
         betas: the float64 training betas.
         cond_dim: the conditioning width, or None for an unconditional model.
+        token_layout: a model with token-level text conditioning (config ``text_cross_attention``): the
+            ``vdeploy.runtime.cond_row.TokenLayout`` of its conditioning rows; None otherwise.
+        cond_width: the width of a conditioning row (``cond``): ``cond_dim``, or for a token model the packed row of
+            pooled embedding, tokens and mask (``token_layout.width``).
         frame_conditioned: the model was trained with masked frame conditioning (its graphs take ``frames``
             and ``mask``): ``frames=`` uses the trained method by default.
         backend_name: what runs the denoiser (e.g. ``"onnxruntime-cpu"``).
@@ -55,6 +60,11 @@ class Pipeline:
         self.backend = backend
         self.cfg_backend = cfg_backend
         self.graph = manifest.graphs[graph]
+        self.token_layout = token_layout(self.graph, manifest)
+        self.cond_width = self.token_layout.width if self.token_layout is not None else self.cond_dim
+        if self.token_layout is not None and self.null_cond is not None:  # null for the pooled vector and the tokens
+            self.null_cond = self.token_layout.null_row(self.null_cond, null_tokens(self.model_dir, manifest,
+                                                                               self.token_layout.max_tokens))
         self.cfg_graph = None
         if cfg_backend is not None:
             self.cfg_graph = manifest.graphs[cfg_graph or manifest.find_graph(guidance=True)]
@@ -132,6 +142,9 @@ class Pipeline:
         where = model_dir / manifest_lib.MANIFEST_NAME
         schedule_betas(manifest, where)
         null_embedding(model_dir, manifest)
+        layout = token_layout(manifest.graphs["denoiser"], manifest)
+        if layout is not None:
+            null_tokens(model_dir, manifest, layout.max_tokens)
         check_external_data_files(model_dir, manifest)
         if backend == "auto":
             kinds, skipped = auto_order(manifest, options, model_dir)
@@ -211,13 +224,11 @@ class Pipeline:
         backend = backend or self.backend
         graph = self.graph
         x_name, t_name = graph.input("x").name, graph.input("t").name
-        cond_spec = graph.input("cond")
         frame_inputs = frame_feeds(graph, self.model_dir)
+        cond_feeds = self._cond_feeds(graph)
 
         def denoise(x, t, cond, **inputs):
-            feeds = {x_name: x, t_name: t, **frame_inputs(x, inputs)}
-            if cond_spec is not None:
-                feeds[cond_spec.name] = cond
+            feeds = {x_name: x, t_name: t, **frame_inputs(x, inputs), **cond_feeds(cond)}
             return np.asarray(backend.run(feeds)[0], dtype=np.float32)
 
         return denoise
@@ -226,20 +237,39 @@ class Pipeline:
         """One call of the ``--cfg`` graph: conditional and null predictions combined inside the graph."""
         backend = self.cfg_backend
         graph = self.cfg_graph
-        x_name, t_name, cond_name = graph.input("x").name, graph.input("t").name, graph.input("cond").name
+        x_name, t_name = graph.input("x").name, graph.input("t").name
         scale_spec = graph.input("cond_scale")
         frame_inputs = frame_feeds(graph, self.model_dir)
+        cond_feeds = self._cond_feeds(graph)
 
         def denoise(x, t, cond, **inputs):
             shape = tuple(d if isinstance(d, int) else x.shape[0] for d in scale_spec.shape)
             scale = np.full(shape, cond_scale, dtype=np.float32)
-            feeds = {x_name: x, t_name: t, cond_name: cond, scale_spec.name: scale, **frame_inputs(x, inputs)}
+            feeds = {x_name: x, t_name: t, **cond_feeds(cond), scale_spec.name: scale, **frame_inputs(x, inputs)}
             return np.asarray(backend.run(feeds)[0], dtype=np.float32)
 
         return denoise
 
+    def _cond_feeds(self, graph) -> Callable[[np.ndarray], dict]:
+        """``cond rows -> feeds`` of a graph's conditioning inputs, by role: ``cond`` as it is, or a token model's
+        packed rows split into ``cond``, ``text_tokens`` and ``text_mask`` (``cond_row``)."""
+        if graph.input("cond") is None:  # an unconditional model
+            return lambda cond: {}
+        cond_name = graph.input("cond").name
+        if self.token_layout is None:
+            return lambda cond: {cond_name: cond}
+        tokens_name, mask_name = graph.input("text_tokens").name, graph.input("text_mask").name
+        split = self.token_layout.split
+
+        def feeds(cond):
+            pooled, tokens, mask = split(cond)
+            return {cond_name: pooled, tokens_name: tokens, mask_name: mask}
+
+        return feeds
+
     def encode_text(self, text: str | list[str]) -> np.ndarray:
-        """Prompts -> conditioning ``(b, cond_dim)`` through the model directory's text encoder."""
+        """Prompts -> conditioning rows ``(b, cond_width)`` through the model directory's text encoder: the pooled
+        embeddings ``(b, cond_dim)``, or for a token model the packed rows of pooled embedding, tokens and mask."""
         if self.text_encoder is None:
             if self.cond_dim is None:
                 raise ValueError(f"{self.model_dir} is an unconditional model (no cond_dim): it samples without "
@@ -250,6 +280,8 @@ class Pipeline:
             raise ValueError(f"`text` must be a string or a list of strings, got {_short(text)}")
         if not texts:
             raise ValueError("`text` is empty")
+        if self.token_layout is not None:
+            return self.token_layout.pack(*self.text_encoder.encode(texts, self.token_layout.max_tokens))
         return self.text_encoder(texts)
 
     def __call__(
@@ -277,7 +309,8 @@ class Pipeline:
         Args:
             batch_size: videos to sample (a ``cond``/``text``/``noise`` of b rows samples b; one cond row
                 is repeated).
-            cond: conditioning embeddings ``(b, cond_dim)`` (or ``(cond_dim,)``). A conditional model
+            cond: conditioning embeddings ``(b, cond_dim)`` (or ``(cond_dim,)``); for a model with token-level text
+                conditioning, rows ``(b, cond_width)`` as ``encode_text`` returns them. A conditional model
                 called without ``cond``/``text`` samples unconditionally with its learned null embedding.
             text: prompt(s), encoded by the model directory's text encoder.
             cond_scale: classifier-free guidance scale (1: none; else two denoiser calls per step, or one
@@ -499,14 +532,18 @@ class Pipeline:
                 return None, batch_size
             if self.null_cond is None:
                 raise ValueError("this model is conditional: pass `cond` or `text`")
-            return np.broadcast_to(self.null_cond.reshape(1, -1), (batch_size, self.cond_dim)).copy(), batch_size
+            return np.broadcast_to(self.null_cond.reshape(1, -1), (batch_size, self.cond_width)).copy(), batch_size
         if self.cond_dim is None:
             raise ValueError("this model is unconditional (no cond_dim): `cond`/`text` cannot be used")
         cond = _real_array(cond, "cond")
         if cond.ndim == 1:
             cond = cond[None]
-        if cond.ndim != 2 or cond.shape[1] != self.cond_dim or cond.shape[0] < 1:
-            raise ValueError(f"cond must be (b, {self.cond_dim}) with b >= 1, got shape {cond.shape}")
+        if self.token_layout is not None and cond.ndim == 2 and cond.shape[1] == self.cond_dim != self.cond_width:
+            raise ValueError(f"this model also attends to the prompt's tokens (text_cross_attention): pass `text`, or "
+                             f"`cond` rows of width {self.cond_width} from encode_text (pooled embedding, tokens, "
+                             f"mask), not pooled embeddings alone ({self.cond_dim})")
+        if cond.ndim != 2 or cond.shape[1] != self.cond_width or cond.shape[0] < 1:
+            raise ValueError(f"cond must be (b, {self.cond_width}) with b >= 1, got shape {cond.shape}")
         if not np.all(np.isfinite(cond)):
             raise ValueError("cond holds NaN or Inf values")
         if cond.shape[0] == 1 and batch_size > 1:
@@ -514,6 +551,14 @@ class Pipeline:
         elif batch_size not in (1, cond.shape[0]):
             raise ValueError(f"batch_size {batch_size} does not match the {cond.shape[0]} rows of cond")
         return cond, cond.shape[0]
+
+
+def token_layout(graph, manifest: Manifest) -> TokenLayout | None:
+    """The conditioning-row layout of a graph with ``text_tokens``/``text_mask`` inputs (a token model), else None."""
+    spec = graph.input("text_tokens")
+    if spec is None or graph.input("text_mask") is None or manifest.cond_dim is None:
+        return None
+    return TokenLayout(cond_dim=manifest.cond_dim, max_tokens=int(spec.shape[1]))
 
 
 def _real_array(value, name: str) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 The model directory's ``conditioning.text_encoder`` names a subdirectory holding ``tokenizer.json`` and
 ``model.onnx`` (int64 ``input_ids``/``attention_mask`` ``(b, n)`` -> float32 ``embedding`` ``(b, D)``,
-already pooled), written by the export stage.
+already pooled; for a model with token-level text conditioning also ``tokens`` ``(b, n, D)``), written by the
+export stage.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cond_row import pad_tokens
 from .manifest import ManifestError
 from .ort import OrtBackend
 from .platform import BackendUnavailable
@@ -55,6 +57,17 @@ class TextEncoder:
         self.backend.close()
 
     def __call__(self, texts: list[str]) -> np.ndarray:
+        """Prompts -> pooled embeddings ``(b, D)``."""
+        return self._run(texts)[0]
+
+    def encode(self, texts: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Prompts -> ``(pooled (b, D), tokens (b, max_tokens, D), mask (b, max_tokens))`` float32 for a model with
+        token-level text conditioning: the tokens cut or zero-padded to its length, mask 1 for a real token."""
+        pooled, mask, outputs = self._run(texts, tokens=True)
+        tokens, mask = pad_tokens(outputs, mask, max_tokens)
+        return pooled, tokens, mask
+
+    def _run(self, texts: list[str], tokens: bool = False):
         with self._lock:
             encodings = self.tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
@@ -64,4 +77,12 @@ class TextEncoder:
         missing = [spec.name for spec in self.backend.inputs if spec.name not in columns]
         if missing:
             raise ValueError(f"text encoder {self.backend.path} has unknown input(s): {', '.join(missing)}")
-        return np.asarray(self.backend.run(feeds)[0], dtype=np.float32)
+        outputs = self.backend.run(feeds)
+        pooled = np.asarray(outputs[0], dtype=np.float32)
+        if not tokens:
+            return pooled, mask
+        names = [spec.name for spec in self.backend.outputs]
+        if "tokens" not in names:
+            raise ManifestError(f"text encoder {self.backend.path} has no 'tokens' output (outputs: {', '.join(names)}): "
+                                "re-export the model directory")
+        return pooled, mask, np.asarray(outputs[names.index("tokens")], dtype=np.float32)

@@ -180,3 +180,102 @@ def test_training_steps_with_caption_dropout(bert_dir, tmp_path):
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in unet.parameters())
     raw = torch.load(tmp_path / "res" / "model-last.pt", weights_only=True)
     assert raw["config"]["text_cross_attention"] is True and "null_text_tokens" in str(list(raw["model"]))
+
+
+# ------------------------------------------------------------------------------ export and the runtime ----
+
+
+@pytest.fixture(scope="module")
+def token_export(bert_dir, tmp_path_factory):
+    """The token model exported with the fused guidance graph and the tiny BERT: ``(model dir, checkpoint, unet)``."""
+    from export_fixtures import write_vdeploy_checkpoint
+    from vdeploy.export import export_onnx
+
+    root = tmp_path_factory.mktemp("tokens")
+    # v-prediction: x0 = sqrt(abar) x - sqrt(1 - abar) v divides by nothing, so float32 round-off stays round-off
+    # over a whole loop; an eps model multiplies the graph's ~1e-5 per-call error by 1 / sqrt(abar) ~ 300 at the
+    # first step of this 20-step schedule (random weights put the runs' final errors at 0.8 to 1.2e-3 then)
+    unet, config = token_unet(seed=1, config={**TOKEN_CONFIG, "prediction_type": "v"})
+    ckpt = write_vdeploy_checkpoint(root / "model-7.pt", unet, config)
+    export_onnx(ckpt, root / "model", cfg=True, optimize="none", text_encoder=str(bert_dir))
+    return root / "model", ckpt, unet
+
+
+def test_export_records_the_token_inputs_by_role(token_export):
+    from vdeploy.export.spec import FP32_ATOL
+    from vdeploy.runtime import manifest as vmanifest
+
+    model_dir, _, unet = token_export
+    manifest = vmanifest.load(model_dir)
+    for name in ("denoiser", "denoiser_cfg"):
+        graph = manifest.graphs[name]
+        assert graph.input("text_tokens").shape == ("batch", MAX_TOKENS, 12)
+        assert graph.input("text_mask").shape == ("batch", MAX_TOKENS)
+        # checked against torch at export: conditioned (with padding), null (null tokens fed) and guided cases
+        errors = manifest.parity[name]["max_abs_err"]
+        assert max(errors.values()) <= FP32_ATOL and any("uncond" in k for k in errors) == (name == "denoiser")
+    cond = manifest.conditioning
+    assert cond.null_tokens == "null_text_tokens.npy" and "null_text_tokens.npy" in manifest.files
+    np.testing.assert_array_equal(np.load(model_dir / cond.null_tokens), unet.null_text_tokens[0].detach().numpy())
+    assert [o.name for o in cond.text_encoder_graph.outputs] == ["embedding", "tokens"]
+    assert max(manifest.parity["text_encoder"]["max_abs_err"].values()) <= FP32_ATOL
+
+
+def test_runtime_text_encoder_gives_the_torch_tokens(token_export, bert_dir):
+    from vdeploy.runtime import Pipeline
+    from vdeploy.text import TextEncoder
+
+    pipe = Pipeline.from_dir(token_export[0], backend="cpu")
+    captions = ["a red circle moving left", "blue", "a green triangle moving up and down left right up down"]
+    rows = pipe.encode_text(captions)
+    assert rows.shape == (3, pipe.cond_width) and pipe.cond_width == 12 + MAX_TOKENS * 12 + MAX_TOKENS
+    pooled, tokens, mask = pipe.token_layout.split(rows)
+    ref = TextEncoder(bert_dir).encode(captions, MAX_TOKENS)
+    np.testing.assert_array_equal(mask, ref[2].numpy())  # the last caption is cut at MAX_TOKENS
+    # float32 round-off of a 2-layer BERT in onnxruntime vs torch: the export's own atol
+    assert np.abs(pooled - ref[0].numpy()).max() <= 1e-4 and np.abs(tokens - ref[1].numpy()).max() <= 1e-4
+    with pytest.raises(ValueError, match="also attends to the prompt's tokens"):
+        pipe(cond=pooled, sampler="ddim", steps=1)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+def test_parity_of_a_token_model_with_guidance(token_export, sampler):
+    from vdeploy.export.parity import DEFAULT_ATOL, run_parity
+
+    model_dir, ckpt, _ = token_export
+    # ddpm: upstream's loop over all 20 steps in torch; ddim/dpmpp: the same run around the torch denoiser. Both runs
+    # go through the fused guidance graph (cond and null tokens in one batch) and a batch of 2 rows with different
+    # token counts; the tolerance is vdeploy parity's own (float32 over a whole loop)
+    report = run_parity(model_dir, ckpt, sampler=sampler, steps=None if sampler == "ddpm" else 4, batch_size=2,
+                        cond_scale=2.5, seed=3)
+    assert report["passed"] and report["final_max_abs_err"] <= DEFAULT_ATOL
+    assert report["max_per_call_abs_err"] <= DEFAULT_ATOL
+
+
+def test_two_call_guidance_equals_the_fused_graph(token_export):
+    from vdeploy.runtime import Pipeline
+
+    pipe = Pipeline.from_dir(token_export[0], backend="cpu")
+    assert pipe.guidance(3.0) == "fused"
+    fused = pipe(text=["a red circle moving left", "blue square"], cond_scale=3.0, sampler="ddim", steps=3, seed=0)
+    pipe.cfg_backend = None  # the plain graph twice: cond rows, then the packed null rows
+    assert pipe.guidance(3.0) == "two-calls"
+    two = pipe(text=["a red circle moving left", "blue square"], cond_scale=3.0, sampler="ddim", steps=3, seed=0)
+    # one batch of 2b against two of b: float32 round-off of the same ops, through 3 steps
+    assert np.abs(fused - two).max() <= 1e-4
+
+
+def test_a_token_model_samples_from_text_without_torch(token_export, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "sample.gif"
+    code = ("import sys; from vdeploy.cli import main; sys.argv = ['vdeploy', 'sample', '--model', sys.argv[1], "
+            "'--out', sys.argv[2], '--text', 'a red circle moving left', '--cond-scale', '2', '--steps', '2', "
+            "'--backend', 'cpu', '--quiet']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'sampling a token model imported torch'")
+    result = subprocess.run([sys.executable, "-c", code, str(token_export[0]), str(out)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.is_file()

@@ -153,7 +153,7 @@ class Service:
     def _bound_body(self) -> None:
         """``max_body`` from the loaded model when not given: the largest legal request (``limits``)."""
         if self.max_body is None:
-            self.max_body = limits.default_max_body(self.pipe.shape, self.pipe.cond_dim, self.max_videos,
+            self.max_body = limits.default_max_body(self.pipe.shape, self.pipe.cond_width, self.max_videos,
                                                     MAX_PROMPT_CHARS)
 
     def submit_body(self, raw: bytes | bytearray) -> tuple[Job, str, float, bool]:

@@ -338,9 +338,9 @@ class Batcher:
         x = np.random.default_rng(0).standard_normal((rows, *pipe.shape), dtype=np.float32)
         t = np.full((rows,), len(pipe.betas) // 2, dtype=np.int64)
         cond = None
-        if pipe.cond_dim is not None:
-            null = self._null if self._null is not None else np.zeros(pipe.cond_dim, np.float32)
-            cond = np.broadcast_to(np.asarray(null, np.float32).reshape(1, -1), (rows, pipe.cond_dim))
+        if pipe.cond_dim is not None:  # rows of cond_width: a token model's packed rows (runtime.cond_row)
+            null = self._null if self._null is not None else np.zeros(pipe.cond_width, np.float32)
+            cond = np.broadcast_to(np.asarray(null, np.float32).reshape(1, -1), (rows, pipe.cond_width))
         self._plain(x, t, cond, **(generation_inputs(x) if pipe.frame_conditioned else {}))
 
     def _solo_step(self, entry: _Active, calls: list) -> None:

@@ -107,7 +107,7 @@ def _cond(value, pipe: Pipeline, max_videos: int) -> np.ndarray:
     if pipe.cond_dim is None:
         raise Invalid("cond", f"{pipe.model_dir.name} is an unconditional model (no cond_dim): it samples "
                               "without prompts or embeddings; leave the field out")
-    d = pipe.cond_dim
+    d = pipe.cond_width  # cond_dim, or a token model's packed rows (Pipeline.encode_text's)
     expected = f"expected {d} numbers or a list of rows of {d} numbers"
     try:
         cond = np.asarray(value, dtype=np.float64)
