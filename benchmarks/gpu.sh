@@ -2,36 +2,61 @@
 # Every GPU check of vdeploy in one call, in under 8 minutes of a fresh GPU machine, into one folder:
 #
 #     benchmarks/gpu.sh OUT_DIR
+#     benchmarks/gpu.sh --stash                           # keep .device/a's onnxruntime-gpu part in /tmp (call 1)
 #     DEVICE=cpu QUICK=1 benchmarks/gpu.sh /tmp/gpu-dry     # the plumbing on a machine without a GPU
+#
+# onnxruntime-gpu on the H200 machine (../shared/gpu/README.md; make-carry.sh splits it into .device/a and
+# .device/b, and a call that carries .device/b drops .device/a): call 1 carries .device/a and runs
+# `benchmarks/gpu.sh --stash`, which copies its part to $PARTS (/tmp/vdeploy-parts); call 2 carries .device/b and
+# .device/whl and runs `benchmarks/gpu.sh OUT`, which joins the parts (.device/a if it is there, else $PARTS, then
+# .device/b), unpacks onnxruntime-gpu into /tmp/ort, installs .device/whl into /tmp/site and sets LD_LIBRARY_PATH
+# (the image's nvidia-* CUDA libraries) and PYTHONPATH, as device-env.sh does. Nothing of this with DEVICE=cpu.
 #
 # Steps (each under its own timeout; a step that fails or times out is recorded and the next one runs):
 #   env      GPU, driver, python, torch/CUDA, onnxruntime and its providers, cupy, ... (first lines printed)
 #   parity   benchmarks/gpu_parity.py: a random tiny model, parity (dpmpp 13 steps, ddpm 100) on onnxruntime
-#            CPU fp32 and on the device at fp32, tf32 and fp16; one call per precision vs onnxruntime CPU
+#            CPU fp32 and on the device at fp32, tf32 (judged by atol) and fp16 (by video PSNR); one call per
+#            precision vs onnxruntime CPU
 #   latency  benchmarks/latency.py --config base --batches 1,4,8: torch eager, autocast fp16/bf16, the
-#            runtime at fp32/tf32/fp16 with and without CUDA graphs, error vs torch fp32, GPU memory; the
-#            sampling section (time outside the denoiser)
-#   device   benchmarks/gpu_device.py: the device path (CuPy latent, IO binding, CUDA graph, prefetched noise)
-#            against today's host path on the base export: ms per step, share outside the denoiser, equality
+#            runtime at fp32/tf32/fp16 with CUDA graphs (the default) and without, error vs torch fp32, GPU
+#            memory; the sampling section (time outside the denoiser, host loop)
+#   device   benchmarks/gpu_device.py: the device-resident loop (samplers on CuPy, IO binding, CUDA graph,
+#            prefetched noise) against the host loop on the base export, dpmpp 13 and ddpm 100: ms per step,
+#            share outside the denoiser, video difference
+#   fp16     benchmarks/gpu_fp16_choice.py --device cuda: the converter's fp16 graph against a half-precision
+#            torch export (tiny, small), dpmpp 13 steps: per call, video PSNR
 #   compile  torch.compile of base at batch 1 beside torch eager (compile time measured apart)
 #   serve    benchmarks/serve_load.py --quick (batching on/off/auto) where the [serve] extra imports
 #   summary  OUT/summary.json and OUT/summary.md from all of the above, with each step's status and seconds
 # Every step writes OUT/<step>.log; OUT/steps.jsonl has one line per step (rc 124: timed out).
 #
 # Python: $PYTHON, else the checkout's .venv, else python3. Where vdeploy does not import, the checkout is put
-# on the path through a folder of links. Timeouts: T_PARITY, T_LATENCY, T_DEVICE, T_COMPILE, T_SERVE (s); BUDGET
-# (default 440 s; with the 30 s summary under 8 min) caps the whole run: a step gets at most what is left.
+# on the path through a folder of links. Timeouts: T_PARITY, T_LATENCY, T_DEVICE, T_FP16, T_COMPILE, T_SERVE (s);
+# BUDGET (default 440 s; with the 30 s summary under 8 min) caps the whole run: a step gets at most what is left.
 # DEVICE=cpu runs the same steps on the CPU; QUICK=1 shrinks them (tiny configs, fewer rounds) to check the
 # script itself.
 set -uo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
+fi
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+carry=${DEVICE_DIR:-$root/.device}  # make-carry.sh's parts: a/ort.part00, b/ort.part01, whl/*.whl
+parts=${PARTS:-/tmp/vdeploy-parts}
+if [[ $1 == --stash ]]; then
+    shopt -s nullglob
+    first=("$carry"/a/ort.part*)
+    if ((${#first[@]} == 0)); then
+        echo "gpu.sh --stash: no $carry/a/ort.part* here (carry .device/a in this call)" >&2
+        exit 2
+    fi
+    mkdir -p "$parts" && cp "${first[@]}" "$parts"/ && ls -l "$parts" >&2
+    echo "gpu.sh --stash: kept in $parts; next call: carry .device/b and .device/whl, run benchmarks/gpu.sh OUT" >&2
+    exit 0
 fi
 out=$1
 shift
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 device=${DEVICE:-cuda}
 quick=${QUICK:-0}
 budget=${BUDGET:-440}
@@ -48,6 +73,52 @@ else
     py=python3
 fi
 
+# device_env: onnxruntime-gpu from make-carry.sh's parts (see the top), once per machine into $ORT_DIR
+device_env() {
+    local ort_dir=${ORT_DIR:-/tmp/ort} site=${SITE_DIR:-/tmp/site}
+    shopt -s nullglob
+    local first=("$carry"/a/ort.part*) second=("$carry"/b/ort.part*) wheels=("$carry"/whl/*.whl)
+    ((${#first[@]})) || first=("$parts"/ort.part*)
+    shopt -u nullglob
+    if [[ ! -d $ort_dir/onnxruntime ]]; then
+        if ((${#second[@]} == 0)); then
+            echo "gpu.sh: no $carry/b/ort.part*: onnxruntime-gpu is not brought here (using $py's onnxruntime)" >&2
+            return 0
+        fi
+        if ((${#first[@]} == 0)); then
+            echo "gpu.sh: the first onnxruntime-gpu part is neither in $carry/a nor in $parts (run" \
+                 "'benchmarks/gpu.sh --stash' in a call that carries .device/a)" >&2
+            return 1
+        fi
+        echo "gpu.sh: unpacking onnxruntime-gpu from ${first[*]} ${second[*]} into $ort_dir" >&2
+        rm -rf "$ort_dir.tmp" && mkdir -p "$ort_dir.tmp" \
+            && cat "${first[@]}" "${second[@]}" | xz -dc | tar xf - -C "$ort_dir.tmp" \
+            && mkdir -p "$ort_dir" && mv "$ort_dir.tmp/onnxruntime" "$ort_dir/" \
+            || { echo "gpu.sh: unpacking onnxruntime-gpu failed" >&2; rm -rf "$ort_dir.tmp"; return 1; }
+        rm -rf "$ort_dir.tmp"
+        local image_ort
+        image_ort=$("$py" -c "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))" 2>/dev/null)
+        for d in transformers quantization tools; do
+            [[ -n $image_ort && -e $image_ort/$d && ! -e $ort_dir/onnxruntime/$d ]] \
+                && ln -sfn "$image_ort/$d" "$ort_dir/onnxruntime/$d"
+        done
+    fi
+    if ((${#wheels[@]})) && [[ ! -d $site ]]; then
+        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}" \
+            || echo "gpu.sh: installing ${wheels[*]} failed" >&2
+    fi
+    local libs
+    libs=$("$py" -c "
+import glob, os, site
+print(':'.join(sorted({os.path.dirname(f) for sp in site.getsitepackages()
+                       for f in glob.glob(os.path.join(sp, 'nvidia', '**', 'lib*.so*'), recursive=True)})))" 2>/dev/null)
+    export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export PYTHONPATH="$ort_dir:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+}
+if [[ $device == cuda ]]; then
+    device_env || echo "gpu.sh: continuing with $py's onnxruntime (the runtime's CUDA rows may be skipped)" >&2
+fi
+
 shim=
 cleanup() { [[ -n $shim ]] && rm -rf "$shim"; return 0; }
 trap cleanup EXIT
@@ -55,7 +126,7 @@ if ! (cd / && "$py" -c 'import vdeploy.bench, vdeploy.export, vdeploy.runtime' 2
     shim=$(mktemp -d)
     mkdir "$shim/vdeploy"
     for f in "$root"/vdeploy/*.py; do ln -s "$f" "$shim/vdeploy/"; done
-    ln -s "$root/vdeploy/bench" "$shim/vdeploy/bench"
+    for d in "$root"/vdeploy/*/; do [[ ${d%/} == */__pycache__ ]] || ln -s "${d%/}" "$shim/vdeploy/"; done
     ln -s "$root/export" "$shim/vdeploy/export"
     ln -s "$root/runtime" "$shim/vdeploy/runtime"
     export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
@@ -125,6 +196,9 @@ for key, value in info.items():
 json.dump(info, open(path, "w"), indent=1)
 if device == "cuda" and not info.get("torch_cuda_available"):
     print("WARNING: torch sees no CUDA device", file=sys.stderr)
+for name, why in (("cupy", "the device loop"), ("array_api_compat", "the device loop (make-carry.sh array-api-compat)")):
+    if device == "cuda" and str(info.get(name, "")).startswith("missing"):
+        print(f"WARNING: {name} does not import: {why} (the device step) will fail", file=sys.stderr)
 if device == "cuda" and "CUDAExecutionProvider" not in info.get("providers", []):
     print("WARNING: onnxruntime has no CUDAExecutionProvider: the runtime's GPU rows will be skipped", file=sys.stderr)
 EOF_PY
@@ -132,39 +206,45 @@ sed 's/^/gpu.sh: env: /' "$out/env.log"
 
 if [[ $device == cuda ]]; then
     backend=cuda precisions=fp32,tf32,fp16 samplers=dpmpp:13,ddpm:100 config=base batches=1,4,8 repeats=10
-    rows=torch,torch-fp16,torch-bf16,ort-cuda,ort-cuda-tf32,ort-cuda-fp16,ort-cuda-cudagraph,ort-cuda-cudagraph-fp16
+    rows=torch,torch-fp16,torch-bf16,ort-cuda,ort-cuda-tf32,ort-cuda-fp16,ort-cuda-nograph,ort-cuda-nograph-tf32
+    rows=$rows,ort-cuda-nograph-fp16
     serve_args=(--quick)
+    fp16_configs=tiny,small
 else
     backend=cpu precisions=fp32,fp16 samplers=dpmpp:13,ddpm:100 config=small batches=1,4,8 repeats=10
     rows=torch,ort,ort-fp16
     serve_args=(--quick)
+    fp16_configs=tiny
 fi
 work=${WORK:-/tmp/vdeploy-gpu-work}  # the base export, shared by latency, device and compile (kept out of OUT)
-device_steps=50
+device_samplers=dpmpp:13,ddpm:100 fp16_steps=13
 if [[ $quick == 1 ]]; then
-    device_steps=5
+    device_samplers=dpmpp:4,ddpm:3 fp16_steps=3
     samplers=dpmpp:4 config=tiny batches=1,2 repeats=2
     serve_args=(--quick --config tiny --concurrency 1,2 --modes on,off)
 fi
 
-step parity "${T_PARITY:-150}" "$py" "$root/benchmarks/gpu_parity.py" --out "$out/parity" --backend "$backend" \
+step parity "${T_PARITY:-120}" "$py" "$root/benchmarks/gpu_parity.py" --out "$out/parity" --backend "$backend" \
     --precisions "$precisions" --samplers "$samplers"
 
-step latency "${T_LATENCY:-200}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
+step latency "${T_LATENCY:-170}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
     --batches "$batches" --repeats "$repeats" --warmup 3 --backends "$rows" --skip flops,coldstart,profile,quality \
     --sampling-rounds 1 --dpmpp-steps 13 --work "$work" --json "$out/latency.json" --plot "$out/latency.png"
 
 model=$work/model
 [[ -f $model/vdeploy.json ]] || model=$out/parity/model  # the latency step's export failed: the tiny one
 step device "${T_DEVICE:-60}" "$py" "$root/benchmarks/gpu_device.py" "$model" --backend "$backend" \
-    --steps "$device_steps" --json "$out/device.json"
+    --samplers "$device_samplers" --json "$out/device.json"
 
-step compile "${T_COMPILE:-150}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
+step fp16 "${T_FP16:-70}" "$py" "$root/benchmarks/gpu_fp16_choice.py" --device "$backend" --configs "$fp16_configs" \
+    --steps "$fp16_steps" --out "$out/fp16"
+
+step compile "${T_COMPILE:-120}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
     --batches "${batches%%,*}" --repeats "$repeats" --warmup 2 --backends torch,torch-compile \
     --skip flops,sampling,coldstart,profile,quality --work "$work" --json "$out/compile.json"
 
 if "$py" -c 'import starlette, uvicorn, prometheus_client' 2>/dev/null; then
-    step serve "${T_SERVE:-100}" "$py" "$root/benchmarks/serve_load.py" --backend "$backend" "${serve_args[@]}" \
+    step serve "${T_SERVE:-80}" "$py" "$root/benchmarks/serve_load.py" --backend "$backend" "${serve_args[@]}" \
         --json "$out/serve.json" --md "$out/serve.md"
 else
     echo "gpu.sh: [serve] skipped: starlette/uvicorn/prometheus_client do not import (the [serve] extra)" >&2

@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""The device path against today's host path, one model, a fixed-coefficient step loop (benchmarks/gpu.sh).
+"""The device-resident sampling loop against the host loop, real samplers, one model (benchmarks/gpu.sh).
 
-    python benchmarks/gpu_device.py MODEL_DIR --json OUT/device.json [--steps 50] [--backend cuda]
+    python benchmarks/gpu_device.py MODEL_DIR --json OUT/device.json [--samplers dpmpp:13,ddpm:100] [--backend cuda]
 
-Host path (what ``Pipeline`` does today): numpy latent, ``OrtBackend.run`` (inputs copied in, eps copied out),
-numpy arithmetic and noise. Device path: the latent in CuPy, ``DeviceDenoiser`` over the bound buffers of an
-``OrtBackend(cuda_graph=True)``, CuPy arithmetic, ``NoisePrefetch`` noise. Both run the same update
-``x = a x - b eps + c z`` (DDPM-like: one denoiser call, one noise draw per step) from the same start and noise.
-Reports per step: total ms, denoiser ms and the share outside the denoiser; and the max abs difference of one
-call and of the final latent between the paths. ``--backend cpu`` runs both paths on onnxruntime CPU with
-numpy as the "device" (a check of this script on a machine without a GPU).
+Host path (``Pipeline`` as a user calls it): numpy latent and sampler arithmetic, ``OrtBackend.run`` (inputs
+copied in, eps copied out), noise drawn on the host. Device path (``vdeploy.runtime.device_loop.sample``): the
+same run with the latent, the multistep history, clipping and guidance in CuPy (the samplers on CuPy's array-API
+namespace), the denoiser fed and read through the backend's bound device buffers (``DeviceDenoiser``: IO binding,
+a CUDA graph per shape by default) and the noise from the same numpy generator, drawn a step ahead and uploaded.
+Both use one backend (so the same graph and CUDA-graph setting). Reports per sampler: ms per step, denoiser ms
+per step and the share of each step outside the denoiser, for both paths, and the max abs difference of the two
+videos (the same float32 arithmetic: expected 0 or a few ulp). ``--backend cpu`` runs the device path on
+onnxruntime CPU IO binding with array-api-strict as the "device" namespace (a check of this script without a
+GPU).
 """
 
 from __future__ import annotations
@@ -27,99 +30,88 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("model_dir", type=Path)
     p.add_argument("--json", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--samplers", default="dpmpp:13,ddpm:100", help="sampler:steps comma list")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2, help="timed runs per path (the fastest is reported)")
     p.add_argument("--backend", default="cuda")
     args = p.parse_args(argv)
 
-    from vdeploy.runtime import manifest as vmanifest
-    from vdeploy.runtime.backends import BackendOptions, open_graph
-    from vdeploy.runtime.device_loop import DeviceDenoiser, NoisePrefetch
+    from vdeploy.runtime import Pipeline
+    from vdeploy.runtime.device_loop import DeviceDenoiser, graph_names, sample
+    from vdeploy.runtime.steps import drive
 
-    if args.backend == "cuda":
-        import cupy as xp
+    if args.backend == "cpu":
+        import array_api_strict as xp
 
-        library, upload, sync, to_host = "cupy", xp.asarray, lambda: xp.cuda.Device().synchronize(), xp.asnumpy
+        library, sync = "numpy", lambda: None
+        wrap = lambda out: xp.asarray(out)  # noqa: E731 - host buffers as the strict "device"
     else:
-        xp, library, upload, sync, to_host = np, "numpy", np.asarray, lambda: None, np.asarray
-    m = vmanifest.load(args.model_dir)
-    spec = m.graphs["denoiser"]
-    names = {role: spec.input(role).name for role in ("x", "t", "cond") if spec.input(role) is not None}
-    names["out"] = spec.outputs[0].name
-    report: dict = {"model": str(args.model_dir), "backend": args.backend, "steps": args.steps, "batch": args.batch,
-                    "video_shape": list(m.video_shape)}
-    host_backend = open_graph(args.backend, args.model_dir, m, "denoiser", BackendOptions())
-    try:
-        graph_backend = open_graph(args.backend, args.model_dir, m, "denoiser", BackendOptions(cuda_graph=True))
-        report["cuda_graph"] = True
-    except Exception as e:  # noqa: BLE001 - e.g. nodes onnxruntime placed off CUDA: IO binding alone
-        report["cuda_graph"] = f"failed, IO binding alone: {type(e).__name__}: {e}"[:400]
-        graph_backend = open_graph(args.backend, args.model_dir, m, "denoiser", BackendOptions())
-    device_denoise = DeviceDenoiser(graph_backend, names, library=library)
-    shape = (args.batch, *m.video_shape)
-    rng = np.random.default_rng(0)
-    x_start = rng.standard_normal(shape, dtype=np.float32)
-    t_host = np.full((args.batch,), 500, np.int64)
+        import cupy
+        from array_api_compat import array_namespace
+
+        xp = array_namespace(cupy.empty(1))
+        library, sync, wrap = "cupy", lambda: cupy.cuda.Device().synchronize(), (lambda out: out)
+    pipe = Pipeline.from_dir(args.model_dir, backend=args.backend)
+    report: dict = {"model": str(args.model_dir), "backend": pipe.backend_name, "batch": args.batch,
+                    "video_shape": list(pipe.shape), "cuda_graph": getattr(pipe.backend, "cuda_graph", None),
+                    "namespace": getattr(xp, "__name__", str(xp)), "samplers": {}}
+    bound = DeviceDenoiser(pipe.backend, graph_names(pipe.graph), library=library)
     cond = None
-    if "cond" in names:
-        cond = rng.standard_normal((args.batch, m.cond_dim), dtype=np.float32)
-    a, b, c = 0.999, 0.01, 0.005  # Python floats keep float32 arrays float32 (numpy 2, CuPy)
+    if pipe.cond_dim:
+        cond = np.random.default_rng(1).standard_normal((args.batch, pipe.cond_dim), dtype=np.float32)
 
-    def host_call(x):
-        feeds = {names["x"]: x, names["t"]: t_host}
-        if cond is not None:
-            feeds[names["cond"]] = cond
-        return host_backend.run(feeds)[0]
-
-    t_dev = upload(t_host)
-    cond_dev = None if cond is None else upload(cond)
-    one_host = host_call(x_start)
-    one_dev = to_host(device_denoise(upload(x_start), t_dev, cond_dev))
-    report["one_call_max_abs_diff"] = float(np.abs(one_dev - one_host).max())
-
-    def host_loop():
-        noise = np.random.default_rng(1)
-        x, den = x_start.copy(), 0.0
+    def host(kwargs):
+        run = pipe.prepare(**kwargs)
+        denoise, timing = pipe.denoiser_for(run.cond_scale)
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            t1 = time.perf_counter()
-            eps = host_call(x)
-            den += time.perf_counter() - t1
-            x = a * x - b * eps + c * noise.standard_normal(shape, dtype=np.float32)
-        return x, time.perf_counter() - t0, den
+        video = run.finish(drive(run.machine, denoise))
+        return video, time.perf_counter() - t0, timing[1]
 
-    def device_loop():
-        noise = NoisePrefetch(np.random.default_rng(1), shape, upload, steps=args.steps)
-        x, den = upload(x_start), 0.0
-        sync()
-        t0 = time.perf_counter()
-        for i in range(args.steps):
-            t1 = time.perf_counter()
-            eps = device_denoise(x, t_dev, cond_dev)
+    def device(kwargs):
+        spent = [0.0]
+
+        def timed(*a, **k):
             sync()
-            den += time.perf_counter() - t1
-            x = a * x - b * eps + c * noise(i)
-        sync()
-        total = time.perf_counter() - t0
-        noise.close()
-        return to_host(x), total, den
+            t1 = time.perf_counter()
+            out = wrap(bound(*a, **k))
+            sync()
+            spent[0] += time.perf_counter() - t1
+            return out
 
-    for name, loop in (("host", host_loop), ("device", device_loop)):
-        loop()  # warm: the first call of a shape builds its buffers (and captures its CUDA graph)
-    results = {}
-    for name, loop in (("host", host_loop), ("device", device_loop), ("host", host_loop), ("device", device_loop)):
-        x, total, den = loop()
-        results.setdefault(name, []).append((total, den))
-        report[f"{name}_final"] = x
-    for name, runs in results.items():
-        total, den = min(runs)
-        report[name] = {"ms_per_step": round(1e3 * total / args.steps, 3),
-                        "denoiser_ms_per_step": round(1e3 * den / args.steps, 3),
-                        "outside_denoiser_pct": round(100 * (total - den) / total, 2)}
-    report["final_max_abs_diff"] = float(np.abs(report.pop("device_final") - report.pop("host_final")).max())
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+        sync()
+        t0 = time.perf_counter()
+        video = sample(pipe, xp=xp, denoise=timed, **kwargs)  # ends with the one copy to the host
+        return video, time.perf_counter() - t0, spent[0]
+
+    for item in args.samplers.split(","):
+        name, _, steps = item.strip().partition(":")
+        steps = int(steps) if steps else None
+        kwargs = dict(batch_size=args.batch, cond=cond, sampler=name, steps=steps, seed=0)
+        entry: dict = {"steps": steps}
+        try:
+            videos = {}
+            for path, run in (("host", host), ("device", device)):
+                run(kwargs)  # warm: buffers, CUDA graph capture, CuPy kernels compiled
+            for _ in range(max(1, args.rounds)):
+                for path, run in (("host", host), ("device", device)):
+                    video, total, den = run(kwargs)
+                    videos[path] = video
+                    n = steps or len(pipe.betas)
+                    best = entry.get(path)
+                    if best is None or total < best["_total"]:
+                        entry[path] = {"_total": total, "ms_per_step": round(1e3 * total / n, 3),
+                                       "denoiser_ms_per_step": round(1e3 * den / n, 3),
+                                       "outside_denoiser_pct": round(100 * (total - den) / total, 2)}
+            for path in ("host", "device"):
+                entry[path].pop("_total")
+            entry["video_max_abs_diff"] = float(np.abs(videos["device"] - videos["host"]).max())
+        except Exception as e:  # noqa: BLE001 - recorded, the next sampler runs
+            entry["error"] = f"{type(e).__name__}: {e}"[:400]
+        report["samplers"][name] = entry
+        print(json.dumps({name: entry}), flush=True)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    pipe.close()
     return 0
 
 

@@ -56,6 +56,13 @@ def _graph_vs_cpu(model_dir: Path, backend: str, precision: str, seed: int) -> d
     return {"max_abs_diff_vs_ort_cpu_fp32": float(np.abs(got - ref).max()), "scale": float(np.abs(ref).max())}
 
 
+def judged(r: dict) -> str:
+    """What a parity entry was held to: ``atol X`` (fp32, tf32) or ``PSNR >= Y dB`` (fp16, bf16)."""
+    if r.get("min_psnr_db") is not None:
+        return f"PSNR >= {r['min_psnr_db']:g} dB"
+    return f"atol {r['atol']:g}" if r.get("atol") is not None else ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -106,7 +113,8 @@ def main(argv=None) -> int:
                 r = run_parity(model_dir, ckpt, sampler=sampler, steps=entry["steps"], backend=backend,
                                precision=precision, seed=args.seed, raise_on_failure=False)
                 per_call = r.get("per_call_max_abs_err") or []
-                entry.update(passed=bool(r.get("passed")), atol=r.get("atol"),
+                entry.update(passed=bool(r.get("passed")), atol=r.get("atol"), min_psnr_db=r.get("min_psnr_db"),
+                             criterion=r.get("criterion"),
                              worst_per_call=max(per_call) if per_call else None,
                              final=r.get("final_max_abs_err"), psnr_db=r.get("psnr_db"))
             except Exception as e:  # noqa: BLE001
@@ -119,13 +127,13 @@ def main(argv=None) -> int:
     lines = [f"# Parity on {args.backend} ({args.config}, random weights, seed {args.seed})", "",
              "Random weights give larger outputs than a trained model: the onnxruntime CPU fp32 row is what the "
              "reference path itself reaches; a device row is right when its errors are near that row's.", "",
-             "| sampler | steps | backend | precision | worst per call | final | PSNR dB | atol | result |",
+             "| sampler | steps | backend | precision | worst per call | final | PSNR dB | judged by | result |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:
         result = r.get("error") or ("pass" if r.get("passed") else "FAIL")
         fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731
         lines.append(f"| {r['sampler']} | {r['steps'] or ''} | {r['backend']} | {r['precision']} | {fmt(r.get('worst_per_call'))} | "
-                     f"{fmt(r.get('final'))} | {fmt(r.get('psnr_db'))} | {r.get('atol', '')} | {result} |")
+                     f"{fmt(r.get('final'))} | {fmt(r.get('psnr_db'))} | {judged(r)} | {result} |")
     lines += ["", "| precision | one call: max abs diff from onnxruntime CPU fp32 | output scale |", "| --- | --- | --- |"]
     for g in report["graph"]:
         lines.append(f"| {g['precision']} | {g.get('max_abs_diff_vs_ort_cpu_fp32', g.get('error'))} | "

@@ -30,6 +30,12 @@ def _fmt(v, digits=3):
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
+def _judged(r: dict) -> str:
+    if r.get("min_psnr_db") is not None:
+        return f"PSNR >= {r['min_psnr_db']:g} dB"
+    return f"atol {r['atol']:g}" if r.get("atol") is not None else ""
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0])
@@ -45,6 +51,7 @@ def main(argv=None) -> int:
     compiled = _load(out / "compile.json", problems)
     serve = _load(out / "serve.json", problems) if (out / "serve.json").exists() else None
     device = _load(out / "device.json", problems)
+    fp16_choice = _load(out / "fp16" / "fp16_choice.json", problems) if (out / "fp16").exists() else None
 
     per_call = {}
     for source in (latency, compiled):
@@ -60,7 +67,8 @@ def main(argv=None) -> int:
     sampling = (latency or {}).get("sampling") or {}
     outside = {k: v.get("loop_overhead_pct") for k, v in sampling.items() if isinstance(v, dict) and "loop_overhead_pct" in v}
     summary = {"env": env, "steps": steps, "parity": parity, "per_call": per_call,
-               "time_outside_denoiser_pct": outside, "device_path": device, "serve": serve, "problems": problems}
+               "time_outside_denoiser_pct": outside, "device_path": device, "fp16_choice": fp16_choice,
+               "serve": serve, "problems": problems}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     lines = [f"# vdeploy GPU checks: {env.get('gpu') or env.get('nvidia_smi') or env.get('device', '?')}", "",
@@ -71,13 +79,13 @@ def main(argv=None) -> int:
               f"{s.get('timeout_s')} |" for s in steps]
     if parity:
         lines += ["", "## Parity (random tiny model; the onnxruntime CPU fp32 row is the reference path's own error)", "",
-                  "| sampler | steps | backend | precision | worst per call | final | PSNR dB | atol | result |",
+                  "| sampler | steps | backend | precision | worst per call | final | PSNR dB | judged by | result |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in parity.get("runs", []):
             result = r.get("error") or ("pass" if r.get("passed") else "FAIL")
             lines.append(f"| {r.get('sampler')} | {r.get('steps') or ''} | {r.get('backend')} | {r.get('precision')} | "
                          f"{_fmt(r.get('worst_per_call'))} | {_fmt(r.get('final'))} | {_fmt(r.get('psnr_db'))} | "
-                         f"{r.get('atol', '')} | {result[:120]} |")
+                         f"{_judged(r)} | {result[:120]} |")
         for g in parity.get("graph", []):
             lines.append(f"\none call at {g.get('precision')}: max abs diff from onnxruntime CPU fp32 "
                          f"{_fmt(g.get('max_abs_diff_vs_ort_cpu_fp32')) or g.get('error')} (output scale {_fmt(g.get('scale'))})")
@@ -95,15 +103,28 @@ def main(argv=None) -> int:
         lines += ["", "time outside the denoiser (% of sampling): "
                   + ", ".join(f"{k} {v}" for k, v in outside.items())]
     if device:
-        lines += ["", f"## Device path vs host path ({device.get('steps')} steps, batch {device.get('batch')}, "
-                  f"video {device.get('video_shape')}, CUDA graph: {device.get('cuda_graph')})", "",
-                  "| path | ms per step | denoiser ms | outside the denoiser % |", "| --- | --- | --- | --- |"]
-        for name in ("host", "device"):
-            d = device.get(name) or {}
-            lines.append(f"| {name} | {d.get('ms_per_step')} | {d.get('denoiser_ms_per_step')} | "
-                         f"{d.get('outside_denoiser_pct')} |")
-        lines.append(f"\none call device vs host: max abs diff {_fmt(device.get('one_call_max_abs_diff'))}; final "
-                     f"latent: {_fmt(device.get('final_max_abs_diff'))}")
+        lines += ["", f"## Device loop vs host loop ({device.get('backend')}, batch {device.get('batch')}, video "
+                  f"{device.get('video_shape')}, CUDA graph: {device.get('cuda_graph')}, {device.get('namespace')})",
+                  "", "| sampler | steps | path | ms per step | denoiser ms | outside the denoiser % | video diff |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, entry in (device.get("samplers") or {}).items():
+            if entry.get("error"):
+                lines.append(f"| {name} | {entry.get('steps')} | error | {entry['error'][:120]} | | | |")
+                continue
+            for path in ("host", "device"):
+                d = entry.get(path) or {}
+                lines.append(f"| {name} | {entry.get('steps')} | {path} | {d.get('ms_per_step')} | "
+                             f"{d.get('denoiser_ms_per_step')} | {d.get('outside_denoiser_pct')} | "
+                             f"{_fmt(entry.get('video_max_abs_diff')) if path == 'device' else ''} |")
+    if fp16_choice:
+        lines += ["", "## fp16 graph: converter + block list vs half-precision torch export "
+                  f"({fp16_choice.get('device')}, {fp16_choice.get('sampler')} {fp16_choice.get('steps')} steps)", "",
+                  "| config | candidate | one call vs ORT CPU fp32 | worst per call | final | PSNR dB | error |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in fp16_choice.get("rows", []):
+            lines.append(f"| {r.get('config')} | {r.get('candidate')} | {_fmt(r.get('one_call_max_abs_diff'))} | "
+                         f"{_fmt(r.get('worst_per_call'))} | {_fmt(r.get('final'))} | {_fmt(r.get('psnr_db'))} | "
+                         f"{(r.get('error') or '')[:100]} |")
     if serve is not None:
         lines += ["", "serving: serve.md / serve.json"]
     if problems:
