@@ -74,8 +74,9 @@ demo: install
 # a TensorRT or GPU one (VDEPLOY_ALLOW_SKIPS=1 lifts that for local runs of a subset). OpenVINO's tests still
 # run in a process of their own: in a process that had also loaded torch and onnxruntime, OpenVINO's compiled
 # models crashed a later test (SIGSEGV) in three runs of the suite before 2026-12-04. It has not reproduced
-# since (460 tests in one process, a threaded stress loop under gdb; issue 23), but with no cause found the
-# guard stays.
+# since (460 tests in one process, a threaded stress loop under gdb, 60 Cores compiling beside busy torch and
+# onnxruntime, forks and exits with live compiled models; the process holds one OpenMP and one TBB; issue 23),
+# but with no cause found the guard stays.
 TEST_WORKERS ?= 2
 test: install test-ort-oldest
 	@$(PY) tools/versions.py
