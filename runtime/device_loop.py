@@ -193,9 +193,11 @@ def sample(pipe, *, xp, denoise=None, library: str = "cupy", prefetch: bool = Tr
         seed, noise, step_noise, frames_noise, **kwargs: ``Pipeline.prepare``'s arguments (``callback`` gets device
             arrays).
 
+    Guidance always calls the plain graph twice (``steps.guided``), also where the model directory has the fused
+    ``--cfg`` graph (the host run's fused call agrees with two calls to float32 round-off, not bit for bit).
+
     Raises:
-        ValueError: what ``Pipeline.prepare`` refuses; a run that needs the fused ``--cfg`` graph's backend (the
-            device path calls the plain graph twice for guidance).
+        ValueError: what ``Pipeline.prepare`` refuses.
     """
     from .sampler_run import finish
     from .steps import guided, to_host
