@@ -176,3 +176,39 @@ def test_each_section_table_renders_alone_and_cold_start_has_a_row_per_backend()
     per_call = section_table("per_call", {"config": {"batches": [1], "repeats": 2, "warmup": 1},
                                           "results": {"ort": {"status": "failed", "error": "boom"}}})
     assert per_call.startswith("Per-call denoiser latency") and "| ort | – |" in per_call and "boom" in per_call
+
+
+def test_a_per_call_budget_cuts_rounds_from_the_warm_up_estimate_and_says_so(monkeypatch):
+    """`make bench` bounds the per-call section: with --per-call-budget a batch size gets --repeats rounds, or as
+    many as its share of the budget holds by the warm-up calls' estimate (never fewer than MIN_ROUNDS), and the
+    table states the rounds each batch size got. A fake clock: each call takes exactly its stated time."""
+    from types import SimpleNamespace
+
+    from vdeploy.bench import latency
+    from vdeploy.bench.report import section_table
+    from vdeploy.bench.rows import Row
+
+    clock = [0.0]
+    monkeypatch.setattr(latency, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    calls = {"slow": 0, "fast": 0}
+
+    def make(name, seconds):
+        def at(batch):
+            def call():
+                calls[name] += 1
+                clock[0] += seconds * batch * (3 if calls[name] == 1 else 1)  # the first call is slower
+                return [0.0]
+            return call
+        return at
+
+    rows = [Row("slow", "runtime", "", make("slow", 2 ** -7)), Row("fast", "runtime", "", make("fast", 2 ** -10))]
+    rounds = latency.measure_per_call(rows, [1, 2], warmup=2, repeats=80, budget_s=1.0)
+    assert rounds == {1: 56, 2: 28}  # a 0.5 s share each: 0.5 / (9 / 1024) and 0.5 / (18 / 1024) rounds, floored
+    assert rows[0].times_ms["1"]["n"] == 56 and rows[1].times_ms["2"]["n"] == 28
+    assert rows[0].times_ms["2"]["median"] == 15.625  # 2 x 2^-7 s
+    assert calls["slow"] == 2 + 56 + 2 + 28  # warm-up calls + timed rounds
+    assert latency.measure_per_call(rows, [1], warmup=1, repeats=7, budget_s=None) == {1: 7}
+    assert latency.measure_per_call(rows, [4], warmup=1, repeats=40, budget_s=1e-6) == {4: latency.MIN_ROUNDS}
+    table = section_table("per_call", {"config": {"batches": [1, 2], "repeats": 40, "warmup": 2,
+                                                  "rounds": {"1": 56, "2": 28}}, "results": {}})
+    assert "median (min) of 56 at batch 1, 28 at batch 2 interleaved rounds" in table

@@ -159,6 +159,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--batches", default="1,4", help="batch sizes for per-call latency [1,4]")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per batch size [15]")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per backend and batch [3]")
+    p.add_argument("--per-call-budget", type=float, default=None,
+                   help="seconds of timed per-call rounds, all batch sizes together: fewer rounds than --repeats "
+                   "(at least 5) where the warm-up calls estimate more [no budget]")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for torch and onnxruntime "
                    "[physical cores]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -206,6 +209,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         args.config = "small"
     if args.repeats < 1 or args.warmup < 0 or not args.batches or min(args.batches) < 1:
         p.error("--repeats must be >= 1, --warmup >= 0, --batches positive")
+    if args.per_call_budget is not None and not args.per_call_budget > 0:
+        p.error("--per-call-budget must be a positive number of seconds")
     if any(s < 1 for s in args.quality_steps):
         p.error("--quality-steps must be positive")
     return args
@@ -284,7 +289,8 @@ def run(args: argparse.Namespace) -> dict:
             if r.status != "ok":
                 progress(f"{r.name}: {r.status} ({r.error})")
         mark("per_call")
-        latency.measure_per_call(timed, args.batches, args.warmup, args.repeats)
+        out["config"]["rounds"] = latency.measure_per_call(timed, args.batches, args.warmup, args.repeats,
+                                                           args.per_call_budget)
         mark("per_call")
         out["export"] = {"seconds": round(export_s, 1),
                          "derived_graph_max_abs_err_vs_plain": latency.record_errors(timed, refs, args.batches[0]),

@@ -19,11 +19,22 @@ def _numpy(out) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def measure_per_call(rows: list[Row], batches: list[int], warmup: int, repeats: int) -> None:
+MIN_ROUNDS = 5  # a per-call budget never cuts a batch size below this many timed rounds
+
+
+def measure_per_call(rows: list[Row], batches: list[int], warmup: int, repeats: int,
+                     budget_s: float | None = None) -> dict[int, int]:
     """Fill ``first_call_s``, ``times_ms`` (median, min, p90, n per batch) and, at the first batch size,
-    ``output`` of every live row; a row whose call raises is marked failed."""
+    ``output`` of every live row; a row whose call raises is marked failed.
+
+    ``budget_s``: seconds of timed rounds for all batch sizes together (an equal share each). A round's cost
+    is estimated from the warm-up calls (each row's fastest call after its first; its first call where there
+    is no other); a batch size gets ``repeats`` rounds, or as many as its share holds (at least ``MIN_ROUNDS``).
+    Returns the rounds each batch size got."""
+    rounds_by_batch: dict[int, int] = {}
     for i, batch in enumerate(batches):
         live = []
+        est: dict[str, float] = {}
         for row in rows:
             if row.status != "ok" or (row.max_batches is not None and i >= row.max_batches):
                 continue
@@ -33,10 +44,16 @@ def measure_per_call(rows: list[Row], batches: list[int], warmup: int, repeats: 
                 t0 = time.perf_counter()
                 out = fn()
                 row.first_call_s[str(batch)] = round(time.perf_counter() - t0, 4)
+                est[row.name] = time.perf_counter() - t0
                 if batch == batches[0]:
                     row.output = _numpy(out)
+                warm = []
                 for _ in range(max(warmup - 1, 0)):
+                    t0 = time.perf_counter()
                     fn()
+                    warm.append(time.perf_counter() - t0)
+                if warm:
+                    est[row.name] = min(warm)
                 _record_gpu_memory(row, batch)
             except Exception as e:  # noqa: BLE001 (e.g. torch.compile without a working compiler)
                 row.status, row.error = "failed", first_line(e)
@@ -44,9 +61,16 @@ def measure_per_call(rows: list[Row], batches: list[int], warmup: int, repeats: 
                 continue
             row.calls[batch] = fn
             live.append(row)
-        progress(f"batch {batch}: timing {len(live)} rows x {repeats} rounds (load {load_average()})")
+        per_round = sum(est[row.name] for row in live)
+        rounds = repeats
+        if budget_s is not None and per_round > 0:
+            rounds = max(min(MIN_ROUNDS, repeats), min(repeats, int(budget_s / len(batches) / per_round)))
+        rounds_by_batch[batch] = rounds
+        cut = f", {repeats} asked: over the budget's {budget_s / len(batches):.0f} s share" if rounds < repeats else ""
+        progress(f"batch {batch}: timing {len(live)} rows x {rounds} rounds (about {rounds * per_round:.0f} s"
+                 f"{cut}; load {load_average()})")
         times: dict[str, list[float]] = {row.name: [] for row in live}
-        for r in range(repeats):
+        for r in range(rounds):
             order = live[r % len(live):] + live[: r % len(live)] if live else []
             for row in order:
                 fn = row.calls[batch]
@@ -62,6 +86,7 @@ def measure_per_call(rows: list[Row], batches: list[int], warmup: int, repeats: 
                 "n": int(v.size),
             }
             row.calls.pop(batch, None)  # free the compiled/batched state of this size
+    return rounds_by_batch
 
 
 def _reset_gpu_peak(row: Row) -> None:

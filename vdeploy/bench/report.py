@@ -104,7 +104,13 @@ def fmt_ms(entry: dict | None) -> str:
 def _per_call(report: dict) -> list[str]:
     c = report["config"]
     batches = [str(b) for b in c["batches"]]
-    lines = [f"Per-call denoiser latency, ms: median (min) of {c['repeats']} interleaved rounds after "
+    rounds = c.get("rounds") or {}
+    counts = sorted({int(n) for n in rounds.values()}) or [c["repeats"]]
+    if len(counts) == 1:
+        of = f"{counts[0]}"
+    else:
+        of = ", ".join(f"{rounds.get(b, rounds.get(int(b)))} at batch {b}" for b in batches)
+    lines = [f"Per-call denoiser latency, ms: median (min) of {of} interleaved rounds after "
              f"{c['warmup']} warm-up calls; error: max abs difference from torch fp32 eager on the same input.",
              "", "| backend | " + " | ".join(f"batch {b}" for b in batches)
              + " | vs torch eager (b1) | GFLOP/s (b1) | max abs err | notes |",
