@@ -11,8 +11,8 @@ final x0 estimate (in [-1, 1] when the denoised prediction is clipped) as float3
 Each sampler computes its per-step coefficients once, in float64, and casts them to float32 tables;
 the loop only indexes them (host tables; a step's coefficients enter the arithmetic as Python floats, so a
 starting sample ``x`` of another namespace keeps the whole run there: latent, history, clipping, guidance, noise
-uploads, all with the numpy run's float32 operations). Randomness comes from explicit ``noise`` (an iterable of arrays, one per
-step, in loop order) or an injected ``numpy.random.Generator``. ``callback`` gets, after every step,
+uploads, all with the numpy run's float32 operations). Randomness comes from explicit ``noise`` (an iterable of
+arrays, one per step, in loop order) or an injected ``numpy.random.Generator``. ``callback`` gets, after every step,
 ``{"i": step index, "t": timestep, "x": the sample after the step, "x0": the denoised prediction,
 "eps": the denoiser output}``.
 
