@@ -187,7 +187,8 @@ def test_training_steps_with_caption_dropout(bert_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def token_export(bert_dir, tmp_path_factory):
-    """The token model exported with the fused guidance graph and the tiny BERT: ``(model dir, checkpoint, unet)``."""
+    """The token model exported with the fused guidance graph and the tiny BERT: ``(model dir, checkpoint, unet)``.
+    With frame conditioning too, as ``make demo`` trains: both kinds of graph inputs side by side."""
     from export_fixtures import write_vdeploy_checkpoint
     from vdeploy.export import export_onnx
 
@@ -195,7 +196,7 @@ def token_export(bert_dir, tmp_path_factory):
     # v-prediction: x0 = sqrt(abar) x - sqrt(1 - abar) v divides by nothing, so float32 round-off stays round-off
     # over a whole loop; an eps model multiplies the graph's ~1e-5 per-call error by 1 / sqrt(abar) ~ 300 at the
     # first step of this 20-step schedule (random weights put the runs' final errors at 0.8 to 1.2e-3 then)
-    unet, config = token_unet(seed=1, config={**TOKEN_CONFIG, "prediction_type": "v"})
+    unet, config = token_unet(seed=1, config={**TOKEN_CONFIG, "prediction_type": "v", "frame_conditioning": True})
     ckpt = write_vdeploy_checkpoint(root / "model-7.pt", unet, config)
     export_onnx(ckpt, root / "model", cfg=True, optimize="none", text_encoder=str(bert_dir))
     return root / "model", ckpt, unet
@@ -238,16 +239,17 @@ def test_runtime_text_encoder_gives_the_torch_tokens(token_export, bert_dir):
         pipe(cond=pooled, sampler="ddim", steps=1)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
-def test_parity_of_a_token_model_with_guidance(token_export, sampler):
+@pytest.mark.parametrize("sampler,known", [("ddpm", 0), ("ddim", 0), ("dpmpp", 0), ("ddim", 2)])
+def test_parity_of_a_token_model_with_guidance(token_export, sampler, known):
     from vdeploy.export.parity import DEFAULT_ATOL, run_parity
 
     model_dir, ckpt, _ = token_export
     # ddpm: upstream's loop over all 20 steps in torch; ddim/dpmpp: the same run around the torch denoiser. Both runs
     # go through the fused guidance graph (cond and null tokens in one batch) and a batch of 2 rows with different
-    # token counts; the tolerance is vdeploy parity's own (float32 over a whole loop)
+    # token counts (known=2: the first 2 frames given, the trained method); the tolerance is vdeploy parity's own
+    # (float32 over a whole loop)
     report = run_parity(model_dir, ckpt, sampler=sampler, steps=None if sampler == "ddpm" else 4, batch_size=2,
-                        cond_scale=2.5, seed=3)
+                        cond_scale=2.5, seed=3, known=known)
     assert report["passed"] and report["final_max_abs_err"] <= DEFAULT_ATOL
     assert report["max_per_call_abs_err"] <= DEFAULT_ATOL
 

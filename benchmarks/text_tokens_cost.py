@@ -1,0 +1,101 @@
+"""What token-level text conditioning (config ``text_cross_attention``) costs per denoiser call.
+
+The ``demo`` preset at MiniLM's width (cond_dim 384), random weights, with and without the cross-attentions: one
+exported ``denoiser.onnx`` each (``optimize="none"``), timed in torch eager and in onnxruntime CPU at the same
+thread count, all arms interleaved call by call so that a busy machine slows them alike; medians per call.
+
+    python benchmarks/text_tokens_cost.py [--batches 1,2] [--rounds 30] [--threads 2] [--tokens 7] [--json FILE]
+
+``--tokens``: real tokens per caption (the rest of ``text_max_tokens`` is padding); "a red circle moving left" is
+7 MiniLM tokens with [CLS] and [SEP]. Batch 2 is one guided step through the plain graph's cond+null rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vdeploy import config as vconfig
+from vdeploy.export import export_unet
+from vdeploy.model import Unet3D
+from vdeploy.runtime.ort import OrtBackend
+
+COND_DIM = 384  # the embedded MiniLM's width
+
+
+def build(tokens: bool, out: Path):
+    config = vconfig.resolve({**vconfig.PRESETS["demo"], "cond_dim": COND_DIM, "text_cross_attention": tokens})
+    torch.manual_seed(0)
+    unet = Unet3D(**vconfig.unet_kwargs(config)).eval()
+    export_unet(unet, config, out, optimize="none")
+    return unet, config
+
+
+def feeds(config: dict, batch: int, real_tokens: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    c, f, s = config["channels"], config["num_frames"], config["image_size"]
+    feed = {"x": rng.standard_normal((batch, c, f, s, s), dtype=np.float32),
+            "t": np.full((batch,), config["timesteps"] // 2, np.int64),
+            "cond": rng.standard_normal((batch, COND_DIM), dtype=np.float32)}
+    if config["text_cross_attention"]:
+        n = config["text_max_tokens"]
+        feed["text_tokens"] = rng.standard_normal((batch, n, COND_DIM), dtype=np.float32)
+        feed["text_mask"] = (np.arange(n)[None] < min(real_tokens, n)).repeat(batch, 0).astype(np.float32)
+    return feed
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,2")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=7)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="text-tokens-cost-"))
+    arms = {}
+    for name, tokens in (("pooled only", False), ("pooled + tokens", True)):
+        folder = work / ("tokens" if tokens else "pooled")
+        unet, config = build(tokens, folder)
+        arms[name] = (unet, config, OrtBackend(folder / "denoiser.onnx", "cpu", threads=args.threads))
+    times: dict[tuple, list[float]] = {}
+    with torch.no_grad():
+        for _ in range(args.rounds + 3):  # 3 warm-up rounds, then timed
+            for b in batches:
+                for name, (unet, config, backend) in arms.items():
+                    feed = feeds(config, b, args.tokens)
+                    x, t, *_ = tensors = [torch.from_numpy(v) for v in feed.values()]
+                    kwargs = dict(zip(list(feed)[2:], tensors[2:]))  # cond, text_tokens, text_mask
+                    for runner in ("torch", "onnxruntime"):
+                        start = time.perf_counter()
+                        unet(x, t, **kwargs) if runner == "torch" else backend.run(feed)
+                        times.setdefault((name, runner, b), []).append(time.perf_counter() - start)
+    rows = []
+    for (name, runner, b), ts in sorted(times.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
+        ms = statistics.median(ts[3:]) * 1e3
+        rows.append({"arm": name, "runner": runner, "batch": b, "median_ms": round(ms, 2)})
+    params = {name: sum(p.numel() for p in unet.parameters()) for name, (unet, _, _) in arms.items()}
+    print(f"demo config, cond_dim {COND_DIM}, {args.threads} threads, {args.rounds} interleaved rounds, "
+          f"{args.tokens} real tokens; params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items()))
+    print("| batch | runner | pooled only (ms) | pooled + tokens (ms) | ratio |\n| --- | --- | --- | --- | --- |")
+    for b in batches:
+        for runner in ("torch", "onnxruntime"):
+            a, t = (next(r["median_ms"] for r in rows if r["arm"] == arm and r["runner"] == runner and r["batch"] == b)
+                    for arm in arms)
+            print(f"| {b} | {runner} | {a:.2f} | {t:.2f} | {t / a:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "params": params, "args": vars(args) | {"json": str(args.json)}},
+                                        indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
