@@ -236,7 +236,7 @@ model=$work/model
 step device "${T_DEVICE:-60}" "$py" "$root/benchmarks/gpu_device.py" "$model" --backend "$backend" \
     --samplers "$device_samplers" --json "$out/device.json"
 
-step fp16 "${T_FP16:-70}" "$py" "$root/benchmarks/gpu_fp16_choice.py" --device "$backend" --configs "$fp16_configs" \
+step fp16 "${T_FP16:-90}" "$py" "$root/benchmarks/gpu_fp16_choice.py" --device "$backend" --configs "$fp16_configs" \
     --steps "$fp16_steps" --out "$out/fp16"
 
 step compile "${T_COMPILE:-120}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
