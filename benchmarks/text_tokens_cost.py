@@ -1,10 +1,16 @@
-"""What token-level text conditioning (config ``text_cross_attention``) costs per denoiser call.
+"""What token-level text conditioning (config ``text_cross_attention``) costs per denoiser call, and how much more
+the tokens tell the directions apart than the pooled vector does.
+
+Separation: the embedded MiniLM on "a red circle moving {left,right,up,down}": the cosine similarity of the pooled
+vectors (what the U-Net gets without tokens) against that of the direction word's token state (what the
+cross-attention reads), for every pair of directions.
 
 The ``demo`` preset at MiniLM's width (cond_dim 384), random weights, with and without the cross-attentions: one
 exported ``denoiser.onnx`` each (``optimize="none"``), timed in torch eager and in onnxruntime CPU at the same
 thread count, all arms interleaved call by call so that a busy machine slows them alike; medians per call.
 
     python benchmarks/text_tokens_cost.py [--batches 1,2] [--rounds 30] [--threads 2] [--tokens 7] [--json FILE]
+        [--skip-cost]
 
 ``--tokens``: real tokens per caption (the rest of ``text_max_tokens`` is padding); "a red circle moving left" is
 7 MiniLM tokens with [CLS] and [SEP]. Batch 2 is one guided step through the plain graph's cond+null rows.
@@ -13,6 +19,7 @@ thread count, all arms interleaved call by call so that a busy machine slows the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -51,6 +58,27 @@ def feeds(config: dict, batch: int, real_tokens: int) -> dict[str, np.ndarray]:
     return feed
 
 
+def separation() -> dict:
+    """Cosine similarities between the four directions: pooled vectors vs the direction word's token state."""
+    from vdeploy.text import TextEncoder
+
+    encoder = TextEncoder()
+    directions = ["left", "right", "up", "down"]
+    captions = [f"a red circle moving {d}" for d in directions]
+    pooled, tokens, mask = encoder.encode(captions, 16)
+    word = int(mask[0].sum()) - 2  # the direction word, before [SEP] (every caption has the same token count)
+    cos = torch.nn.functional.cosine_similarity
+    pairs = {f"{directions[i]}/{directions[j]}": (round(float(cos(pooled[i], pooled[j], dim=0)), 3),
+                                                    round(float(cos(tokens[i, word], tokens[j, word], dim=0)), 3))
+             for i, j in itertools.combinations(range(4), 2)}
+    print("| directions | pooled vectors | direction token |\n| --- | --- | --- |")
+    for name, (p, t) in pairs.items():
+        print(f"| {name} | {p:.3f} | {t:.3f} |")
+    means = [round(statistics.mean(v[k] for v in pairs.values()), 3) for k in (0, 1)]
+    print(f"| mean | {means[0]:.3f} | {means[1]:.3f} |")
+    return {"pairs": pairs, "mean": means}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,2")
@@ -58,8 +86,18 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=7)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--skip-cost", action="store_true", help="the separation table only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    result = {"separation": separation(), "args": vars(args) | {"json": str(args.json)}}
+    if not args.skip_cost:
+        result.update(cost(args))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cost(args) -> dict:
+    """Median ms per call of each arm, runner and batch size (printed as a table)."""
     batches = [int(b) for b in args.batches.split(",")]
     work = Path(tempfile.mkdtemp(prefix="text-tokens-cost-"))
     arms = {}
@@ -92,9 +130,7 @@ def main(argv=None) -> None:
             a, t = (next(r["median_ms"] for r in rows if r["arm"] == arm and r["runner"] == runner and r["batch"] == b)
                     for arm in arms)
             print(f"| {b} | {runner} | {a:.2f} | {t:.2f} | {t / a:.2f}x |")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "params": params, "args": vars(args) | {"json": str(args.json)}},
-                                        indent=2) + "\n")
+    return {"rows": rows, "params": params}
 
 
 if __name__ == "__main__":

@@ -281,3 +281,22 @@ def test_a_token_model_samples_from_text_without_torch(token_export, tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.is_file()
+
+
+def test_the_serving_batcher_carries_token_rows(token_export):
+    from serve_fixtures import assert_close
+    from vdeploy.runtime import Pipeline
+    from vdeploy.runtime.serve import Batcher
+
+    pipe = Pipeline.from_dir(token_export[0], backend="cpu", threads=1)
+    jobs = [dict(seed=0, sampler="ddim", steps=3, text="a red circle moving left", cond_scale=2.0),
+            dict(seed=1, sampler="dpmpp", steps=3, text=["blue square moving up", "green"], cond_scale=3.0),
+            dict(seed=2, sampler="ddim", steps=3)]  # no prompt: the packed null row
+    batcher = Batcher(pipe, batching="on", warm=False, max_batch=16, buckets=tuple(range(1, 17)))
+    try:
+        submitted = [batcher.submit(**kwargs) for kwargs in jobs]
+        results = [job.result(timeout=60) for job in submitted]
+    finally:
+        batcher.close()
+    for kwargs, video in zip(jobs, results):  # float32 round-off of other batch compositions (serve_fixtures)
+        assert_close(video, pipe(**kwargs), str(kwargs))
