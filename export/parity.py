@@ -261,8 +261,10 @@ def run_parity(
     log.info("parity: worst per-call err %.2e, final err %.2e, PSNR %s dB (%s): %s",
              worst_call, final, psnr_text, bar, "ok" if passed else "FAILED")
     if not passed and raise_on_failure:
+        why = [f"exceeded atol {atol:g}"] if not within_atol else []
+        why += [f"video PSNR under {min_psnr:g} dB"] if not within_psnr else []
         raise ParityError(
-            f"parity failed {bar}: worst per-call max abs err {worst_call:.3g} "
+            f"parity {' and '.join(why) or f'failed ({bar})'}: worst per-call max abs err {worst_call:.3g} "
             f"(call {int(np.argmax(per_call)) if per_call else '-'}), final max abs err {final:.3g}, "
             f"PSNR {psnr_text} dB over {len(per_call)} calls ({len(torch_eps)} torch, {len(runtime_eps)} runtime, "
             f"{calls} expected)",
