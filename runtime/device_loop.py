@@ -191,7 +191,9 @@ def sample(pipe, *, xp, denoise=None, library: str = "cupy", prefetch: bool = Tr
         denoise: a denoiser on ``xp`` arrays instead (guidance is added around it as the Pipeline does).
         prefetch: draw per-step noise a step ahead on a thread.
         seed, noise, step_noise, frames_noise, **kwargs: ``Pipeline.prepare``'s arguments (``callback`` gets device
-            arrays).
+            arrays). ``step_noise`` may hold device arrays: noise drawn on the device (e.g. from
+            ``cupy.random.default_rng``) instead of the host generator, an explicit choice that gives other numbers
+            than ``seed``'s.
 
     Guidance always calls the plain graph twice (``steps.guided``), also where the model directory has the fused
     ``--cfg`` graph (the host run's fused call agrees with two calls to float32 round-off, not bit for bit).

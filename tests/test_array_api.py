@@ -193,3 +193,20 @@ def test_device_sample_through_onnxruntime_io_binding_equals_the_pipeline(sample
     got = device_loop.sample(pipe, xp=xps, denoise=lambda *a, **k: xps.asarray(bound(*a, **k)), **kwargs)
     np.testing.assert_array_equal(got, want)
     assert pipe.backend._slots  # the calls went through the bound buffers
+
+
+def test_device_sample_takes_noise_drawn_on_the_device():
+    """Per-step noise drawn on the device (here: strict arrays) is used as given: the run equals the host run fed
+    the same numbers."""
+    from runtime_fixtures import model_dir
+    from vdeploy.runtime import Pipeline
+
+    pipe = Pipeline.from_dir(model_dir("cond"), backend="cpu")
+    shape = (1, *pipe.shape)
+    z = [np.random.default_rng(i).standard_normal(shape, dtype=np.float32) for i in range(3)]
+    c = np.zeros((1, pipe.cond_dim), np.float32)
+    want = pipe(cond=c, sampler="ddpm", steps=3, seed=1, step_noise=iter(z))
+    bound = device_loop.DeviceDenoiser(pipe.backend, device_loop.graph_names(pipe.graph), library="numpy")
+    got = device_loop.sample(pipe, xp=xps, denoise=lambda *a, **k: xps.asarray(bound(*a, **k)), cond=c,
+                             sampler="ddpm", steps=3, seed=1, step_noise=iter([xps.asarray(v) for v in z]))
+    np.testing.assert_array_equal(got, want)
