@@ -7,9 +7,12 @@ cross-attention reads), for every pair of directions.
 
 The ``demo`` preset at MiniLM's width (cond_dim 384), random weights, with and without the cross-attentions: one
 exported ``denoiser.onnx`` each (``optimize="none"``), timed in torch eager and in onnxruntime CPU at the same
-thread count, all arms interleaved call by call so that a busy machine slows them alike; medians per call.
+thread count, all arms interleaved call by call so that a busy machine slows them alike; medians per call. With
+``--threads 1`` (the default) both run every op on the calling thread, and the CPU time that thread spent
+(``time.thread_time``) is reported beside the wall time: a machine shared with other jobs stretches the wall time
+of a call, much less its CPU time.
 
-    python benchmarks/text_tokens_cost.py [--batches 1,2] [--rounds 30] [--threads 2] [--tokens 7] [--json FILE]
+    python benchmarks/text_tokens_cost.py [--batches 1,2] [--rounds 30] [--threads 1] [--tokens 7] [--json FILE]
         [--skip-cost]
 
 ``--tokens``: real tokens per caption (the rest of ``text_max_tokens`` is padding); "a red circle moving left" is
@@ -83,7 +86,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,2")
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=7)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--skip-cost", action="store_true", help="the separation table only")
@@ -114,22 +117,31 @@ def cost(args) -> dict:
                     x, t, *_ = tensors = [torch.from_numpy(v) for v in feed.values()]
                     kwargs = dict(zip(list(feed)[2:], tensors[2:]))  # cond, text_tokens, text_mask
                     for runner in ("torch", "onnxruntime"):
-                        start = time.perf_counter()
+                        start, cpu = time.perf_counter(), time.thread_time()
                         unet(x, t, **kwargs) if runner == "torch" else backend.run(feed)
-                        times.setdefault((name, runner, b), []).append(time.perf_counter() - start)
+                        took = (time.perf_counter() - start, time.thread_time() - cpu)
+                        times.setdefault((name, runner, b), []).append(took)
     rows = []
     for (name, runner, b), ts in sorted(times.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
-        ms = statistics.median(ts[3:]) * 1e3
-        rows.append({"arm": name, "runner": runner, "batch": b, "median_ms": round(ms, 2)})
+        wall, cpu = (statistics.median(t[k] for t in ts[3:]) * 1e3 for k in (0, 1))
+        rows.append({"arm": name, "runner": runner, "batch": b, "median_ms": round(wall, 2),
+                     "median_thread_cpu_ms": round(cpu, 2)})
     params = {name: sum(p.numel() for p in unet.parameters()) for name, (unet, _, _) in arms.items()}
     print(f"demo config, cond_dim {COND_DIM}, {args.threads} threads, {args.rounds} interleaved rounds, "
           f"{args.tokens} real tokens; params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items()))
-    print("| batch | runner | pooled only (ms) | pooled + tokens (ms) | ratio |\n| --- | --- | --- | --- | --- |")
+    cpu = args.threads == 1  # the calling thread's CPU time is the call's only with one thread
+    print("| batch | runner | pooled only (ms) | pooled + tokens (ms) | ratio |"
+          + (" CPU ms, pooled only | CPU ms, pooled + tokens | CPU ratio |" if cpu else "")
+          + "\n| --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if cpu else ""))
     for b in batches:
         for runner in ("torch", "onnxruntime"):
-            a, t = (next(r["median_ms"] for r in rows if r["arm"] == arm and r["runner"] == runner and r["batch"] == b)
+            a, t = (next(r for r in rows if r["arm"] == arm and r["runner"] == runner and r["batch"] == b)
                     for arm in arms)
-            print(f"| {b} | {runner} | {a:.2f} | {t:.2f} | {t / a:.2f}x |")
+            line = f"| {b} | {runner} | {a['median_ms']:.2f} | {t['median_ms']:.2f} | {t['median_ms'] / a['median_ms']:.2f}x |"
+            if cpu:
+                ca, ct = a["median_thread_cpu_ms"], t["median_thread_cpu_ms"]
+                line += f" {ca:.2f} | {ct:.2f} | {ct / ca:.2f}x |"
+            print(line)
     return {"rows": rows, "params": params}
 
 
