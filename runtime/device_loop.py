@@ -167,9 +167,18 @@ class NoisePrefetch:
 
 def graph_names(graph) -> dict[str, str]:
     """A denoiser graph's input names by role (``x``, ``t``, and ``cond``, ``frames``, ``mask`` where it has them)
-    and ``"out"``, its output's name: what ``DeviceDenoiser`` binds."""
-    names = {role: graph.input(role).name for role in ("x", "t", "cond", "frames", "mask")
-             if graph.input(role) is not None}
+    and ``"out"``, its output's name: what ``DeviceDenoiser`` binds.
+
+    Raises:
+        ValueError: the graph has inputs of other roles (a text-token model's ``text_tokens``: not fed on the
+            device yet).
+    """
+    roles = ("x", "t", "cond", "frames", "mask")
+    other = [spec.name for spec in graph.inputs if getattr(spec, "role", None) not in (None, *roles)]
+    if other:
+        raise ValueError(f"the device loop feeds the inputs {', '.join(roles)}; this graph also has "
+                         f"{', '.join(other)}: run it on the host loop (Pipeline)")
+    names = {role: graph.input(role).name for role in roles if graph.input(role) is not None}
     names["out"] = graph.outputs[0].name
     return names
 
