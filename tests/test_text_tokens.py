@@ -300,3 +300,54 @@ def test_the_serving_batcher_carries_token_rows(token_export):
         batcher.close()
     for kwargs, video in zip(jobs, results):  # float32 round-off of other batch compositions (serve_fixtures)
         assert_close(video, pipe(**kwargs), str(kwargs))
+
+
+def test_a_bad_null_token_file_or_path_is_a_manifest_error(token_export, tmp_path):
+    import json
+    import shutil
+
+    from vdeploy.runtime import Pipeline
+    from vdeploy.runtime.manifest import ManifestError, sha256_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(token_export[0], model_dir)
+    manifest_path = model_dir / "vdeploy.json"
+    data = json.loads(manifest_path.read_text())
+    for name in ("../null.npy", "/etc/passwd"):  # nothing a manifest names may leave its directory
+        manifest_path.write_text(json.dumps({**data, "conditioning": {**data["conditioning"], "null_tokens": name}}))
+        with pytest.raises(ManifestError, match="null_tokens"):
+            Pipeline.from_dir(model_dir, backend="cpu")
+    np.save(model_dir / "null_text_tokens.npy", np.zeros((3, 12), np.float32))  # hashed, but the wrong shape
+    manifest_path.write_text(json.dumps({**data, "files": {**data["files"], "null_text_tokens.npy": sha256_file(
+        model_dir / "null_text_tokens.npy")}}))
+    with pytest.raises(ManifestError, match=r"null token sequence .* expected float \(8, 12\)"):
+        Pipeline.from_dir(model_dir, backend="cpu")
+    no_null = {k: v for k, v in data["conditioning"].items() if k != "null_tokens"}
+    manifest_path.write_text(json.dumps({**data, "conditioning": no_null}))
+    with pytest.raises(ManifestError, match="null_tokens is missing"):
+        Pipeline.from_dir(model_dir, backend="cpu")
+
+
+def test_a_checkpoint_stored_before_the_token_keys_resumes(tmp_path):
+    from vdeploy import checkpoint as ckpt_io
+    from vdeploy.data import synth_dataset
+    from vdeploy.trainer import Trainer
+
+    data = tmp_path / "data"
+    synth_dataset(data, num=2, frames=4, size=16, seed=0)
+    config = C.resolve({k: v for k, v in CONFIG.items() if k != "cond_dim"})
+
+    def trainer():
+        torch.manual_seed(0)
+        diffusion = GaussianDiffusion(Unet3D(**C.unet_kwargs(config)), **C.diffusion_kwargs(config))
+        return Trainer(diffusion, data, train_batch_size=1, train_num_steps=1, gradient_accumulate_every=1,
+                       results_folder=tmp_path / "res", progress=False, config=config)
+
+    trainer().train()
+    path = tmp_path / "res" / "model-last.pt"
+    raw = ckpt_io.load_checkpoint(path)
+    raw["config"] = {k: v for k, v in raw["config"].items() if not k.startswith("text_")}  # an older vdeploy's
+    ckpt_io.save_checkpoint(raw, path)
+    resumed = trainer()
+    resumed.load(path)
+    assert resumed.step == 1
