@@ -441,8 +441,8 @@ class SpatialAttention(nn.Module):
         return self.fn(tokens)[:, :, 0].transpose(1, 2).reshape(bf, c, h, w)
 
 
-# a logit that softmax turns into exactly 0 next to any real logit (exp(-1e4) underflows float32), and that
-# float16 holds (an fp16 export keeps the constant finite, unlike finfo.min)
+# the logit bias of a key that is not attended: softmax gives it weight 0 next to any real logit (exp(-1e4)
+# underflows float32), and float16 holds it (an fp16 export keeps the constant finite, unlike finfo.min)
 MASKED_LOGIT = -1e4
 
 
@@ -452,10 +452,11 @@ class CrossAttention(nn.Module):
 
     The queries are the (normalized) features of all ``f*h*w`` positions of a sample; the keys and values are
     that sample's tokens, LayerNormed and projected by this layer, after one learned null key/value per head
-    (imagen-pytorch's ``null_kv``), so every query has a key to attend to even when no token is kept. Keys
-    that ``key_keep`` marks False (padding) get :data:`MASKED_LOGIT`: their attention weight is exactly 0, so
-    a padding token's embedding never reaches the output. MatMul -> Softmax -> MatMul with pre-scaled
-    queries, no einsum (as :class:`Attention`).
+    (imagen-pytorch's ``null_kv``), so every query has a key to attend to even when no token is kept. Padding
+    keys get the logit bias :data:`MASKED_LOGIT` (``key_bias``, built once per forward): their attention weight
+    is 0, and the caller zeroes their embeddings, so what a padding position holds never reaches the output.
+    MatMul -> Add -> Softmax -> MatMul with pre-scaled queries, no einsum (as :class:`Attention`), and no max
+    subtracted before the softmax (softmax kernels do that themselves; an fp16 export keeps softmax in fp32).
 
     Args:
         dim: channels of the features.
@@ -475,12 +476,13 @@ class CrossAttention(nn.Module):
         self.null_kv = nn.Parameter(torch.randn(2, heads, 1, dim_head))
         self.to_out = nn.Linear(hidden_dim, dim, bias=False)
 
-    def forward(self, x: Tensor, *, frames: int, context: Tensor, key_keep: Tensor, **_) -> Tensor:
+    def forward(self, x: Tensor, *, frames: int, context: Tensor, key_bias: Tensor, **_) -> Tensor:
         """Args:
             x: ``(b*f, c, h, w)`` normalized features (folded).
             frames: ``f``.
             context: ``(b, L, context_dim)`` token embeddings (padding positions zeroed by the caller).
-            key_keep: bool ``(b, 1, 1, 1 + L)``: the null key (always True), then the tokens (False = padding).
+            key_bias: ``(b, 1, 1, 1 + L)`` logit bias: 0 for the null key and every real token,
+                :data:`MASKED_LOGIT` for padding.
 
         Returns:
             ``(b*f, c, h, w)``.
@@ -494,9 +496,7 @@ class CrossAttention(nn.Module):
         kv = kv.reshape(kv.shape[0], -1, 2, heads, d).permute(2, 0, 3, 1, 4)  # (2, b, heads, L, d)
         null = self.null_kv.to(kv.dtype)[:, None].expand(-1, kv.shape[1], -1, -1, -1)  # (2, b, heads, 1, d)
         k, v = torch.cat((null, kv), dim=3).unbind(0)
-        sim = torch.matmul(q, k.transpose(-1, -2))  # (b, heads, N, 1 + L)
-        sim = sim.masked_fill(~key_keep, MASKED_LOGIT)
-        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+        sim = torch.matmul(q, k.transpose(-1, -2)) + key_bias  # (b, heads, N, 1 + L)
         out = torch.matmul(sim.softmax(dim=-1), v)  # (b, heads, N, d)
         out = torch.matmul(out.transpose(1, 2).reshape(out.shape[0], -1, heads * d), self.to_out.weight.t())
         return out.reshape(-1, frames, h * w, c).transpose(2, 3).reshape(bf, c, h, w)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from vdeploy.layers import (
     Attention,
+    MASKED_LOGIT,
     CrossAttention,
     Downsample,
     PreNorm,
@@ -300,8 +301,8 @@ class Unet3D(nn.Module):
 
     def text_context(self, text_tokens: Tensor | None, text_mask: Tensor | None, *, drop=None,
                      batch: int | None = None) -> dict[str, Tensor]:
-        """The cross-attentions' inputs: ``{"context": (b, L, cond_dim) tokens, padding zeroed, "key_keep": bool
-        (b, 1, 1, 1 + L), True for the null key and every real token}``.
+        """The cross-attentions' inputs: ``{"context": (b, L, cond_dim) tokens, padding zeroed, "key_bias": (b, 1, 1,
+        1 + L) logit bias, 0 for the null key and every real token, ``MASKED_LOGIT`` for padding}``.
 
         Args:
             text_tokens, text_mask: as :meth:`forward`'s (None with ``drop=True``: every row null).
@@ -330,8 +331,9 @@ class Unet3D(nn.Module):
                                                                                       device=text_tokens.device))
             if exists(drop):
                 context, keep = self.drop_text(drop, context, keep)
-        null_key = torch.ones_like(keep[:, :1])
-        return {"context": context, "key_keep": torch.cat((null_key, keep), dim=1)[:, None, None, :]}
+        keep = torch.cat((torch.ones_like(keep[:, :1]), keep), dim=1)[:, None, None, :]  # the null key first
+        zero = torch.zeros((), dtype=dtype, device=keep.device)
+        return {"context": context, "key_bias": torch.where(keep, zero, torch.full_like(zero, MASKED_LOGIT))}
 
     def forward(
         self,
