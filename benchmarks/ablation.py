@@ -44,20 +44,26 @@ DEMO_TRAIN = ["--frame-conditioning", "--overwrite", "--steps", "3000", "--save-
 
 @dataclass(frozen=True)
 class Arm:
-    """A training arm: the model-config keys over the ``demo`` preset."""
+    """A training arm: the model-config keys over the ``demo`` preset, and training flags over ``DEMO_TRAIN``."""
 
     summary: str
     config: dict = field(default_factory=dict)
+    flags: tuple = ()
 
 
+EPS, V = {"prediction_type": "eps"}, {"prediction_type": "v"}
+NONE, MIN_SNR = {"loss_weighting": "none"}, {"loss_weighting": "min_snr"}
+TOKENS = {"text_cross_attention": True}
+# every arm names its objective and weighting, whatever the demo preset holds
 ARMS: dict[str, Arm] = {
-    "eps_none": Arm("eps, plain loss (the seed's; the demo before issue 22)"),
-    "v_none": Arm("v-prediction, plain loss", {"prediction_type": "v"}),
-    "v_minsnr": Arm("v-prediction, Min-SNR-5", {"prediction_type": "v", "loss_weighting": "min_snr"}),
-    "eps_minsnr": Arm("eps, Min-SNR-5", {"loss_weighting": "min_snr"}),
-    "v_minsnr_xattn": Arm("v-prediction, Min-SNR-5, token cross-attention",
-                          {"prediction_type": "v", "loss_weighting": "min_snr", "text_cross_attention": True}),
-    "eps_xattn": Arm("eps, plain loss, token cross-attention", {"text_cross_attention": True}),
+    "eps_none": Arm("eps, plain loss (the seed's; the demo before issue 22)", {**EPS, **NONE}),
+    "v_none": Arm("v-prediction, plain loss", {**V, **NONE}),
+    "v_minsnr": Arm("v-prediction, Min-SNR-5", {**V, **MIN_SNR}),
+    "eps_minsnr": Arm("eps, Min-SNR-5", {**EPS, **MIN_SNR}),
+    "v_minsnr_xattn": Arm("v-prediction, Min-SNR-5, token cross-attention", {**V, **MIN_SNR, **TOKENS}),
+    "eps_xattn": Arm("eps, plain loss, token cross-attention", {**EPS, **NONE, **TOKENS}),
+    "v_minsnr_gen70": Arm("v-prediction, Min-SNR-5, masks 0.7/0.2/0.1 (more text-only generation)",
+                          {**V, **MIN_SNR}, ("--mask-probs", "0.7,0.2,0.1")),
 }
 
 
@@ -94,7 +100,7 @@ def train(runs: Path, names: list[str], jobs: int, nice: int, steps: int | None)
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(arm_config(ARMS[name])))
             cmd = ["nice", "-n", str(nice), BIN / "vdeploy", "train", "--data", data, "--results", out / "results",
-                   "--config", out / "config.json", *recipe]
+                   "--config", out / "config.json", *recipe, *ARMS[name].flags]
             print("+", " ".join(map(str, cmd)), flush=True)
             log = open(out / "train.log", "w")
             active.append((name, subprocess.Popen([str(c) for c in cmd], env=env, stdout=log, stderr=log),
@@ -112,7 +118,7 @@ def train(runs: Path, names: list[str], jobs: int, nice: int, steps: int | None)
                 "train_seconds": round(time.time() - t0, 1), "threads": threads, "jobs": jobs,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
                 "load_at_end": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
-                "recipe": recipe}))
+                "recipe": recipe + list(ARMS[name].flags)}))
             shutil.rmtree(runs / name / "model", ignore_errors=True)
             run(["nice", "-n", str(nice), BIN / "vdeploy", "export", "--ckpt", runs / name / "results" / "model-last.pt",
                  "--out", runs / name / "model", "--cfg"], stdout=subprocess.DEVNULL)
