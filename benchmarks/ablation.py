@@ -169,9 +169,9 @@ def _px(row) -> str:
 def table(records: list[dict]) -> str:
     from vdeploy.runtime.pipeline import DEFAULT_SAMPLER
 
-    lines = ["| arm | objective | loss weighting | guidance | CFG rescale | adherence | colour ok | direction ok | "
-             "background clean | continuation, `--init` " + DEFAULT_SAMPLER + " (px / one object) | interpolation, "
-             "trained (px / one object) | training (min) |", "|" + "---|" * 12]
+    lines = ["| arm | objective | loss weighting | token cross-attention | guidance | CFG rescale | adherence | "
+             "colour ok | direction ok | background clean | continuation, `--init` " + DEFAULT_SAMPLER +
+             " (px / one object) | interpolation, trained (px / one object) | training (min) |", "|" + "---|" * 13]
     samplers, methods = [], []
     for r in records:
         minutes = r["training"].get("train_seconds")
@@ -182,15 +182,18 @@ def table(records: list[dict]) -> str:
             interp = m.get("interpolation", {})
             lines.append(
                 f"| {r['arm']} | {r['config'].get('prediction_type', 'eps')} | "
-                f"{r['config'].get('loss_weighting', 'none')} | {a['cond_scale']:g} | {a.get('rescale', 0):g} | "
+                f"{r['config'].get('loss_weighting', 'none')} | "
+                f"{'yes' if r['config'].get('text_cross_attention') else 'no'} | {a['cond_scale']:g} | "
+                f"{a.get('rescale', 0):g} | "
                 f"{_pct(adh.get('adherence'))} | {_pct(adh.get('color_ok'))} | {_pct(adh.get('direction_ok'))} | "
                 f"{adh.get('clean', float('nan')):.2f} | {_px(m.get('init_path', {}).get(DEFAULT_SAMPLER))} | "
                 f"{_px(interp.get('trained (masked conditioning)'))} | "
                 f"{'–' if minutes is None else f'{minutes / 60:.1f}'} |")
-            samplers += [s for s in m.get("init_path", {}) if s not in samplers]
-            methods += [s for s in interp if s not in methods]
     out = "\n".join(lines) + "\n"
     full = [(r, k, m) for r in records for k, m in r["measures"].items() if len(m.get("init_path", {})) > 2]
+    for _, _, m in full:
+        samplers += [s for s in m["init_path"] if s not in samplers]
+        methods += [s for s in m["interpolation"] if s not in methods]
     if full:
         out += ("\nContinuation through `vdeploy sample --init` per sampler (px / frames showing one object), "
                 "and interpolation per method, on the full runs:\n\n| arm | guidance | " +
