@@ -6,6 +6,8 @@ Tiny models throughout: a random BERT (hidden 12) with a WordPiece tokenizer, a 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -351,3 +353,24 @@ def test_a_checkpoint_stored_before_the_token_keys_resumes(tmp_path):
     resumed = trainer()
     resumed.load(path)
     assert resumed.step == 1
+
+
+def test_the_benchmark_times_a_token_model_against_torch(token_export, tmp_path):
+    """``vdeploy bench --model-dir`` on a token (and frame-conditioned) model: every input fed by role, torch and
+    the runtime on the same inputs, guidance with the null pooled vector and the null tokens in both."""
+    from vdeploy.bench import main
+
+    model_dir, _, _ = token_export
+    out = tmp_path / "bench.json"
+    rows = {"torch", "ort", "ort-cfg", "ort-guided"}
+    argv = ["--model-dir", str(model_dir), "--work", str(tmp_path / "work"), "--backends", ",".join(sorted(rows)),
+            "--batches", "1,2", "--repeats", "1", "--warmup", "1", "--threads", "1",
+            "--skip", "coldstart,profile,sampling,quality", "--json", str(out), "-q"]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == rows
+    for name, entry in results.items():
+        assert entry["status"] == "ok", (name, entry.get("error"))
+        # fp32 graphs against torch fp32 on the same inputs (the guided rows against torch's guided eps): the
+        # export's own per-call tolerance, float32 round-off of a few hundred ops
+        assert 0 <= entry["max_abs_err_vs_torch"] < 1e-4, (name, entry["max_abs_err_vs_torch"])

@@ -75,8 +75,13 @@ def machine_info(threads: int, device: str) -> dict:
 
 
 class Inputs:
-    """Fixed random denoiser inputs per batch size, by role (``x``, ``t``, ``cond``), as numpy arrays
-    (and torch tensors on demand)."""
+    """Fixed random denoiser inputs per batch size, by role, as numpy arrays (and torch tensors on demand):
+    ``x``, ``t``, ``cond`` where the config has ``cond_dim``, ``frames``/``mask`` of plain generation (no frame
+    known) for a frame-conditioned model, and random ``text_tokens`` with an all-kept ``text_mask`` for a model
+    with token-level text conditioning: every input its graph takes."""
+
+    # roles beyond x, t, cond: what ``Denoiser`` and the runtime's graphs take by keyword
+    EXTRA_ROLES = ("frames", "mask", "text_tokens", "text_mask")
 
     def __init__(self, config: dict, seed: int):
         self.config = config
@@ -94,8 +99,19 @@ class Inputs:
             }
             if c.get("cond_dim"):
                 feed["cond"] = rng.standard_normal((batch, c["cond_dim"]), dtype=np.float32)
+            if c.get("frame_conditioning"):
+                feed["frames"] = np.zeros_like(feed["x"])
+                feed["mask"] = np.zeros((batch, c["num_frames"]), np.float32)
+            if c.get("text_cross_attention"):
+                tokens = int(c.get("text_max_tokens", 16))
+                feed["text_tokens"] = rng.standard_normal((batch, tokens, c["cond_dim"]), dtype=np.float32)
+                feed["text_mask"] = np.ones((batch, tokens), np.float32)
             self._np[batch] = feed
         return self._np[batch]
+
+    def extras(self, batch: int) -> dict:
+        """The inputs beyond ``x``, ``t`` and ``cond`` (numpy), by role."""
+        return {k: v for k, v in self.numpy(batch).items() if k in self.EXTRA_ROLES}
 
     def torch(self, batch: int, device):
         import torch

@@ -21,7 +21,7 @@ def count_flops(unet, config: dict, inputs: Inputs, batches: list[int]) -> dict:
         feed = inputs.torch(batch, "cpu")
         counter = FlopCounterMode(display=False)
         with torch.inference_mode(), counter:
-            den(feed["x"], feed["t"], feed.get("cond"))
+            den(feed["x"], feed["t"], feed.get("cond"), **{k: v for k, v in feed.items() if k in Inputs.EXTRA_ROLES})
         out[str(batch)] = int(counter.get_total_flops())
     by_op = {}
     with contextlib.suppress(Exception):

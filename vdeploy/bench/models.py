@@ -98,6 +98,8 @@ def seed_unet(module, unet, config: dict, device):
         raise RuntimeError("the seed 0.6.3 model has GroupNorm only (config norm_type is not 'group')")
     if kwargs.pop("frame_conditioning", False):
         raise RuntimeError("the seed 0.6.3 model has no frame conditioning (config frame_conditioning is true)")
+    if kwargs.pop("text_cross_attention", False):
+        raise RuntimeError("the seed 0.6.3 model has no token text conditioning (config text_cross_attention is true)")
     model = module.Unet3D(**kwargs)
     model.load_state_dict(unet.state_dict(), strict=True)
     return model.eval().requires_grad_(False).to(device)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vdeploy.runtime.cond_row import TokenLayout
+
 from .common import GUIDANCE_SCALE, Inputs, first_line
 
 TORCH_ROWS = {
@@ -130,11 +132,12 @@ def torch_call(model, inputs: Inputs, batch: int, device, cuda: bool, autocast=N
 
     feed = inputs.torch(batch, device)
     x, t, cond = feed["x"], feed["t"], feed.get("cond")
+    extras = {k: v for k, v in feed.items() if k in Inputs.EXTRA_ROLES}  # Denoiser takes them by role
     cast = (lambda: torch.autocast("cuda", dtype=autocast)) if autocast is not None else contextlib.nullcontext
 
     def call():
         with torch.inference_mode(), cast():
-            out = model(x, t, cond=cond)
+            out = model(x, t, cond=cond, **extras)
         if cuda:
             torch.cuda.synchronize()
         return out
@@ -148,8 +151,12 @@ def runtime_call(backend, graph, inputs: Inputs, batch: int, null_cond=None):
     from vdeploy.runtime.samplers import guided
 
     feed = inputs.numpy(batch)
-    names = {role: graph.input(role).name for role in ("x", "t", "cond") if graph.input(role) is not None}
+    names = {role: graph.input(role).name for role in ("x", "t", "cond", *Inputs.EXTRA_ROLES)
+             if graph.input(role) is not None}
     feeds = {names[role]: feed[role] for role in names}
+    # the roles guidance does not change: the same in both branches here and in ``references`` (a token model's
+    # null branch keeps the tokens: the call's cost is the same, and the comparison against torch alike)
+    fixed = {names[role]: feed[role] for role in ("frames", "mask") if role in names}
     scale = graph.input("cond_scale")
     if scale is not None:
         shape = tuple(d if isinstance(d, int) else batch for d in scale.shape)
@@ -157,11 +164,29 @@ def runtime_call(backend, graph, inputs: Inputs, batch: int, null_cond=None):
     if null_cond is None:
         return lambda: backend.run(feeds)[0]
 
-    def denoise(x, t, cond):
-        return backend.run({names["x"]: x, names["t"]: t, names["cond"]: cond})[0]
+    layout = token_layout(graph)
+    if layout is None:
+        def denoise(x, t, cond):
+            return backend.run({names["x"]: x, names["t"]: t, names["cond"]: cond, **fixed})[0]
 
+        cond = feed["cond"]
+    else:  # a token model: guidance moves packed rows (pooled | tokens | mask), as the Pipeline does
+        def denoise(x, t, rows):
+            pooled, tokens, mask = layout.split(rows)
+            return backend.run({names["x"]: x, names["t"]: t, names["cond"]: pooled, names["text_tokens"]: tokens,
+                                names["text_mask"]: mask, **fixed})[0]
+
+        cond = layout.pack(feed["cond"], feed["text_tokens"], feed["text_mask"])
     g = guided(denoise, null_cond, GUIDANCE_SCALE)
-    return lambda: g(feed["x"], feed["t"], feed["cond"])
+    return lambda: g(feed["x"], feed["t"], cond)
+
+
+def token_layout(graph):
+    """The conditioning-row layout of a token model's graph (``text_tokens`` input), else None."""
+    spec, cond = graph.input("text_tokens"), graph.input("cond")
+    if spec is None or cond is None:
+        return None
+    return TokenLayout(cond_dim=int(cond.shape[1]), max_tokens=int(spec.shape[1]))
 
 
 # ---------------------------------------------------------------------------------------------- rows --
@@ -306,15 +331,35 @@ def references(unet, config: dict, inputs: Inputs, batch: int, null_cond) -> dic
 
     den = Denoiser(unet, config["num_frames"]).cpu().eval()
     feed = inputs.torch(batch, "cpu")
+    extras = {k: v for k, v in feed.items() if k in Inputs.EXTRA_ROLES}
     with torch.inference_mode():
-        eps = den(feed["x"], feed["t"], feed.get("cond")).double().numpy()
+        eps = den(feed["x"], feed["t"], feed.get("cond"), **extras).double().numpy()
         out = {"eps": eps}
         if null_cond is not None and "cond" in feed:
-            null = den(feed["x"], feed["t"], torch.from_numpy(null_cond).expand_as(feed["cond"])).double().numpy()
+            null_extras = dict(extras)
+            null_pooled = null_cond
+            if "text_tokens" in feed:  # the packed null row of a token model: null pooled vector and null tokens
+                tokens = feed["text_tokens"]
+                layout = TokenLayout(cond_dim=tokens.shape[2], max_tokens=tokens.shape[1])
+                null_pooled, null_tokens, null_mask = layout.split(null_cond)
+                null_extras.update(text_tokens=torch.from_numpy(null_tokens).expand_as(tokens),
+                                   text_mask=torch.from_numpy(null_mask).expand_as(feed["text_mask"]))
+            null = den(feed["x"], feed["t"], torch.from_numpy(null_pooled).expand_as(feed["cond"]),
+                       **null_extras).double().numpy()
             out["guided"] = null + (eps - null) * GUIDANCE_SCALE
     return out
 
 
 def null_embedding(model) -> np.ndarray | None:
+    """The unconditional row guidance uses: the null embedding ``(1, cond_dim)``, for a token model packed with
+    its null token sequence (``runtime.cond_row``), as the Pipeline does; None without one."""
+    from vdeploy.runtime.model_files import null_tokens
+
     name = model.manifest.conditioning.null_embedding
-    return None if not name else np.load(Path(model.path) / name).reshape(1, -1).astype(np.float32)
+    if not name:
+        return None
+    null = np.load(Path(model.path) / name).reshape(1, -1).astype(np.float32)
+    layout = token_layout(model.manifest.graphs["denoiser"])
+    if layout is None:
+        return null
+    return layout.null_row(null, null_tokens(Path(model.path), model.manifest, layout.max_tokens))
