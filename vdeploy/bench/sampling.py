@@ -34,6 +34,20 @@ class TimedBackend:
             self.inner.close()
 
 
+def random_conditioning(seed: int, config: dict) -> dict[str, np.ndarray]:
+    """The sampling comparison's conditioning, the same for torch and the runtime: a random ``cond`` (1, cond_dim)
+    where the model has one, and for a token model random ``text_tokens`` with an all-kept ``text_mask``."""
+    if not config.get("cond_dim"):
+        return {}
+    rng = np.random.default_rng(seed)
+    out = {"cond": rng.standard_normal((1, config["cond_dim"]), dtype=np.float32)}
+    if config.get("text_cross_attention"):
+        tokens = int(config.get("text_max_tokens", 16))
+        out["text_tokens"] = rng.standard_normal((1, tokens, config["cond_dim"]), dtype=np.float32)
+        out["text_mask"] = np.ones((1, tokens), np.float32)
+    return out
+
+
 def seed_sampler(seed: int, config: dict, unet, device: str):
     """``(run(k) -> seconds for the first k steps of the seed's p_sample_loop, description)``."""
     import torch
@@ -44,10 +58,8 @@ def seed_sampler(seed: int, config: dict, unet, device: str):
 
     tdev = torch.device(device)
     shape = (1, config["channels"], config["num_frames"], config["image_size"], config["image_size"])
-    cond = None
-    if config.get("cond_dim"):
-        cond = torch.from_numpy(np.random.default_rng(seed).standard_normal((1, config["cond_dim"]),
-                                                                            dtype=np.float32)).to(tdev)
+    conditioning = {k: torch.from_numpy(v).to(tdev) for k, v in random_conditioning(seed, config).items()}
+    cond = conditioning.pop("cond", None)
     try:
         module = load_seed_module()
         model = seed_unet(module, unet, config, tdev)
@@ -56,10 +68,10 @@ def seed_sampler(seed: int, config: dict, unet, device: str):
     except Exception as e:  # noqa: BLE001
         from vdeploy.diffusion import GaussianDiffusion
 
-        log.warning("the seed package is not importable (%s); using vdeploy.diffusion's faithful copy", e)
+        log.warning("the seed cannot run this model (%s); using vdeploy.diffusion's faithful copy", e)
         diffusion = GaussianDiffusion(unet, **vconfig.diffusion_kwargs(config)).to(tdev)
-        what = f"vdeploy.diffusion.GaussianDiffusion.p_sample_loop (seed package not importable: {e})"
-        counted, kwargs = unet, {"progress": False}
+        what = f"vdeploy.diffusion.GaussianDiffusion.p_sample_loop (the seed cannot run this model: {e})"
+        counted, kwargs = unet, {"progress": False, **conditioning}  # a token model's text_tokens/text_mask
 
     def run(k: int) -> float:
         calls = [0]
@@ -102,9 +114,10 @@ def measure_sampling(args, config: dict, unet, row, per_call_s: float, device: s
     timed = TimedBackend(open_graph(row.backend, directory, manifest, graph, options))
     pipe = Pipeline(directory, manifest, timed, graph=graph)
     seed_run, seed_what = seed_sampler(args.seed, config, unet, device)
-    cond = None
-    if config.get("cond_dim"):
-        cond = np.random.default_rng(args.seed).standard_normal((1, config["cond_dim"]), dtype=np.float32)
+    conditioning = random_conditioning(args.seed, config)
+    cond = conditioning.get("cond")
+    if "text_tokens" in conditioning:  # a token model's conditioning row packs pooled | tokens | mask
+        cond = pipe.token_layout.pack(cond, conditioning["text_tokens"], conditioning["text_mask"])
 
     def runtime_run(sampler: str, steps: int | None, stop_after: int | None) -> tuple[float, float, int]:
         done = [0]
