@@ -17,6 +17,16 @@ from .atomic import atomic_path
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
+def _as_batch(video) -> np.ndarray:
+    """``(c, f, h, w)`` or ``(b, c, f, h, w)`` -> float32 ``(b, c, f, h, w)``; any other shape is a ValueError."""
+    video = np.asarray(video, dtype=np.float32)
+    if video.ndim == 4:
+        video = video[None]
+    if video.ndim != 5:
+        raise ValueError(f"video must be (c, f, h, w) or (b, c, f, h, w), got shape {video.shape}")
+    return video
+
+
 def to_frames(video: np.ndarray, pad: int = 2) -> np.ndarray:
     """``(c, f, h, w)`` or ``(b, c, f, h, w)`` floats in [0, 1] -> uint8 frames ``(f, H, W, c)``.
 
@@ -25,11 +35,7 @@ def to_frames(video: np.ndarray, pad: int = 2) -> np.ndarray:
     (j w)'``); a single video, ``(c, f, h, w)`` or a batch of one, keeps the model's size. Values map to bytes
     as torchvision's ``ToPILImage`` does (``x * 255`` truncated).
     """
-    video = np.asarray(video, dtype=np.float32)
-    if video.ndim == 4:
-        video = video[None]
-    if video.ndim != 5:
-        raise ValueError(f"video must be (c, f, h, w) or (b, c, f, h, w), got shape {video.shape}")
+    video = _as_batch(video)
     b, c, f, h, w = video.shape
     if c not in _MODES:
         raise ValueError(f"video has {c} channels; GIF/MP4 frames need 1, 3 or 4")
@@ -57,11 +63,7 @@ def caption(video: np.ndarray, labels, min_width: int = 128) -> np.ndarray:
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    video = np.asarray(video, dtype=np.float32)
-    if video.ndim == 4:
-        video = video[None]
-    if video.ndim != 5:
-        raise ValueError(f"video must be (c, f, h, w) or (b, c, f, h, w), got shape {video.shape}")
+    video = _as_batch(video)
     b, c, f, h, w = video.shape
     labels = [str(label) for label in labels]
     if len(labels) != b:

@@ -51,6 +51,24 @@ def single_thread_torch() -> None:
     torch.set_num_threads(1)
 
 
+def save_tiny_bert(folder: Path, vocab: list[str]) -> Path:
+    """A tiny random BERT (hidden 12) with a WordPiece tokenizer over ``vocab``, saved the way HF saves models."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    try:
+        from transformers import BertTokenizerFast as Tokenizer
+    except ImportError:  # transformers >= 5 folds the fast tokenizer into BertTokenizer
+        from transformers import BertTokenizer as Tokenizer
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    Tokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=12, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=32)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
 def tiny_unet(config: dict = TINY_EXPORT_CONFIG, seed: int = 0):
     """A tiny ``vdeploy.model.Unet3D`` with random weights (null embedding and position bias included)."""
     import torch

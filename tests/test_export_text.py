@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from export_fixtures import TINY_EXPORT_CONFIG, single_thread_torch, tiny_unet, write_vdeploy_checkpoint
+from export_fixtures import TINY_EXPORT_CONFIG, save_tiny_bert, single_thread_torch, tiny_unet, write_vdeploy_checkpoint
 from vdeploy.export.checks import ort_session
 from vdeploy.export.spec import FP32_ATOL, ExportError
 from vdeploy.runtime import manifest as vmanifest
@@ -22,20 +22,7 @@ CAPTIONS = ["a red circle moving left", "green", "a blue square moving up and do
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     """A tiny random BERT (hidden 12) with a WordPiece tokenizer, saved the way HF saves models."""
-    from transformers import BertConfig, BertModel
-
-    try:
-        from transformers import BertTokenizerFast as Tokenizer
-    except ImportError:  # transformers >= 5 folds the fast tokenizer into BertTokenizer
-        from transformers import BertTokenizer as Tokenizer
-    folder = tmp_path_factory.mktemp("bert")
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    Tokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=12, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=24, max_position_embeddings=32)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"), VOCAB)
 
 
 def _runtime_embed(folder, texts):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from export_fixtures import single_thread_torch
+from export_fixtures import save_tiny_bert, single_thread_torch
 from vdeploy import config as C
 from vdeploy.diffusion import GaussianDiffusion
 from vdeploy.model import Unet3D
@@ -30,20 +30,7 @@ TOKEN_CONFIG = {**CONFIG, "text_cross_attention": True, "text_max_tokens": MAX_T
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     """A tiny random BERT (hidden 12) with a WordPiece tokenizer, saved the way HF saves models."""
-    from transformers import BertConfig, BertModel
-
-    try:
-        from transformers import BertTokenizerFast as Tokenizer
-    except ImportError:  # transformers >= 5 folds the fast tokenizer into BertTokenizer
-        from transformers import BertTokenizer as Tokenizer
-    folder = tmp_path_factory.mktemp("bert")
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    Tokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=12, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=24, max_position_embeddings=32)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"), VOCAB)
 
 
 def token_unet(seed: int = 0, config: dict = TOKEN_CONFIG) -> tuple[Unet3D, dict]:
