@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from .common import Stop, load_average, log, progress
+from .common import Inputs, Stop, load_average, log, progress
 
 
 class TimedBackend:
@@ -37,15 +37,7 @@ class TimedBackend:
 def random_conditioning(seed: int, config: dict) -> dict[str, np.ndarray]:
     """The sampling comparison's conditioning, the same for torch and the runtime: a random ``cond`` (1, cond_dim)
     where the model has one, and for a token model random ``text_tokens`` with an all-kept ``text_mask``."""
-    if not config.get("cond_dim"):
-        return {}
-    rng = np.random.default_rng(seed)
-    out = {"cond": rng.standard_normal((1, config["cond_dim"]), dtype=np.float32)}
-    if config.get("text_cross_attention"):
-        tokens = int(config.get("text_max_tokens", 16))
-        out["text_tokens"] = rng.standard_normal((1, tokens, config["cond_dim"]), dtype=np.float32)
-        out["text_mask"] = np.ones((1, tokens), np.float32)
-    return out
+    return {k: v for k, v in Inputs(config, seed).numpy(1).items() if k in ("cond", "text_tokens", "text_mask")}
 
 
 def seed_sampler(seed: int, config: dict, unet, device: str):
