@@ -1,9 +1,11 @@
-"""The trainer's small parts, each its own concern: the EMA, the resumable data order, the frame-conditioning
-masks, the log trimming on resume, graceful Ctrl-C, the indexed dataset wrapper and the ``Accelerator`` set-up."""
+"""The trainer's small parts, each its own concern: the EMA, the resumable data order, the captions embedded once,
+the frame-conditioning masks, the log trimming on resume, graceful Ctrl-C, the indexed dataset wrapper and the
+``Accelerator`` set-up."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import sys
@@ -15,7 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vdeploy.data import Dataset
+from vdeploy.data import DataError, Dataset
+
+logger = logging.getLogger("vdeploy.trainer")  # the trainer's log, as before these parts moved here
 
 
 def num_to_groups(num: int, divisor: int) -> list[int]:
@@ -81,6 +85,43 @@ class DataOrder:
 # masked frame conditioning (MCVD, Voleti et al. 2022): what each clip of a batch is trained for
 MASK_KINDS = ("generation", "prediction", "interpolation")
 DEFAULT_MASK_PROBS = (0.4, 0.4, 0.2)
+
+
+def embed_captions(ds: Dataset, diffusion_model, tokens: bool, device):
+    """The dataset's captions through ``diffusion_model``'s text encoder, once per distinct caption:
+    ``(cond_table, caption_rows, token_table, token_mask_table)``: the pooled vector of every item, and for a token
+    model (``tokens``) each item's row into the per-caption token embeddings and masks (else three Nones).
+
+    Raises:
+        DataError: an item has no caption.
+        ValueError: the diffusion model has no text encoder.
+    """
+    missing = [p for p, c in zip(ds.paths, ds.captions) if not c]
+    if missing:
+        raise DataError(
+            f"the model is conditional (cond_dim) but {len(missing)} of {len(ds)} videos have no caption "
+            f"(.txt beside the .gif), e.g. {missing[0]}"
+        )
+    if diffusion_model.text_encoder is None:
+        raise ValueError("the model is conditional but the diffusion model has no text encoder attached")
+    unique = sorted(set(ds.captions))
+    embs, token_parts, masks = [], [], []
+    for i in range(0, len(unique), 256):
+        if tokens:  # one encoder pass: the pooled vector and the tokens
+            cond, text = diffusion_model.text_inputs(unique[i : i + 256], device=torch.device("cpu"))
+            token_parts.append(text["text_tokens"])
+            masks.append(text["text_mask"])
+        else:
+            cond = diffusion_model.embed_text(unique[i : i + 256], torch.device("cpu"))
+        embs.append(cond)
+    by_caption = dict(zip(unique, torch.cat(embs)))
+    cond_table = torch.stack([by_caption[c] for c in ds.captions]).to(device)
+    logger.info("embedded %d distinct captions once", len(unique))
+    if not tokens:
+        return cond_table, None, None, None
+    row = {c: i for i, c in enumerate(unique)}
+    caption_rows = torch.tensor([row[c] for c in ds.captions], device=device)
+    return cond_table, caption_rows, torch.cat(token_parts).to(device), torch.cat(masks).to(device)
 
 
 def check_mask_probs(probs, num_frames: int) -> tuple[float, float, float]:

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from vdeploy import checkpoint as ckpt_io
 from vdeploy import config as vconfig
 from vdeploy.runtime import atomic
-from vdeploy.data import DataError, Dataset, video_tensor_to_gif
+from vdeploy.data import Dataset, video_tensor_to_gif
 from vdeploy.diffusion import GaussianDiffusion
 from vdeploy.train_parts import (  # noqa: F401 (EMA, DataOrder, num_to_groups: public names of this module)
     DEFAULT_MASK_PROBS,
@@ -60,6 +60,7 @@ from vdeploy.train_parts import (  # noqa: F401 (EMA, DataOrder, num_to_groups: 
     _log_lines_until,
     _make_accelerator,
     check_mask_probs,
+    embed_captions,
     frame_masks,
     num_to_groups,
 )
@@ -189,8 +190,11 @@ class Trainer:
                                             diffusion_model.num_frames) if self.frame_conditioning else None)
         self.text_encoder = diffusion_model.text_encoder
         self.text_tokens = bool(getattr(unet, "text_cross_attention", False))
-        self.caption_rows = self.token_table = self.token_mask_table = None  # token models: per distinct caption
-        self.cond_table = self._embed_captions(diffusion_model) if self.has_cond else None
+        # the captions embedded once: pooled vectors per item; a token model's tokens and masks per distinct caption
+        self.cond_table = self.caption_rows = self.token_table = self.token_mask_table = None
+        if self.has_cond:
+            (self.cond_table, self.caption_rows, self.token_table,
+             self.token_mask_table) = embed_captions(self.ds, diffusion_model, self.text_tokens, self.device)
 
         self.data_order = DataOrder(len(self.ds), seed=seed)
         self.consumed = 0  # samples of the data order the batches handed out so far used (all processes)
@@ -213,34 +217,6 @@ class Trainer:
     @property
     def unwrapped_model(self) -> GaussianDiffusion:
         return self.accelerator.unwrap_model(self.model)
-
-    def _embed_captions(self, diffusion_model: GaussianDiffusion) -> torch.Tensor:
-        missing = [p for p, c in zip(self.ds.paths, self.ds.captions) if not c]
-        if missing:
-            raise DataError(
-                f"the model is conditional (cond_dim) but {len(missing)} of {len(self.ds)} videos have no caption "
-                f"(.txt beside the .gif), e.g. {missing[0]}"
-            )
-        if self.text_encoder is None:
-            raise ValueError("the model is conditional but the diffusion model has no text encoder attached")
-        unique = sorted(set(self.ds.captions))
-        embs, tokens, masks = [], [], []
-        for i in range(0, len(unique), 256):
-            if self.text_tokens:  # one encoder pass: the pooled vector and the tokens
-                cond, text = diffusion_model.text_inputs(unique[i : i + 256], device=torch.device("cpu"))
-                tokens.append(text["text_tokens"])
-                masks.append(text["text_mask"])
-            else:
-                cond = diffusion_model.embed_text(unique[i : i + 256], torch.device("cpu"))
-            embs.append(cond)
-        by_caption = dict(zip(unique, torch.cat(embs)))
-        if self.text_tokens:
-            row = {c: i for i, c in enumerate(unique)}
-            self.caption_rows = torch.tensor([row[c] for c in self.ds.captions], device=self.device)
-            self.token_table = torch.cat(tokens).to(self.device)
-            self.token_mask_table = torch.cat(masks).to(self.device)
-        logger.info("embedded %d distinct captions once", len(unique))
-        return torch.stack([by_caption[c] for c in self.ds.captions]).to(self.device)
 
     def text_of(self, idx) -> dict:
         """The cached token inputs ``{"text_tokens", "text_mask"}`` of dataset items ``idx`` (a token model's;
