@@ -14,6 +14,9 @@
 #
 # Steps (each under its own timeout; a step that fails or times out is recorded and the next one runs):
 #   env      GPU, driver, python, torch/CUDA, onnxruntime and its providers, cupy, ... (first lines printed)
+#   (warm)   in the background from here on, on the upper half of the CPU cores: torch.compile of base under
+#            autocast fp16 at batch 1 and 4 (80-100 s per shape), so that the compile step finds inductor's cache
+#            warm; the steps in the foreground run on the lower half (OUT/compile-warm.log)
 #   parity   benchmarks/gpu_parity.py: a random tiny model, parity (dpmpp 13 steps, ddpm 100) on onnxruntime
 #            CPU fp32 and on the device at fp32, tf32 (judged by atol) and fp16 (by video PSNR); one call per
 #            precision vs onnxruntime CPU
@@ -23,22 +26,23 @@
 #   device   benchmarks/gpu_device.py: the device-resident loop (samplers on CuPy, IO binding, CUDA graph,
 #            prefetched noise) against the host loop on the base export, dpmpp 13 and ddpm 100: ms per step,
 #            share outside the denoiser, video difference
+#   serve    benchmarks/serve_load.py --quick (batching on/off/auto) where the [serve] extra imports
+#   compile  after the warm-up (waited for at most W_WARM s, then stopped): torch.compile under autocast fp16
+#            beside torch eager (fp32, fp16) and the runtime (fp32, fp16) at batch 1 and 4, one run
 #   fp16     benchmarks/gpu_fp16_choice.py --device cuda: the converter's fp16 graph against a half-precision
 #            torch export (tiny, small), dpmpp 13 steps: per call, video PSNR
-#   compile  torch.compile of base at batch 1 beside torch eager (compile time measured apart)
-#   serve    benchmarks/serve_load.py --quick (batching on/off/auto) where the [serve] extra imports
 #   summary  OUT/summary.json and OUT/summary.md from all of the above, with each step's status and seconds
 # Every step writes OUT/<step>.log; OUT/steps.jsonl has one line per step (rc 124: timed out).
 #
 # Python: $PYTHON, else the checkout's .venv, else python3. Where vdeploy does not import, the checkout is put
-# on the path through a folder of links. Timeouts: T_PARITY, T_LATENCY, T_DEVICE, T_FP16, T_COMPILE, T_SERVE (s);
+# on the path through a folder of links. Timeouts: T_PARITY, T_LATENCY, T_DEVICE, T_SERVE, T_COMPILE, T_FP16 (s);
 # BUDGET (default 440 s; with the 30 s summary under 8 min) caps the whole run: a step gets at most what is left.
 # DEVICE=cpu runs the same steps on the CPU; QUICK=1 shrinks them (tiny configs, fewer rounds) to check the
 # script itself.
 set -uo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -134,6 +138,7 @@ if ! (cd / && "$py" -c 'import vdeploy.bench, vdeploy.export, vdeploy.runtime' 2
 fi
 cd /tmp || exit 2  # python from outside the checkout: its bare vdeploy/ folder must not shadow the package
 
+pin=  # set below while the compile warm-up holds the upper half of the cores: taskset for the foreground steps
 # step NAME TIMEOUT CMD...: run CMD with its output in OUT/NAME.log, under TIMEOUT (capped by what is left of
 # BUDGET), and record {"step", "rc", "seconds", "timeout_s"} in OUT/steps.jsonl. Never stops the script.
 step() {
@@ -148,7 +153,7 @@ step() {
     ((limit > left)) && limit=$left
     echo "gpu.sh: [$name] start (timeout ${limit} s, $((SECONDS - start)) s elapsed)" >&2
     local t0=$SECONDS
-    timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+    timeout -k 10 "$limit" ${pin:+$pin} "$@" > "$out/$name.log" 2>&1
     local rc=$?
     local took=$((SECONDS - t0))
     echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $took, \"timeout_s\": $limit}" >> "$out/steps.jsonl"
@@ -210,38 +215,64 @@ if [[ $device == cuda ]]; then
     rows=$rows,ort-cuda-nograph-fp16
     serve_args=(--quick)
     fp16_configs=tiny,small
+    compile_rows=torch,torch-fp16,torch-compile-fp16,ort-cuda,ort-cuda-fp16
 else
     backend=cpu precisions=fp32,fp16 samplers=dpmpp:13,ddpm:100 config=small batches=1,4,8 repeats=10
     rows=torch,ort,ort-fp16
     serve_args=(--quick)
     fp16_configs=tiny
+    compile_rows=torch,torch-compile,ort
 fi
+compile_batches=1,4
 work=${WORK:-/tmp/vdeploy-gpu-work}  # the base export, shared by latency, device and compile (kept out of OUT)
 device_samplers=dpmpp:13,ddpm:100 fp16_steps=13
 if [[ $quick == 1 ]]; then
     device_samplers=dpmpp:4,ddpm:3 fp16_steps=3
-    samplers=dpmpp:4 config=tiny batches=1,2 repeats=2
+    samplers=dpmpp:4 config=tiny batches=1,2 repeats=2 compile_batches=1,2
     serve_args=(--quick --config tiny --concurrency 1,2 --modes on,off)
 fi
 
-step parity "${T_PARITY:-120}" "$py" "$root/benchmarks/gpu_parity.py" --out "$out/parity" --backend "$backend" \
+# ---- the compile warm-up, in the background on the upper half of the cores (the compile step reuses its cache)
+warm_pid=
+cores=$(nproc)
+if ((cores >= 8)) && command -v taskset > /dev/null; then
+    pin="taskset -c 0-$((cores / 2 - 1))"
+    warm_pin=(taskset -c "$((cores / 2))-$((cores - 1))")
+    warm_threads=$((cores / 2))
+else
+    warm_pin=() warm_threads=1
+fi
+echo "gpu.sh: [warm] torch.compile $compile_rows at batches $compile_batches in the background${pin:+ (foreground: $pin)}" >&2
+TORCHINDUCTOR_COMPILE_THREADS=$warm_threads "${warm_pin[@]}" "$py" - "$config" "$compile_rows" "$compile_batches" \
+    > "$out/compile-warm.log" 2>&1 <<'EOF_PY' &
+import sys, time
+import torch
+from vdeploy.bench import common, models, rows
+spec, names, batches = sys.argv[1], set(sys.argv[2].split(",")), [int(b) for b in sys.argv[3].split(",")]
+device = "cuda" if torch.cuda.is_available() else "cpu"
+config = models.resolve_config(spec, None)[1]
+unet = models.random_unet(config, 0).to(device)  # the weights, inputs and shapes latency.py --seed 0 uses
+for row in rows.torch_rows(names, unet, config, common.Inputs(config, 0), device, len(batches)):
+    if not row.name.startswith("torch-compile"):
+        continue
+    for b in batches:
+        t0 = time.perf_counter()
+        row.make(b)()
+        print(f"{row.name} batch {b}: compile + first call {time.perf_counter() - t0:.1f} s", flush=True)
+EOF_PY
+warm_pid=$!
+
+step parity "${T_PARITY:-60}" "$py" "$root/benchmarks/gpu_parity.py" --out "$out/parity" --backend "$backend" \
     --precisions "$precisions" --samplers "$samplers"
 
-step latency "${T_LATENCY:-170}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
+step latency "${T_LATENCY:-160}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
     --batches "$batches" --repeats "$repeats" --warmup 3 --backends "$rows" --skip flops,coldstart,profile,quality \
     --sampling-rounds 1 --dpmpp-steps 13 --work "$work" --json "$out/latency.json" --plot "$out/latency.png"
 
 model=$work/model
 [[ -f $model/vdeploy.json ]] || model=$out/parity/model  # the latency step's export failed: the tiny one
-step device "${T_DEVICE:-60}" "$py" "$root/benchmarks/gpu_device.py" "$model" --backend "$backend" \
+step device "${T_DEVICE:-50}" "$py" "$root/benchmarks/gpu_device.py" "$model" --backend "$backend" \
     --samplers "$device_samplers" --json "$out/device.json"
-
-step fp16 "${T_FP16:-90}" "$py" "$root/benchmarks/gpu_fp16_choice.py" --device "$backend" --configs "$fp16_configs" \
-    --steps "$fp16_steps" --out "$out/fp16"
-
-step compile "${T_COMPILE:-120}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
-    --batches "${batches%%,*}" --repeats "$repeats" --warmup 2 --backends torch,torch-compile \
-    --skip flops,sampling,coldstart,profile,quality --work "$work" --json "$out/compile.json"
 
 if "$py" -c 'import starlette, uvicorn, prometheus_client' 2>/dev/null; then
     step serve "${T_SERVE:-80}" "$py" "$root/benchmarks/serve_load.py" --backend "$backend" "${serve_args[@]}" \
@@ -250,6 +281,27 @@ else
     echo "gpu.sh: [serve] skipped: starlette/uvicorn/prometheus_client do not import (the [serve] extra)" >&2
     echo '{"step": "serve", "rc": null, "seconds": 0, "timeout_s": 0, "skipped": "[serve] extra missing"}' >> "$out/steps.jsonl"
 fi
+
+# the warm-up: waited for at most W_WARM s (and never past the budget), then stopped; the compile step then
+# compiles what it did not
+t0=$SECONDS
+while kill -0 "$warm_pid" 2>/dev/null && ((SECONDS - t0 < ${W_WARM:-60} && budget - (SECONDS - start) > 60)); do
+    sleep 2
+done
+if kill -0 "$warm_pid" 2>/dev/null; then
+    kill "$warm_pid" 2>/dev/null
+    echo "gpu.sh: [warm] stopped after $((SECONDS - start)) s (not done)" >&2
+fi
+wait "$warm_pid" 2>/dev/null
+pin=
+sed 's/^/gpu.sh: [warm] /' "$out/compile-warm.log" | tail -n 6 >&2
+
+step compile "${T_COMPILE:-110}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
+    --batches "$compile_batches" --compile-batches 2 --repeats 20 --warmup 2 --backends "$compile_rows" \
+    --skip flops,sampling,coldstart,profile,quality --work "$work" --json "$out/compile.json"
+
+step fp16 "${T_FP16:-75}" "$py" "$root/benchmarks/gpu_fp16_choice.py" --device "$backend" --configs "$fp16_configs" \
+    --steps "$fp16_steps" --out "$out/fp16"
 
 timeout -k 5 30 "$py" "$root/benchmarks/gpu_summary.py" "$out" > "$out/summary.log" 2>&1 \
     || echo "gpu.sh: [summary] FAILED: $(tail -n 3 "$out/summary.log")" >&2

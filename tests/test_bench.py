@@ -212,3 +212,24 @@ def test_a_per_call_budget_cuts_rounds_from_the_warm_up_estimate_and_says_so(mon
     table = section_table("per_call", {"config": {"batches": [1, 2], "repeats": 40, "warmup": 2,
                                                   "rounds": {"1": 56, "2": 28}}, "results": {}})
     assert "median (min) of 56 at batch 1, 28 at batch 2 interleaved rounds" in table
+
+
+def test_compiled_rows_time_the_first_compile_batches_and_autocast_rows_need_cuda():
+    """`--compile-batches N`: the torch.compile rows compile and time only the first N batch sizes (each size is
+    a compile of minutes on CUDA, where the default is 1); the autocast rows (compiled or not) exist on CUDA only.
+    torch.compile is lazy, so opening the rows compiles nothing."""
+    from vdeploy.bench import common, models, rows
+    from vdeploy.bench.cli import parse_args
+
+    config = models.resolve_config("tiny", None)[1]
+    unet = models.random_unet(config, 0)
+    wanted = {"torch", "torch-compile", "torch-compile-fp16", "torch-fp16"}
+    got = {r.name: r for r in rows.torch_rows(wanted, unet, config, common.Inputs(config, 0), "cpu", 2)}
+    assert set(got) == {"torch", "torch-compile"}  # no autocast rows off CUDA
+    assert got["torch-compile"].max_batches == 2 and got["torch"].max_batches is None
+    assert "first 2 batch size(s)" in got["torch-compile"].extra["note"]
+    everything = rows.torch_rows({"torch-compile"}, unet, config, common.Inputs(config, 0), "cpu")
+    assert everything[0].max_batches is None  # the CPU default: every batch size
+    assert parse_args(["--compile-batches", "2"]).compile_batches == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--compile-batches", "0"])

@@ -162,6 +162,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--per-call-budget", type=float, default=None,
                    help="seconds of timed per-call rounds, all batch sizes together: fewer rounds than --repeats "
                    "(at least 5) where the warm-up calls estimate more [no budget]")
+    p.add_argument("--compile-batches", type=int, default=None,
+                   help="batch sizes (the first N of --batches) the torch.compile rows compile and time [all on "
+                   "the CPU; 1 on CUDA, where each takes minutes]")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for torch and onnxruntime "
                    "[physical cores]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -209,6 +212,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         args.config = "small"
     if args.repeats < 1 or args.warmup < 0 or not args.batches or min(args.batches) < 1:
         p.error("--repeats must be >= 1, --warmup >= 0, --batches positive")
+    if args.compile_batches is not None and args.compile_batches < 1:
+        p.error("--compile-batches must be >= 1")
     if args.per_call_budget is not None and not args.per_call_budget > 0:
         p.error("--per-call-budget must be a positive number of seconds")
     if any(s < 1 for s in args.quality_steps):
@@ -278,7 +283,7 @@ def run(args: argparse.Namespace) -> dict:
         else:
             refs = rows.references(unet.cpu(), config, inputs, args.batches[0], rows.null_embedding(model))
         unet = unet.to(device)
-        timed = rows.torch_rows(wanted, unet, config, inputs, device)
+        timed = rows.torch_rows(wanted, unet, config, inputs, device, args.compile_batches)
         runtime, skipped = rows.runtime_rows(wanted, model, inputs, threads)
         timed += runtime
         if args.backend_list is not None:

@@ -128,7 +128,7 @@ def _per_call(report: dict) -> list[str]:
         notes = [] if r["precision"] == "fp32" else [r["precision"]]
         if r["denoiser_evals_per_call"] > 1:
             notes.append(f"{r['denoiser_evals_per_call']} evals/call")
-        if name == "torch-compile" and r["first_call_s"]:
+        if name.startswith("torch-compile") and r["first_call_s"]:
             first = next(iter(r["first_call_s"].values()))
             notes.append(f"compile + first call {first:.0f} s (inductor cache may be warm)")
         lines.append(f"| {name} | " + " | ".join(fmt_ms(r["per_call_ms"].get(b)) for b in batches)

@@ -26,9 +26,11 @@ TORCH_ROWS = {
     "torch-compile": "torch.compile of vdeploy's Unet3D (inductor)",
     "torch-fp16": "torch eager under autocast float16 (CUDA only)",
     "torch-bf16": "torch eager under autocast bfloat16 (CUDA only)",
+    "torch-compile-fp16": "torch.compile of vdeploy's Unet3D under autocast float16 (CUDA only)",
+    "torch-compile-bf16": "torch.compile of vdeploy's Unet3D under autocast bfloat16 (CUDA only)",
 }
 # torch.compile of the base U-Net takes 80-100 s per input shape on an H200 (inductor): on CUDA only the first
-# batch size is compiled and timed, so a GPU run stays within its minutes
+# batch size is compiled and timed unless asked (``--compile-batches``), so a GPU run stays within its minutes
 CUDA_COMPILE_BATCHES = 1
 # row names of the onnxruntime backends in earlier reports; other backends' rows carry their table name
 ROW_PREFIX = {"cpu": "ort", "cuda": "ort-cuda", "tensorrt-ep": "ort-trt-ep"}
@@ -203,7 +205,10 @@ def _open(row: Row, opener: Callable[[], Callable[[int], Callable]]) -> Row:
     return row
 
 
-def torch_rows(wanted, unet, config: dict, inputs: Inputs, device: str) -> list[Row]:
+def torch_rows(wanted, unet, config: dict, inputs: Inputs, device: str,
+               compile_batches: int | None = None) -> list[Row]:
+    """The torch rows of ``TORCH_ROWS`` in ``wanted`` (the autocast ones on CUDA only). The compiled rows time
+    the first ``compile_batches`` batch sizes (default: all on the CPU, ``CUDA_COMPILE_BATCHES`` on CUDA)."""
     import torch
 
     from vdeploy.export.wrapper import Denoiser
@@ -217,32 +222,38 @@ def torch_rows(wanted, unet, config: dict, inputs: Inputs, device: str) -> list[
         model = seed_unet(load_seed_module(), unet, config, tdev)
         return lambda batch: torch_call(model, inputs, batch, tdev, cuda)
 
-    def compiled():
-        model = torch.compile(denoiser, dynamic=False)
-        return lambda batch: torch_call(model, inputs, batch, tdev, cuda)
+    def compiled(dtype=None):  # dtype: autocast traced into the compiled graph (its guards key on the mode)
+        def opener():
+            model = torch.compile(denoiser, dynamic=False)
+            return lambda batch: torch_call(model, inputs, batch, tdev, cuda, autocast=dtype)
+        return opener
 
     def autocast(dtype):
         return lambda: (lambda batch: torch_call(denoiser, inputs, batch, tdev, cuda, autocast=dtype))
 
     openers = {"torch-seed": seed, "torch": lambda: (lambda batch: torch_call(denoiser, inputs, batch, tdev, cuda)),
-               "torch-compile": compiled, "torch-fp16": autocast(torch.float16),
-               "torch-bf16": autocast(torch.bfloat16)}
+               "torch-compile": compiled(), "torch-fp16": autocast(torch.float16),
+               "torch-bf16": autocast(torch.bfloat16), "torch-compile-fp16": compiled(torch.float16),
+               "torch-compile-bf16": compiled(torch.bfloat16)}
+    if compile_batches is None and cuda:
+        compile_batches = CUDA_COMPILE_BATCHES
     rows = []
     for name, description in TORCH_ROWS.items():
         if name not in wanted or (name in AUTOCAST_ROWS and not cuda):
             continue
         row = _open(Row(name, "torch", description, device=device, precision=AUTOCAST_ROWS.get(name, "fp32")),
                     openers[name])
-        if name == "torch-compile":
+        if name.startswith("torch-compile"):
             row.extra["note"] = "compile time is in first_call_s; every batch size compiles once"
-            if cuda:
-                row.max_batches = CUDA_COMPILE_BATCHES
-                row.extra["note"] += f"; on CUDA only the first {CUDA_COMPILE_BATCHES} batch size(s) (minutes each)"
+            if compile_batches is not None:
+                row.max_batches = compile_batches
+                row.extra["note"] += f"; only the first {compile_batches} batch size(s) (minutes each on CUDA)"
         rows.append(row)
     return rows
 
 
-AUTOCAST_ROWS = {"torch-fp16": "fp16", "torch-bf16": "bf16"}
+AUTOCAST_ROWS = {"torch-fp16": "fp16", "torch-bf16": "bf16", "torch-compile-fp16": "fp16",
+                 "torch-compile-bf16": "bf16"}
 
 
 def runtime_rows(wanted, model, inputs: Inputs, threads: int) -> tuple[list[Row], list[Row]]:
