@@ -216,9 +216,14 @@ def clip_x0(x0: np.ndarray, dynamic_thres_percentile: float | None = None) -> np
 def _clip_x0_array_api(xp, x0, q):
     """``clip_x0`` in an array-API namespace. The percentile is numpy's ``quantile`` (method ``linear``, a Python
     float ``q``) written out: sort, then ``_lerp`` of the two neighbours in float32 with a Python weight, so the
-    thresholds are numpy's to the bit."""
+    thresholds are numpy's to the bit.
+
+    Bounds are ``minimum(maximum(x0, lo), hi)`` (numpy's ``clip`` to the bit, NaN and -0.0 included), not ``xp.clip``:
+    array-api-compat's ``clip`` for CuPy assigns through boolean masks, which waits for the device twice a call
+    (measured on an H200: the device loop spent 12.6% of each dpmpp step outside the denoiser with it); Python
+    scalars stay kernel arguments (no upload)."""
     if q is None:
-        return xp.clip(x0, -1.0, 1.0)
+        return xp.minimum(xp.maximum(x0, -1.0), 1.0)
     b, ndim = x0.shape[0], x0.ndim
     ordered = xp.sort(xp.reshape(xp.abs(x0), (b, -1)), axis=-1)
     n = ordered.shape[-1]
@@ -231,9 +236,8 @@ def _clip_x0_array_api(xp, x0, q):
     a, c = ordered[:, lower], ordered[:, upper]
     diff = c - a
     s = a + diff * gamma if gamma < 0.5 else c - diff * (1 - gamma)
-    s = xp.maximum(s, xp.asarray(1.0, dtype=s.dtype))
-    s = xp.reshape(s, (b, *(1,) * (ndim - 1)))
-    return xp.clip(x0, -s, s) / s
+    s = xp.reshape(xp.maximum(s, 1.0), (b, *(1,) * (ndim - 1)))
+    return xp.minimum(xp.maximum(x0, -s), s) / s
 
 
 def noise_source(noise: Iterable[np.ndarray] | None, rng: np.random.Generator | None, shape, what: str, xp=np):

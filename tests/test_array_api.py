@@ -210,3 +210,26 @@ def test_device_sample_takes_noise_drawn_on_the_device():
     got = device_loop.sample(pipe, xp=xps, denoise=lambda *a, **k: xps.asarray(bound(*a, **k)), cond=c,
                              sampler="ddpm", steps=3, seed=1, step_noise=iter([xps.asarray(v) for v in z]))
     np.testing.assert_array_equal(got, want)
+
+
+def test_clipping_on_a_device_namespace_is_numpy_clip_without_the_namespace_clip():
+    """Clipping x0 (fixed and dynamic thresholds) in a device namespace gives numpy's ``clip`` bit for bit (NaN and
+    -0.0 included) without calling the namespace's ``clip``: array-api-compat's CuPy ``clip`` assigns through
+    boolean masks, two device waits a step (an H200 run spent 12.6% of each dpmpp step outside the denoiser)."""
+    import types
+
+    from vdeploy.runtime.steps import _clip_x0_array_api, clip_x0
+
+    def refuse(*a, **k):
+        raise AssertionError("the namespace's clip was called")
+
+    no_clip = types.SimpleNamespace(**{name: getattr(xps, name) for name in dir(xps) if not name.startswith("__")})
+    no_clip.clip = refuse
+    x0 = np.random.default_rng(3).standard_normal((2, 3, 4, 5), dtype=np.float32) * 2
+    x0[0, 0, 0, 1:3] = [-0.0, 1.0]
+    for q, nan in ((None, True), (0.9, False)):  # (a NaN makes numpy's quantile, so a dynamic row, all NaN)
+        x0[0, 0, 0, 0] = np.nan if nan else 0.5
+        want = clip_x0(x0.copy(), dynamic_thres_percentile=q)
+        got = np.asarray(_clip_x0_array_api(no_clip, xps.asarray(x0), q))
+        np.testing.assert_array_equal(got, want)
+        assert np.signbit(got[0, 0, 0, 1]) == np.signbit(want[0, 0, 0, 1])
