@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="timed runs per path (the fastest is reported)")
     p.add_argument("--backend", default="cuda")
+    p.add_argument("--profile", type=int, default=0,
+                   help="after timing, one more device run under cProfile: its N costliest functions (own time, "
+                   "per step) in the JSON [0: none]")
     args = p.parse_args(argv)
 
     from vdeploy.runtime import Pipeline
@@ -60,10 +63,10 @@ def main(argv=None) -> int:
     if pipe.cond_dim:
         cond = np.random.default_rng(1).standard_normal((args.batch, pipe.cond_dim), dtype=np.float32)
 
-    def host(kwargs):
+    def host(kwargs):  # timed like the device run: preparing (the starting noise) to the video
+        t0 = time.perf_counter()
         run = pipe.prepare(**kwargs)
         denoise, timing = pipe.denoiser_for(run.cond_scale)
-        t0 = time.perf_counter()
         video = run.finish(drive(run.machine, denoise))
         return video, time.perf_counter() - t0, timing[1]
 
@@ -105,6 +108,8 @@ def main(argv=None) -> int:
             for path in ("host", "device"):
                 entry[path].pop("_total")
             entry["video_max_abs_diff"] = float(np.abs(videos["device"] - videos["host"]).max())
+            if args.profile:
+                entry["device_profile"] = _profile(lambda: device(kwargs), args.profile, steps or len(pipe.betas))
         except Exception as e:  # noqa: BLE001 - recorded, the next sampler runs
             entry["error"] = f"{type(e).__name__}: {e}"[:400]
         report["samplers"][name] = entry
@@ -113,6 +118,20 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(report, indent=1))
     pipe.close()
     return 0
+
+
+def _profile(run, top: int, steps: int) -> list[dict]:
+    """``run()`` under cProfile: the ``top`` functions by own time, as ms per step and calls per step."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, own s, cumulative s, ...)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{Path(f).name}:{line}({name})", "calls_per_step": round(v[0] / steps, 2),
+             "own_ms_per_step": round(1e3 * v[2] / steps, 4), "cum_ms_per_step": round(1e3 * v[3] / steps, 4)}
+            for (f, line, name), v in rows]
 
 
 if __name__ == "__main__":
