@@ -18,6 +18,11 @@ onnxruntime CPU has few fp16 kernels: it inserts Casts and computes most fp16 no
 InsertCastTransformer), so on the CPU the error measures fp16 storage of weights and activations between nodes,
 not fp16 arithmetic inside them; ``--device cuda`` runs the same comparison on the CUDA EP (benchmarks/gpu.sh).
 
+``--time-batches 1,4`` also times each candidate's fp16 graph on ``--device`` per call (median of ``--repeats``
+after warm-up; CUDA graphs as by default), with channels-last convolutions off and on (``BackendOptions.nhwc``)
+where the device is CUDA. ``--reuse DIR``: DIR is an export of the same preset and seed with the converter's fp16
+graph (``benchmarks/latency.py --work``'s ``model``), used instead of exporting again.
+
 Writes OUT/fp16_choice.json (after every measurement) and OUT/fp16_choice.md.
 """
 
@@ -114,6 +119,43 @@ def _one_call(model_dir: Path, device: str, precision: str) -> dict:
             "output_scale": float(np.abs(outs["ref"]).max())}
 
 
+def _timing(model_dir: Path, device: str, precision: str, batches: list[int], repeats: int) -> dict:
+    """``{"nchw"|"nhwc": {batch: median ms per call}}`` of the model's ``precision`` graph on ``device``."""
+    from vdeploy.runtime import manifest as vmanifest
+    from vdeploy.runtime.backends import BackendOptions, graph_for, open_graph
+
+    m = vmanifest.load(model_dir)
+    rng = np.random.default_rng(0)
+    out: dict = {}
+    for layout in ("nchw", "nhwc") if device == "cuda" else ("nchw",):
+        options = BackendOptions(precision=precision, nhwc=layout == "nhwc")
+        name = graph_for(device, m, options)
+        backend = open_graph(device, model_dir, m, name, options)
+        try:
+            for b in batches:
+                feeds = {}
+                for t in m.graphs[name].inputs:
+                    if t.role == "t":
+                        feeds[t.name] = rng.integers(0, m.config["timesteps"], b).astype(np.int64)
+                    elif t.role == "x":
+                        feeds[t.name] = rng.standard_normal((b, *m.video_shape)).astype(np.float32)
+                    else:
+                        feeds[t.name] = rng.standard_normal((b, t.shape[1])).astype(np.float32)
+                for _ in range(3):
+                    backend.run(feeds)
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    backend.run(feeds)
+                    times.append(1e3 * (time.perf_counter() - t0))
+                out.setdefault(layout, {})[str(b)] = round(float(np.median(times)), 3)
+        except Exception as e:  # noqa: BLE001 - recorded
+            out[layout] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            backend.close()
+    return out
+
+
 def _checks(graph: Path, oldest_python: str | None) -> dict:
     import onnx
 
@@ -140,7 +182,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=13)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--oldest-python", default=None, help="python of a venv with the oldest onnxruntime")
+    p.add_argument("--time-batches", default="", help="time each candidate per call at these batch sizes")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per batch size [20]")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="an export of the (one) preset and --seed with its fp16 graph, instead of exporting")
+    p.add_argument("--no-bf16", action="store_true", help="leave out the bf16 torch export")
     args = p.parse_args(argv)
+    time_batches = [int(b) for b in args.time_batches.split(",") if b.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -170,11 +218,16 @@ def main(argv=None) -> int:
         ckpt = write_checkpoint(unet, config, work / "model.pt")
         t0 = time.perf_counter()
         fp32_dir = work / "converter"
-        export_unet(unet, config, fp32_dir, fp16=True, optimize="none", source={"checkpoint": str(ckpt)})
+        if args.reuse is not None:
+            if fp32_dir.exists():
+                shutil.rmtree(fp32_dir)
+            shutil.copytree(args.reuse, fp32_dir)
+        else:
+            export_unet(unet, config, fp32_dir, fp16=True, optimize="none", source={"checkpoint": str(ckpt)})
         report.setdefault("export_s", {})[name] = round(time.perf_counter() - t0, 1)
         candidates = [("converter + block list", "fp16", fp32_dir)]
         for label, dtype_name, precision in (("half torch export", "float16", "fp16"),
-                                             ("bf16 torch export", "bfloat16", "fp16")):
+                                             ("bf16 torch export", "bfloat16", "fp16"))[:1 if args.no_bf16 else 2]:
             try:
                 candidates.append((label, precision, _half_export(unet, config, fp32_dir, work / dtype_name,
                                                                   dtype_name)))
@@ -191,6 +244,8 @@ def main(argv=None) -> int:
                                precision=precision, seed=args.seed, raise_on_failure=False, atol=math.inf)
                 row.update(worst_per_call=r["max_per_call_abs_err"], final=r["final_max_abs_err"],
                            psnr_db=r["psnr_db"], parity_s=round(time.perf_counter() - t1, 1))
+                if time_batches:
+                    row["ms_per_call"] = _timing(model_dir, args.device, precision, time_batches, args.repeats)
             except Exception as e:  # noqa: BLE001 - recorded (onnxruntime cannot run it, ...)
                 row["error"] = " ".join(f"{type(e).__name__}: {e}".split())[:400]
             report["rows"].append(row)
@@ -202,16 +257,20 @@ def main(argv=None) -> int:
         report["rows"].append({"config": name, "candidate": "fp32 graph", "precision": "fp32",
                                "worst_per_call": r["max_per_call_abs_err"], "final": r["final_max_abs_err"],
                                "psnr_db": r["psnr_db"]})
+        if time_batches:
+            precisions = ("fp32", "tf32") if args.device == "cuda" else ("fp32",)
+            report["rows"][-1]["ms_per_call"] = {p: _timing(fp32_dir, args.device, p, time_batches, args.repeats)
+                                                 for p in precisions}
         save()
     fmt = lambda v: "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"# fp16/bf16 graphs two ways ({args.sampler} {args.steps} steps on {args.device}, random weights)", "",
              "| config | candidate | onnx.checker | oldest onnxruntime | one call vs ORT fp32 (scale) | worst per call "
-             "| final | PSNR dB | error |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| final | PSNR dB | ms per call | error |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         lines.append(f"| {r['config']} | {r['candidate']} | {r.get('onnx_checker', '')} | "
                      f"{r.get('oldest_onnxruntime', '')} | {fmt(r.get('one_call_max_abs_diff'))} "
                      f"({fmt(r.get('output_scale'))}) | {fmt(r.get('worst_per_call'))} | {fmt(r.get('final'))} | "
-                     f"{fmt(r.get('psnr_db'))} | {r.get('error', '')[:160]} |")
+                     f"{fmt(r.get('psnr_db'))} | {json.dumps(r.get('ms_per_call', ''))} | {r.get('error', '')[:160]} |")
     (args.out / "fp16_choice.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -81,6 +81,9 @@ class BackendOptions:
             (fixed device buffers; ``OrtBackend``, ``TensorRTBackend``). None (default): on for the first few
             shapes a backend sees and off past them or where the graph cannot be captured; True: every shape;
             False: off.
+        nhwc: onnxruntime CUDA runs convolutions and the ops between them channels-last (the CUDA EP's
+            ``prefer_nhwc``; cuDNN's tensor-core kernels read NHWC). Off by default; ``benchmarks/gpu.sh``
+            measures both.
     """
 
     precision: str = "fp32"
@@ -90,6 +93,7 @@ class BackendOptions:
     spin: bool = False
     cache: bool = True
     cuda_graph: bool | None = None
+    nhwc: bool = False
 
     def __post_init__(self):
         if self.precision not in precisions():
@@ -164,7 +168,7 @@ def _ort_open(kind: str):
             model_dir / graph.file, kind, threads=options.threads if kind == "cpu" else None,
             device_id=options.device_id, fp16=options.precision == "fp16", profile=profile,
             onnx_sha256=graph_digest(model_dir, graph.file, manifest.files), cache=options.cache, spin=options.spin,
-            precision=options.precision, cuda_graph=options.cuda_graph,
+            precision=options.precision, cuda_graph=options.cuda_graph, nhwc=options.nhwc,
         )
 
     return open_ort

@@ -83,6 +83,7 @@ class OrtBackend:
             run without a graph), and off when onnxruntime cannot capture this graph (a node it placed off
             CUDA: the session is opened again without, and that is logged). True: every shape, and a graph
             that cannot be captured is an error. False: off. Ignored off CUDA.
+        nhwc: on CUDA, channels-last convolutions (``platform.cuda_provider_options``).
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class OrtBackend:
         spin: bool = False,
         precision: str = "fp32",
         cuda_graph: bool | None = None,
+        nhwc: bool = False,
     ):
         if kind not in ORT_PROVIDERS:
             raise ValueError(f"onnxruntime kind must be one of {', '.join(ORT_PROVIDERS)}, got {kind!r}")
@@ -113,6 +115,7 @@ class OrtBackend:
         self.path = Path(path)
         self.kind = kind
         self._device_id = device_id
+        self.nhwc = kind == "cuda" and nhwc
         options = ort_session_options(ort, threads if kind == "cpu" else None, spin=spin)
         trt_options = self._trt_ep_options(ort, fp16, profile, onnx_sha256) if kind == "tensorrt-ep" else None
         self.cuda_graph = kind == "cuda" and cuda_graph is not False
@@ -158,7 +161,8 @@ class OrtBackend:
         if kind in ("cuda", "tensorrt-ep"):  # TensorRT EP hands unsupported nodes to CUDA
             cuda_precision = precision if kind == "cuda" else "fp32"
             providers.append(("CUDAExecutionProvider",
-                              cuda_provider_options(device_id, cuda_precision, cuda_graph=self.cuda_graph)))
+                              cuda_provider_options(device_id, cuda_precision, cuda_graph=self.cuda_graph,
+                                                    nhwc=self.nhwc)))
         providers.append("CPUExecutionProvider")
         if kind == "cpu" and cache and onnx_sha256:
             return self._cached_cpu_session(ort, options, providers, onnx_sha256)

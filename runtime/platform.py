@@ -209,7 +209,8 @@ def ort_session_options(ort, threads: int | None = None, *, spin: bool = False, 
 CUDA_TF32 = {"fp32": False, "tf32": True, "fp16": False}
 
 
-def cuda_provider_options(device_id: int = 0, precision: str = "fp32", *, cuda_graph: bool = False) -> dict:
+def cuda_provider_options(device_id: int = 0, precision: str = "fp32", *, cuda_graph: bool = False,
+                          nhwc: bool = False) -> dict:
     """The onnxruntime CUDA execution provider's options for ``precision``, as plain data.
 
     ``fp32`` is IEEE fp32 (``use_tf32=0``); ``tf32`` lets convolutions and matmuls round their inputs to
@@ -217,7 +218,9 @@ def cuda_provider_options(device_id: int = 0, precision: str = "fp32", *, cuda_g
     get no TF32 either. cuDNN-frontend paths may ignore ``use_tf32``: ``NVIDIA_TF32_OVERRIDE=0`` in the
     environment before the process starts CUDA is the process-wide switch (``fp32_environment``).
     ``cuda_graph`` captures one CUDA graph per input shape (``OrtBackend`` then binds fixed device buffers
-    and passes ``gpu_graph_id`` per shape).
+    and passes ``gpu_graph_id`` per shape). ``nhwc`` asks for channels-last convolutions (``prefer_nhwc``:
+    onnxruntime's layout transformer moves Conv and the ops it can carry to NHWC, inserting transposes where
+    a node cannot follow; the fp16 and TF32 tensor-core kernels of cuDNN read NHWC).
     """
     if precision not in CUDA_TF32:
         raise ValueError(f"the CUDA execution provider takes precision {', '.join(CUDA_TF32)}, got {precision!r}")
@@ -230,6 +233,8 @@ def cuda_provider_options(device_id: int = 0, precision: str = "fp32", *, cuda_g
     }
     if cuda_graph:
         options["enable_cuda_graph"] = 1
+    if nhwc:
+        options["prefer_nhwc"] = 1
     return options
 
 

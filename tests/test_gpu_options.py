@@ -253,3 +253,28 @@ def test_auto_cuda_graph_falls_back_where_onnxruntime_cannot_capture(tmp_path, m
     assert calls[-1][0] is None  # a plain IO-bound run
     with pytest.raises(BackendUnavailable, match="CUDA Graph"):
         vort.OrtBackend(tiny_graph(tmp_path / "g.onnx"), "cuda", cuda_graph=True)
+
+
+def test_nhwc_asks_the_cuda_provider_for_channels_last_through_every_layer(tmp_path, monkeypatch):
+    """``BackendOptions(nhwc=True)`` reaches the CUDA execution provider as ``prefer_nhwc=1`` through
+    ``open_graph`` (the benchmark's ``*-nhwc`` rows open it so); off by default."""
+    from types import SimpleNamespace
+
+    import onnxruntime
+
+    from vdeploy.runtime.backends import open_graph
+    from vdeploy.runtime.manifest_types import Graph, TensorSpec
+
+    assert "prefer_nhwc" not in cuda_provider_options(0, "fp16")
+    assert cuda_provider_options(0, "fp16", nhwc=True)["prefer_nhwc"] == 1
+    assert BackendOptions().nhwc is False
+    calls, providers = [], []
+    monkeypatch.setattr(vort, "import_onnxruntime", lambda: _fake_ort(onnxruntime, calls, providers))
+    graph = tiny_graph(tmp_path / "denoiser.onnx")
+    spec = Graph(graph.name, (TensorSpec("x", "float32", ("batch", 2), role="x"),
+                              TensorSpec("t", "int64", ("batch",), role="t")), (TensorSpec("eps", "float32", ("batch", 2)),))
+    manifest = SimpleNamespace(graphs={"denoiser": spec}, files={})
+    open_graph("cuda", tmp_path, manifest, "denoiser", BackendOptions(nhwc=True))
+    assert _cuda_options(providers[-1])["prefer_nhwc"] == 1
+    open_graph("cuda", tmp_path, manifest, "denoiser", BackendOptions())
+    assert "prefer_nhwc" not in _cuda_options(providers[-1])

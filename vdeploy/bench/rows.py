@@ -57,6 +57,7 @@ class Flavour:
     work_factor: int = 1
     precision: str = "fp32"
     cuda_graph: bool | None = None  # BackendOptions.cuda_graph (None: the default, CUDA graphs for a few shapes)
+    nhwc: bool = False  # BackendOptions.nhwc (channels-last convolutions on CUDA)
 
 
 FLAVOURS = {
@@ -73,6 +74,12 @@ FLAVOURS = {
                             precision="fp16", cuda_graph=False),
     "nograph-tf32": Flavour(("cuda",), "plain", "tf32 without CUDA graphs (cuda_graph=False)",
                             precision="tf32", cuda_graph=False),
+    # channels-last convolutions (prefer_nhwc), with CUDA graphs
+    "nhwc": Flavour(("cuda",), "plain", "channels-last convolutions (nhwc=True)", nhwc=True),
+    "nhwc-tf32": Flavour(("cuda",), "plain", "tf32, channels-last convolutions (nhwc=True)", precision="tf32",
+                         nhwc=True),
+    "nhwc-fp16": Flavour(("cuda",), "plain", "the fp16 graph, channels-last convolutions (nhwc=True)",
+                         precision="fp16", nhwc=True),
 }
 
 
@@ -308,7 +315,8 @@ def runtime_rows(wanted, model, inputs: Inputs, threads: int) -> tuple[list[Row]
             if backend not in fl.backends or name not in wanted:
                 continue
             description = f"{spec.summary}, {fl.summary}"
-            options = BackendOptions(threads=threads, spin=fl.spin, precision=fl.precision, cuda_graph=fl.cuda_graph)
+            options = BackendOptions(threads=threads, spin=fl.spin, precision=fl.precision, cuda_graph=fl.cuda_graph,
+                                     nhwc=fl.nhwc)
             where, graph = (model.path, manifest), graph_for(backend, manifest, options)
             why = spec.unavailable(manifest, options)
             if fl.graph in ("cfg", "guided") and manifest.cond_dim is None:
