@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Where a runtime call spends its GPU time: every CUDA kernel of a few denoiser calls, by kind (benchmarks/gpu.sh).
+
+    python benchmarks/gpu_kernels.py MODEL_DIR --json OUT/kernels.json [--precisions fp16,tf32] [--batch 4] [--nhwc]
+
+onnxruntime's own profiler times the CPU side of each node (kernels launch asynchronously), so this one records
+the GPU side: torch's profiler (CUPTI, process-wide) traces every kernel the onnxruntime CUDA backend launches,
+with CUDA graphs off so each call launches its kernels. Reported per precision: GPU ms per call, kernels per call,
+and the time and count per kind (``KINDS``: convolution and matmul, normalization and reductions, elementwise,
+casts, layout copies) and the costliest kernels by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# a kernel's kind, by the first pattern its (lower-case) name matches; the last is the catch-all
+KINDS = {
+    "conv/matmul": r"conv|gemm|xmma|cutlass|sm90|sm80|wgmma|cudnn|implicit|winograd|fft|dgrad|wgrad|nchwtonhwc|nhwctonchw",
+    "reduce/norm": r"reduce|norm|softmax|mean|variance",
+    "cast": r"cast",
+    "layout": r"transpose|copy|concat|slice|gather|pad|expand|tile",
+    "elementwise": r"elementwise|binary|unary|sigmoid|silu|mul|add|sub|div|sqrt|erf|sin|cos|where|pow",
+    "other": r".",
+}
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next(kind for kind, pattern in KINDS.items() if re.search(pattern, low))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--precisions", default="fp16,tf32")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--calls", type=int, default=5, help="profiled calls per precision, after 3 warm-up calls [5]")
+    p.add_argument("--nhwc", action="store_true", help="channels-last convolutions (BackendOptions.nhwc)")
+    p.add_argument("--top", type=int, default=15, help="costliest kernels listed by name [15]")
+    args = p.parse_args(argv)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from vdeploy.runtime import manifest as vmanifest
+    from vdeploy.runtime.backends import BackendOptions, graph_for, open_graph
+
+    m = vmanifest.load(args.model_dir)
+    rng = np.random.default_rng(0)
+    report: dict = {"model": str(args.model_dir), "batch": args.batch, "nhwc": args.nhwc, "precisions": {}}
+    for precision in [s.strip() for s in args.precisions.split(",") if s.strip()]:
+        entry: dict = {}
+        try:
+            options = BackendOptions(precision=precision, cuda_graph=False, nhwc=args.nhwc)
+            name = graph_for("cuda", m, options)
+            if name is None:
+                raise ValueError(f"the model dir has no {precision} graph")
+            backend = open_graph("cuda", args.model_dir, m, name, options)
+            feeds = {}
+            for t in m.graphs[name].inputs:
+                if t.role == "t":
+                    feeds[t.name] = rng.integers(0, m.config["timesteps"], args.batch).astype(np.int64)
+                elif t.role == "x":
+                    feeds[t.name] = rng.standard_normal((args.batch, *m.video_shape)).astype(np.float32)
+                else:
+                    feeds[t.name] = rng.standard_normal((args.batch, t.shape[1])).astype(np.float32)
+            for _ in range(3):
+                backend.run(feeds)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.calls):
+                    backend.run(feeds)
+                torch.cuda.synchronize()
+            backend.close()
+            by_name: dict[str, list] = {}
+            for ev in prof.events():
+                if ev.device_type.name != "CUDA":
+                    continue
+                t = by_name.setdefault(ev.name, [0.0, 0])
+                t[0] += ev.device_time / 1e3  # us -> ms
+                t[1] += 1
+            total = sum(v[0] for v in by_name.values())
+            kinds: dict[str, list] = {}
+            for kname, (ms, count) in by_name.items():
+                k = kinds.setdefault(kind_of(kname), [0.0, 0])
+                k[0] += ms
+                k[1] += count
+            n = args.calls
+            entry = {
+                "gpu_ms_per_call": round(total / n, 3),
+                "kernels_per_call": round(sum(v[1] for v in by_name.values()) / n, 1),
+                "by_kind": {k: {"ms_per_call": round(v[0] / n, 3), "share_pct": round(100 * v[0] / total, 1),
+                                "kernels_per_call": round(v[1] / n, 1)}
+                            for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
+                "top": [{"kernel": kname[:160], "kind": kind_of(kname), "ms_per_call": round(v[0] / n, 4),
+                         "per_call": round(v[1] / n, 1)}
+                        for kname, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]],
+            }
+        except Exception as e:  # noqa: BLE001 - recorded, the next precision runs
+            entry = {"error": f"{type(e).__name__}: {e}"[:400]}
+        report["precisions"][precision] = entry
+        print(json.dumps({precision: {k: v for k, v in entry.items() if k != "top"}}), flush=True)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
