@@ -25,24 +25,29 @@
 #            memory; the sampling section (time outside the denoiser, host loop)
 #   device   benchmarks/gpu_device.py: the device-resident loop (samplers on CuPy, IO binding, CUDA graph,
 #            prefetched noise) against the host loop on the base export, dpmpp 13 and ddpm 100: ms per step,
-#            share outside the denoiser, video difference
+#            share outside the denoiser, video difference, the device run's costliest Python functions
+#   kernels  benchmarks/gpu_kernels.py: the GPU time of a base call at batch 4 by kernel kind (fp16, tf32; NCHW
+#            and NHWC)
 #   serve    benchmarks/serve_load.py --quick (batching on/off/auto) where the [serve] extra imports
 #   compile  after the warm-up (waited for at most W_WARM s, then stopped): torch.compile under autocast fp16
 #            beside torch eager (fp32, fp16) and the runtime (fp32, fp16) at batch 1 and 4, one run
 #   fp16     benchmarks/gpu_fp16_choice.py --device cuda: the converter's fp16 graph against a half-precision
-#            torch export (tiny, small), dpmpp 13 steps: per call, video PSNR
+#            torch export of base (the latency step's export reused), dpmpp 13 steps: video PSNR, ms per call
+#            at batch 1 and 4, NCHW and NHWC
 #   summary  OUT/summary.json and OUT/summary.md from all of the above, with each step's status and seconds
 # Every step writes OUT/<step>.log; OUT/steps.jsonl has one line per step (rc 124: timed out).
 #
 # Python: $PYTHON, else the checkout's .venv, else python3. Where vdeploy does not import, the checkout is put
-# on the path through a folder of links. Timeouts: T_PARITY, T_LATENCY, T_DEVICE, T_SERVE, T_COMPILE, T_FP16 (s);
+# on the path through a folder of links. STEPS=latency,device runs only the steps named (env always runs);
+# ROWS and BATCHES replace the latency step's rows and batch sizes.
+# Timeouts: T_PARITY, T_LATENCY, T_DEVICE, T_KERNELS, T_SERVE, T_COMPILE, T_FP16 (s);
 # BUDGET (default 440 s; with the 30 s summary under 8 min) caps the whole run: a step gets at most what is left.
 # DEVICE=cpu runs the same steps on the CPU; QUICK=1 shrinks them (tiny configs, fewer rounds) to check the
 # script itself.
 set -uo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -141,9 +146,14 @@ cd /tmp || exit 2  # python from outside the checkout: its bare vdeploy/ folder 
 pin=  # set below while the compile warm-up holds the upper half of the cores: taskset for the foreground steps
 # step NAME TIMEOUT CMD...: run CMD with its output in OUT/NAME.log, under TIMEOUT (capped by what is left of
 # BUDGET), and record {"step", "rc", "seconds", "timeout_s"} in OUT/steps.jsonl. Never stops the script.
+wanted() { [[ -z ${STEPS:-} || ,$STEPS, == *,$1,* ]]; }
 step() {
     local name=$1 limit=$2
     shift 2
+    if [[ $name != env ]] && ! wanted "$name"; then
+        echo "{\"step\": \"$name\", \"rc\": null, \"seconds\": 0, \"timeout_s\": 0, \"skipped\": \"not in STEPS\"}" >> "$out/steps.jsonl"
+        return 0
+    fi
     local left=$((budget - (SECONDS - start)))
     if ((left < 15)); then
         echo "gpu.sh: [$name] skipped: the ${budget} s budget is spent" >&2
@@ -211,40 +221,44 @@ sed 's/^/gpu.sh: env: /' "$out/env.log"
 
 if [[ $device == cuda ]]; then
     backend=cuda precisions=fp32,tf32,fp16 samplers=dpmpp:13,ddpm:100 config=base batches=1,4,8 repeats=10
-    rows=torch,torch-fp16,torch-bf16,ort-cuda,ort-cuda-tf32,ort-cuda-fp16,ort-cuda-nograph,ort-cuda-nograph-tf32
-    rows=$rows,ort-cuda-nograph-fp16
+    rows=torch,torch-fp16,torch-bf16,ort-cuda,ort-cuda-tf32,ort-cuda-fp16,ort-cuda-nograph,ort-cuda-nograph-fp16
+    rows=$rows,ort-cuda-nhwc,ort-cuda-nhwc-tf32,ort-cuda-nhwc-fp16
     serve_args=(--quick)
-    fp16_configs=tiny,small
+    fp16_configs=base fp16_args=(--reuse "${WORK:-/tmp/vdeploy-gpu-work}/model" --no-bf16 --time-batches 1,4)
     compile_rows=torch,torch-fp16,torch-compile-fp16,ort-cuda,ort-cuda-fp16
 else
     backend=cpu precisions=fp32,fp16 samplers=dpmpp:13,ddpm:100 config=small batches=1,4,8 repeats=10
     rows=torch,ort,ort-fp16
     serve_args=(--quick)
-    fp16_configs=tiny
+    fp16_configs=tiny fp16_args=(--time-batches 1)
     compile_rows=torch,torch-compile,ort
 fi
 compile_batches=1,4
+rows=${ROWS:-$rows} batches=${BATCHES:-$batches}
 work=${WORK:-/tmp/vdeploy-gpu-work}  # the base export, shared by latency, device and compile (kept out of OUT)
 device_samplers=dpmpp:13,ddpm:100 fp16_steps=13
 if [[ $quick == 1 ]]; then
     device_samplers=dpmpp:4,ddpm:3 fp16_steps=3
-    samplers=dpmpp:4 config=tiny batches=1,2 repeats=2 compile_batches=1,2
+    samplers=dpmpp:4 config=tiny batches=${BATCHES:-1,2} repeats=2 compile_batches=1,2
     serve_args=(--quick --config tiny --concurrency 1,2 --modes on,off)
 fi
 
 # ---- the compile warm-up, in the background on the upper half of the cores (the compile step reuses its cache)
 warm_pid=
 cores=$(nproc)
-if ((cores >= 8)) && command -v taskset > /dev/null; then
+if ! wanted compile; then
+    echo "gpu.sh: [warm] skipped (STEPS=$STEPS has no compile)" >&2
+    true &  # a finished stand-in for the warm-up below
+elif ((cores >= 8)) && command -v taskset > /dev/null; then
     pin="taskset -c 0-$((cores / 2 - 1))"
     warm_pin=(taskset -c "$((cores / 2))-$((cores - 1))")
     warm_threads=$((cores / 2))
 else
     warm_pin=() warm_threads=1
 fi
-echo "gpu.sh: [warm] torch.compile $compile_rows at batches $compile_batches in the background${pin:+ (foreground: $pin)}" >&2
-TORCHINDUCTOR_COMPILE_THREADS=$warm_threads "${warm_pin[@]}" "$py" - "$config" "$compile_rows" "$compile_batches" \
-    > "$out/compile-warm.log" 2>&1 <<'EOF_PY' &
+wanted compile && echo "gpu.sh: [warm] torch.compile $compile_rows at batches $compile_batches in the background${pin:+ (foreground: $pin)}" >&2
+wanted compile && TORCHINDUCTOR_COMPILE_THREADS=$warm_threads "${warm_pin[@]}" "$py" - "$config" "$compile_rows" \
+    "$compile_batches" > "$out/compile-warm.log" 2>&1 <<'EOF_PY' &
 import sys, time
 import torch
 from vdeploy.bench import common, models, rows
@@ -272,9 +286,16 @@ step latency "${T_LATENCY:-160}" "$py" "$root/benchmarks/latency.py" --device "$
 model=$work/model
 [[ -f $model/vdeploy.json ]] || model=$out/parity/model  # the latency step's export failed: the tiny one
 step device "${T_DEVICE:-50}" "$py" "$root/benchmarks/gpu_device.py" "$model" --backend "$backend" \
-    --samplers "$device_samplers" --json "$out/device.json"
+    --samplers "$device_samplers" --profile 12 --json "$out/device.json"
 
-if "$py" -c 'import starlette, uvicorn, prometheus_client' 2>/dev/null; then
+if [[ $device == cuda ]]; then
+    step kernels "${T_KERNELS:-40}" "$py" "$root/benchmarks/gpu_kernels.py" "$model" --precisions fp16,tf32 \
+        --layouts nchw,nhwc --batch 4 --json "$out/kernels.json"
+fi
+
+if ! wanted serve; then
+    step serve 0 true
+elif "$py" -c 'import starlette, uvicorn, prometheus_client' 2>/dev/null; then
     step serve "${T_SERVE:-80}" "$py" "$root/benchmarks/serve_load.py" --backend "$backend" "${serve_args[@]}" \
         --json "$out/serve.json" --md "$out/serve.md"
 else
@@ -294,14 +315,14 @@ if kill -0 "$warm_pid" 2>/dev/null; then
 fi
 wait "$warm_pid" 2>/dev/null
 pin=
-sed 's/^/gpu.sh: [warm] /' "$out/compile-warm.log" | tail -n 6 >&2
+[[ -f $out/compile-warm.log ]] && sed 's/^/gpu.sh: [warm] /' "$out/compile-warm.log" | tail -n 6 >&2
 
 step compile "${T_COMPILE:-110}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
     --batches "$compile_batches" --compile-batches 2 --repeats 20 --warmup 2 --backends "$compile_rows" \
     --skip flops,sampling,coldstart,profile,quality --work "$work" --json "$out/compile.json"
 
 step fp16 "${T_FP16:-75}" "$py" "$root/benchmarks/gpu_fp16_choice.py" --device "$backend" --configs "$fp16_configs" \
-    --steps "$fp16_steps" --out "$out/fp16"
+    --steps "$fp16_steps" --out "$out/fp16" "${fp16_args[@]}"
 
 timeout -k 5 30 "$py" "$root/benchmarks/gpu_summary.py" "$out" > "$out/summary.log" 2>&1 \
     || echo "gpu.sh: [summary] FAILED: $(tail -n 3 "$out/summary.log")" >&2

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Where a runtime call spends its GPU time: every CUDA kernel of a few denoiser calls, by kind (benchmarks/gpu.sh).
 
-    python benchmarks/gpu_kernels.py MODEL_DIR --json OUT/kernels.json [--precisions fp16,tf32] [--batch 4] [--nhwc]
+    python benchmarks/gpu_kernels.py MODEL_DIR --json OUT/kernels.json [--precisions fp16,tf32] [--batch 4] \
+        [--layouts nchw,nhwc]
 
 onnxruntime's own profiler times the CPU side of each node (kernels launch asynchronously), so this one records
 the GPU side: torch's profiler (CUPTI, process-wide) traces every kernel the onnxruntime CUDA backend launches,
-with CUDA graphs off so each call launches its kernels. Reported per precision: GPU ms per call, kernels per call,
+with CUDA graphs off so each call launches its kernels. Reported per precision and layout (``nhwc``:
+``BackendOptions.nhwc``, channels-last convolutions): GPU ms per call, kernels per call,
 and the time and count per kind (``KINDS``: convolution and matmul, normalization and reductions, elementwise,
 casts, layout copies) and the costliest kernels by name.
 """
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", default="fp16,tf32")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--calls", type=int, default=5, help="profiled calls per precision, after 3 warm-up calls [5]")
-    p.add_argument("--nhwc", action="store_true", help="channels-last convolutions (BackendOptions.nhwc)")
+    p.add_argument("--layouts", default="nchw", help="nchw and/or nhwc (BackendOptions.nhwc) [nchw]")
     p.add_argument("--top", type=int, default=15, help="costliest kernels listed by name [15]")
     args = p.parse_args(argv)
 
@@ -55,11 +57,12 @@ def main(argv=None) -> int:
 
     m = vmanifest.load(args.model_dir)
     rng = np.random.default_rng(0)
-    report: dict = {"model": str(args.model_dir), "batch": args.batch, "nhwc": args.nhwc, "precisions": {}}
-    for precision in [s.strip() for s in args.precisions.split(",") if s.strip()]:
+    report: dict = {"model": str(args.model_dir), "batch": args.batch, "runs": {}}
+    runs = [(p, layout) for layout in args.layouts.split(",") for p in args.precisions.split(",") if p and layout]
+    for precision, layout in runs:
         entry: dict = {}
         try:
-            options = BackendOptions(precision=precision, cuda_graph=False, nhwc=args.nhwc)
+            options = BackendOptions(precision=precision, cuda_graph=False, nhwc=layout == "nhwc")
             name = graph_for("cuda", m, options)
             if name is None:
                 raise ValueError(f"the model dir has no {precision} graph")
@@ -106,8 +109,8 @@ def main(argv=None) -> int:
             }
         except Exception as e:  # noqa: BLE001 - recorded, the next precision runs
             entry = {"error": f"{type(e).__name__}: {e}"[:400]}
-        report["precisions"][precision] = entry
-        print(json.dumps({precision: {k: v for k, v in entry.items() if k != "top"}}), flush=True)
+        report["runs"][f"{precision}-{layout}"] = entry
+        print(json.dumps({f"{precision}-{layout}": {k: v for k, v in entry.items() if k != "top"}}), flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     serve = _load(out / "serve.json", problems) if (out / "serve.json").exists() else None
     device = _load(out / "device.json", problems)
     fp16_choice = _load(out / "fp16" / "fp16_choice.json", problems) if (out / "fp16").exists() else None
+    kernels = _load(out / "kernels.json", problems) if (out / "kernels.json").exists() else None
 
     per_call = {}
     for source in (latency, compiled):
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     outside = {k: v.get("loop_overhead_pct") for k, v in sampling.items() if isinstance(v, dict) and "loop_overhead_pct" in v}
     summary = {"env": env, "steps": steps, "parity": parity, "per_call": per_call,
                "time_outside_denoiser_pct": outside, "device_path": device, "fp16_choice": fp16_choice,
-               "serve": serve, "problems": problems}
+               "kernels": kernels, "serve": serve, "problems": problems}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     lines = [f"# vdeploy GPU checks: {env.get('gpu') or env.get('nvidia_smi') or env.get('device', '?')}", "",
@@ -116,17 +117,35 @@ def main(argv=None) -> int:
                 lines.append(f"| {name} | {entry.get('steps')} | {path} | {d.get('ms_per_step')} | "
                              f"{d.get('denoiser_ms_per_step')} | {d.get('outside_denoiser_pct')} | "
                              f"{_fmt(entry.get('video_max_abs_diff')) if path == 'device' else ''} |")
+        for name, entry in (device.get("samplers") or {}).items():
+            top = entry.get("device_profile") or []
+            if top:
+                lines += ["", f"{name}, the device run's costliest functions (own ms per step): "
+                          + "; ".join(f"{r['function']} {r['own_ms_per_step']} ({r['calls_per_step']}/step)"
+                                      for r in top[:8])]
+    if kernels:
+        lines += ["", f"## GPU time of one call by kernel kind (batch {kernels.get('batch')}, CUDA graphs off)", "",
+                  "| run | GPU ms / call | kernels / call | by kind: ms (share) |", "| --- | --- | --- | --- |"]
+        for name, r in (kernels.get("runs") or {}).items():
+            if r.get("error"):
+                lines.append(f"| {name} | error: {r['error'][:120]} | | |")
+                continue
+            kinds = ", ".join(f"{k} {v['ms_per_call']} ({v['share_pct']}%)" for k, v in r["by_kind"].items())
+            lines.append(f"| {name} | {r['gpu_ms_per_call']} | {r['kernels_per_call']} | {kinds} |")
     if fp16_choice:
         lines += ["", "## fp16 graph: converter + block list vs half-precision torch export "
                   f"({fp16_choice.get('device')}, {fp16_choice.get('sampler')} {fp16_choice.get('steps')} steps)", "",
-                  "| config | candidate | one call vs ORT CPU fp32 | worst per call | final | PSNR dB | error |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| config | candidate | one call vs ORT CPU fp32 | worst per call | final | PSNR dB | ms per call | error |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in fp16_choice.get("rows", []):
             lines.append(f"| {r.get('config')} | {r.get('candidate')} | {_fmt(r.get('one_call_max_abs_diff'))} | "
                          f"{_fmt(r.get('worst_per_call'))} | {_fmt(r.get('final'))} | {_fmt(r.get('psnr_db'))} | "
-                         f"{(r.get('error') or '')[:100]} |")
+                         f"{json.dumps(r.get('ms_per_call', ''))} | {(r.get('error') or '')[:100]} |")
     if serve is not None:
         lines += ["", "serving: serve.md / serve.json"]
+    skipped = {s.get("step") for s in steps if s.get("skipped")}  # not run: nothing of theirs is missing
+    files = {"parity": "parity.json", "latency": "latency.json", "compile": "compile.json", "device": "device.json"}
+    problems = [p for p in problems if not any(step in skipped and p.startswith(f) for step, f in files.items())]
     if problems:
         lines += ["", "## Missing", ""] + [f"- {p}" for p in problems]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
