@@ -215,9 +215,9 @@ def sample(pipe, *, xp, denoise=None, library: str = "cupy", prefetch: bool = Tr
 
     callback = kwargs.pop("callback", None)
     run = pipe.prepare(seed=seed, noise=noise, step_noise=step_noise, frames_noise=frames_noise, **kwargs)
-    rng = np.random.default_rng(seed)
-    shape = (run.batch_size, *pipe.shape)
-    x_T = np.asarray(noise, dtype=np.float32) if noise is not None else rng.standard_normal(shape, dtype=np.float32)
+    # the host run's starting noise and its generator (past that draw): the host machine is never driven
+    x_T, rng = np.asarray(run.noise, dtype=np.float32), run.rng
+    shape = tuple(x_T.shape)
     if denoise is None:
         denoise = DeviceDenoiser(pipe.backend, graph_names(pipe.graph), library=library)
     if run.guidance != "none":

@@ -503,7 +503,7 @@ class Pipeline:
                         config=self.config, prediction_type=self.prediction_type, known_frames=known, method=method,
                         resample=resample)
         machine = plan.machine(x, self.betas, noise=step_noise, rng=rng, known_noise=frames_noise, callback=callback)
-        return SamplerRun(machine, plan, batch_size, float(cond_scale), self.guidance(cond_scale))
+        return SamplerRun(machine, plan, batch_size, float(cond_scale), self.guidance(cond_scale), x, rng)
 
     def guidance(self, cond_scale: float) -> str:
         """How a run at ``cond_scale`` calls the graphs: ``"none"`` (the plain graph; unconditional models and

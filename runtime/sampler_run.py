@@ -96,6 +96,9 @@ class SamplerRun:
         cond_scale: the guidance scale, a float.
         guidance: ``"none"``, ``"fused"`` (one call of the ``--cfg`` graph) or ``"two-calls"`` (the plain graph on
             cond and on the null embedding, combined by ``steps.combine_guidance``).
+        noise: the starting noise (host float32), and ``rng`` the generator of the per-step noise, where the
+            machine's draws continue: what a twin of the machine on another device starts from
+            (``device_loop.sample``) without drawing the starting noise again.
     """
 
     machine: Machine
@@ -103,6 +106,8 @@ class SamplerRun:
     batch_size: int
     cond_scale: float
     guidance: str
+    noise: np.ndarray | None = None
+    rng: np.random.Generator | None = None
 
     @property
     def sampler(self) -> str:
