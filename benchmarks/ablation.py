@@ -54,6 +54,7 @@ class Arm:
 EPS, V = {"prediction_type": "eps"}, {"prediction_type": "v"}
 NONE, MIN_SNR = {"loss_weighting": "none"}, {"loss_weighting": "min_snr"}
 TOKENS = {"text_cross_attention": True}
+STD, WHITEN = {"text_standardize": "std"}, {"text_standardize": "whiten"}
 # every arm names its objective and weighting, whatever the demo preset holds
 ARMS: dict[str, Arm] = {
     "eps_none": Arm("eps, plain loss (the seed's; the demo before issue 22)", {**EPS, **NONE}),
@@ -64,6 +65,10 @@ ARMS: dict[str, Arm] = {
     "eps_xattn": Arm("eps, plain loss, token cross-attention", {**EPS, **NONE, **TOKENS}),
     "v_minsnr_gen70": Arm("v-prediction, Min-SNR-5, masks 0.7/0.2/0.1 (more text-only generation)",
                           {**V, **MIN_SNR}, ("--mask-probs", "0.7,0.2,0.1")),
+    "v_minsnr_whiten": Arm("v-prediction, Min-SNR-5, caption vectors PCA-whitened over the training captions",
+                           {**V, **MIN_SNR, **WHITEN}),
+    "v_minsnr_std": Arm("v-prediction, Min-SNR-5, caption vectors centred, each dimension scaled to unit spread",
+                        {**V, **MIN_SNR, **STD}),
 }
 
 
@@ -169,9 +174,9 @@ def _px(row) -> str:
 def table(records: list[dict]) -> str:
     from vdeploy.runtime.pipeline import DEFAULT_SAMPLER
 
-    lines = ["| arm | objective | loss weighting | token cross-attention | guidance | CFG rescale | adherence | "
-             "colour ok | direction ok | background clean | continuation, `--init` " + DEFAULT_SAMPLER +
-             " (px / one object) | interpolation, trained (px / one object) | training (min) |", "|" + "---|" * 13]
+    lines = ["| arm | objective | loss weighting | token cross-attention | caption map | guidance | CFG rescale | "
+             "adherence | colour ok | direction ok | background clean | continuation, `--init` " + DEFAULT_SAMPLER +
+             " (px / one object) | interpolation, trained (px / one object) | training (min) |", "|" + "---|" * 14]
     samplers, methods = [], []
     for r in records:
         minutes = r["training"].get("train_seconds")
@@ -183,7 +188,8 @@ def table(records: list[dict]) -> str:
             lines.append(
                 f"| {r['arm']} | {r['config'].get('prediction_type', 'eps')} | "
                 f"{r['config'].get('loss_weighting', 'none')} | "
-                f"{'yes' if r['config'].get('text_cross_attention') else 'no'} | {a['cond_scale']:g} | "
+                f"{'yes' if r['config'].get('text_cross_attention') else 'no'} | "
+                f"{r['config'].get('text_standardize', 'none')} | {a['cond_scale']:g} | "
                 f"{a.get('rescale', 0):g} | "
                 f"{_pct(adh.get('adherence'))} | {_pct(adh.get('color_ok'))} | {_pct(adh.get('direction_ok'))} | "
                 f"{adh.get('clean', float('nan')):.2f} | {_px(m.get('init_path', {}).get(DEFAULT_SAMPLER))} | "

@@ -330,6 +330,8 @@ def _export(
             cond_dim=cond_dim,
             opset=opset,
             tokens=null_tokens is not None,
+            standardize=(unet.text_standardize, unet.text_mean.detach().cpu(), unet.text_proj.detach().cpu())
+            if getattr(unet, "text_mean", None) is not None else None,  # the caption map of text_standardize
         )
         conditioning = replace(conditioning, text_encoder=info["dir"], max_length=info["max_length"],
                                pooling=info["pooling"], text_encoder_graph=info["spec"].graph())

@@ -28,7 +28,7 @@ PARITY_CAPTIONS = (
 
 def export_text_encoder(
     out_dir: str | Path, path: str | Path | None, *, cls_repr: bool = False, cond_dim: int | None = None, opset: int = 17,
-    tokens: bool = False,
+    tokens: bool = False, standardize: tuple | None = None,
 ) -> dict:
     """Export the encoder at ``path`` (default: the embedded MiniLM) into ``out_dir/text_encoder/``.
 
@@ -38,6 +38,9 @@ def export_text_encoder(
         cls_repr: pool as the [CLS] vector (``text_use_bert_cls``) instead of the masked mean.
         cond_dim: the denoiser's conditioning width, which the encoder's width must equal.
         tokens: also output the token embeddings (a ``text_cross_attention`` model), checked like the pooled ones.
+        standardize: a ``text_standardize`` model's caption map ``(mode, mean, proj)`` (the U-Net's buffers): the
+            graph's ``embedding`` is ``(pooled - mean) @ proj``, as ``GaussianDiffusion.embed_text`` gives it, so the
+            runtime's prompts reach the denoiser as in training; the tokens are not mapped. None: the pooled vector.
 
     Returns:
         ``{"dir": "text_encoder", "dim": ..., "max_length": ..., "pooling": ..., "parity": {...},
@@ -69,6 +72,8 @@ def export_text_encoder(
     onnx_path = Path(out_dir) / spec.file
 
     module = PooledTextEncoder(_eager_attention(encoder.model), cls_repr=cls_repr, tokens=tokens).eval()
+    if standardize is not None:
+        module = _Standardized(module, *standardize[1:]).eval()
     sample = encoder.tokenize(["a trace caption", "a second, longer trace caption with padding"])
     log.info("exporting the text encoder %s (%d dims) to %s", encoder.path, encoder.dim, spec.file)
     with warnings.catch_warnings(), torch.no_grad():
@@ -85,13 +90,13 @@ def export_text_encoder(
         )
     _write_tokenizer(tokenizer_json, target / "tokenizer.json", encoder.max_length)
     check_graph(onnx_path, spec)
-    errors = check_parity(onnx_path, spec, _cases(encoder, cls_repr, tokens))
+    errors = check_parity(onnx_path, spec, _cases(encoder, cls_repr, tokens, standardize))
     log.info("text encoder parity vs PyTorch: %s", ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     return {
         "dir": "text_encoder",
         "dim": encoder.dim,
         "max_length": encoder.max_length,
-        "pooling": "cls" if cls_repr else "masked_mean_excluding_cls",
+        "pooling": ("cls" if cls_repr else "masked_mean_excluding_cls") + (f"+{standardize[0]}" if standardize else ""),
         "source": str(encoder.path),
         "spec": spec,
         "parity": {"atol": spec.atol, "max_abs_err": errors},
@@ -123,12 +128,41 @@ def _eager_attention(model):
     return model
 
 
-def _cases(encoder, cls_repr: bool, tokens: bool = False) -> list[Case]:
+def _Standardized(inner, mean, proj):
+    """``inner`` (a ``PooledTextEncoder``) with its pooled output through a ``text_standardize`` caption map
+    ``(pooled - mean) @ proj`` (tokens unchanged): two constant ops at the end of the graph."""
+    import torch
+    from torch import nn
+
+    class Standardized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+            self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(-1))
+            self.register_buffer("proj", torch.as_tensor(proj, dtype=torch.float32))
+
+        def forward(self, input_ids, attention_mask):
+            out = self.inner(input_ids, attention_mask)
+            pooled, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+            mapped = (pooled - self.mean) @ self.proj
+            return (mapped, *rest) if rest else mapped
+
+    return Standardized()
+
+
+def _cases(encoder, cls_repr: bool, tokens: bool = False, standardize: tuple | None = None) -> list[Case]:
+    from vdeploy.text import standardize as apply_map
+
     cases = []
     for texts in PARITY_CAPTIONS:
         ids = encoder.tokenize(texts)
         feed = {k: v.numpy().astype(np.int64) for k, v in ids.items()}
-        ref = encoder(texts, return_cls_repr=cls_repr).cpu().numpy()
+        ref = encoder(texts, return_cls_repr=cls_repr).cpu()
+        if standardize is not None:
+            import torch
+
+            ref = apply_map(ref, torch.as_tensor(standardize[1]), torch.as_tensor(standardize[2]))
+        ref = ref.numpy()
         cases.append(Case(f"b{len(texts)}", feed, ref))
         if tokens:  # every token, as TextEncoder.encode gives them before cutting to the model's length
             n = feed["input_ids"].shape[1]

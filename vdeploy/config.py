@@ -15,7 +15,10 @@ from pathlib import Path
 # ``frame_conditioning``: MCVD-style masked frame conditioning (known frames and a per-frame mask as extra
 # input channels of the stem conv; off: upstream's model), ``text_cross_attention`` with ``text_max_tokens``:
 # Imagen-style token-level text conditioning (cross-attention to the caption's token embeddings beside the pooled
-# vector; off: upstream's model).
+# vector; off: upstream's model), ``text_standardize``: the pooled caption embedding mapped through an affine map
+# fitted on the training captions before it reaches the U-Net ("std": centred, each dimension divided by its
+# spread; "whiten": centred and PCA-whitened with shrinkage; "none": upstream's raw vector; the map is stored in
+# the U-Net's state dict, see vdeploy.text.fit_standardizer).
 UNET_DEFAULTS: dict = {
     "dim": None,  # required
     "cond_dim": None,
@@ -34,11 +37,12 @@ UNET_DEFAULTS: dict = {
     "frame_conditioning": False,
     "text_cross_attention": False,
     "text_max_tokens": 16,
+    "text_standardize": "none",
 }
 
 # vdeploy's own Unet3D keys that ``unet_kwargs`` passes only where they differ from the default (the seed's
 # Unet3D takes the kwargs of any config it can build)
-_OWN_UNET_KEYS = ("text_cross_attention", "text_max_tokens")
+_OWN_UNET_KEYS = ("text_cross_attention", "text_max_tokens", "text_standardize")
 
 # GaussianDiffusion keyword arguments and their defaults (``channels`` is shared with Unet3D).
 DIFFUSION_DEFAULTS: dict = {
@@ -103,7 +107,8 @@ _MAX_DIM_MULT, _MAX_LEVELS = 64, 8
 _BOOLS = ("use_bert_text_cond", "use_sparse_linear_attn", "text_use_bert_cls", "use_dynamic_thres",
           "frame_conditioning", "text_cross_attention")
 _CHOICES = {"norm_type": ("group", "rms"), "loss_type": ("l1", "l2"), "block_type": ("resnet",),
-            "beta_schedule": ("cosine",), "prediction_type": ("eps", "v"), "loss_weighting": ("none", "min_snr")}
+            "beta_schedule": ("cosine",), "prediction_type": ("eps", "v"), "loss_weighting": ("none", "min_snr"),
+            "text_standardize": ("none", "std", "whiten")}
 
 
 def _is_int(v) -> bool:

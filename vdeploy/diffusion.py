@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from vdeploy.text import TextEncoder, is_list_str
+from vdeploy.text import TextEncoder, is_list_str, standardize_for
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -190,7 +190,9 @@ class GaussianDiffusion(nn.Module):
         if self.text_encoder is None:
             raise ValueError("cond is a list of captions but no text encoder is attached (text_encoder=...)")
         device = device if device is not None else self.betas.device
-        return self.text_encoder(cond, return_cls_repr=self.text_use_bert_cls, device=device)
+        # a text_standardize model's caption map (identity for any other): cond lives in the mapped space
+        return standardize_for(self.denoise_fn, self.text_encoder(cond, return_cls_repr=self.text_use_bert_cls,
+                                                                  device=device))
 
     def text_inputs(self, cond, text_tokens=None, text_mask=None, device: torch.device | None = None):
         """``cond`` (captions, an embedding or None) and token inputs -> ``(cond, text_kw)`` for the denoiser.
@@ -207,6 +209,7 @@ class GaussianDiffusion(nn.Module):
                 raise ValueError("cond is a list of captions but no text encoder is attached (text_encoder=...)")
             cond, text_tokens, text_mask = self.text_encoder.encode(
                 cond, self.denoise_fn.text_max_tokens, return_cls_repr=self.text_use_bert_cls, device=device)
+            cond = standardize_for(self.denoise_fn, cond)
         else:
             cond = self.embed_text(cond, device)
         given = (("text_tokens", text_tokens), ("text_mask", text_mask))

@@ -108,6 +108,7 @@ class Unet3D(nn.Module):
         frame_conditioning: bool = False,
         text_cross_attention: bool = False,
         text_max_tokens: int = 16,
+        text_standardize: str = "none",
     ):
         super().__init__()
         if norm_type not in ("group", "rms"):
@@ -156,6 +157,15 @@ class Unet3D(nn.Module):
         cond_dim = BERT_MODEL_DIM if use_bert_text_cond else cond_dim
         text_dim = cond_dim  # the text encoder's width: its pooled vector and its tokens
         self.null_cond_emb = nn.Parameter(torch.randn(1, cond_dim)) if self.has_cond else None
+        # text_standardize: the caption map fitted on the training captions (vdeploy.text.fit_standardizer, set by
+        # the trainer) is stored here, so it travels with the weights; the U-Net never applies it (cond arrives mapped)
+        self.text_standardize = text_standardize
+        if text_standardize != "none":
+            if text_standardize not in ("std", "whiten") or not self.has_cond:
+                raise ValueError(f"text_standardize {text_standardize!r} needs a conditional Unet3D (cond_dim) and "
+                                 "'std' or 'whiten'")
+            self.register_buffer("text_mean", torch.zeros(text_dim))
+            self.register_buffer("text_proj", torch.eye(text_dim))
         cond_dim = time_dim + int(cond_dim or 0)
 
         # layers

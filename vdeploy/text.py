@@ -9,10 +9,20 @@ ships inside site-packages; any local directory that ``transformers`` loads as a
 For a U-Net with ``text_cross_attention``, :meth:`TextEncoder.encode` also returns the token embeddings (the same
 last hidden state, every token, [CLS] and [SEP] included) cut or zero-padded to ``text_max_tokens``, with their
 mask: one encoder pass gives both, and the pooled vector is exactly ``__call__``'s.
+
+Caption standardization (the model-config key ``text_standardize``, opt-in): a mean-pooled sentence vector is
+dominated by what every caption shares ("a red circle moving left" and "... moving right" point almost the same
+way), so what tells captions apart is a small component of it. :func:`fit_standardizer` fits an affine map
+``(pooled - mean) @ proj`` on the training captions' pooled vectors; the trainer stores it in the U-Net's buffers
+``text_mean``/``text_proj`` and every place a caption becomes a ``cond`` vector applies it
+(:func:`standardize_for`: ``GaussianDiffusion.embed_text``/``text_inputs``, the trainer's caption table, the
+exported text encoder graph), so the learned null embedding lives in the standardized space and the runtime's
+prompts match training. Token embeddings (``text_cross_attention``) are not mapped.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -138,6 +148,62 @@ def pad_tokens(hidden: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> tup
         hidden = torch.nn.functional.pad(hidden, (0, 0, 0, max_tokens - n))
         mask = torch.nn.functional.pad(mask, (0, max_tokens - n))
     return hidden * mask[..., None].to(hidden.dtype), mask
+
+
+# "whiten" shrinks every eigenvalue by this fraction of the largest, so no direction is amplified more than
+# sqrt((1 + s) / s) ~ 3.3x relative to the top one (a direction the training captions never vary in stays small)
+WHITEN_SHRINKAGE = 0.1
+# "std" floors each dimension's variance at this fraction of the mean variance (MiniLM has dimensions that barely
+# vary over a small caption set: dividing by their spread would blow up any other prompt there)
+STD_FLOOR = 0.01
+
+
+@torch.no_grad()
+def fit_standardizer(pooled: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map of ``text_standardize`` ``mode`` fitted on pooled caption vectors ``(n, d)`` (one row per
+    training item): ``(mean (d,), proj (d, d))`` float32, applied as ``(x - mean) @ proj``.
+
+    * ``"std"``: ``proj = diag(1 / sqrt(var + STD_FLOOR * mean(var)))``: every dimension centred and of unit
+      spread over the training captions.
+    * ``"whiten"``: PCA whitening with shrinkage, ``proj = Q diag(1 / sqrt(ev + WHITEN_SHRINKAGE * max(ev))) Q^T``
+      (ZCA: the axes stay the encoder's), scaled so that the mapped training vectors have mean squared norm ``d``
+      like "std"'s: the components that tell captions apart weigh about equally.
+
+    Raises:
+        ValueError: an unknown mode, or fewer than two rows.
+    """
+    x = pooled.detach().double().cpu()
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"text_standardize needs the pooled vectors of at least two captions, got shape {tuple(x.shape)}")
+    mean = x.mean(dim=0)
+    centred = x - mean
+    d = x.shape[1]
+    if mode == "std":
+        var = centred.pow(2).mean(dim=0)
+        proj = torch.diag(1.0 / torch.sqrt(var + STD_FLOOR * var.mean()))
+    elif mode == "whiten":
+        cov = centred.T @ centred / x.shape[0]
+        ev, q = torch.linalg.eigh(cov)
+        ev = ev.clamp(min=0)
+        proj = q @ torch.diag(1.0 / torch.sqrt(ev + WHITEN_SHRINKAGE * ev.max())) @ q.T
+        proj = proj * math.sqrt(d / (centred @ proj).pow(2).sum(dim=1).mean())
+    else:
+        raise ValueError(f"text_standardize must be 'std' or 'whiten' to fit, got {mode!r}")
+    return mean.float(), proj.float()
+
+
+def standardize(pooled: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``(pooled - mean) @ proj`` in ``pooled``'s dtype and device."""
+    return (pooled - mean.to(pooled)) @ proj.to(pooled)
+
+
+def standardize_for(unet, pooled):
+    """``pooled`` through ``unet``'s stored caption map (buffers ``text_mean``/``text_proj``, a
+    ``text_standardize`` model's), or unchanged: for every other model, and for anything that is not a tensor."""
+    mean, proj = getattr(unet, "text_mean", None), getattr(unet, "text_proj", None)
+    if mean is None or proj is None or not isinstance(pooled, torch.Tensor):
+        return pooled
+    return standardize(pooled, mean, proj)
 
 
 def load_text_encoder(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> TextEncoder:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vdeploy.data import DataError, Dataset
+from vdeploy.text import fit_standardizer, standardize_for
 
 logger = logging.getLogger("vdeploy.trainer")  # the trainer's log, as before these parts moved here
 
@@ -105,17 +106,29 @@ def embed_captions(ds: Dataset, diffusion_model, tokens: bool, device):
     if diffusion_model.text_encoder is None:
         raise ValueError("the model is conditional but the diffusion model has no text encoder attached")
     unique = sorted(set(ds.captions))
+    encoder, cls = diffusion_model.text_encoder, diffusion_model.text_use_bert_cls
+    unet = diffusion_model.denoise_fn
     embs, token_parts, masks = [], [], []
     for i in range(0, len(unique), 256):
+        # the encoder's own (unmapped) vectors: the same calls as GaussianDiffusion.embed_text/text_inputs make
         if tokens:  # one encoder pass: the pooled vector and the tokens
-            cond, text = diffusion_model.text_inputs(unique[i : i + 256], device=torch.device("cpu"))
-            token_parts.append(text["text_tokens"])
-            masks.append(text["text_mask"])
+            cond, text_tokens, text_mask = encoder.encode(unique[i : i + 256], unet.text_max_tokens,
+                                                          return_cls_repr=cls, device=torch.device("cpu"))
+            token_parts.append(text_tokens)
+            masks.append(text_mask)
         else:
-            cond = diffusion_model.embed_text(unique[i : i + 256], torch.device("cpu"))
+            cond = encoder(unique[i : i + 256], return_cls_repr=cls, device=torch.device("cpu"))
         embs.append(cond)
     by_caption = dict(zip(unique, torch.cat(embs)))
-    cond_table = torch.stack([by_caption[c] for c in ds.captions]).to(device)
+    cond_table = torch.stack([by_caption[c] for c in ds.captions])
+    mode = getattr(unet, "text_standardize", "none")
+    if mode != "none":  # the caption map, fitted on every item's caption, into the U-Net's buffers, then applied
+        mean, proj = fit_standardizer(cond_table, mode)
+        unet.text_mean.copy_(mean)
+        unet.text_proj.copy_(proj)
+        cond_table = standardize_for(unet, cond_table)
+        logger.info("text_standardize %s: fitted on %d captions", mode, len(ds.captions))
+    cond_table = cond_table.to(device)
     logger.info("embedded %d distinct captions once", len(unique))
     if not tokens:
         return cond_table, None, None, None
