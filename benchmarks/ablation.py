@@ -16,6 +16,8 @@ all measured by ``benchmarks/frame_conditioning.py`` on the same held-out clips 
 * ``measure ARM...``: ``frame_conditioning.py`` on ``RUNS/ARM/model`` per guidance scale x CFG rescale into
   ``RUNS/ARM/fc_s{scale}_r{rescale}.json`` (the full run: adherence with dpmpp and ddpm, continuation through
   ``vdeploy sample --init`` with every sampler, the methods with ddim; ``--quick``: dpmpp only, no resampling).
+* ``cosines``: how alike the pooled vectors of "a red circle moving left/right/up/down" are, raw and through
+  each ``text_standardize`` map fitted on ``RUNS/data``'s captions.
 * ``table``: one JSON per arm (``RUNS/ARM/arm.json``: its config, training time and every measurement) and a
   markdown table over every arm and setting measured.
 """
@@ -163,6 +165,32 @@ def collect(runs: Path) -> list[dict]:
     return records
 
 
+COSINE_PAIRS = (("left", "right"), ("up", "down"), ("left", "up"))
+
+
+def cosines(data: Path) -> str:
+    """How alike the pooled caption vectors of "a red circle moving {left, right, up, down}" are (cosine
+    similarity) as the U-Net gets them: raw, and through each ``text_standardize`` map fitted on ``data``'s
+    captions as training fits it (one row per clip). A markdown table."""
+    import torch
+
+    from vdeploy.data import read_caption
+    from vdeploy.text import TextEncoder, fit_standardizer, standardize
+
+    encoder = TextEncoder()
+    raw = encoder([read_caption(p) for p in sorted(data.glob("*.gif"))])
+    probe = encoder([f"a red circle moving {d}" for d in ("left", "right", "up", "down")])
+    index = {d: i for i, d in enumerate(("left", "right", "up", "down"))}
+    maps = {"none": probe, **{m: standardize(probe, *fit_standardizer(raw, m)) for m in ("std", "whiten")}}
+    lines = ["| caption map | " + " | ".join(f"{a} / {b}" for a, b in COSINE_PAIRS) + " |",
+             "|---|" + "---|" * len(COSINE_PAIRS)]
+    for name, vecs in maps.items():
+        cos = [torch.nn.functional.cosine_similarity(vecs[index[a]], vecs[index[b]], dim=0).item()
+               for a, b in COSINE_PAIRS]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cos) + " |")
+    return "\n".join(lines)
+
+
 def _pct(x) -> str:
     return "–" if x is None else f"{x:.0%}"
 
@@ -230,6 +258,7 @@ def main(argv=None) -> int:
     m.add_argument("--threads", type=int, default=None)
     tb = sub.add_parser("table")
     tb.add_argument("--md", type=Path)
+    sub.add_parser("cosines")
     a = p.parse_args(argv)
     for spec in a.arm:
         name, _, keys = spec.partition("=")
@@ -248,6 +277,8 @@ def main(argv=None) -> int:
     elif a.command == "measure":
         measure(a.runs, a.arms, [float(s) for s in a.scales.split(",")], [float(r) for r in a.rescales.split(",")],
                 a.quick, a.threads)
+    elif a.command == "cosines":
+        print(cosines(make_data(a.runs)))
     else:
         text = table(collect(a.runs))
         print(text)
