@@ -26,20 +26,20 @@
 #   device   benchmarks/gpu_device.py: the device-resident loop (samplers on CuPy, IO binding, CUDA graph,
 #            prefetched noise) against the host loop on the base export, dpmpp 13 and ddpm 100: ms per step,
 #            share outside the denoiser, video difference, the device run's costliest Python functions
-#   kernels  benchmarks/gpu_kernels.py: the GPU time of a base call at batch 4 by kernel kind (fp16, tf32; NCHW
-#            and NHWC)
 #   serve    benchmarks/serve_load.py --quick (batching on/off/auto) where the [serve] extra imports
 #   compile  after the warm-up (waited for at most W_WARM s, then stopped): torch.compile under autocast fp16
 #            beside torch eager (fp32, fp16) and the runtime (fp32, fp16) at batch 1 and 4, one run
 #   fp16     benchmarks/gpu_fp16_choice.py --device cuda: the converter's fp16 graph against a half-precision
 #            torch export of base (the latency step's export reused), dpmpp 13 steps: video PSNR, ms per call
-#            at batch 1 and 4, NCHW and NHWC
+#            at batch 1 and 4
+#   kernels  benchmarks/gpu_kernels.py: the GPU time of a base call at batch 4 by kernel kind (fp16, tf32; the
+#            converter's graph and the half-precision export)
 #   summary  OUT/summary.json and OUT/summary.md from all of the above, with each step's status and seconds
 # Every step writes OUT/<step>.log; OUT/steps.jsonl has one line per step (rc 124: timed out).
 #
 # Python: $PYTHON, else the checkout's .venv, else python3. Where vdeploy does not import, the checkout is put
 # on the path through a folder of links. STEPS=latency,device runs only the steps named (env always runs);
-# ROWS and BATCHES replace the latency step's rows and batch sizes.
+# ROWS and BATCHES replace the latency step's rows and batch sizes, LATENCY_SKIP its --skip list.
 # Timeouts: T_PARITY, T_LATENCY, T_DEVICE, T_KERNELS, T_SERVE, T_COMPILE, T_FP16 (s);
 # BUDGET (default 440 s; with the 30 s summary under 8 min) caps the whole run: a step gets at most what is left.
 # DEVICE=cpu runs the same steps on the CPU; QUICK=1 shrinks them (tiny configs, fewer rounds) to check the
@@ -280,18 +280,14 @@ step parity "${T_PARITY:-60}" "$py" "$root/benchmarks/gpu_parity.py" --out "$out
     --precisions "$precisions" --samplers "$samplers"
 
 step latency "${T_LATENCY:-160}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
-    --batches "$batches" --repeats "$repeats" --warmup 3 --backends "$rows" --skip flops,coldstart,profile,quality \
+    --batches "$batches" --repeats "$repeats" --warmup 3 --backends "$rows" \
+    --skip "${LATENCY_SKIP:-flops,coldstart,profile,quality}" \
     --sampling-rounds 1 --dpmpp-steps 13 --work "$work" --json "$out/latency.json" --plot "$out/latency.png"
 
 model=$work/model
 [[ -f $model/vdeploy.json ]] || model=$out/parity/model  # the latency step's export failed: the tiny one
 step device "${T_DEVICE:-50}" "$py" "$root/benchmarks/gpu_device.py" "$model" --backend "$backend" \
     --samplers "$device_samplers" --profile 12 --json "$out/device.json"
-
-if [[ $device == cuda ]]; then
-    step kernels "${T_KERNELS:-40}" "$py" "$root/benchmarks/gpu_kernels.py" "$model" --precisions fp16,tf32 \
-        --layouts nchw,nhwc --batch 4 --json "$out/kernels.json"
-fi
 
 if ! wanted serve; then
     step serve 0 true
@@ -323,6 +319,13 @@ step compile "${T_COMPILE:-110}" "$py" "$root/benchmarks/latency.py" --device "$
 
 step fp16 "${T_FP16:-75}" "$py" "$root/benchmarks/gpu_fp16_choice.py" --device "$backend" --configs "$fp16_configs" \
     --steps "$fp16_steps" --out "$out/fp16" "${fp16_args[@]}"
+
+if [[ $device == cuda ]]; then  # the latency step's export, and the fp16 step's half-precision export beside it
+    half=("$out"/fp16/*/float16)
+    [[ -f ${half[0]}/vdeploy.json ]] || half=()
+    step kernels "${T_KERNELS:-40}" "$py" "$root/benchmarks/gpu_kernels.py" "$model" "${half[@]}" \
+        --precisions fp16,tf32 --batch 4 --json "$out/kernels.json"
+fi
 
 timeout -k 5 30 "$py" "$root/benchmarks/gpu_summary.py" "$out" > "$out/summary.log" 2>&1 \
     || echo "gpu.sh: [summary] FAILED: $(tail -n 3 "$out/summary.log")" >&2

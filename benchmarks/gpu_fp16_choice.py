@@ -19,8 +19,8 @@ InsertCastTransformer), so on the CPU the error measures fp16 storage of weights
 not fp16 arithmetic inside them; ``--device cuda`` runs the same comparison on the CUDA EP (benchmarks/gpu.sh).
 
 ``--time-batches 1,4`` also times each candidate's fp16 graph on ``--device`` per call (median of ``--repeats``
-after warm-up; CUDA graphs as by default), with channels-last convolutions off and on (``BackendOptions.nhwc``)
-where the device is CUDA. ``--reuse DIR``: DIR is an export of the same preset and seed with the converter's fp16
+after warm-up; CUDA graphs as by default), on CUDA in each of ``--layouts`` (``nhwc``: channels-last
+convolutions, ``BackendOptions.nhwc``). ``--reuse DIR``: DIR is an export of the same preset and seed with the converter's fp16
 graph (``benchmarks/latency.py --work``'s ``model``), used instead of exporting again.
 
 Writes OUT/fp16_choice.json (after every measurement) and OUT/fp16_choice.md.
@@ -119,7 +119,8 @@ def _one_call(model_dir: Path, device: str, precision: str) -> dict:
             "output_scale": float(np.abs(outs["ref"]).max())}
 
 
-def _timing(model_dir: Path, device: str, precision: str, batches: list[int], repeats: int) -> dict:
+def _timing(model_dir: Path, device: str, precision: str, batches: list[int], repeats: int,
+            layouts: tuple[str, ...] = ("nchw",)) -> dict:
     """``{"nchw"|"nhwc": {batch: median ms per call}}`` of the model's ``precision`` graph on ``device``."""
     from vdeploy.runtime import manifest as vmanifest
     from vdeploy.runtime.backends import BackendOptions, graph_for, open_graph
@@ -127,7 +128,7 @@ def _timing(model_dir: Path, device: str, precision: str, batches: list[int], re
     m = vmanifest.load(model_dir)
     rng = np.random.default_rng(0)
     out: dict = {}
-    for layout in ("nchw", "nhwc") if device == "cuda" else ("nchw",):
+    for layout in layouts if device == "cuda" else ("nchw",):
         options = BackendOptions(precision=precision, nhwc=layout == "nhwc")
         name = graph_for(device, m, options)
         backend = open_graph(device, model_dir, m, name, options)
@@ -184,11 +185,13 @@ def main(argv=None) -> int:
     p.add_argument("--oldest-python", default=None, help="python of a venv with the oldest onnxruntime")
     p.add_argument("--time-batches", default="", help="time each candidate per call at these batch sizes")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per batch size [20]")
+    p.add_argument("--layouts", default="nchw", help="on CUDA: nchw and/or nhwc (BackendOptions.nhwc) [nchw]")
     p.add_argument("--reuse", type=Path, default=None,
                    help="an export of the (one) preset and --seed with its fp16 graph, instead of exporting")
     p.add_argument("--no-bf16", action="store_true", help="leave out the bf16 torch export")
     args = p.parse_args(argv)
     time_batches = [int(b) for b in args.time_batches.split(",") if b.strip()]
+    layouts = tuple(x.strip() for x in args.layouts.split(",") if x.strip())
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -245,7 +248,7 @@ def main(argv=None) -> int:
                 row.update(worst_per_call=r["max_per_call_abs_err"], final=r["final_max_abs_err"],
                            psnr_db=r["psnr_db"], parity_s=round(time.perf_counter() - t1, 1))
                 if time_batches:
-                    row["ms_per_call"] = _timing(model_dir, args.device, precision, time_batches, args.repeats)
+                    row["ms_per_call"] = _timing(model_dir, args.device, precision, time_batches, args.repeats, layouts)
             except Exception as e:  # noqa: BLE001 - recorded (onnxruntime cannot run it, ...)
                 row["error"] = " ".join(f"{type(e).__name__}: {e}".split())[:400]
             report["rows"].append(row)
@@ -259,8 +262,8 @@ def main(argv=None) -> int:
                                "psnr_db": r["psnr_db"]})
         if time_batches:
             precisions = ("fp32", "tf32") if args.device == "cuda" else ("fp32",)
-            report["rows"][-1]["ms_per_call"] = {p: _timing(fp32_dir, args.device, p, time_batches, args.repeats)
-                                                 for p in precisions}
+            report["rows"][-1]["ms_per_call"] = {p: _timing(fp32_dir, args.device, p, time_batches, args.repeats,
+                                                            layouts) for p in precisions}
         save()
     fmt = lambda v: "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"# fp16/bf16 graphs two ways ({args.sampler} {args.steps} steps on {args.device}, random weights)", "",

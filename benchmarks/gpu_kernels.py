@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Where a runtime call spends its GPU time: every CUDA kernel of a few denoiser calls, by kind (benchmarks/gpu.sh).
 
-    python benchmarks/gpu_kernels.py MODEL_DIR --json OUT/kernels.json [--precisions fp16,tf32] [--batch 4] \
-        [--layouts nchw,nhwc]
+    python benchmarks/gpu_kernels.py MODEL_DIR [MODEL_DIR ...] --json OUT/kernels.json [--precisions fp16,tf32] \
+        [--batch 4] [--layouts nchw,nhwc]
 
 onnxruntime's own profiler times the CPU side of each node (kernels launch asynchronously), so this one records
 the GPU side: torch's profiler (CUPTI, process-wide) traces every kernel the onnxruntime CUDA backend launches,
 with CUDA graphs off so each call launches its kernels. Reported per precision and layout (``nhwc``:
 ``BackendOptions.nhwc``, channels-last convolutions): GPU ms per call, kernels per call,
 and the time and count per kind (``KINDS``: convolution and matmul, normalization and reductions, elementwise,
-casts, layout copies) and the costliest kernels by name.
+casts, layout copies), the costliest kernels by name, and every kernel's ms and count per call (``all``).
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import numpy as np
 
 # a kernel's kind, by the first pattern its (lower-case) name matches; the last is the catch-all
 KINDS = {
-    "conv/matmul": r"conv|gemm|xmma|cutlass|sm90|sm80|wgmma|cudnn|implicit|winograd|fft|dgrad|wgrad|nchwtonhwc|nhwctonchw",
-    "reduce/norm": r"reduce|norm|softmax|mean|variance",
-    "cast": r"cast",
-    "layout": r"transpose|copy|concat|slice|gather|pad|expand|tile",
-    "elementwise": r"elementwise|binary|unary|sigmoid|silu|mul|add|sub|div|sqrt|erf|sin|cos|where|pow",
+    "reduce/norm": r"reduce|norm|softmax|variance",  # cuDNN's reduce_tensor (ReduceMean) included
+    "cast": r"op_cast|cast<|castkernel",
+    "layout": r"transpose|nchwtonhwc|nhwctonchw|copy|concat|slice|gather|_pad|expand|tile(?!size)|flip_filter",
+    "conv/matmul": r"conv|gemm|xmma|cutlass|sm90_|sm80_|nvjet|wgmma|implicit|winograd|fft|dgrad|wgrad",
+    "elementwise": r"elementwise|op_generic_tensor|binary|unary|sigmoid|silu|gelu|mul|add|sub|div|sqrt|erf|sin|"
+                   r"cos|where|pow",
     "other": r".",
 }
 
@@ -40,7 +41,8 @@ def kind_of(name: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", type=Path)
+    p.add_argument("model_dirs", type=Path, nargs="+", help="model directories (each run is named DIR:precision-layout "
+                   "where more than one is given)")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--precisions", default="fp16,tf32")
     p.add_argument("--batch", type=int, default=4)
@@ -55,18 +57,20 @@ def main(argv=None) -> int:
     from vdeploy.runtime import manifest as vmanifest
     from vdeploy.runtime.backends import BackendOptions, graph_for, open_graph
 
-    m = vmanifest.load(args.model_dir)
     rng = np.random.default_rng(0)
-    report: dict = {"model": str(args.model_dir), "batch": args.batch, "runs": {}}
-    runs = [(p, layout) for layout in args.layouts.split(",") for p in args.precisions.split(",") if p and layout]
-    for precision, layout in runs:
+    report: dict = {"models": [str(d) for d in args.model_dirs], "batch": args.batch, "kinds": KINDS, "runs": {}}
+    runs = [(d, p, layout) for d in args.model_dirs for layout in args.layouts.split(",")
+            for p in args.precisions.split(",") if p and layout]
+    for model_dir, precision, layout in runs:
+        label = (f"{model_dir.name}:" if len(args.model_dirs) > 1 else "") + f"{precision}-{layout}"
         entry: dict = {}
         try:
+            m = vmanifest.load(model_dir)
             options = BackendOptions(precision=precision, cuda_graph=False, nhwc=layout == "nhwc")
             name = graph_for("cuda", m, options)
             if name is None:
                 raise ValueError(f"the model dir has no {precision} graph")
-            backend = open_graph("cuda", args.model_dir, m, name, options)
+            backend = open_graph("cuda", model_dir, m, name, options)
             feeds = {}
             for t in m.graphs[name].inputs:
                 if t.role == "t":
@@ -106,11 +110,12 @@ def main(argv=None) -> int:
                 "top": [{"kernel": kname[:160], "kind": kind_of(kname), "ms_per_call": round(v[0] / n, 4),
                          "per_call": round(v[1] / n, 1)}
                         for kname, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]],
+                "all": {kname[:200]: [round(v[0] / n, 4), round(v[1] / n, 1)] for kname, v in by_name.items()},
             }
         except Exception as e:  # noqa: BLE001 - recorded, the next precision runs
             entry = {"error": f"{type(e).__name__}: {e}"[:400]}
-        report["runs"][f"{precision}-{layout}"] = entry
-        print(json.dumps({f"{precision}-{layout}": {k: v for k, v in entry.items() if k != "top"}}), flush=True)
+        report["runs"][label] = entry
+        print(json.dumps({label: {k: v for k, v in entry.items() if k not in ("top", "all")}}), flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -106,16 +106,18 @@ def main(argv=None) -> int:
     if device:
         lines += ["", f"## Device loop vs host loop ({device.get('backend')}, batch {device.get('batch')}, video "
                   f"{device.get('video_shape')}, CUDA graph: {device.get('cuda_graph')}, {device.get('namespace')})",
-                  "", "| sampler | steps | path | ms per step | denoiser ms | outside the denoiser % | video diff |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "", "| sampler | steps | path | ms per step | denoiser ms | outside the denoiser % (whole run) | "
+                  "outside the denoiser % (steps alone) | video diff |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, entry in (device.get("samplers") or {}).items():
             if entry.get("error"):
-                lines.append(f"| {name} | {entry.get('steps')} | error | {entry['error'][:120]} | | | |")
+                lines.append(f"| {name} | {entry.get('steps')} | error | {entry['error'][:120]} | | | | |")
                 continue
             for path in ("host", "device"):
                 d = entry.get(path) or {}
                 lines.append(f"| {name} | {entry.get('steps')} | {path} | {d.get('ms_per_step')} | "
                              f"{d.get('denoiser_ms_per_step')} | {d.get('outside_denoiser_pct')} | "
+                             f"{d.get('steps_outside_denoiser_pct', '')} | "
                              f"{_fmt(entry.get('video_max_abs_diff')) if path == 'device' else ''} |")
         for name, entry in (device.get("samplers") or {}).items():
             top = entry.get("device_profile") or []
