@@ -83,7 +83,7 @@ demo: install
 TEST_WORKERS ?= 2
 test: install test-ort-oldest
 	@$(PY) tools/versions.py
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --ignore=tests/test_runtime_openvino.py
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 --ignore=tests/test_runtime_openvino.py
 	$(PY) -m pytest -q tests/test_runtime_openvino.py
 
 # The fp16 conversion on the OLDEST onnxruntime [cpu] admits (issue 20: converters differ by version), in a
