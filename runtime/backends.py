@@ -82,8 +82,8 @@ class BackendOptions:
             shapes a backend sees and off past them or where the graph cannot be captured; True: every shape;
             False: off.
         nhwc: onnxruntime CUDA runs convolutions and the ops between them channels-last (the CUDA EP's
-            ``prefer_nhwc``; cuDNN's tensor-core kernels read NHWC). Off by default; ``benchmarks/gpu.sh``
-            measures both.
+            ``prefer_nhwc``). Off by default: slower for this U-Net on an H200 at every precision (README, GPU);
+            the benchmark keeps its rows.
     """
 
     precision: str = "fp32"

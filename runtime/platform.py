@@ -220,7 +220,7 @@ def cuda_provider_options(device_id: int = 0, precision: str = "fp32", *, cuda_g
     ``cuda_graph`` captures one CUDA graph per input shape (``OrtBackend`` then binds fixed device buffers
     and passes ``gpu_graph_id`` per shape). ``nhwc`` asks for channels-last convolutions (``prefer_nhwc``:
     onnxruntime's layout transformer moves Conv and the ops it can carry to NHWC, inserting transposes where
-    a node cannot follow; the fp16 and TF32 tensor-core kernels of cuDNN read NHWC).
+    a node cannot follow).
     """
     if precision not in CUDA_TF32:
         raise ValueError(f"the CUDA execution provider takes precision {', '.join(CUDA_TF32)}, got {precision!r}")
