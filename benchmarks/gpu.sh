@@ -317,7 +317,7 @@ step compile "${T_COMPILE:-110}" "$py" "$root/benchmarks/latency.py" --device "$
     --batches "$compile_batches" --compile-batches 2 --repeats 20 --warmup 2 --backends "$compile_rows" \
     --skip flops,sampling,coldstart,profile,quality --work "$work" --json "$out/compile.json"
 
-step fp16 "${T_FP16:-75}" "$py" "$root/benchmarks/gpu_fp16_choice.py" --device "$backend" --configs "$fp16_configs" \
+step fp16 "${T_FP16:-110}" "$py" "$root/benchmarks/gpu_fp16_choice.py" --device "$backend" --configs "$fp16_configs" \
     --steps "$fp16_steps" --out "$out/fp16" "${fp16_args[@]}"
 
 if [[ $device == cuda ]]; then  # the latency step's export, and the fp16 step's half-precision export beside it
