@@ -21,8 +21,8 @@
 #            CPU fp32 and on the device at fp32, tf32 (judged by atol) and fp16 (by video PSNR); one call per
 #            precision vs onnxruntime CPU
 #   latency  benchmarks/latency.py --config base --batches 1,4,8: torch eager, autocast fp16/bf16, the
-#            runtime at fp32/tf32/fp16 with CUDA graphs (the default) and without, error vs torch fp32, GPU
-#            memory; the sampling section (time outside the denoiser, host loop)
+#            runtime at fp32/tf32/fp16 with CUDA graphs (the default), without, and channels-last (nhwc), error
+#            vs torch fp32, GPU memory; the sampling section (time outside the denoiser, host loop)
 #   device   benchmarks/gpu_device.py: the device-resident loop (samplers on CuPy, IO binding, CUDA graph,
 #            prefetched noise) against the host loop on the base export, dpmpp 13 and ddpm 100: ms per step,
 #            share outside the denoiser, video difference, the device run's costliest Python functions
@@ -40,7 +40,7 @@
 # Python: $PYTHON, else the checkout's .venv, else python3. Where vdeploy does not import, the checkout is put
 # on the path through a folder of links. STEPS=latency,device runs only the steps named (env always runs);
 # ROWS and BATCHES replace the latency step's rows and batch sizes, LATENCY_SKIP its --skip list.
-# Timeouts: T_PARITY, T_LATENCY, T_DEVICE, T_KERNELS, T_SERVE, T_COMPILE, T_FP16 (s);
+# Timeouts: T_PARITY, T_LATENCY, T_DEVICE, T_SERVE, T_COMPILE, T_FP16, T_KERNELS, W_WARM (the wait for the warm-up) (s);
 # BUDGET (default 440 s; with the 30 s summary under 8 min) caps the whole run: a step gets at most what is left.
 # DEVICE=cpu runs the same steps on the CPU; QUICK=1 shrinks them (tiny configs, fewer rounds) to check the
 # script itself.
