@@ -191,6 +191,17 @@ def cosines(data: Path) -> str:
     return "\n".join(lines)
 
 
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def _opposite(adh: dict) -> float | None:
+    """The fraction of samples that moved against the prompt's direction (the right axis, the wrong sense)."""
+    if not adh.get("pairs") or "failures" not in adh:
+        return None
+    flipped = [r for r in adh["failures"] if r.get("direction") == OPPOSITE.get(r["prompt"].split()[-1])]
+    return len(flipped) / adh["pairs"]
+
+
 def _pct(x) -> str:
     return "–" if x is None else f"{x:.0%}"
 
@@ -203,8 +214,9 @@ def table(records: list[dict]) -> str:
     from vdeploy.runtime.pipeline import DEFAULT_SAMPLER
 
     lines = ["| arm | objective | loss weighting | token cross-attention | caption map | guidance | CFG rescale | "
-             "adherence | colour ok | direction ok | background clean | continuation, `--init` " + DEFAULT_SAMPLER +
-             " (px / one object) | interpolation, trained (px / one object) | training (min) |", "|" + "---|" * 14]
+             "adherence | colour ok | direction ok | direction opposite | background clean | continuation, `--init` " +
+             DEFAULT_SAMPLER + " (px / one object) | interpolation, trained (px / one object) | training (min) |",
+             "|" + "---|" * 15]
     samplers, methods = [], []
     for r in records:
         minutes = r["training"].get("train_seconds")
@@ -220,6 +232,7 @@ def table(records: list[dict]) -> str:
                 f"{r['config'].get('text_standardize', 'none')} | {a['cond_scale']:g} | "
                 f"{a.get('rescale', 0):g} | "
                 f"{_pct(adh.get('adherence'))} | {_pct(adh.get('color_ok'))} | {_pct(adh.get('direction_ok'))} | "
+                f"{_pct(_opposite(adh))} | "
                 f"{adh.get('clean', float('nan')):.2f} | {_px(m.get('init_path', {}).get(DEFAULT_SAMPLER))} | "
                 f"{_px(interp.get('trained (masked conditioning)'))} | "
                 f"{'–' if minutes is None else f'{minutes / 60:.1f}'} |")
