@@ -230,8 +230,8 @@ def load(spec: str | Path | dict) -> dict:
 def unet_kwargs(config: dict) -> dict:
     """The ``Unet3D(**kwargs)`` part of a resolved config.
 
-    vdeploy's own token keys (``text_cross_attention``, ``text_max_tokens``) are passed only where they differ
-    from the default, as :func:`diffusion_kwargs` does with its own.
+    vdeploy's own keys (``text_cross_attention``, ``text_max_tokens``, ``text_standardize``) are passed only where
+    they differ from the default, as :func:`diffusion_kwargs` does with its own.
     """
     return {k: config[k] for k in UNET_DEFAULTS
             if k not in _OWN_UNET_KEYS or (k in config and config[k] != UNET_DEFAULTS[k])}
