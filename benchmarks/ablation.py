@@ -57,6 +57,7 @@ EPS, V = {"prediction_type": "eps"}, {"prediction_type": "v"}
 NONE, MIN_SNR = {"loss_weighting": "none"}, {"loss_weighting": "min_snr"}
 TOKENS = {"text_cross_attention": True}
 STD, WHITEN = {"text_standardize": "std"}, {"text_standardize": "whiten"}
+FRAME_POS = {"frame_position": True}
 # every arm names its objective and weighting, whatever the demo preset holds
 ARMS: dict[str, Arm] = {
     "eps_none": Arm("eps, plain loss (the seed's; the demo before issue 22)", {**EPS, **NONE}),
@@ -71,6 +72,8 @@ ARMS: dict[str, Arm] = {
                            {**V, **MIN_SNR, **WHITEN}),
     "v_minsnr_std": Arm("v-prediction, Min-SNR-5, caption vectors centred, each dimension scaled to unit spread",
                         {**V, **MIN_SNR, **STD}),
+    "v_minsnr_framepos": Arm("v-prediction, Min-SNR-5, each frame's absolute index added to the stem's features",
+                             {**V, **MIN_SNR, **FRAME_POS}),
 }
 
 

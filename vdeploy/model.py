@@ -109,6 +109,7 @@ class Unet3D(nn.Module):
         text_cross_attention: bool = False,
         text_max_tokens: int = 16,
         text_standardize: str = "none",
+        frame_position: bool = False,
     ):
         super().__init__()
         if norm_type not in ("group", "rms"):
@@ -166,6 +167,12 @@ class Unet3D(nn.Module):
                                  "'std' or 'whiten'")
             self.register_buffer("text_mean", torch.zeros(text_dim))
             self.register_buffer("text_proj", torch.eye(text_dim))
+        # frame_position: each frame's index (sinusoidal) through a learned map, zero at first (no random draw: the
+        # other weights initialize as without it), added to the stem's features, so a frame knows where it stands
+        # in the clip and not only how far it is from the others (the temporal attentions' relative positions)
+        self.frame_position = bool(frame_position)
+        if self.frame_position:
+            self.frame_pos_proj = nn.Parameter(torch.zeros(init_dim, init_dim))
         cond_dim = time_dim + int(cond_dim or 0)
 
         # layers
@@ -256,7 +263,11 @@ class Unet3D(nn.Module):
         """
         device = default(device, self.init_conv.weight.device)
         cos, sin = self._rotary().tables(num_frames, self.attn_dim_head, device)
-        return {"pos_bias": self.time_rel_pos_bias(num_frames, device=device), "rotary_cos": cos, "rotary_sin": sin}
+        tables = {"pos_bias": self.time_rel_pos_bias(num_frames, device=device), "rotary_cos": cos, "rotary_sin": sin}
+        if self.frame_position:  # (f, init_dim): what frame_position adds to each frame's stem features
+            index = torch.arange(num_frames, device=device, dtype=torch.float32)
+            tables["frame_pos"] = SinusoidalPosEmb(self.frame_pos_proj.shape[0])(index) @ self.frame_pos_proj.float()
+        return tables
 
     def _rotary(self) -> RotaryEmbedding:
         return self.init_temporal_attn.fn.fn.fn.rotary_emb
@@ -415,6 +426,8 @@ class Unet3D(nn.Module):
         # (b, c, f, h, w) -> (b*f, c, h, w): every conv of this network is spatial
         x = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
         x = _conv(self.init_conv, x)
+        if self.frame_position:
+            x = x + tables["frame_pos"].to(dtype).repeat(b, 1)[:, :, None, None]
         x = self.init_temporal_attn(x, **attn_kw)  # upstream passes no focus mask here
         r = x
 
