@@ -72,6 +72,8 @@ ARMS: dict[str, Arm] = {
                            {**V, **MIN_SNR, **WHITEN}),
     "v_minsnr_std": Arm("v-prediction, Min-SNR-5, caption vectors centred, each dimension scaled to unit spread",
                         {**V, **MIN_SNR, **STD}),
+    "v_minsnr_l2": Arm("v-prediction, Min-SNR-5, squared-error loss (the seed's loss_type l1 otherwise)",
+                       {**V, **MIN_SNR, "loss_type": "l2"}),
     "v_minsnr_framepos": Arm("v-prediction, Min-SNR-5, each frame's absolute index added to the stem's features",
                              {**V, **MIN_SNR, **FRAME_POS}),
 }
