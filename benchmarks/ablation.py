@@ -74,6 +74,7 @@ ARMS: dict[str, Arm] = {
                         {**V, **MIN_SNR, **STD}),
     "v_minsnr_l2": Arm("v-prediction, Min-SNR-5, squared-error loss (the seed's loss_type l1 otherwise)",
                        {**V, **MIN_SNR, "loss_type": "l2"}),
+    "v_l2": Arm("v-prediction, plain loss, squared error", {**V, **NONE, "loss_type": "l2"}),
     "v_minsnr_framepos": Arm("v-prediction, Min-SNR-5, each frame's absolute index added to the stem's features",
                              {**V, **MIN_SNR, **FRAME_POS}),
 }
