@@ -18,6 +18,8 @@ all measured by ``benchmarks/frame_conditioning.py`` on the same held-out clips 
   ``vdeploy sample --init`` with every sampler, the methods with ddim; ``--quick``: dpmpp only, no resampling).
 * ``cosines``: how alike the pooled vectors of "a red circle moving left/right/up/down" are, raw and through
   each ``text_standardize`` map fitted on ``RUNS/data``'s captions.
+* ``probe ARM...``: each trained arm's x0 prediction at the first sampling step for four training captions (where
+  its object stands in the first and the last frame): does the caption's sense of motion reach it?
 * ``table``: one JSON per arm (``RUNS/ARM/arm.json``: its config, training time and every measurement) and a
   markdown table over every arm and setting measured.
 """
@@ -198,6 +200,57 @@ def cosines(data: Path) -> str:
 
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+PROBE_CAPTIONS = [f"a yellow square moving {d}" for d in ("left", "right", "up", "down")]  # not the benchmark's
+
+
+def probe(runs: Path, names: list[str], n: int = 16) -> str:
+    """What each arm's trained model predicts at the first sampling step: x0 from pure noise (the last timestep,
+    the caption alone, no guidance, plain generation), averaged over ``n`` noises, per caption of
+    :data:`PROBE_CAPTIONS`: the brightness centroid along the caption's axis in the first and the last frame (a
+    model that knows the sense moves it the caption's way). A markdown table."""
+    import torch
+
+    from vdeploy import config as vconfig
+    from vdeploy.checkpoint import load_checkpoint
+    from vdeploy.diffusion import GaussianDiffusion
+    from vdeploy.model import Unet3D
+    from vdeploy.text import TextEncoder
+
+    def centre(w, caption: str) -> str:  # w: (f, h, w) brightness
+        profile = w.sum(1) if caption.endswith(("left", "right")) else w.sum(2)  # (f, along the axis)
+        pos = (profile * torch.arange(profile.shape[-1]).float()).sum(-1) / profile.sum(-1)
+        return f"{pos[0]:.1f} -> {pos[-1]:.1f}"
+
+    encoder = TextEncoder()
+    lines = ["| arm | " + " | ".join(c.split()[-1] + ": first -> last frame (px)" for c in PROBE_CAPTIONS) + " |",
+             "|---|" + "---|" * len(PROBE_CAPTIONS)]
+    from vdeploy.data import Dataset
+
+    ds = Dataset(make_data(runs), 16, channels=3, num_frames=8)
+    clips = torch.stack([ds[i] for i in range(len(ds))])  # (n, c, f, h, w) in [0, 1]
+    truth = [centre(clips[[c.endswith(p.split()[-1]) for c in ds.captions]].mean(0).sum(0), p) for p in PROBE_CAPTIONS]
+    lines.append("| the training clips of that direction, averaged (what the prediction would be at best) | " +
+                 " | ".join(truth) + " |")
+    for name in names:
+        ckpt = load_checkpoint(runs / name / "results" / "model-last.pt")
+        config = vconfig.resolve(dict(ckpt["config"]))
+        diffusion = GaussianDiffusion(Unet3D(**vconfig.unet_kwargs(config)), **vconfig.diffusion_kwargs(config),
+                                      text_encoder=encoder)
+        diffusion.load_state_dict(ckpt["ema"])
+        diffusion.eval()
+        f, size = config["num_frames"], config["image_size"]
+        cells = []
+        for caption in PROBE_CAPTIONS:
+            x = torch.randn(n, config["channels"], f, size, size, generator=torch.Generator().manual_seed(1))
+            t = torch.full((n,), diffusion.num_timesteps - 1, dtype=torch.long)
+            kw = {"frames": torch.zeros_like(x), "mask": torch.zeros(n, f)} if config["frame_conditioning"] else {}
+            cond, text_kw = diffusion.text_inputs([caption] * n)  # a token model's tokens too
+            with torch.no_grad():
+                out = diffusion.denoise_fn.forward_with_cond_scale(x, t, cond=cond, cond_scale=1.0, **kw, **text_kw)
+                x0 = diffusion.predict_start_from_output(x, t, out).clamp(-1, 1)
+            cells.append(centre(((x0 + 1) / 2).mean(0).sum(0), caption))  # brightness, mean over the noises
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _opposite(adh: dict) -> float | None:
@@ -278,6 +331,8 @@ def main(argv=None) -> int:
     tb = sub.add_parser("table")
     tb.add_argument("--md", type=Path)
     sub.add_parser("cosines")
+    pr = sub.add_parser("probe")
+    pr.add_argument("arms", nargs="+")
     a = p.parse_args(argv)
     for spec in a.arm:
         name, _, keys = spec.partition("=")
@@ -298,6 +353,8 @@ def main(argv=None) -> int:
                 a.quick, a.threads)
     elif a.command == "cosines":
         print(cosines(make_data(a.runs)))
+    elif a.command == "probe":
+        print(probe(a.runs, a.arms))
     else:
         text = table(collect(a.runs))
         print(text)
