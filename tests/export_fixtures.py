@@ -61,7 +61,11 @@ def save_tiny_bert(folder: Path, vocab: list[str]) -> Path:
     except ImportError:  # transformers >= 5 folds the fast tokenizer into BertTokenizer
         from transformers import BertTokenizer as Tokenizer
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    Tokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    # the vocabulary by position: transformers 5 ignores a `vocab_file=` keyword and tokenizes everything as [UNK]
+    tokenizer = Tokenizer(str(folder / "vocab.txt"))
+    word = next(w for w in vocab if not w.startswith("["))
+    assert tokenizer(word, add_special_tokens=False)["input_ids"] == [vocab.index(word)], "tokenizer lost its vocab"
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=12, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=24, max_position_embeddings=32)
