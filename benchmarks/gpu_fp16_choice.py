@@ -122,11 +122,12 @@ def _one_call(model_dir: Path, device: str, precision: str) -> dict:
 def _timing(model_dir: Path, device: str, precision: str, batches: list[int], repeats: int,
             layouts: tuple[str, ...] = ("nchw",)) -> dict:
     """``{"nchw"|"nhwc": {batch: median ms per call}}`` of the model's ``precision`` graph on ``device``."""
+    from vdeploy.bench.common import Inputs
     from vdeploy.runtime import manifest as vmanifest
     from vdeploy.runtime.backends import BackendOptions, graph_for, open_graph
 
     m = vmanifest.load(model_dir)
-    rng = np.random.default_rng(0)
+    inputs = Inputs(dict(m.config), 0)
     out: dict = {}
     for layout in layouts if device == "cuda" else ("nchw",):
         options = BackendOptions(precision=precision, nhwc=layout == "nhwc")
@@ -134,14 +135,7 @@ def _timing(model_dir: Path, device: str, precision: str, batches: list[int], re
         backend = open_graph(device, model_dir, m, name, options)
         try:
             for b in batches:
-                feeds = {}
-                for t in m.graphs[name].inputs:
-                    if t.role == "t":
-                        feeds[t.name] = rng.integers(0, m.config["timesteps"], b).astype(np.int64)
-                    elif t.role == "x":
-                        feeds[t.name] = rng.standard_normal((b, *m.video_shape)).astype(np.float32)
-                    else:
-                        feeds[t.name] = rng.standard_normal((b, t.shape[1])).astype(np.float32)
+                feeds = {spec.name: inputs.numpy(b)[spec.role] for spec in m.graphs[name].inputs}
                 for _ in range(3):
                     backend.run(feeds)
                 times = []

@@ -20,7 +20,6 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
 
 # a kernel's kind, by the first pattern its (lower-case) name matches; the last is the catch-all
 KINDS = {
@@ -54,10 +53,10 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from vdeploy.bench.common import Inputs
     from vdeploy.runtime import manifest as vmanifest
     from vdeploy.runtime.backends import BackendOptions, graph_for, open_graph
 
-    rng = np.random.default_rng(0)
     report: dict = {"models": [str(d) for d in args.model_dirs], "batch": args.batch, "kinds": KINDS, "runs": {}}
     runs = [(d, p, layout) for d in args.model_dirs for layout in args.layouts.split(",")
             for p in args.precisions.split(",") if p and layout]
@@ -71,14 +70,8 @@ def main(argv=None) -> int:
             if name is None:
                 raise ValueError(f"the model dir has no {precision} graph")
             backend = open_graph("cuda", model_dir, m, name, options)
-            feeds = {}
-            for t in m.graphs[name].inputs:
-                if t.role == "t":
-                    feeds[t.name] = rng.integers(0, m.config["timesteps"], args.batch).astype(np.int64)
-                elif t.role == "x":
-                    feeds[t.name] = rng.standard_normal((args.batch, *m.video_shape)).astype(np.float32)
-                else:
-                    feeds[t.name] = rng.standard_normal((args.batch, t.shape[1])).astype(np.float32)
+            feed = Inputs(dict(m.config), 0).numpy(args.batch)  # every input the graph takes, by role
+            feeds = {spec.name: feed[spec.role] for spec in m.graphs[name].inputs}
             for _ in range(3):
                 backend.run(feeds)
             torch.cuda.synchronize()
