@@ -245,20 +245,16 @@ fi
 
 # ---- the compile warm-up, in the background on the upper half of the cores (the compile step reuses its cache)
 warm_pid=
-cores=$(nproc)
-if ! wanted compile; then
-    echo "gpu.sh: [warm] skipped (STEPS=$STEPS has no compile)" >&2
-    true &  # a finished stand-in for the warm-up below
-elif ((cores >= 8)) && command -v taskset > /dev/null; then
-    pin="taskset -c 0-$((cores / 2 - 1))"
-    warm_pin=(taskset -c "$((cores / 2))-$((cores - 1))")
-    warm_threads=$((cores / 2))
-else
-    warm_pin=() warm_threads=1
-fi
-wanted compile && echo "gpu.sh: [warm] torch.compile $compile_rows at batches $compile_batches in the background${pin:+ (foreground: $pin)}" >&2
-wanted compile && TORCHINDUCTOR_COMPILE_THREADS=$warm_threads "${warm_pin[@]}" "$py" - "$config" "$compile_rows" \
-    "$compile_batches" > "$out/compile-warm.log" 2>&1 <<'EOF_PY' &
+if wanted compile; then
+    cores=$(nproc) warm_pin=() warm_threads=1
+    if ((cores >= 8)) && command -v taskset > /dev/null; then
+        pin="taskset -c 0-$((cores / 2 - 1))"
+        warm_pin=(taskset -c "$((cores / 2))-$((cores - 1))")
+        warm_threads=$((cores / 2))
+    fi
+    echo "gpu.sh: [warm] torch.compile $compile_rows at batches $compile_batches in the background${pin:+ (foreground: $pin)}" >&2
+    TORCHINDUCTOR_COMPILE_THREADS=$warm_threads "${warm_pin[@]}" "$py" - "$config" "$compile_rows" "$compile_batches" \
+        > "$out/compile-warm.log" 2>&1 <<'EOF_PY' &
 import sys, time
 import torch
 from vdeploy.bench import common, models, rows
@@ -274,7 +270,10 @@ for row in rows.torch_rows(names, unet, config, common.Inputs(config, 0), device
         row.make(b)()
         print(f"{row.name} batch {b}: compile + first call {time.perf_counter() - t0:.1f} s", flush=True)
 EOF_PY
-warm_pid=$!
+    warm_pid=$!
+else
+    echo "gpu.sh: [warm] skipped (STEPS=$STEPS has no compile)" >&2
+fi
 
 step parity "${T_PARITY:-60}" "$py" "$root/benchmarks/gpu_parity.py" --out "$out/parity" --backend "$backend" \
     --precisions "$precisions" --samplers "$samplers"
@@ -301,17 +300,19 @@ fi
 
 # the warm-up: waited for at most W_WARM s (and never past the budget), then stopped; the compile step then
 # compiles what it did not
-t0=$SECONDS
-while kill -0 "$warm_pid" 2>/dev/null && ((SECONDS - t0 < ${W_WARM:-60} && budget - (SECONDS - start) > 60)); do
-    sleep 2
-done
-if kill -0 "$warm_pid" 2>/dev/null; then
-    kill "$warm_pid" 2>/dev/null
-    echo "gpu.sh: [warm] stopped after $((SECONDS - start)) s (not done)" >&2
+if [[ -n $warm_pid ]]; then
+    t0=$SECONDS
+    while kill -0 "$warm_pid" 2>/dev/null && ((SECONDS - t0 < ${W_WARM:-60} && budget - (SECONDS - start) > 60)); do
+        sleep 2
+    done
+    if kill -0 "$warm_pid" 2>/dev/null; then
+        kill "$warm_pid" 2>/dev/null
+        echo "gpu.sh: [warm] stopped after $((SECONDS - start)) s (not done)" >&2
+    fi
+    wait "$warm_pid" 2>/dev/null
+    pin=
+    sed 's/^/gpu.sh: [warm] /' "$out/compile-warm.log" | tail -n 6 >&2
 fi
-wait "$warm_pid" 2>/dev/null
-pin=
-[[ -f $out/compile-warm.log ]] && sed 's/^/gpu.sh: [warm] /' "$out/compile-warm.log" | tail -n 6 >&2
 
 step compile "${T_COMPILE:-110}" "$py" "$root/benchmarks/latency.py" --device "$device" --config "$config" \
     --batches "$compile_batches" --compile-batches 2 --repeats 20 --warmup 2 --backends "$compile_rows" \

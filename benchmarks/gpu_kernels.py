@@ -72,14 +72,16 @@ def main(argv=None) -> int:
             backend = open_graph("cuda", model_dir, m, name, options)
             feed = Inputs(dict(m.config), 0).numpy(args.batch)  # every input the graph takes, by role
             feeds = {spec.name: feed[spec.role] for spec in m.graphs[name].inputs}
-            for _ in range(3):
-                backend.run(feeds)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.calls):
+            try:
+                for _ in range(3):
                     backend.run(feeds)
                 torch.cuda.synchronize()
-            backend.close()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(args.calls):
+                        backend.run(feeds)
+                    torch.cuda.synchronize()
+            finally:  # the next run opens its own session: this one's device memory goes first
+                backend.close()
             by_name: dict[str, list] = {}
             for ev in prof.events():
                 if ev.device_type.name != "CUDA":
