@@ -37,10 +37,16 @@ BF16_ATOL = 0.25  # bfloat16 keeps 8 mantissa bits: its per-call scale on the ti
 TF32_ATOL = 2e-2
 
 
-# fp16 and bf16 are judged by the final video: PSNR >= 35 dB against PyTorch fp32 (issue 20's bar), i.e. an RMS
-# error of 10^(-35/20) = 1.8% of the [0, 1] range, about 4.5 of 255 levels; their per-call errors are reported
-HALF_PRECISIONS = ("fp16", "bf16")
-HALF_MIN_PSNR_DB = 35.0
+# The half precisions are judged by the final video's PSNR against PyTorch fp32 (their per-call errors are
+# reported), one bar per precision:
+# - fp16 (GPUs): 35 dB, issue 20's bar, an RMS error of 10^(-35/20) = 1.8% of the [0, 1] range (about 4.5 of 255
+#   levels); fp16 measured 39.7-48.2 dB on the H200 (README, "GPU").
+# - bf16 (OpenVINO on CPUs with bfloat16): 30 dB, issue 23's bar for shipping a CPU precision (RMS 3.2% of the
+#   range); bfloat16 keeps 8 mantissa bits to fp16's 11, and the demo recipe's model measured 32.4 dB on its worst
+#   of 8 videos (README, "Performance": benchmarks/precision_check.py).
+MIN_PSNR_DB = {"fp16": 35.0, "bf16": 30.0}
+HALF_PRECISIONS = tuple(MIN_PSNR_DB)
+HALF_MIN_PSNR_DB = MIN_PSNR_DB["fp16"]
 
 
 def default_atol(precision: str) -> float | None:
@@ -55,8 +61,8 @@ def default_criterion(precision: str) -> dict:
     """What a parity run of ``precision`` must meet when the caller gives nothing: ``{"atol": ...}`` (fp32, tf32:
     every per-call and the final max abs error) or ``{"min_psnr": ...}`` (fp16, bf16: the final video's PSNR in
     dB against PyTorch fp32)."""
-    if precision in HALF_PRECISIONS:
-        return {"min_psnr": HALF_MIN_PSNR_DB}
+    if precision in MIN_PSNR_DB:
+        return {"min_psnr": MIN_PSNR_DB[precision]}
     return {"atol": default_atol(precision)}
 
 
@@ -119,7 +125,8 @@ def run_parity(
         backend, precision: what the runtime runs on (``Pipeline.from_dir``).
         atol: tolerance on every per-call error and on the final error.
         min_psnr: the least final-video PSNR (dB) that passes. With neither ``atol`` nor ``min_psnr`` the run is
-            judged by ``default_criterion(precision)``: ``atol`` for fp32/tf32, PSNR >= 35 dB for fp16/bf16.
+            judged by ``default_criterion(precision)``: ``atol`` for fp32/tf32, the video's PSNR for fp16 (>= 35 dB)
+            and bf16 (>= 30 dB): ``MIN_PSNR_DB``.
         raise_on_failure: raise :class:`ParityError` when a tolerance is exceeded (else ``passed: false``).
         progress: a progress bar for the torch run.
         options: the sampler's own options (``spacing``, ``eta``...), the same on both sides.

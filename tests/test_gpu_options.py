@@ -180,9 +180,11 @@ def test_half_precisions_are_judged_by_the_video_psnr_and_report_per_call(export
     """fp16 parity on onnxruntime CPU (the fp16 graph): by default it passes or fails on the final video's PSNR
     (>= 35 dB, issue 20's bar), not on fp32's 1e-3 per-call atol that half precision cannot meet; the per-call
     errors are still reported, and an explicit atol still judges them."""
-    from vdeploy.export.parity import HALF_MIN_PSNR_DB, default_criterion, run_parity
+    from vdeploy.export.parity import MIN_PSNR_DB, default_criterion, run_parity
 
-    assert default_criterion("fp16") == default_criterion("bf16") == {"min_psnr": HALF_MIN_PSNR_DB} == {"min_psnr": 35}
+    # each half precision has its own bar: fp16 issue 20's 35 dB, bf16 issue 23's 30 dB
+    assert default_criterion("fp16") == {"min_psnr": MIN_PSNR_DB["fp16"]} == {"min_psnr": 35}
+    assert default_criterion("bf16") == {"min_psnr": MIN_PSNR_DB["bf16"]} == {"min_psnr": 30}
     assert default_criterion("fp32") == {"atol": 1e-3} and default_criterion("tf32") == {"atol": 2e-2}
     kw = dict(sampler="dpmpp", steps=3, backend="cpu", precision="fp16", raise_on_failure=False)
     # (the fixture's export is shared with other test files; the two runs here take ~1 s each)

@@ -225,13 +225,13 @@ def test_cli_parity_bf16_is_judged_by_the_video_psnr(ov, exported_model, tmp_pat
     print(result.output)
     report = json.loads(out.read_text())
     assert report["precision"] == "bf16" and report["backend"] == "openvino-cpu" and report["atol"] is None
-    assert report["criterion"] == "psnr" and report["min_psnr_db"] == 35.0
+    assert report["criterion"] == "psnr" and report["min_psnr_db"] == 30.0  # bf16's bar (issue 23)
     worst, final = report["max_per_call_abs_err"], report["final_max_abs_err"]
     assert len(report["per_call_max_abs_err"]) == 3 and worst > 1e-4  # bfloat16 really ran
-    assert (f"on openvino-cpu (bf16, video PSNR >= 35 dB): per-call max abs err {worst:.2e} (worst of 3), "
+    assert (f"on openvino-cpu (bf16, video PSNR >= 30 dB): per-call max abs err {worst:.2e} (worst of 3), "
             f"final {final:.2e}") in result.output
-    # judged by the video (PSNR >= 35 dB), not by fp32's per-call atol: exit 0 exactly then
-    assert report["passed"] == (report["psnr_db"] is None or report["psnr_db"] >= 35.0)
+    # judged by the video (PSNR >= 30 dB), not by fp32's per-call atol: exit 0 exactly then
+    assert report["passed"] == (report["psnr_db"] is None or report["psnr_db"] >= 30.0)
     assert result.exit_code == (0 if report["passed"] else 1), result.output
     bad = CliRunner().invoke(main_cli(), [
         "parity", "--model", str(exported_model.dir), "--ckpt", str(exported_model.ckpt), "--backend", "cpu",

@@ -172,7 +172,7 @@ def verify(model_dir: Path, public_key: Path) -> None:
               help="Tolerance on every per-call and on the final max abs error.  [default: 1e-3 for fp32, 2e-2 "
                    "for tf32; fp16/bf16 are judged by --min-psnr]")
 @click.option("--min-psnr", default=None, type=FiniteFloat(min=0),
-              help="The least PSNR (dB) of the final video against PyTorch fp32.  [default: 35 for fp16/bf16 "
+              help="The least PSNR (dB) of the final video against PyTorch fp32.  [default: 35 for fp16, 30 for bf16 "
                    "(their per-call errors are reported); none for fp32/tf32]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report (per_call_max_abs_err, final_max_abs_err, psnr_db, ...) here.")
