@@ -37,17 +37,23 @@ def _entry(path: Path) -> Path:
     return cache_dir() / "digests" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
 
 
-def _kept(path: Path, st: os.stat_result) -> str | None:
-    """The digest kept for ``path`` at the stat identity ``st``, if any."""
+def _kept_entry(path: Path, st: os.stat_result) -> dict | None:
+    """The entry kept for ``path`` at the stat identity ``st`` (its digest and facts), if any."""
     if os.environ.get("VDEPLOY_REHASH") == "1":
         return None
     try:
         kept = json.loads(_entry(path).read_text())
-        if kept["path"] == str(path) and kept["stat"] == _identity(st):
-            return str(kept["sha256"])
+        if kept["path"] == str(path) and kept["stat"] == _identity(st) and isinstance(kept["sha256"], str):
+            return kept
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
+
+
+def _kept(path: Path, st: os.stat_result) -> str | None:
+    """The digest kept for ``path`` at the stat identity ``st``, if any."""
+    kept = _kept_entry(path, st)
+    return None if kept is None else kept["sha256"]
 
 
 def _keep(path: Path, st: os.stat_result, digest: str, started_ns: int) -> None:
@@ -99,3 +105,31 @@ def read_with_sha256(path: str | os.PathLike) -> tuple[bytes, str]:
         digest = hashlib.sha256(data).hexdigest()
         _keep(path, st, digest, started)
     return data, digest
+
+
+def kept_fact(path: str | os.PathLike, name: str):
+    """What ``keep_fact`` kept as ``name`` for ``path``'s current contents (its stat identity unchanged since the
+    digest beside it was kept), or None. A fact is something read from the file's bytes (for example the
+    external-data locations of an ONNX graph), so it is exactly as trusted as the kept digest."""
+    path = Path(path).resolve()
+    try:
+        kept = _kept_entry(path, os.stat(path))
+    except OSError:
+        return None
+    facts = None if kept is None else kept.get("facts")
+    return facts.get(name) if isinstance(facts, dict) else None
+
+
+def keep_fact(path: str | os.PathLike, st: os.stat_result, name: str, value) -> None:
+    """Keep ``value`` (JSON) as ``name`` beside ``path``'s kept digest, where that digest was kept at the stat
+    identity ``st`` (taken before the fact was read from the file) and the file still has it; otherwise keep
+    nothing (a file with no kept digest, or one that changed meanwhile, is read again next time)."""
+    path = Path(path).resolve()
+    try:
+        kept = _kept_entry(path, st)
+        if kept is None or _identity(os.stat(path)) != _identity(st):
+            return
+        facts = kept.get("facts") if isinstance(kept.get("facts"), dict) else {}
+        write_text(_entry(path), json.dumps({**kept, "facts": {**facts, name: value}}))
+    except OSError:  # an unwritable cache only costs the next start a re-read
+        pass

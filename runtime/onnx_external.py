@@ -35,6 +35,7 @@ import mmap
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
+from . import digests
 from .manifest import ManifestError
 
 MAX_DEPTH = 64  # nested subgraphs (If/Loop bodies); real graphs nest a few levels
@@ -134,13 +135,15 @@ def _walk(buf, kind: str, start: int, end: int, depth: int, out: list) -> None:
 
 
 _SCANNED: dict[tuple, list] = {}  # (path, inode, size, mtime, ctime) -> locations: one scan per file and load
+_FACT = "onnx_external_locations"  # the scan's result, kept beside the file's digest (runtime.digests)
 
 
 def external_locations(path: str | Path) -> list[str | None]:
     """Every external-data ``location`` in the ONNX file at ``path``, in file order (None: a tensor marked
-    external without a location). A file scanned before in this process and unchanged since (same inode,
-    size, modification and change times) is not scanned again (a load checks each graph twice: before
-    opening it and for its cache key).
+    external without a location). A file is not scanned again while it is unchanged (same inode, size,
+    modification and change times): in this process (a load checks each graph twice: before opening it and
+    for its cache key), nor in later ones, where the result is kept beside the file's kept sha256
+    (``digests.keep_fact``; the scan reads the whole graph, 55 MB for the small preset).
 
     Raises:
         ManifestError: the file cannot be read or is not a well-formed protobuf.
@@ -150,13 +153,19 @@ def external_locations(path: str | Path) -> list[str | None]:
         st = path.stat()
         stamp = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     except OSError:
-        stamp = None
+        st = stamp = None
     if stamp in _SCANNED:
         return list(_SCANNED[stamp])
-    found = _scan(path)
+    kept = digests.kept_fact(path, _FACT) if st is not None else None
+    if isinstance(kept, list) and all(loc is None or isinstance(loc, str) for loc in kept):
+        found = kept
+    else:
+        found = _scan(path)
+        if st is not None:
+            digests.keep_fact(path, st, _FACT, found)
     if stamp is not None:
         _SCANNED[stamp] = list(found)
-    return found
+    return list(found)
 
 
 def _scan(path: Path) -> list[str | None]:

@@ -83,3 +83,41 @@ def test_a_fresh_file_gets_no_kept_digest_and_rehash_turns_keeping_off(counted, 
     digests.file_sha256(f)
     digests.file_sha256(f)
     assert len(counted) == 4 and not (tmp_path / "cache" / "digests").exists()
+
+
+def test_an_unchanged_graph_is_not_scanned_for_external_data_again_and_a_changed_one_is(counted, tmp_path,
+                                                                                        monkeypatch):
+    """The external-data scan (it reads the whole graph) is kept beside the kept digest: a later process
+    (here: the in-process memo cleared) gets the kept locations without reading the file; a file rewritten
+    since is scanned again, so a location added to it is seen and refused."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vdeploy.runtime import onnx_external
+
+    def graph(location: str | None):
+        w = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+        if location is not None:
+            w.data_location = TensorProto.EXTERNAL
+            w.ClearField("float_data")
+            w.external_data.add(key="location", value=location)
+        g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], initializer=[w])
+        return onnx.helper.make_model(g).SerializeToString()
+
+    f = settled_file(tmp_path / "graph.onnx", graph(None))
+    assert digests.file_sha256(f)  # the manifest check keeps the digest first, as a load does
+    scans = []
+    real_scan = onnx_external._scan
+    monkeypatch.setattr(onnx_external, "_scan", lambda p: scans.append(p) or real_scan(p))
+    monkeypatch.setattr(onnx_external, "_SCANNED", {})
+    assert onnx_external.external_locations(f) == [] and len(scans) == 1
+    monkeypatch.setattr(onnx_external, "_SCANNED", {})  # a new process
+    assert onnx_external.external_locations(f) == [] and len(scans) == 1  # kept: not read again
+    assert digests.kept_fact(f, onnx_external._FACT) == []
+
+    settled_file(f, graph("../secret.bin"))  # rewritten: a new ctime, so neither digest nor scan is kept
+    monkeypatch.setattr(onnx_external, "_SCANNED", {})
+    assert onnx_external.external_locations(f) == ["../secret.bin"] and len(scans) == 2
+    with pytest.raises(ManifestError, match="relative path inside the model directory"):
+        onnx_external.check_external_data(tmp_path, "graph.onnx", {"graph.onnx": "0" * 64})
