@@ -60,6 +60,7 @@ NONE, MIN_SNR = {"loss_weighting": "none"}, {"loss_weighting": "min_snr"}
 TOKENS = {"text_cross_attention": True}
 STD, WHITEN = {"text_standardize": "std"}, {"text_standardize": "whiten"}
 FRAME_POS = {"frame_position": True}
+FRAME_FILM = {"frame_film": True}
 # every arm names its objective and weighting, whatever the demo preset holds
 ARMS: dict[str, Arm] = {
     "eps_none": Arm("eps, plain loss (the seed's; the demo before issue 22)", {**EPS, **NONE}),
@@ -79,6 +80,10 @@ ARMS: dict[str, Arm] = {
     "v_l2": Arm("v-prediction, plain loss, squared error", {**V, **NONE, "loss_type": "l2"}),
     "v_minsnr_framepos": Arm("v-prediction, Min-SNR-5, each frame's absolute index added to the stem's features",
                              {**V, **MIN_SNR, **FRAME_POS}),
+    "v_minsnr_framefilm": Arm("v-prediction, Min-SNR-5, every ResNet block's FiLM per frame (caption x frame index)",
+                              {**V, **MIN_SNR, **FRAME_FILM}),
+    "v_l2_framefilm": Arm("v-prediction, plain loss, squared error, FiLM per frame", {**V, **NONE, "loss_type": "l2",
+                                                                                     **FRAME_FILM}),
 }
 
 

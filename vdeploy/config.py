@@ -20,7 +20,9 @@ from pathlib import Path
 # spread; "whiten": centred and PCA-whitened with shrinkage; "none": upstream's raw vector; the map is stored in
 # the U-Net's state dict, see vdeploy.text.fit_standardizer), ``frame_position``: each frame's absolute index
 # (sinusoidal, through a learned map that starts at zero) added to the stem's features (off: upstream's model, whose
-# temporal attentions know only relative frame positions).
+# temporal attentions know only relative frame positions), ``frame_film``: every ResNet block's FiLM per frame, through
+# a small MLP of the time and caption vector and the frame's index that starts at zero (off: upstream's model, whose
+# FiLM is the same for every frame).
 UNET_DEFAULTS: dict = {
     "dim": None,  # required
     "cond_dim": None,
@@ -41,11 +43,12 @@ UNET_DEFAULTS: dict = {
     "text_max_tokens": 16,
     "text_standardize": "none",
     "frame_position": False,
+    "frame_film": False,
 }
 
 # vdeploy's own Unet3D keys that ``unet_kwargs`` passes only where they differ from the default (the seed's
 # Unet3D takes the kwargs of any config it can build)
-_OWN_UNET_KEYS = ("text_cross_attention", "text_max_tokens", "text_standardize", "frame_position")
+_OWN_UNET_KEYS = ("text_cross_attention", "text_max_tokens", "text_standardize", "frame_position", "frame_film")
 
 # GaussianDiffusion keyword arguments and their defaults (``channels`` is shared with Unet3D).
 DIFFUSION_DEFAULTS: dict = {
@@ -108,7 +111,7 @@ _LIMITS = {
 }
 _MAX_DIM_MULT, _MAX_LEVELS = 64, 8
 _BOOLS = ("use_bert_text_cond", "use_sparse_linear_attn", "text_use_bert_cls", "use_dynamic_thres",
-          "frame_conditioning", "text_cross_attention", "frame_position")
+          "frame_conditioning", "text_cross_attention", "frame_position", "frame_film")
 _CHOICES = {"norm_type": ("group", "rms"), "loss_type": ("l1", "l2"), "block_type": ("resnet",),
             "beta_schedule": ("cosine",), "prediction_type": ("eps", "v"), "loss_weighting": ("none", "min_snr"),
             "text_standardize": ("none", "std", "whiten")}

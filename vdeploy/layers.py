@@ -205,6 +205,9 @@ class RMSNorm(nn.Module):
 def _group_norm_film(x: Tensor, frames: int, norm: nn.GroupNorm, scale: Tensor | None, shift: Tensor | None) -> Tensor:
     """GroupNorm of the unfolded ``(b, c, f, h, w)`` tensor, then FiLM ``* (scale + 1) + shift``.
 
+    ``scale`` and ``shift`` are ``(b, c)`` (one FiLM per sample, upstream's) or ``(b, f, c)`` (one per frame:
+    ``Unet3D``'s ``frame_film``).
+
     Statistics per (sample, group) over ``(c/g, f, h, w)``, reduced on a ``(b, f, g, c/g, h*w)`` view of the
     folded ``(b*f, c, h, w)`` input; the affine and FiLM terms fold into one per-channel multiply-add.
     """
@@ -220,8 +223,9 @@ def _group_norm_film(x: Tensor, frames: int, norm: nn.GroupNorm, scale: Tensor |
     a = norm.weight.reshape(1, 1, g, c // g, 1)
     b = norm.bias.reshape(1, 1, g, c // g, 1)
     if exists(scale):
-        s1 = (scale + 1).reshape(-1, 1, g, c // g, 1)
-        a, b = a * s1, b * s1 + shift.reshape(-1, 1, g, c // g, 1)
+        n = frames if scale.ndim == 3 else 1  # per-frame FiLM (b, f, c) or one per sample (b, c)
+        s1 = (scale + 1).reshape(-1, n, g, c // g, 1)
+        a, b = a * s1, b * s1 + shift.reshape(-1, n, g, c // g, 1)
     # a / sqrt rather than rsqrt * a: ORT's DivMulFusion mis-wires 1/x -> Mul(const) (seen with ORT 1.32)
     y = d * (a / torch.sqrt(var + norm.eps)) + b
     return y.reshape(bf, c, h, w)
@@ -234,7 +238,8 @@ def _rms_norm_film(x: Tensor, frames: int, norm: RMSNorm, scale: Tensor | None, 
     a = norm.gamma.reshape(1, 1, c, 1) * norm.scale
     y = xv * (1.0 / torch.linalg.vector_norm(xv, dim=2, keepdim=True).clamp_min(1e-12))
     if exists(scale):
-        y = y * (a * (scale + 1).reshape(-1, 1, c, 1)) + shift.reshape(-1, 1, c, 1)
+        n = frames if scale.ndim == 3 else 1  # per-frame FiLM (b, f, c) or one per sample (b, c)
+        y = y * (a * (scale + 1).reshape(-1, n, c, 1)) + shift.reshape(-1, n, c, 1)
     else:
         y = y * a
     return y.reshape(bf, c, h, w)
@@ -280,7 +285,8 @@ class Block(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """Two Blocks with a residual; the (time [+ cond]) embedding modulates the first by FiLM."""
+    """Two Blocks with a residual; the (time [+ cond]) embedding modulates the first by FiLM: ``time_emb`` is
+    ``(b, time_emb_dim)`` (the same FiLM for every frame, upstream's) or ``(b, f, time_emb_dim)`` (one per frame)."""
 
     def __init__(self, dim: int, dim_out: int, *, time_emb_dim: int | None = None, groups: int = 8,
                  norm_type: str = "group"):
@@ -294,7 +300,7 @@ class ResnetBlock(nn.Module):
         scale = shift = None
         if exists(self.mlp):
             assert exists(time_emb), "time emb must be passed in"
-            scale, shift = self.mlp(time_emb).chunk(2, dim=1)
+            scale, shift = self.mlp(time_emb).chunk(2, dim=time_emb.ndim - 1)
         h = self.block1(x, frames, scale, shift)
         h = self.block2(h, frames)
         res = _conv(self.res_conv, x) if isinstance(self.res_conv, nn.Conv3d) else x

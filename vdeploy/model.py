@@ -19,6 +19,14 @@ are in :mod:`vdeploy.layers`.
   replaces the tokens where the pooled vector is replaced by the null embedding (``null_cond_prob``), so "null"
   means null for both. Its modules come after upstream's (extra state-dict keys only; upstream's initialize
   from the same random draws). Off: no extra module, key or op.
+* ``frame_film=True`` (vdeploy's, off by default) makes every ResNet block's FiLM per frame: frame ``i``'s
+  conditioning vector is the usual ``time ⊕ pooled caption`` (after the null replacement of guidance) plus a small
+  MLP (Linear -> SiLU -> Linear) of that vector and frame ``i``'s sinusoidal index, so the caption and the frame's
+  place in the clip meet through a nonlinearity before every block. Upstream's FiLM is the same for every frame,
+  and a frame-constant feature stays frame-constant through the per-frame convs, the frame-spanning GroupNorm and
+  the temporal attentions (softmax weights sum to 1): without it, an output of the form ``f(caption, frame)``
+  ("moving left") has no direct path at high noise. The MLP's last layer starts at zero (the model starts as
+  without it) and is built last (the other modules draw the same initial weights). Off: no extra module, key or op.
 """
 
 from __future__ import annotations
@@ -87,6 +95,9 @@ class Unet3D(nn.Module):
             caption's token embeddings at every level (after the spatial attention, before the temporal one),
             fed by :meth:`forward`'s ``text_tokens`` and ``text_mask``. False builds upstream's model.
         text_max_tokens: the token sequence length ``L`` of ``text_tokens`` (captions padded or cut to it).
+        text_standardize: the caption map stored with the weights ('none', 'std', 'whiten'; applied outside).
+        frame_position: each frame's absolute index added to the stem's features.
+        frame_film: per-frame FiLM in every ResNet block (the module docstring). False builds upstream's model.
     """
 
     def __init__(
@@ -110,6 +121,7 @@ class Unet3D(nn.Module):
         text_max_tokens: int = 16,
         text_standardize: str = "none",
         frame_position: bool = False,
+        frame_film: bool = False,
     ):
         super().__init__()
         if norm_type not in ("group", "rms"):
@@ -243,6 +255,16 @@ class Unet3D(nn.Module):
             widths = [d for _, d in in_out] + [mid_dim] + [d for d, _ in reversed(in_out)]
             self.text_cross_attns = nn.ModuleList([cross_attn(d) for d in widths])
 
+        # per-frame FiLM (vdeploy's): built after everything else, so every other module draws its initial weights
+        # as without it; the last layer starts at zero, so the model's first outputs are the ones without it
+        self.frame_film = bool(frame_film)
+        self.frame_film_dim = dim if self.frame_film else None  # width of the frame index's sinusoidal embedding
+        if self.frame_film:
+            self.frame_film_mlp = nn.Sequential(nn.Linear(cond_dim + dim, time_dim), nn.SiLU(),
+                                                nn.Linear(time_dim, cond_dim))
+            nn.init.zeros_(self.frame_film_mlp[2].weight)
+            nn.init.zeros_(self.frame_film_mlp[2].bias)
+
     # -- position tables -----------------------------------------------------------------------------
 
     def position_tables(self, num_frames: int, device=None) -> dict[str, Tensor]:
@@ -257,7 +279,9 @@ class Unet3D(nn.Module):
             float32 (the bias in the parameters' dtype). ``pos_bias[h, i, j]`` is added to the logit of query
             frame i and key frame j; frame i rotates a query/key ``q`` of one head as
             ``q * rotary_cos[:, i] + q[pair_swap] * rotary_sin[:, i]`` (pair_swap exchanges features 2p and
-            2p+1; rotate_half's sign is folded into ``rotary_sin``).
+            2p+1; rotate_half's sign is folded into ``rotary_sin``). With ``frame_position`` also ``"frame_pos": (f,
+            init_dim)`` (added to the stem's features), with ``frame_film`` ``"frame_index": (f, dim)`` (each frame's
+            sinusoidal index, the per-frame FiLM MLP's input).
             Pass them to :meth:`forward` as ``tables=`` to skip recomputing; an export registers them as
             buffers so they become graph constants.
         """
@@ -267,6 +291,9 @@ class Unet3D(nn.Module):
         if self.frame_position:  # (f, init_dim): what frame_position adds to each frame's stem features
             index = torch.arange(num_frames, device=device, dtype=torch.float32)
             tables["frame_pos"] = SinusoidalPosEmb(self.frame_pos_proj.shape[0])(index) @ self.frame_pos_proj.float()
+        if self.frame_film:  # (f, dim): each frame's sinusoidal index, an input of frame_film's MLP
+            index = torch.arange(num_frames, device=device, dtype=torch.float32)
+            tables["frame_index"] = SinusoidalPosEmb(self.frame_film_dim)(index)
         return tables
 
     def _rotary(self) -> RotaryEmbedding:
@@ -444,6 +471,10 @@ class Unet3D(nn.Module):
                 cond = torch.where(drop[:, None], self.null_cond_emb, cond)
                 drop_rows = drop
             t = torch.cat((t, cond.to(t.dtype)), dim=-1)
+        if self.frame_film:  # (b, f, D): each frame's conditioning vector, the caption and the frame index mixed
+            index = tables["frame_index"].to(t.dtype)
+            mixed = torch.cat((t[:, None].expand(-1, f, -1), index[None].expand(b, -1, -1)), dim=-1)
+            t = t[:, None] + self.frame_film_mlp(mixed)
         text_kw = None
         if self.text_cross_attention:
             text_kw = dict(frames=f, **self.text_context(text_tokens, text_mask, drop=drop_rows, batch=b))
