@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from vdeploy.runtime.manifest import load
-    from vdeploy.runtime.openvino import OpenVINOBackend, cpu_has_bf16, import_openvino
+    from vdeploy.runtime.openvino import OpenVINOBackend, cpu_has_bf16, import_openvino, shared_core
     from vdeploy.runtime.ort import OrtBackend
 
     ov = import_openvino()
@@ -64,11 +64,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     backends = {"onnxruntime-cpu": OrtBackend(graph, "cpu", threads=args.threads, cache=False)}
     backends["openvino-f32"] = OpenVINOBackend(graph, precision="fp32", threads=args.threads)
-    if cpu_has_bf16(ov.Core()):
+    if cpu_has_bf16():
         backends["openvino-bf16"] = OpenVINOBackend(graph, precision="bf16", threads=args.threads)
     else:
         print("this CPU has no BF16 in OpenVINO: no bf16 row", file=sys.stderr)
-    print(f"opened in {time.perf_counter() - t0:.1f} s; CPU: {ov.Core().get_property('CPU', 'FULL_DEVICE_NAME')}, "
+    print(f"opened in {time.perf_counter() - t0:.1f} s; CPU: {shared_core().get_property('CPU', 'FULL_DEVICE_NAME')}, "
           f"OpenVINO {ov.__version__}, {args.threads} threads, {graph}", file=sys.stderr)
 
     c, f, h, w = manifest.video_shape

@@ -69,7 +69,9 @@ def quantize_int8(graph: Path, feeds: list[dict], out: Path, subset: int) -> Pat
     import nncf
     import openvino as ov
 
-    model = ov.Core().read_model(str(graph))
+    from vdeploy.runtime.openvino import shared_core
+
+    model = shared_core().read_model(str(graph))
     names = [p.get_any_name() for p in model.inputs]
     data = [{n: f[n].astype(np.float32) if f[n].dtype.kind == "f" else f[n] for n in names} for f in feeds]
     quantized = nncf.quantize(model, nncf.Dataset(data), subset_size=min(subset, len(data)),
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     from vdeploy.runtime import Pipeline
     from vdeploy.runtime.openvino import OpenVINOBackend, cpu_has_bf16, import_openvino
 
-    ov = import_openvino()
+    import_openvino()  # a clear error before any work when it is missing
     pipe = Pipeline.from_dir(args.model, backend="cpu", threads=args.threads)
     pipe.cfg_backend = pipe.cfg_graph = None  # guidance as two calls of the plain graph, on every side
     fp32 = pipe.backend
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
 
     variants = {"onnxruntime fp32": fp32,
                 "openvino f32": OpenVINOBackend(graph, precision="fp32", threads=args.threads, cache=False)}
-    if cpu_has_bf16(ov.Core()):
+    if cpu_has_bf16():
         variants["openvino bf16"] = OpenVINOBackend(graph, precision="bf16", threads=args.threads, cache=False)
     variants["openvino int8"] = OpenVINOBackend(int8_path, precision="fp32", threads=args.threads, cache=False)
 

@@ -231,10 +231,10 @@ def _openvino_unavailable(manifest: Manifest, options: BackendOptions) -> str | 
     if options.precision == "fp32" and importlib.util.find_spec("openvino") is not None:
         return None  # installed: not imported until opened (0.1-0.2 s of a cold start that picks another)
     try:
-        ov = import_openvino()
+        import_openvino()
     except BackendUnavailable as e:
         return str(e)
-    if options.precision == "bf16" and not cpu_has_bf16(ov.Core()):
+    if options.precision == "bf16" and not cpu_has_bf16():
         return "this CPU has no native bfloat16 in OpenVINO (no BF16 in its OPTIMIZATION_CAPABILITIES): use fp32"
     return None
 

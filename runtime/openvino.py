@@ -48,8 +48,37 @@ def import_openvino():
     return openvino
 
 
-def cpu_has_bf16(core) -> bool:
-    """Whether OpenVINO's CPU plugin runs bfloat16 natively here (AVX512_BF16 or AMX)."""
+_CORE = None
+_CORE_LOCK = threading.Lock()
+
+
+def shared_core():
+    """The process's one ``openvino.Core``: created on first use, never released; every backend uses it.
+
+    Why one, kept for good: OpenVINO's CPU plugin (one per ``Core``, created by its first CPU call) gives the
+    thread that creates it a new signal stack (``sigaltstack``, sized for AMX state) and, when it is
+    destroyed, unmaps that stack and puts back the one it found, on whatever thread destroys it. A plugin
+    destroyed on another thread, or two plugins destroyed in the order they were created, leave a thread's
+    signal stack on unmapped memory; the next signal with a Python handler (CPython installs every handler
+    with ``SA_ONSTACK``) that reaches that thread kills the process with SIGSEGV (si_code SI_KERNEL).
+    That was the SIGSEGV of issue 23: ``benchmarks/openvino_altstack.py`` reproduces it with OpenVINO
+    alone, and ``tests/test_runtime_openvino.py`` checks that vdeploy's backends no longer leave a stack so.
+    A plugin that is never destroyed never unmaps its stack, and a Core is thread-safe.
+
+    Raises:
+        BackendUnavailable: openvino is not installed.
+    """
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            _CORE = import_openvino().Core()
+        return _CORE
+
+
+def cpu_has_bf16(core=None) -> bool:
+    """Whether OpenVINO's CPU plugin runs bfloat16 natively here (AVX512_BF16 or AMX); ``core``: the process's
+    shared one by default."""
+    core = shared_core() if core is None else core
     try:
         return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except RuntimeError:
@@ -90,7 +119,7 @@ class OpenVINOBackend:
         self.kind = "openvino"
         self.name = "openvino-cpu"
         self.precision = precision
-        self._core = ov.Core()
+        self._core = shared_core()  # never a Core of its own (shared_core says why)
         if precision == "bf16" and not cpu_has_bf16(self._core):
             caps = ", ".join(self._core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
             raise BackendUnavailable(
