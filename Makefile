@@ -74,17 +74,13 @@ demo: install
 
 # The versions tested are printed first (one line); the suite runs on TEST_WORKERS pytest-xdist workers, a
 # test file to a worker (its module fixtures built once); `tests/conftest.py` fails the run on any skip that is not
-# a TensorRT or GPU one (VDEPLOY_ALLOW_SKIPS=1 lifts that for local runs of a subset). OpenVINO's tests still
-# run in a process of their own: in a process that had also loaded torch and onnxruntime, OpenVINO's compiled
-# models crashed a later test (SIGSEGV) in three runs of the suite before 2026-12-04. It has not reproduced
-# since (460 tests in one process, a threaded stress loop under gdb, 60 Cores compiling beside busy torch and
-# onnxruntime, forks and exits with live compiled models; the process holds one OpenMP and one TBB; issue 23),
-# but with no cause found the guard stays.
+# a TensorRT or GPU one (VDEPLOY_ALLOW_SKIPS=1 lifts that for local runs of a subset). OpenVINO's tests run in the
+# same processes as torch's and onnxruntime's again: the SIGSEGV that had them in a process of their own was
+# OpenVINO's CPU plugin unmapping a thread's signal stack (runtime/openvino.py: shared_core; issue 23).
 TEST_WORKERS ?= 2
 test: install test-ort-oldest
 	@$(PY) tools/versions.py
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 --ignore=tests/test_runtime_openvino.py
-	$(PY) -m pytest -q tests/test_runtime_openvino.py
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 # The fp16 conversion on the OLDEST onnxruntime [cpu] admits (issue 20: converters differ by version), in a
 # second, torch-free venv: numpy, onnx and onnxruntime only (tests/test_fp16_export.py loads export/fp16.py by
