@@ -18,8 +18,9 @@ all measured by ``benchmarks/frame_conditioning.py`` on the same held-out clips 
   ``vdeploy sample --init`` with every sampler, the methods with ddim; ``--quick``: dpmpp only, no resampling).
 * ``cosines``: how alike the pooled vectors of "a red circle moving left/right/up/down" are, raw and through
   each ``text_standardize`` map fitted on ``RUNS/data``'s captions.
-* ``probe ARM...``: each trained arm's x0 prediction at the first sampling step for four training captions (where
-  its object stands in the first and the last frame): does the caption's sense of motion reach it?
+* ``probe ARM... [--timesteps 99,60]``: each trained arm's x0 prediction at the first sampling step (or the steps
+  given) for four training captions (where its object stands in the first and the last frame, and how far the
+  predictions for "left" and "right", "up" and "down" are apart): does the caption's sense of motion reach it?
 * ``table``: one JSON per arm (``RUNS/ARM/arm.json``: its config, training time and every measurement) and a
   markdown table over every arm and setting measured.
 """
@@ -208,11 +209,15 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 PROBE_CAPTIONS = [f"a yellow square moving {d}" for d in ("left", "right", "up", "down")]  # not the benchmark's
 
 
-def probe(runs: Path, names: list[str], n: int = 16) -> str:
+def probe(runs: Path, names: list[str], n: int = 16, timesteps: list[int] | None = None) -> str:
     """What each arm's trained model predicts at the first sampling step: x0 from pure noise (the last timestep,
     the caption alone, no guidance, plain generation), averaged over ``n`` noises, per caption of
     :data:`PROBE_CAPTIONS`: the brightness centroid along the caption's axis in the first and the last frame (a
-    model that knows the sense moves it the caption's way). A markdown table."""
+    model that knows the sense moves it the caption's way). The centroid of a blank prediction is the frame's
+    middle, so two more columns compare the captions directly: ``x0(left) - x0(right)`` (and up - down), its mean
+    absolute value and where it sits along the axis in the first and the last frame (its signed moment: ``+`` on
+    the right / lower side); the training clips' means give what a model that knows the sense would show.
+    ``timesteps``: noisy inputs at these steps instead of the last one (a row per arm and step). A markdown table."""
     import torch
 
     from vdeploy import config as vconfig
@@ -221,21 +226,36 @@ def probe(runs: Path, names: list[str], n: int = 16) -> str:
     from vdeploy.model import Unet3D
     from vdeploy.text import TextEncoder
 
+    def along(w, caption: str):  # w: (f, h, w) -> (f, along the caption's axis)
+        return w.sum(1) if caption.endswith(("left", "right")) else w.sum(2)
+
     def centre(w, caption: str) -> str:  # w: (f, h, w) brightness
-        profile = w.sum(1) if caption.endswith(("left", "right")) else w.sum(2)  # (f, along the axis)
+        profile = along(w, caption)
         pos = (profile * torch.arange(profile.shape[-1]).float()).sum(-1) / profile.sum(-1)
         return f"{pos[0]:.1f} -> {pos[-1]:.1f}"
 
+    def apart(a, b, caption: str) -> str:  # a, b: (f, h, w) the two captions' predictions
+        profile = along(a - b, caption)
+        offset = torch.arange(profile.shape[-1]).float() - (profile.shape[-1] - 1) / 2
+        pos = (profile * offset).sum(-1) / profile.abs().sum(-1).clamp_min(1e-9)
+        return f"{(a - b).abs().mean():.3f}: {pos[0]:+.1f} -> {pos[-1]:+.1f}"
+
+    def cells(pred: list) -> list[str]:  # pred: per caption of PROBE_CAPTIONS, (f, h, w) in [-1, 1]
+        bright = [(p + 1) / 2 for p in pred]
+        return ([centre(w, c) for w, c in zip(bright, PROBE_CAPTIONS)]
+                + [apart(pred[0], pred[1], PROBE_CAPTIONS[0]), apart(pred[2], pred[3], PROBE_CAPTIONS[2])])
+
     encoder = TextEncoder()
-    lines = ["| arm | " + " | ".join(c.split()[-1] + ": first -> last frame (px)" for c in PROBE_CAPTIONS) + " |",
-             "|---|" + "---|" * len(PROBE_CAPTIONS)]
+    lines = ["| arm | step | " + " | ".join(c.split()[-1] + ": first -> last frame (px)" for c in PROBE_CAPTIONS) +
+             " | left - right: mean abs; moment first -> last (px) | up - down: the same |",
+             "|---|---|" + "---|" * (len(PROBE_CAPTIONS) + 2)]
     from vdeploy.data import Dataset
 
     ds = Dataset(make_data(runs), 16, channels=3, num_frames=8)
-    clips = torch.stack([ds[i] for i in range(len(ds))])  # (n, c, f, h, w) in [0, 1]
-    truth = [centre(clips[[c.endswith(p.split()[-1]) for c in ds.captions]].mean(0).sum(0), p) for p in PROBE_CAPTIONS]
-    lines.append("| the training clips of that direction, averaged (what the prediction would be at best) | " +
-                 " | ".join(truth) + " |")
+    clips = torch.stack([ds[i] for i in range(len(ds))]) * 2 - 1  # (n, c, f, h, w) in [-1, 1], as x0
+    truth = [clips[[c.endswith(p.split()[-1]) for c in ds.captions]].mean(0).mean(0) for p in PROBE_CAPTIONS]
+    lines.append("| the training clips of that direction, averaged (what the prediction would be at best) | – | " +
+                 " | ".join(cells(truth)) + " |")
     for name in names:
         ckpt = load_checkpoint(runs / name / "results" / "model-last.pt")
         config = vconfig.resolve(dict(ckpt["config"]))
@@ -244,17 +264,19 @@ def probe(runs: Path, names: list[str], n: int = 16) -> str:
         diffusion.load_state_dict(ckpt["ema"])
         diffusion.eval()
         f, size = config["num_frames"], config["image_size"]
-        cells = []
-        for caption in PROBE_CAPTIONS:
-            x = torch.randn(n, config["channels"], f, size, size, generator=torch.Generator().manual_seed(1))
-            t = torch.full((n,), diffusion.num_timesteps - 1, dtype=torch.long)
-            kw = {"frames": torch.zeros_like(x), "mask": torch.zeros(n, f)} if config["frame_conditioning"] else {}
-            cond, text_kw = diffusion.text_inputs([caption] * n)  # a token model's tokens too
-            with torch.no_grad():
-                out = diffusion.denoise_fn.forward_with_cond_scale(x, t, cond=cond, cond_scale=1.0, **kw, **text_kw)
-                x0 = diffusion.predict_start_from_output(x, t, out).clamp(-1, 1)
-            cells.append(centre(((x0 + 1) / 2).mean(0).sum(0), caption))  # brightness, mean over the noises
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for step in timesteps or [diffusion.num_timesteps - 1]:
+            pred = []
+            for caption in PROBE_CAPTIONS:
+                x = torch.randn(n, config["channels"], f, size, size, generator=torch.Generator().manual_seed(1))
+                t = torch.full((n,), step, dtype=torch.long)
+                kw = {"frames": torch.zeros_like(x), "mask": torch.zeros(n, f)} if config["frame_conditioning"] else {}
+                cond, text_kw = diffusion.text_inputs([caption] * n)  # a token model's tokens too
+                with torch.no_grad():
+                    out = diffusion.denoise_fn.forward_with_cond_scale(x, t, cond=cond, cond_scale=1.0, **kw,
+                                                                       **text_kw)
+                    x0 = diffusion.predict_start_from_output(x, t, out).clamp(-1, 1)
+                pred.append(x0.mean(0).mean(0))  # mean over the noises and the channels: (f, h, w)
+            lines.append(f"| {name} | {step} | " + " | ".join(cells(pred)) + " |")
     return "\n".join(lines)
 
 
@@ -338,6 +360,7 @@ def main(argv=None) -> int:
     sub.add_parser("cosines")
     pr = sub.add_parser("probe")
     pr.add_argument("arms", nargs="+")
+    pr.add_argument("--timesteps", default=None, help="comma-separated steps to probe (default: the last one)")
     a = p.parse_args(argv)
     for spec in a.arm:
         name, _, keys = spec.partition("=")
@@ -359,7 +382,7 @@ def main(argv=None) -> int:
     elif a.command == "cosines":
         print(cosines(make_data(a.runs)))
     elif a.command == "probe":
-        print(probe(a.runs, a.arms))
+        print(probe(a.runs, a.arms, timesteps=[int(v) for v in a.timesteps.split(",")] if a.timesteps else None))
     else:
         text = table(collect(a.runs))
         print(text)
