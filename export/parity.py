@@ -45,14 +45,12 @@ TF32_ATOL = 2e-2
 #   range); bfloat16 keeps 8 mantissa bits to fp16's 11, and the demo recipe's model measured 32.4 dB on its worst
 #   of 8 videos (README, "Performance": benchmarks/precision_check.py).
 MIN_PSNR_DB = {"fp16": 35.0, "bf16": 30.0}
-HALF_PRECISIONS = tuple(MIN_PSNR_DB)
-HALF_MIN_PSNR_DB = MIN_PSNR_DB["fp16"]
 
 
 def default_atol(precision: str) -> float | None:
     """The max-abs tolerance a parity run of ``precision`` is held to when none is given; None for the half
     precisions, judged by the video's PSNR (``default_criterion``)."""
-    if precision in HALF_PRECISIONS:
+    if precision in MIN_PSNR_DB:
         return None
     return {"tf32": TF32_ATOL}.get(precision, DEFAULT_ATOL)
 
