@@ -107,15 +107,11 @@ def read_with_sha256(path: str | os.PathLike) -> tuple[bytes, str]:
     return data, digest
 
 
-def kept_fact(path: str | os.PathLike, name: str):
-    """What ``keep_fact`` kept as ``name`` for ``path``'s current contents (its stat identity unchanged since the
-    digest beside it was kept), or None. A fact is something read from the file's bytes (for example the
-    external-data locations of an ONNX graph), so it is exactly as trusted as the kept digest."""
-    path = Path(path).resolve()
-    try:
-        kept = _kept_entry(path, os.stat(path))
-    except OSError:
-        return None
+def kept_fact(path: str | os.PathLike, st: os.stat_result, name: str):
+    """What ``keep_fact`` kept as ``name`` for ``path`` at the stat identity ``st`` (the caller's stat of the file
+    now: unchanged since the digest beside it was kept), or None. A fact is something read from the file's bytes
+    (for example the external-data locations of an ONNX graph), so it is exactly as trusted as the kept digest."""
+    kept = _kept_entry(Path(path).resolve(), st)
     facts = None if kept is None else kept.get("facts")
     return facts.get(name) if isinstance(facts, dict) else None
 

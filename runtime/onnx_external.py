@@ -156,7 +156,7 @@ def external_locations(path: str | Path) -> list[str | None]:
         st = stamp = None
     if stamp in _SCANNED:
         return list(_SCANNED[stamp])
-    kept = digests.kept_fact(path, _FACT) if st is not None else None
+    kept = digests.kept_fact(path, st, _FACT) if st is not None else None
     if isinstance(kept, list) and all(loc is None or isinstance(loc, str) for loc in kept):
         found = kept
     else:

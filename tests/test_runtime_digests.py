@@ -114,7 +114,7 @@ def test_an_unchanged_graph_is_not_scanned_for_external_data_again_and_a_changed
     assert onnx_external.external_locations(f) == [] and len(scans) == 1
     monkeypatch.setattr(onnx_external, "_SCANNED", {})  # a new process
     assert onnx_external.external_locations(f) == [] and len(scans) == 1  # kept: not read again
-    assert digests.kept_fact(f, onnx_external._FACT) == []
+    assert digests.kept_fact(f, os.stat(f), onnx_external._FACT) == []
 
     settled_file(f, graph("../secret.bin"))  # rewritten: a new ctime, so neither digest nor scan is kept
     monkeypatch.setattr(onnx_external, "_SCANNED", {})
