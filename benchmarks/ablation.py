@@ -85,6 +85,10 @@ ARMS: dict[str, Arm] = {
                               {**V, **MIN_SNR, **FRAME_FILM}),
     "v_l2_framefilm": Arm("v-prediction, plain loss, squared error, FiLM per frame", {**V, **NONE, "loss_type": "l2",
                                                                                      **FRAME_FILM}),
+    "v_l2_hn30": Arm("v-prediction, plain loss, squared error, 30% of the timesteps from the noisiest tenth",
+                     {**V, **NONE, "loss_type": "l2"}, ("--high-noise-share", "0.3")),
+    "v_l2_hn60": Arm("v-prediction, plain loss, squared error, 60% of the timesteps from the noisiest tenth",
+                     {**V, **NONE, "loss_type": "l2"}, ("--high-noise-share", "0.6")),
 }
 
 

@@ -123,6 +123,10 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int, overwrite
               help="With frame conditioning: how often a training clip is generation, prediction (the first k "
                    "frames known, k uniform in 1..f-1) or interpolation (first and last known), normalized.  "
                    "[default: 0.4,0.4,0.2, or the checkpoint's with --resume]")
+@click.option("--high-noise-share", default=0.0, show_default=True, type=FiniteFloat(0, 1),
+              help="Share of training clips whose timestep is drawn from the noisiest tenth of the schedule "
+                   "instead of all of it: where sampling starts and a caption alone must set the clip's motion "
+                   "(0: the seed's uniform draw; kept with --resume).")
 @click.option("--sample-rows", default=2, show_default=True, type=click.IntRange(1, 16),
               help="Milestone samples form a rows x rows grid (the seed's default is 4).")
 @click.option("--ema-decay", default=0.995, show_default=True, type=FiniteFloat(0, 1))
@@ -149,7 +153,8 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
           ema_decay: float, ema_start: int, ema_every: int, cond_scale: float, max_grad_norm: float | None,
           null_cond_prob: float, seed: int,
           cpu: bool, workers: int, quiet: bool, mixed_precision: str | None, max_bad_steps: int,
-          frame_conditioning: bool, mask_probs: tuple[float, float, float] | None) -> None:
+          frame_conditioning: bool, mask_probs: tuple[float, float, float] | None,
+          high_noise_share: float) -> None:
     """Train a video-diffusion U-Net on a folder of GIFs.
 
     Runs as one process, or as several under torchrun or accelerate launch (one per GPU; gloo
@@ -161,6 +166,7 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
       vdeploy train --data demo/data --results demo/results --config tiny
       vdeploy train --data demo/data --results demo/results --text-encoder default
       vdeploy train --data demo/data --results demo/results --frame-conditioning --mask-probs 0.4,0.4,0.2
+      vdeploy train --data demo/data --results demo/results --text-encoder default --high-noise-share 0.3
       vdeploy train --data demo/data --results demo/results --steps 2000 --resume
       torchrun --standalone --nproc-per-node 2 -m vdeploy.cli train --data demo/data --results demo/results
     """
@@ -259,6 +265,7 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
         sample_rows = kept.get("num_sample_rows", sample_rows)
         if kept.get("mask_probs") is not None:
             mask_probs = tuple(kept["mask_probs"])
+        high_noise_share = kept.get("high_noise_share", high_noise_share)
         # precision is one setting: --amp, --mixed-precision or accelerate launch's choice replace the stored one
         if "ACCELERATE_MIXED_PRECISION" not in os.environ and "amp" in kept and (
                 "mixed_precision" in kept or "mixed_precision" not in stored["trainer"]):
@@ -330,6 +337,7 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
             update_ema_every=ema_every, config=config, seed=seed, null_cond_prob=null_cond_prob,
             cond_scale=cond_scale, num_workers=workers, progress=not quiet, cpu=cpu,
             mixed_precision=None if amp else mixed_precision, max_bad_steps=max_bad_steps, mask_probs=mask_probs,
+            high_noise_share=high_noise_share,
         )
     except (ValueError, TypeError) as e:  # settings a --resume'd checkpoint stored (NaN lr, ...), data errors
         where = f" (settings stored in {resume_path})" if resume_path is not None else ""
@@ -344,6 +352,8 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
     if trainer.mask_probs is not None:
         cond_note += (", frame-conditioned (generation/prediction/interpolation "
                       f"{'/'.join(f'{p:.2g}' for p in trainer.mask_probs)})")
+    if trainer.high_noise_share > 0:
+        cond_note += f", {trainer.high_noise_share:.0%} of the timesteps from the noisiest tenth"
     acc = trainer.accelerator
     echo = click.echo if acc.is_main_process else (lambda *args, **kwargs: None)
     for note in notes:
@@ -389,7 +399,7 @@ _RESUMED = {
     "ema_decay": "ema_decay", "step_start_ema": "ema_start", "update_ema_every": "ema_every",
     "max_grad_norm": "max_grad_norm", "seed": "seed", "null_cond_prob": "null_cond_prob",
     "cond_scale": "cond_scale", "num_sample_rows": "sample_rows", "mixed_precision": "mixed_precision",
-    "max_bad_steps": "max_bad_steps", "mask_probs": "mask_probs",
+    "max_bad_steps": "max_bad_steps", "mask_probs": "mask_probs", "high_noise_share": "high_noise_share",
 }
 
 

@@ -160,6 +160,47 @@ def check_mask_probs(probs, num_frames: int) -> tuple[float, float, float]:
     return tuple(p / total for p in values)
 
 
+# the noisiest tenth of the schedule: where a sampler's first steps stand (dpmpp's first two of 13 on 100 levels)
+HIGH_NOISE_FRACTION = 0.1
+
+
+def check_high_noise_share(share) -> float:
+    """``high_noise_share`` validated: a finite number in [0, 1].
+
+    Raises:
+        ValueError: anything else.
+    """
+    try:
+        value = float(share)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"high_noise_share must be a number in [0, 1], got {share!r}")
+    return value
+
+
+def high_noise_timesteps(t: torch.Tensor, u: torch.Tensor, share: float, num_timesteps: int) -> torch.Tensor:
+    """``t`` with a share of the clips moved to the noisiest levels of the schedule.
+
+    A clip with ``u < share`` takes ``t`` uniform over the top ``ceil(HIGH_NOISE_FRACTION * num_timesteps)``
+    levels (``u / share`` picks which), the others keep their uniform draw. With a uniform draw alone, the level
+    a sampler starts from gets one clip in ``num_timesteps``, and a caption-only clip there is the only place
+    where the caption alone must give the whole clip's layout and motion (v-prediction at the top level is
+    the clip's conditional mean).
+
+    Args:
+        t: ``(b,)`` long, the uniform draw.
+        u: ``(b,)`` uniforms in [0, 1).
+        share: probability in [0, 1] that a clip is moved (0: ``t`` unchanged).
+        num_timesteps: the schedule's length.
+    """
+    if share <= 0:
+        return t
+    levels = max(1, math.ceil(HIGH_NOISE_FRACTION * num_timesteps))
+    top = num_timesteps - 1 - (u.double() / share * levels).floor().long().clamp(0, levels - 1)
+    return torch.where(u < share, top.to(t.dtype), t)
+
+
 def frame_masks(u: torch.Tensor, num_frames: int, probs) -> tuple[torch.Tensor, torch.Tensor]:
     """Known-frame masks for a batch of clips from two uniforms each.
 

@@ -59,9 +59,11 @@ from vdeploy.train_parts import (  # noqa: F401 (EMA, DataOrder, num_to_groups: 
     _Indexed,
     _log_lines_until,
     _make_accelerator,
+    check_high_noise_share,
     check_mask_probs,
     embed_captions,
     frame_masks,
+    high_noise_timesteps,
     num_to_groups,
 )
 
@@ -96,6 +98,9 @@ class Trainer:
             prediction, interpolation)`` of each clip's known-frame mask (normalized; default
             ``DEFAULT_MASK_PROBS``). The loss covers the unknown frames only; milestone samples are plain
             generation. Refused for a model without frame conditioning.
+        high_noise_share: the probability in [0, 1] that a clip's t is drawn from the noisiest tenth of the
+            schedule instead of all of it (:func:`~vdeploy.train_parts.high_noise_timesteps`; an extra uniform
+            per clip). 0 (default): the seed's uniform draw, with the same numbers as before.
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class Trainer:
         mixed_precision: str | None = None,
         max_bad_steps: int = 5,
         mask_probs: tuple[float, float, float] | None = None,
+        high_noise_share: float = 0.0,
     ):
         if train_batch_size < 1 or gradient_accumulate_every < 1 or save_and_sample_every < 1:
             raise ValueError("train_batch_size, gradient_accumulate_every and save_and_sample_every must be >= 1")
@@ -188,6 +194,7 @@ class Trainer:
                              "this model has no frame conditioning")
         self.mask_probs = (check_mask_probs(DEFAULT_MASK_PROBS if mask_probs is None else mask_probs,
                                             diffusion_model.num_frames) if self.frame_conditioning else None)
+        self.high_noise_share = check_high_noise_share(high_noise_share)
         self.text_encoder = diffusion_model.text_encoder
         self.text_tokens = bool(getattr(unet, "text_cross_attention", False))
         # the captions embedded once: pooled vectors per item; a token model's tokens and masks per distinct caption
@@ -265,18 +272,19 @@ class Trainer:
 
         Video k of the global batch (this process holds ``rank * batch_size`` onwards) draws its
         t, its noise and two uniforms (caption dropout, focus on the present), and for a
-        frame-conditioned model two more (the mask's kind, the number of known frames), from a
+        frame-conditioned model two more (the mask's kind, the number of known frames), and with a
+        ``high_noise_share`` one more (is its t moved to the noisiest levels, and to which), from a
         generator seeded by ``(seed, step, micro, k)``: one process with N*b videos draws what N
         with b do, and a resumed run what an uninterrupted one would.
 
         Returns:
             ``t`` ``(b,)`` long, ``noise`` ``(b, c, f, h, w)`` float32, ``u`` ``(b, 2)`` (``(b, 4)`` with
-            frame conditioning) in [0, 1).
+            frame conditioning, one more column with a high-noise share) in [0, 1).
         """
         m = self.unwrapped_model
         shape = (m.channels, m.num_frames, m.image_size, m.image_size)
         first = self.accelerator.process_index * batch_size
-        n_uniform = 4 if self.frame_conditioning else 2
+        n_uniform = (4 if self.frame_conditioning else 2) + (self.high_noise_share > 0)
         t, noise, u = [], [], []
         for k in range(first, first + batch_size):
             seq = np.random.SeedSequence([self.seed % 2**63, self.step, micro, k])
@@ -284,7 +292,8 @@ class Trainer:
             t.append(torch.randint(0, m.num_timesteps, (1,), generator=g, device=self.device))
             noise.append(torch.randn(shape, generator=g, device=self.device))
             u.append(torch.rand(n_uniform, generator=g, device=self.device))
-        return torch.cat(t), torch.stack(noise), torch.stack(u)
+        t, u = torch.cat(t), torch.stack(u)
+        return high_noise_timesteps(t, u[:, -1], self.high_noise_share, m.num_timesteps), torch.stack(noise), u
 
     def _loss_kwargs(self, micro: int, data: torch.Tensor, cond, prob_focus_present: float, focus_present_mask,
                      text: dict | None = None):
@@ -346,6 +355,7 @@ class Trainer:
                 "num_sample_rows": self.num_sample_rows, "num_processes": self.accelerator.num_processes,
                 "mixed_precision": self.mixed_precision,
                 "mask_probs": list(self.mask_probs) if self.mask_probs is not None else None,
+                "high_noise_share": self.high_noise_share,
             },
         )
 
