@@ -85,10 +85,10 @@ ARMS: dict[str, Arm] = {
                               {**V, **MIN_SNR, **FRAME_FILM}),
     "v_l2_framefilm": Arm("v-prediction, plain loss, squared error, FiLM per frame", {**V, **NONE, "loss_type": "l2",
                                                                                      **FRAME_FILM}),
-    "v_l2_hn30": Arm("v-prediction, plain loss, squared error, 30% of the timesteps from the noisiest tenth",
+    "v_l2_hn30": Arm("v-prediction, plain loss, squared error, 30% of the clips caption-only at SNR < 0.01",
                      {**V, **NONE, "loss_type": "l2"}, ("--high-noise-share", "0.3")),
-    "v_l2_hn60": Arm("v-prediction, plain loss, squared error, 60% of the timesteps from the noisiest tenth",
-                     {**V, **NONE, "loss_type": "l2"}, ("--high-noise-share", "0.6")),
+    "v_l2_hn50": Arm("v-prediction, plain loss, squared error, 50% of the clips caption-only at SNR < 0.01",
+                     {**V, **NONE, "loss_type": "l2"}, ("--high-noise-share", "0.5")),
 }
 
 
@@ -177,7 +177,8 @@ def collect(runs: Path) -> list[dict]:
         timing = json.loads((d / "train_time.json").read_text()) if (d / "train_time.json").exists() else {}
         measures = {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("fc_s*_r*.json"))}
         record = {"arm": d.name, "summary": ARMS[d.name].summary if d.name in ARMS else "", "config": config,
-                  "training": timing, "measures": measures}
+                  "flags": list(ARMS[d.name].flags) if d.name in ARMS else [], "training": timing,
+                  "measures": measures}
         (d / "arm.json").write_text(json.dumps(record, indent=1))
         records.append(record)
     return records
@@ -300,13 +301,17 @@ def _px(row) -> str:
     return "–" if not row else f"{row['centroid_error_px']:.2f} / {row['one_object']:.0%}"
 
 
+def _flag(flags: list, name: str, default: str) -> str:
+    return flags[flags.index(name) + 1] if name in flags else default
+
+
 def table(records: list[dict]) -> str:
     from vdeploy.runtime.pipeline import DEFAULT_SAMPLER
 
-    lines = ["| arm | objective | loss weighting | token cross-attention | caption map | guidance | CFG rescale | "
-             "adherence | colour ok | direction ok | direction opposite | background clean | continuation, `--init` " +
+    lines = ["| arm | objective | loss weighting | loss | token cross-attention | caption map | high-noise share | "
+             "guidance | CFG rescale | adherence | colour ok | direction ok | direction opposite | background clean | continuation, `--init` " +
              DEFAULT_SAMPLER + " (px / one object) | interpolation, trained (px / one object) | training (min) |",
-             "|" + "---|" * 15]
+             "|" + "---|" * 17]
     samplers, methods = [], []
     for r in records:
         minutes = r["training"].get("train_seconds")
@@ -317,9 +322,10 @@ def table(records: list[dict]) -> str:
             interp = m.get("interpolation", {})
             lines.append(
                 f"| {r['arm']} | {r['config'].get('prediction_type', 'eps')} | "
-                f"{r['config'].get('loss_weighting', 'none')} | "
+                f"{r['config'].get('loss_weighting', 'none')} | {r['config'].get('loss_type', 'l1')} | "
                 f"{'yes' if r['config'].get('text_cross_attention') else 'no'} | "
-                f"{r['config'].get('text_standardize', 'none')} | {a['cond_scale']:g} | "
+                f"{r['config'].get('text_standardize', 'none')} | "
+                f"{_flag(r.get('flags', []), '--high-noise-share', '0')} | {a['cond_scale']:g} | "
                 f"{a.get('rescale', 0):g} | "
                 f"{_pct(adh.get('adherence'))} | {_pct(adh.get('color_ok'))} | {_pct(adh.get('direction_ok'))} | "
                 f"{_pct(_opposite(adh))} | "

@@ -103,7 +103,7 @@ def test_benchmark_end_to_end_and_the_ablation_table(tmp_path, capsys):
     assert set(report["targets"]) == set(fc.TARGETS)
     assert "### Targets" in capsys.readouterr().out
     text = ablation.table(ablation.collect(tmp_path / "runs"))
-    row = next(ln for ln in text.splitlines() if ln.startswith("| v_minsnr | v | min_snr | no | none | 2 | 0.7 |"))
+    row = next(ln for ln in text.splitlines() if ln.startswith("| v_minsnr | v | min_snr | l1 | no | none | 0 | 2 | 0.7 |"))
     assert row.endswith("| 1.5 |")  # training minutes
     assert json.loads((arm / "arm.json").read_text())["measures"]["fc_s2_r0.7"]["args"]["cond_scale"] == 2
 

@@ -1,6 +1,6 @@
-"""The trainer's opt-in high-noise timestep draw (``high_noise_share``, ``vdeploy train --high-noise-share``): off,
-the seed's uniform draw with the same numbers; on, the given share of clips trains at the noisiest tenth of the
-schedule, reproducibly, kept in the checkpoint and on ``--resume``."""
+"""The trainer's opt-in high-noise band (``high_noise_share``, ``vdeploy train --high-noise-share``): off, the seed's
+uniform draw with the same numbers; on, the given share of clips trains from the caption alone at the steps whose
+SNR is below 0.01, reproducibly, kept in the checkpoint and on ``--resume``."""
 
 from __future__ import annotations
 
@@ -16,26 +16,39 @@ from vdeploy import config as C
 from vdeploy.cli import main
 from vdeploy.diffusion import GaussianDiffusion
 from vdeploy.model import Unet3D
-from vdeploy.train_parts import HIGH_NOISE_FRACTION, check_high_noise_share, high_noise_timesteps
+from vdeploy.diffusion import cosine_beta_schedule
+from vdeploy.train_parts import HIGH_NOISE_MAX_SNR, check_high_noise_share, high_noise_band, high_noise_timesteps
 
-# 20 levels: the noisiest tenth is 18 and 19
 CONFIG = C.resolve({"dim": 8, "dim_mults": [1, 2], "attn_heads": 2, "attn_dim_head": 8, "image_size": 16,
                     "num_frames": 4, "timesteps": 20, "frame_conditioning": True})
 
 
-def test_share_moves_exactly_the_drawn_clips_to_every_top_level():
+def _abar(timesteps: int) -> torch.Tensor:
+    return torch.cumprod(1 - cosine_beta_schedule(timesteps), 0)
+
+
+def test_the_band_is_where_the_snr_is_below_the_bar():
+    abar = _abar(100)
+    band = high_noise_band(abar)
+    snr = abar / (1 - abar)
+    assert band.tolist() == list(range(93, 100))  # the cosine schedule's last 7 of 100 levels
+    assert bool((snr[band] < HIGH_NOISE_MAX_SNR).all()) and snr[92] >= HIGH_NOISE_MAX_SNR
+    assert high_noise_band(_abar(4)).tolist() == [3]  # a short schedule: its last level at least
+
+
+def test_share_moves_exactly_the_drawn_clips_to_every_band_step():
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, 100, (4000,), generator=g)
     u = torch.rand(4000, generator=g)
-    assert torch.equal(high_noise_timesteps(t, u, 0.0, 100), t)
-    moved = high_noise_timesteps(t, u, 0.3, 100)
-    picked = u < 0.3
-    assert torch.equal(moved[~picked], t[~picked])
-    assert set(moved[picked].tolist()) == set(range(90, 100))  # the top ceil(0.1 * 100) levels, each of them
-    assert moved.dtype == t.dtype
-    # a short schedule still has one top level; share 1 moves every clip
-    assert high_noise_timesteps(t[:50] % 5, u[:50], 1.0, 5).tolist() == [4] * 50
-    assert HIGH_NOISE_FRACTION == 0.1
+    band = high_noise_band(_abar(100))
+    same, none = high_noise_timesteps(t, u, 0.0, band)
+    assert torch.equal(same, t) and not none.any()
+    moved_t, moved = high_noise_timesteps(t, u, 0.3, band)
+    assert torch.equal(moved, u < 0.3)
+    assert torch.equal(moved_t[~moved], t[~moved])
+    assert set(moved_t[moved].tolist()) == set(range(93, 100))  # every step of the band
+    assert moved_t.dtype == t.dtype
+    assert high_noise_timesteps(t[:50], u[:50], 1.0, torch.tensor([4]))[0].tolist() == [4] * 50  # share 1: all
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "x", None])
@@ -63,10 +76,11 @@ def make_trainer(folder, results, **kw):
                    **kw)
 
 
-def test_off_keeps_the_draws_and_on_moves_only_t(data_dir, tmp_path):
+def test_off_keeps_the_draws_and_on_moves_t_and_drops_the_known_frames(data_dir, tmp_path):
     plain = make_trainer(data_dir, tmp_path / "a")
     high = make_trainer(data_dir, tmp_path / "b", high_noise_share=0.5)
     assert plain.high_noise_share == 0.0 and high.high_noise_share == 0.5
+    assert high.high_noise_band.tolist() == high_noise_band(_abar(20)).tolist() == [18, 19]
     moved = 0
     for step in range(12):
         plain.step = high.step = step
@@ -76,8 +90,12 @@ def test_off_keeps_the_draws_and_on_moves_only_t(data_dir, tmp_path):
         # the same generator per clip: the noise, caption dropout and mask draws are the unmoved run's
         assert torch.equal(noise0, noise1) and torch.equal(u0, u1[:, :4])
         picked = u1[:, -1] < 0.5
-        assert torch.equal(t1[~picked], t0[~picked]) and bool((t1[picked] >= 18).all())
-        assert torch.equal(high._loss_kwargs(0, torch.rand(4, 3, 4, 16, 16), None, 0.0, None)["t"], t1)
+        assert torch.equal(t1[~picked], t0[~picked]) and set(t1[picked].tolist()) <= {18, 19}  # 20 levels: SNR < 0.01 at 18, 19
+        data = torch.rand(4, 3, 4, 16, 16)
+        plain_kw, high_kw = plain._loss_kwargs(0, data, None, 0.0, None), high._loss_kwargs(0, data, None, 0.0, None)
+        assert torch.equal(high_kw["t"], t1)
+        # the moved clips are caption-only generation; the others keep the mask they drew
+        assert not high_kw["mask"][picked].any() and torch.equal(high_kw["mask"][~picked], plain_kw["mask"][~picked])
         moved += int(picked.sum())
     assert 0 < moved < 48
 
@@ -91,7 +109,7 @@ def test_share_is_stored_and_kept_on_resume(data_dir, tmp_path):
                                  str(config), "--high-noise-share", "0.25", "--steps", "2", "--batch-size", "2",
                                  "--sample-rows", "1", "--quiet"])
     assert first.exit_code == 0, first.output
-    assert "25% of the timesteps from the noisiest tenth" in first.output
+    assert "25% of the clips caption-only at steps 18-19" in first.output
     assert torch.load(results / "model-last.pt", weights_only=True)["trainer"]["high_noise_share"] == 0.25
     again = runner.invoke(main, ["train", "--data", str(data_dir), "--results", str(results), "--resume",
                                  "--steps", "3", "--quiet"])

@@ -124,9 +124,9 @@ def data_synth(out: Path, num: int, frames: int, size: int, seed: int, overwrite
                    "frames known, k uniform in 1..f-1) or interpolation (first and last known), normalized.  "
                    "[default: 0.4,0.4,0.2, or the checkpoint's with --resume]")
 @click.option("--high-noise-share", default=0.0, show_default=True, type=FiniteFloat(0, 1),
-              help="Share of training clips whose timestep is drawn from the noisiest tenth of the schedule "
-                   "instead of all of it: where sampling starts and a caption alone must set the clip's motion "
-                   "(0: the seed's uniform draw; kept with --resume).")
+              help="Share of training clips trained from the caption alone (no known frame) at the noisiest "
+                   "steps (SNR < 0.01), where sampling from pure noise starts and only the caption can set the "
+                   "clip's layout and motion (0: the seed's uniform draw; kept with --resume).")
 @click.option("--sample-rows", default=2, show_default=True, type=click.IntRange(1, 16),
               help="Milestone samples form a rows x rows grid (the seed's default is 4).")
 @click.option("--ema-decay", default=0.995, show_default=True, type=FiniteFloat(0, 1))
@@ -353,7 +353,9 @@ def train(data_dir: Path, results: Path, config_spec: str | None, steps: int, ba
         cond_note += (", frame-conditioned (generation/prediction/interpolation "
                       f"{'/'.join(f'{p:.2g}' for p in trainer.mask_probs)})")
     if trainer.high_noise_share > 0:
-        cond_note += f", {trainer.high_noise_share:.0%} of the timesteps from the noisiest tenth"
+        band = trainer.high_noise_band
+        cond_note += (f", {trainer.high_noise_share:.0%} of the clips caption-only at steps {int(band[0])}-"
+                      f"{int(band[-1])}")
     acc = trainer.accelerator
     echo = click.echo if acc.is_main_process else (lambda *args, **kwargs: None)
     for note in notes:

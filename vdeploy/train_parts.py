@@ -160,8 +160,10 @@ def check_mask_probs(probs, num_frames: int) -> tuple[float, float, float]:
     return tuple(p / total for p in values)
 
 
-# the noisiest tenth of the schedule: where a sampler's first steps stand (dpmpp's first two of 13 on 100 levels)
-HIGH_NOISE_FRACTION = 0.1
+# the high-noise band: the levels whose signal-to-noise ratio abar / (1 - abar) is below this, where a sample from
+# pure noise holds almost nothing of the clip yet, so the caption alone must set its layout and motion (the cosine
+# schedule at 100 levels: t >= 93, the first seven of the default sampler's 13 logsnr steps)
+HIGH_NOISE_MAX_SNR = 1e-2
 
 
 def check_high_noise_share(share) -> float:
@@ -179,26 +181,37 @@ def check_high_noise_share(share) -> float:
     return value
 
 
-def high_noise_timesteps(t: torch.Tensor, u: torch.Tensor, share: float, num_timesteps: int) -> torch.Tensor:
-    """``t`` with a share of the clips moved to the noisiest levels of the schedule.
+def high_noise_band(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The timesteps of the high-noise band: those with SNR below :data:`HIGH_NOISE_MAX_SNR` (at least the last)."""
+    snr = alphas_cumprod.double() / (1 - alphas_cumprod.double())
+    band = torch.nonzero(snr < HIGH_NOISE_MAX_SNR).flatten()
+    return band if len(band) else torch.tensor([len(alphas_cumprod) - 1])
 
-    A clip with ``u < share`` takes ``t`` uniform over the top ``ceil(HIGH_NOISE_FRACTION * num_timesteps)``
-    levels (``u / share`` picks which), the others keep their uniform draw. With a uniform draw alone, the level
-    a sampler starts from gets one clip in ``num_timesteps``, and a caption-only clip there is the only place
-    where the caption alone must give the whole clip's layout and motion (v-prediction at the top level is
-    the clip's conditional mean).
+
+def high_noise_timesteps(t: torch.Tensor, u: torch.Tensor, share: float, band: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                      torch.Tensor]:
+    """A share of the clips moved into the high-noise band, to be trained from the caption alone.
+
+    A clip with ``u < share`` takes ``t`` uniform over ``band`` (``u / share`` picks which), the others keep their
+    uniform draw. The band is where sampling from pure noise spends its first steps; a uniform draw gives it a
+    few clips in a hundred, and most of them learn from known frames, not from the caption: the trainer makes the
+    moved clips caption-only (no known frame), where the v target is the clip itself and only the caption tells
+    which way it moves.
 
     Args:
         t: ``(b,)`` long, the uniform draw.
         u: ``(b,)`` uniforms in [0, 1).
-        share: probability in [0, 1] that a clip is moved (0: ``t`` unchanged).
-        num_timesteps: the schedule's length.
+        share: probability in [0, 1] that a clip is moved (0: ``t`` unchanged, none moved).
+        band: the band's timesteps (:func:`high_noise_band`).
+
+    Returns:
+        ``t`` with the moved clips' steps, and ``moved`` ``(b,)`` bool.
     """
+    moved = u < share
     if share <= 0:
-        return t
-    levels = max(1, math.ceil(HIGH_NOISE_FRACTION * num_timesteps))
-    top = num_timesteps - 1 - (u.double() / share * levels).floor().long().clamp(0, levels - 1)
-    return torch.where(u < share, top.to(t.dtype), t)
+        return t, moved
+    pick = (u.double() / share * len(band)).floor().long().clamp(0, len(band) - 1)
+    return torch.where(moved, band.to(t.device)[pick].to(t.dtype), t), moved
 
 
 def frame_masks(u: torch.Tensor, num_frames: int, probs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,6 +63,7 @@ from vdeploy.train_parts import (  # noqa: F401 (EMA, DataOrder, num_to_groups: 
     check_mask_probs,
     embed_captions,
     frame_masks,
+    high_noise_band,
     high_noise_timesteps,
     num_to_groups,
 )
@@ -98,8 +99,9 @@ class Trainer:
             prediction, interpolation)`` of each clip's known-frame mask (normalized; default
             ``DEFAULT_MASK_PROBS``). The loss covers the unknown frames only; milestone samples are plain
             generation. Refused for a model without frame conditioning.
-        high_noise_share: the probability in [0, 1] that a clip's t is drawn from the noisiest tenth of the
-            schedule instead of all of it (:func:`~vdeploy.train_parts.high_noise_timesteps`; an extra uniform
+        high_noise_share: the probability in [0, 1] that a clip trains in the high-noise band (SNR below
+            :data:`~vdeploy.train_parts.HIGH_NOISE_MAX_SNR`, where sampling from pure noise starts) from its
+            caption alone: no known frame (:func:`~vdeploy.train_parts.high_noise_timesteps`; an extra uniform
             per clip). 0 (default): the seed's uniform draw, with the same numbers as before.
     """
 
@@ -195,6 +197,7 @@ class Trainer:
         self.mask_probs = (check_mask_probs(DEFAULT_MASK_PROBS if mask_probs is None else mask_probs,
                                             diffusion_model.num_frames) if self.frame_conditioning else None)
         self.high_noise_share = check_high_noise_share(high_noise_share)
+        self.high_noise_band = high_noise_band(diffusion_model.alphas_cumprod.cpu())
         self.text_encoder = diffusion_model.text_encoder
         self.text_tokens = bool(getattr(unet, "text_cross_attention", False))
         # the captions embedded once: pooled vectors per item; a token model's tokens and masks per distinct caption
@@ -273,7 +276,7 @@ class Trainer:
         Video k of the global batch (this process holds ``rank * batch_size`` onwards) draws its
         t, its noise and two uniforms (caption dropout, focus on the present), and for a
         frame-conditioned model two more (the mask's kind, the number of known frames), and with a
-        ``high_noise_share`` one more (is its t moved to the noisiest levels, and to which), from a
+        ``high_noise_share`` one more (is it moved into the high-noise band, and to which step), from a
         generator seeded by ``(seed, step, micro, k)``: one process with N*b videos draws what N
         with b do, and a resumed run what an uninterrupted one would.
 
@@ -293,7 +296,7 @@ class Trainer:
             noise.append(torch.randn(shape, generator=g, device=self.device))
             u.append(torch.rand(n_uniform, generator=g, device=self.device))
         t, u = torch.cat(t), torch.stack(u)
-        return high_noise_timesteps(t, u[:, -1], self.high_noise_share, m.num_timesteps), torch.stack(noise), u
+        return high_noise_timesteps(t, u[:, -1], self.high_noise_share, self.high_noise_band)[0], torch.stack(noise), u
 
     def _loss_kwargs(self, micro: int, data: torch.Tensor, cond, prob_focus_present: float, focus_present_mask,
                      text: dict | None = None):
@@ -304,6 +307,8 @@ class Trainer:
         kwargs = {"t": t, "noise": noise, "focus_present_mask": focus_present_mask}
         if self.frame_conditioning:
             kwargs["mask"] = frame_masks(u[:, 2:4], data.shape[2], self.mask_probs)[0]
+            if self.high_noise_share > 0:  # the clips moved into the high-noise band learn from the caption alone
+                kwargs["mask"][u[:, -1] < self.high_noise_share] = 0
         if focus_present_mask is None and prob_focus_present > 0:
             kwargs["focus_present_mask"] = u[:, 1] < prob_focus_present  # the denoiser's prob_mask_like
         if self.has_cond:
