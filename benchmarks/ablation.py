@@ -10,7 +10,7 @@ all measured by ``benchmarks/frame_conditioning.py`` on the same held-out clips 
 
 * ``data``: ``vdeploy data synth RUNS/data --num 512 --frames 8 --size 16 --seed 0`` (``make demo``'s).
 * ``train ARM...``: per arm, ``vdeploy train`` with ``make demo``'s flags (``DEMO_TRAIN``) and the arm's config
-  (``ARMS``: the ``demo`` preset plus its keys; ``--arm NAME=JSON`` adds one), then ``vdeploy export --cfg``;
+  (``ARMS``: ``ARM_BASE`` plus its keys and flags; ``--arm NAME=JSON`` adds one), then ``vdeploy export --cfg``;
   wall time, threads and load average into ``RUNS/ARM/train_time.json``. ``--jobs 2`` trains two arms at once,
   each on ``cores / jobs`` threads (on 2 cores: faster overall than one after another on 2 threads each).
 * ``measure ARM...``: ``frame_conditioning.py`` on ``RUNS/ARM/model`` per guidance scale x CFG rescale into
@@ -40,8 +40,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 DATA_ARGS = ["--num", "512", "--frames", "8", "--size", "16", "--seed", "0"]
-# make demo's training flags (less --config, which the arm gives); tests/test_frame_conditioning.py holds them
-# to the Makefile's
+# every arm's training flags (less --config, which the arm gives); make demo's are these plus its arm's
+# (DEMO_ARM), and tests/test_ablation.py holds them and the demo preset to the Makefile's
 DEMO_TRAIN = ["--frame-conditioning", "--overwrite", "--steps", "3000", "--save-every", "3000", "--batch-size", "8",
               "--lr", "2e-3", "--ema-start", "100", "--ema-every", "1", "--ema-decay", "0.99", "--text-encoder",
               "default", "--cond-scale", "2"]
@@ -62,7 +62,6 @@ TOKENS = {"text_cross_attention": True}
 STD, WHITEN = {"text_standardize": "std"}, {"text_standardize": "whiten"}
 FRAME_POS = {"frame_position": True}
 FRAME_FILM = {"frame_film": True}
-# every arm names its objective and weighting, whatever the demo preset holds
 ARMS: dict[str, Arm] = {
     "eps_none": Arm("eps, plain loss (the seed's; the demo before issue 22)", {**EPS, **NONE}),
     "v_none": Arm("v-prediction, plain loss", {**V, **NONE}),
@@ -85,6 +84,10 @@ ARMS: dict[str, Arm] = {
                               {**V, **MIN_SNR, **FRAME_FILM}),
     "v_l2_framefilm": Arm("v-prediction, plain loss, squared error, FiLM per frame", {**V, **NONE, "loss_type": "l2",
                                                                                      **FRAME_FILM}),
+    "v_minsnr_hn30": Arm("v-prediction, Min-SNR-5, 30% of the clips caption-only at SNR < 0.01",
+                         {**V, **MIN_SNR}, ("--high-noise-share", "0.3")),
+    "eps_hn30": Arm("eps, plain loss (the seed's), 30% of the clips caption-only at SNR < 0.01", {**EPS, **NONE},
+                    ("--high-noise-share", "0.3")),
     "v_l2_hn30": Arm("v-prediction, plain loss, squared error, 30% of the clips caption-only at SNR < 0.01",
                      {**V, **NONE, "loss_type": "l2"}, ("--high-noise-share", "0.3")),
     "v_l2_hn50": Arm("v-prediction, plain loss, squared error, 50% of the clips caption-only at SNR < 0.01",
@@ -92,10 +95,15 @@ ARMS: dict[str, Arm] = {
 }
 
 
+DEMO_ARM = "v_l2_hn30"  # what make demo trains: the demo preset is arm_config(ARMS[DEMO_ARM])
+
+
 def arm_config(arm: Arm) -> dict:
+    """The arm's model config: tiny at 16 px (the demo's network) plus the arm's keys, the rest at their defaults
+    (so an arm means the same whatever the demo preset becomes)."""
     from vdeploy.config import PRESETS
 
-    return {**PRESETS["demo"], **arm.config}
+    return {**PRESETS["tiny"], "image_size": 16, **arm.config}
 
 
 def run(cmd, **kw) -> None:

@@ -31,7 +31,13 @@ ablation = _load("ablation")
 
 
 def test_ablation_trains_what_make_demo_trains():
-    """The driver's recipe is the Makefile demo target's `vdeploy train` line (less data/results/config paths)."""
+    """The driver's recipe plus its demo arm's flags is the Makefile demo target's `vdeploy train` line (less
+    data/results/config paths), and the demo preset is that arm's config."""
+    from vdeploy import config as vconfig
+
+    assert vconfig.resolve(vconfig.PRESETS["demo"]) == vconfig.resolve(ablation.arm_config(
+        ablation.ARMS[ablation.DEMO_ARM]))
+    assert "--config demo" in (ROOT / "Makefile").read_text()
     text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
     line = next(ln for ln in text.splitlines() if "$(VDEPLOY) train" in ln)
     steps = re.search(r"^DEMO_STEPS \?= (\d+)", text, re.M).group(1)
@@ -45,7 +51,7 @@ def test_ablation_trains_what_make_demo_trains():
     for path_flag in ("--data", "--results", "--config"):
         pairs.pop(path_flag, None)
     recipe, i = {}, 0
-    words = ablation.DEMO_TRAIN
+    words = ablation.DEMO_TRAIN + list(ablation.ARMS[ablation.DEMO_ARM].flags)
     while i < len(words):
         value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else None
         recipe[words[i]] = value
