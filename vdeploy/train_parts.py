@@ -188,15 +188,14 @@ def high_noise_band(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return band if len(band) else torch.tensor([len(alphas_cumprod) - 1])
 
 
-def high_noise_timesteps(t: torch.Tensor, u: torch.Tensor, share: float, band: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                                      torch.Tensor]:
+def high_noise_timesteps(t: torch.Tensor, u: torch.Tensor, share: float, band: torch.Tensor) -> torch.Tensor:
     """A share of the clips moved into the high-noise band, to be trained from the caption alone.
 
     A clip with ``u < share`` takes ``t`` uniform over ``band`` (``u / share`` picks which), the others keep their
     uniform draw. The band is where sampling from pure noise spends its first steps; a uniform draw gives it a
     few clips in a hundred, and most of them learn from known frames, not from the caption: the trainer makes the
-    moved clips caption-only (no known frame), where the v target is the clip itself and only the caption tells
-    which way it moves.
+    moved clips (``u < share``) caption-only, with no known frame: there the v target is nearly the clip itself,
+    and only the caption tells which way it moves.
 
     Args:
         t: ``(b,)`` long, the uniform draw.
@@ -205,13 +204,12 @@ def high_noise_timesteps(t: torch.Tensor, u: torch.Tensor, share: float, band: t
         band: the band's timesteps (:func:`high_noise_band`).
 
     Returns:
-        ``t`` with the moved clips' steps, and ``moved`` ``(b,)`` bool.
+        ``t`` with the moved clips' steps.
     """
-    moved = u < share
     if share <= 0:
-        return t, moved
+        return t
     pick = (u.double() / share * len(band)).floor().long().clamp(0, len(band) - 1)
-    return torch.where(moved, band.to(t.device)[pick].to(t.dtype), t), moved
+    return torch.where(u < share, band.to(t.device)[pick].to(t.dtype), t)
 
 
 def frame_masks(u: torch.Tensor, num_frames: int, probs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -296,7 +296,7 @@ class Trainer:
             noise.append(torch.randn(shape, generator=g, device=self.device))
             u.append(torch.rand(n_uniform, generator=g, device=self.device))
         t, u = torch.cat(t), torch.stack(u)
-        return high_noise_timesteps(t, u[:, -1], self.high_noise_share, self.high_noise_band)[0], torch.stack(noise), u
+        return high_noise_timesteps(t, u[:, -1], self.high_noise_share, self.high_noise_band), torch.stack(noise), u
 
     def _loss_kwargs(self, micro: int, data: torch.Tensor, cond, prob_focus_present: float, focus_present_mask,
                      text: dict | None = None):
