@@ -317,7 +317,8 @@ def table(records: list[dict]) -> str:
     from vdeploy.runtime.pipeline import DEFAULT_SAMPLER
 
     lines = ["| arm | objective | loss weighting | loss | token cross-attention | caption map | high-noise share | "
-             "guidance | CFG rescale | adherence | colour ok | direction ok | direction opposite | background clean | continuation, `--init` " +
+             "guidance | CFG rescale | adherence | colour ok | direction ok | direction opposite | background clean | "
+             "continuation, `--init` " +
              DEFAULT_SAMPLER + " (px / one object) | interpolation, trained (px / one object) | training (min) |",
              "|" + "---|" * 17]
     samplers, methods = [], []
