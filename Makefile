@@ -44,8 +44,8 @@ test-latest:
 	$(MAKE) VENV=$(VENV)-latest LOCK=constraints-cpu.txt test
 
 # The demo: synthetic captioned shapes -> a tiny text- and frame-conditioned model (16 px, 3000 steps, the demo
-# preset's v-prediction with a squared error, 30% of the clips caption-only at the noisiest steps:
-# benchmarks/ablation.py's choice; about 10 min on 2 cores) -> checked ONNX export
+# preset's v-prediction with a squared error and standardized caption vectors, half the clips caption-only at the
+# noisiest steps: benchmarks/ablation.py's choice; about 10 min on 2 cores) -> checked ONNX export
 # -> torch-free sampling (sample.gif: each prompt written under its video) -> parity reports against PyTorch
 # (plain and frame-conditioned) -> a continuation of a held-out clip and the measured prompt adherence,
 # continuation and interpolation errors against the issue-22 targets (frame_conditioning.md).
@@ -53,7 +53,7 @@ demo: install
 	$(VDEPLOY) data synth $(DEMO)/data --num 512 --frames 8 --size 16 --seed 0 --overwrite
 	$(VDEPLOY) train --data $(DEMO)/data --results $(DEMO)/results --config demo --frame-conditioning --overwrite \
 		--steps $(DEMO_STEPS) --save-every $(DEMO_STEPS) --batch-size 8 --lr 2e-3 \
-		--ema-start 100 --ema-every 1 --ema-decay 0.99 --text-encoder default --cond-scale 2 --high-noise-share 0.3
+		--ema-start 100 --ema-every 1 --ema-decay 0.99 --text-encoder default --cond-scale 2 --high-noise-share 0.5
 	$(VDEPLOY) export --ckpt $(DEMO)/results/model-last.pt --out $(DEMO)/model --cfg
 	$(VDEPLOY) sample --model $(DEMO)/model --out $(DEMO)/sample.gif --seed 0 --cond-scale 2 --label \
 		--text "a red circle moving left" --text "a blue square moving down" \

@@ -93,11 +93,11 @@ PRESETS: dict[str, dict] = {
     "base": {"dim": 64, "dim_mults": [1, 2, 4, 8], "image_size": 64, "num_frames": 16, "timesteps": 1000},
 }
 # make demo's model: tiny at 16 px (2.5x faster steps: 3000 of them fit the demo's time, and sampled
-# videos were clearer than from 1000 steps at 32 px), v-prediction with a squared error, unweighted (the
-# ablation's choice with make demo's --high-noise-share 0.3: Min-SNR's v weight, about the SNR itself at the
-# noisiest steps, would silence what that flag trains; README "Frame-conditioned sampling")
+# videos were clearer than from 1000 steps at 32 px), v-prediction with a squared error, unweighted, caption
+# vectors standardized (the ablation's choice with make demo's --high-noise-share 0.5: Min-SNR's v weight, about
+# the SNR itself at the noisiest steps, would silence what that flag trains; README "Frame-conditioned sampling")
 PRESETS["demo"] = {**PRESETS["tiny"], "image_size": 16, "prediction_type": "v", "loss_weighting": "none",
-                   "loss_type": "l2"}
+                   "loss_type": "l2", "text_standardize": "std"}
 
 
 class ConfigError(ValueError):
