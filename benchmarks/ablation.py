@@ -95,6 +95,8 @@ ARMS: dict[str, Arm] = {
                          ("--high-noise-share", "0.5")),
     "v_l2_std_hn50_seed1": Arm("v_l2_std_hn50 with --seed 1 (other weights, data order and noise)",
                                {**V, **NONE, "loss_type": "l2", **STD}, ("--high-noise-share", "0.5", "--seed", "1")),
+    "v_l2_std_hn50_seed2": Arm("v_l2_std_hn50 with --seed 2", {**V, **NONE, "loss_type": "l2", **STD},
+                               ("--high-noise-share", "0.5", "--seed", "2")),
     "v_l2_hn50": Arm("v-prediction, plain loss, squared error, 50% of the clips caption-only at SNR < 0.01",
                      {**V, **NONE, "loss_type": "l2"}, ("--high-noise-share", "0.5")),
 }
