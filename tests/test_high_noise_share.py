@@ -14,9 +14,8 @@ from click.testing import CliRunner
 
 from vdeploy import config as C
 from vdeploy.cli import main
-from vdeploy.diffusion import GaussianDiffusion
+from vdeploy.diffusion import GaussianDiffusion, cosine_beta_schedule
 from vdeploy.model import Unet3D
-from vdeploy.diffusion import cosine_beta_schedule
 from vdeploy.train_parts import HIGH_NOISE_MAX_SNR, check_high_noise_share, high_noise_band, high_noise_timesteps
 
 CONFIG = C.resolve({"dim": 8, "dim_mults": [1, 2], "attn_heads": 2, "attn_dim_head": 8, "image_size": 16,
